@@ -1,0 +1,154 @@
+"""The `actstore` command: one subcommand per stage.
+
+Errors of the project's own family print as one line (`error: ...`) and exit
+1; anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from actstore.errors import ActstoreError
+
+Command = Callable[[argparse.Namespace], int]
+
+
+def _storage_options(args: argparse.Namespace) -> dict[str, Any] | None:
+    return json.loads(args.storage_options) if args.storage_options else None
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1000
+    return f"{n:.1f} TB"
+
+
+def store_summary(url: str, storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """What `actstore info` prints, as a dict."""
+    from actstore.store import ActivationStore
+
+    with ActivationStore(url, storage_options, allow_partial=True) as store:
+        spec = store.spec
+        stored, logical = store.nbytes_stored(), store.nbytes_logical()
+        n_values = logical // spec.itemsize
+        return {
+            "url": store.url,
+            "complete": store.complete,
+            "units_done": len(store.units_done()),
+            "n_units": spec.n_units,
+            "backbone": spec.backbone,
+            "dataset": spec.dataset,
+            "n_images": spec.n_images,
+            "n_rejected": store.attrs.get("summary", {}).get("n_rejected"),
+            "layers": [{"name": l.name, "index": l.index, "shape": list(spec.shape(l.name)),
+                        "tokens": l.tokens.to_dict()} for l in spec.layers],
+            "dtype": spec.dtype,
+            "codec": spec.codec,
+            "images_per_chunk": spec.images_per_chunk,
+            "images_per_shard": spec.images_per_shard,
+            "bytes_stored": stored,
+            "bytes_logical": logical,
+            "compression_ratio": logical / stored if stored else None,
+            "bytes_per_value": stored / n_values if n_values else None,
+        }
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    s = store_summary(args.url, _storage_options(args))
+    if args.json:
+        print(json.dumps(s, indent=2))
+        return 0
+    bb = s["backbone"]
+    seed = f", init seed {bb['init_seed']}" if bb.get("init_seed") is not None and not bb.get("checkpoint") else ""
+    rejected = "" if s["n_rejected"] is None else f", {s['n_rejected']} rejected"
+    print(f"store      {s['url']}")
+    print(f"status     {'complete' if s['complete'] else 'INCOMPLETE'} ({s['units_done']}/{s['n_units']} units done)")
+    print(f"backbone   {bb.get('family', '?')}:{bb.get('name', '?')}"
+          f" ({bb.get('checkpoint') or 'random weights'}{seed})")
+    print(f"dataset    {s['dataset'].get('source', '?')} ({s['n_images']} images{rejected})")
+    for l in s["layers"]:
+        t = l["tokens"]
+        layout = ("CLS + " if t["cls"] else "") + f"{t['grid'][0]}x{t['grid'][1]} patches"
+        if t["n_registers_dropped"]:
+            layout += f", {t['n_registers_dropped']} registers dropped"
+        block = f" (block {l['index']})" if l["index"] is not None else ""
+        print(f"layer      {l['name']}{block}: {' x '.join(map(str, l['shape']))} [{layout}]")
+    print(f"encoding   {s['dtype']}, {s['codec']}, {s['images_per_chunk']} images/chunk, "
+          f"{s['images_per_shard']} images/shard")
+    bpv = s["bytes_per_value"] or 0.0
+    print(f"on disk    {_human(s['bytes_stored'])} ({bpv:.3f} bytes/value: {s['compression_ratio'] or 0:.2f}x "
+          f"smaller than uncompressed {s['dtype']}, {bpv / 4:.2f}x the size of float32)")
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from actstore.store import verify_store
+
+    report = verify_store(args.url, _storage_options(args), progress=not args.quiet)
+    for problem in report.problems:
+        print(f"BAD  {problem}")
+    status = "OK" if report.ok else f"{len(report.problems)} problem(s)"
+    print(f"{status}: {report.units_checked}/{report.n_units} units, {report.chunks_checked} chunks, "
+          f"{_human(report.bytes_checked)} checked in {report.url}")
+    return 0 if report.ok else 1
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from actstore.synthetic import write_synthetic_store
+
+    write_synthetic_store(args.out, n_images=args.n_images, d=args.d, seed=args.seed)
+    print()
+    return cmd_info(argparse.Namespace(url=args.out, storage_options=None, json=False))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="actstore", description="Activation stores for vision SAEs.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name: str, fn: Command, help: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, description=help)
+        p.set_defaults(fn=fn)
+        return p
+
+    def add_url(p: argparse.ArgumentParser) -> None:
+        p.add_argument("url", help="store URL: a path, file://..., or s3://bucket/prefix")
+        p.add_argument("--storage-options", metavar="JSON", help='fsspec options, e.g. \'{"anon": true}\'')
+
+    p = add("info", cmd_info, "Describe a store: model, layers, shape, dtype, size on disk, completeness.")
+    add_url(p)
+    p.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    p = add("verify", cmd_verify, "Read every chunk, check checksums and unit records; exit 1 naming bad objects.")
+    add_url(p)
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p = add("demo", cmd_demo, "Write a small synthetic store and describe it.")
+    p.add_argument("--out", default="./stores/demo", help="store URL (default ./stores/demo)")
+    p.add_argument("--n-images", type=int, default=512)
+    p.add_argument("--d", type=int, default=384)
+    p.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.fn(args)
+    except ActstoreError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except json.JSONDecodeError as e:
+        print(f"error: --storage-options is not valid JSON ({e})", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
