@@ -30,7 +30,11 @@ def to_storage(x: torch.Tensor | np.ndarray, dtype: str, what: str) -> np.ndarra
 
     Non-finite values and float16 overflow are errors naming `what` and the
     largest magnitude: a silent inf would poison every statistic downstream.
+    The conversion is idempotent: uint16 input to a bfloat16 store is taken
+    as bfloat16 bits (what this function returns for it).
     """
+    if dtype == "bfloat16" and isinstance(x, np.ndarray) and x.dtype == np.uint16:
+        x = from_storage(x, dtype)
     t = torch.as_tensor(x).detach().cpu()
     if not t.is_floating_point():
         raise TypeError(f"{what}: activations must be floating point, got {t.dtype}")

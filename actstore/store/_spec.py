@@ -39,7 +39,7 @@ class TokenLayout:
     cls: bool = True
     """Token 0 is the CLS (class / pooled) token."""
     grid: tuple[int, int] = (14, 14)
-    """Patch grid (h, w). (1, 1) with cls=True is a pooled, one-token output."""
+    """Patch grid (h, w). (0, 0) with cls=True is a pooled, one-token output (ResNet attnpool)."""
     n_registers_dropped: int = 0
     """Register tokens the backbone made and the store dropped (DINOv2 *_reg4)."""
 
