@@ -124,9 +124,9 @@ def test_plain_zarr_reads_the_same_values(tmp_path, dtype):
         patches = as_float(plain, dtype)[:, 1:].reshape(-1, x.shape[-1]).astype(np.float64)
         stats = group[f"layers/{name}/stats/patches"]
         assert stats.attrs["count"] == patches.shape[0]
-        np.testing.assert_allclose(stats["mean"][:], patches.mean(0), rtol=1e-10, atol=1e-10)
-        np.testing.assert_allclose(stats["var"][:], patches.var(0), rtol=1e-8, atol=1e-8)
-        np.testing.assert_allclose(stats.attrs["mean_sq_norm"], (patches**2).sum(1).mean(), rtol=1e-8)
+        np.testing.assert_allclose(stats["mean"][:], patches.mean(0), rtol=1e-6, atol=1e-7)
+        np.testing.assert_allclose(stats["var"][:], patches.var(0), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(stats.attrs["mean_sq_norm"], (patches**2).sum(1).mean(), rtol=1e-6)
 
 
 def test_rejected_images_are_zeroed_and_excluded_from_stats(tmp_path):
