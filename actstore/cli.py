@@ -13,7 +13,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from actstore.errors import ActstoreError
+from actstore.errors import ActstoreError, ConfigError
 
 Command = Callable[[argparse.Namespace], int]
 
@@ -100,11 +100,50 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
-def cmd_demo(args: argparse.Namespace) -> int:
-    from actstore.synthetic import write_synthetic_store
+def _layer_arg(text: str) -> int | str:
+    try:
+        return int(text)
+    except ValueError:
+        return text
 
-    write_synthetic_store(args.out, n_images=args.n_images, d=args.d, seed=args.seed)
-    print()
+
+def cmd_extract(args: argparse.Namespace) -> int:
+    from actstore.config import load_config
+    from actstore.extract import ExtractConfig, run_extract
+
+    overrides = {k: getattr(args, k) for k in ("images", "model", "out", "batch_size", "images_per_shard", "dtype",
+                                               "codec", "pretrained", "init_seed", "max_pixels", "num_actors",
+                                               "address", "max_units")}
+    overrides["layers"] = tuple(args.layers) if args.layers else None
+    overrides["storage_options"] = _storage_options(args)
+    overrides["image_storage_options"] = json.loads(args.image_storage_options) if args.image_storage_options \
+        else None
+    overrides["overwrite"] = args.overwrite or None
+    missing = [k for k in ("images", "model", "out") if overrides[k] is None]
+    if missing and not args.config:
+        raise ConfigError("extract needs " + ", ".join(f"--{m}" for m in missing) + " (or --config FILE.toml)")
+    cfg = load_config(ExtractConfig, args.config, overrides)
+    r = run_extract(cfg, progress=not args.quiet)
+    state = "complete" if r.complete else f"partial ({r.units_skipped + r.units_written}/{r.units_total} units)"
+    print(f"{r.url}: {state}; {r.units_written} units written ({r.images_written} images, {r.n_rejected} "
+          f"rejected), {r.units_skipped} already done; {r.images_per_second:.1f} images/s over {r.seconds:.1f} s")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Generate shape images, extract a random-weight ViT over them, describe the store."""
+    from actstore.extract import ExtractConfig, run_extract
+    from actstore.shapes import generate_dataset
+    from actstore.store._io import filesystem
+
+    fs, root = filesystem(args.images, None)
+    if not fs.exists(f"{root}/factors.parquet"):
+        print(f"generating {args.n_images} shape images in {args.images}")
+        generate_dataset(args.images, args.n_images, seed=args.seed, overwrite=True)
+    cfg = ExtractConfig(images=args.images, model=args.model, out=args.out, init_seed=args.seed,
+                        images_per_shard=64, batch_size=32)
+    r = run_extract(cfg)
+    print(f"extracted {r.images_written} images ({r.units_skipped} units already done) in {r.seconds:.1f} s\n")
     return cmd_info(argparse.Namespace(url=args.out, storage_options=None, json=False))
 
 
@@ -128,10 +167,33 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("verify", cmd_verify, "Read every chunk, check checksums and unit records; exit 1 naming bad objects.")
     add_url(p)
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
-    p = add("demo", cmd_demo, "Write a small synthetic store and describe it.")
+    p = add("extract", cmd_extract, "Run a backbone over an image dataset and write an activation store (Ray).")
+    p.add_argument("--images", help="image folder (class subfolders = labels) or .txt/.csv/.parquet list; "
+                                     "local or s3://")
+    p.add_argument("--model", help="open_clip:<arch> or timm:<arch>, e.g. timm:vit_small_patch14_reg4_dinov2")
+    p.add_argument("--out", help="store URL")
+    p.add_argument("--layers", nargs="+", type=_layer_arg, metavar="L",
+                   help="block indices (negative from the end) or names; default -2")
+    p.add_argument("--batch-size", type=int, help="images per forward pass (default 64)")
+    p.add_argument("--images-per-shard", type=int, help="images per work unit / shard (default 256)")
+    p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], help="stored dtype (default bfloat16)")
+    p.add_argument("--codec", choices=["blosc-lz4", "zstd", "none"], help="chunk codec (default blosc-lz4)")
+    p.add_argument("--pretrained", metavar="TAG|PATH", help="hub tag or local checkpoint; default random weights")
+    p.add_argument("--init-seed", type=int, help="seed of random weights (default 0)")
+    p.add_argument("--max-pixels", type=int, help="reject larger images as decompression bombs")
+    p.add_argument("--num-actors", type=int, help="forward actors (default: one per GPU, one on CPU)")
+    p.add_argument("--address", help="Ray cluster address (default RAY_ADDRESS, else local Ray)")
+    p.add_argument("--storage-options", metavar="JSON", help="fsspec options for --out")
+    p.add_argument("--image-storage-options", metavar="JSON", help="fsspec options for --images")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing store with a different spec")
+    p.add_argument("--max-units", type=int, help="stop after N units (rerun to resume)")
+    p.add_argument("--config", metavar="FILE.toml", help="options from a TOML file; flags override it")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p = add("demo", cmd_demo, "Generate shape images, extract a random-weight ViT into a store, describe it.")
+    p.add_argument("--images", default="./data/demo-images", help="where the images go (default ./data/demo-images)")
     p.add_argument("--out", default="./stores/demo", help="store URL (default ./stores/demo)")
-    p.add_argument("--n-images", type=int, default=512)
-    p.add_argument("--d", type=int, default=384)
+    p.add_argument("--model", default="timm:vit_small_patch16_224", help="backbone (random weights)")
+    p.add_argument("--n-images", type=int, default=256)
     p.add_argument("--seed", type=int, default=0)
     return parser
 

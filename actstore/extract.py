@@ -1,0 +1,245 @@
+"""The extraction job: images -> backbone activations -> a complete store, with Ray Data.
+
+One row of the pipeline is one work unit (= one shard's image range), so
+Ray's retries, reordering and batching never split or mix units:
+
+    units to do -> decode   (CPU tasks: fetch bytes, decode, model's PIL transform -> uint8)
+                -> forward  (actor pool, GPUs when present: normalize, hooked forward,
+                             convert to the store's dtype, overflow checked)
+                -> write    (CPU tasks: StoreWriter.write_unit, record last)
+
+A unit written twice gives the same bytes, so retries are harmless, and a
+rerun of the same command skips units that already have their record.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from actstore.backbones import BackboneConfig, Preprocessor, load_backbone
+from actstore.config import config_json
+from actstore.decode import DEFAULT_MAX_PIXELS, decode_image
+from actstore.errors import ConfigError
+from actstore.sources import build_manifest, read_bytes
+from actstore.store import DEFAULT_CODEC, DEFAULT_DTYPE, STATUS_OK, STATUS_REJECTED, StoreSpec, StoreWriter
+from actstore.store._encoding import to_storage
+from actstore.store._io import filesystem, put_bytes
+
+log = logging.getLogger(__name__)
+
+CONFIG_KEY = "extract_config.json"
+
+
+@dataclass(frozen=True)
+class ExtractConfig:
+    """One extraction run; written to <store>/extract_config.json."""
+
+    images: str
+    """Image folder (class subfolders give labels) or a .txt/.csv/.parquet list of URIs; local or s3://."""
+    model: str
+    """Backbone, "open_clip:<arch>" or "timm:<arch>"."""
+    out: str
+    """Store URL (a path, file://..., s3://...)."""
+    layers: tuple[int | str, ...] = (-2,)
+    """Block indices (negative from the end) or layer names; all come from one forward pass."""
+    batch_size: int = 64
+    """Images per forward pass."""
+    images_per_shard: int = 256
+    """Images per work unit (= shard)."""
+    dtype: str = DEFAULT_DTYPE
+    """Stored dtype: bfloat16, float16 or float32."""
+    codec: str = DEFAULT_CODEC
+    """Chunk codec: blosc-lz4, zstd or none."""
+    pretrained: str | None = None
+    """Hub tag or local checkpoint path; None for random weights."""
+    init_seed: int = 0
+    """Seed of random weights (recorded in the store)."""
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    """Images with more pixels are rejected as decompression bombs."""
+    num_actors: int | None = None
+    """Forward actors; default one per GPU, or one on a CPU-only cluster."""
+    address: str | None = None
+    """Ray cluster address; default RAY_ADDRESS, else a local Ray."""
+    storage_options: Mapping[str, Any] = field(default_factory=dict)
+    """fsspec options for `out`."""
+    image_storage_options: Mapping[str, Any] = field(default_factory=dict)
+    """fsspec options for `images`."""
+    overwrite: bool = False
+    """Delete an existing store at `out` with a different spec instead of refusing."""
+    max_units: int | None = None
+    """Stop after this many units (the store stays partial; rerun to finish)."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.layers, (int, str)):
+            object.__setattr__(self, "layers", (self.layers,))
+        object.__setattr__(self, "layers", tuple(self.layers))
+        for name in ("batch_size", "images_per_shard", "max_pixels"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.num_actors is not None and self.num_actors < 1:
+            raise ConfigError(f"num_actors must be >= 1, got {self.num_actors}")
+
+    @property
+    def backbone(self) -> BackboneConfig:
+        return BackboneConfig(self.model, self.layers, self.pretrained, self.init_seed)
+
+
+@dataclass(frozen=True)
+class ExtractResult:
+    """What a run did."""
+
+    url: str
+    n_images: int
+    units_total: int
+    units_written: int
+    units_skipped: int
+    images_written: int
+    n_rejected: int
+    seconds: float
+    complete: bool
+
+    @property
+    def images_per_second(self) -> float:
+        return self.images_written / self.seconds if self.seconds > 0 else 0.0
+
+
+def _decode_unit(batch: dict[str, np.ndarray], preprocessor: Preprocessor, max_pixels: int,
+                 storage_options: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """Fetch and decode one unit's images to uint8 (n, 3, H, W); bad images become rejected rows."""
+    uris = json.loads(batch["uris"][0])
+    blobs = read_bytes(uris, dict(storage_options))
+    pixels = np.zeros((len(uris), 3, *preprocessor.image_size), np.uint8)
+    rows: dict[str, list[Any]] = {"uri": uris, "label": json.loads(batch["labels"][0]), "width": [], "height": [],
+                                  "status": [], "reason": []}
+    for i, blob in enumerate(blobs):
+        if isinstance(blob, Exception):
+            w = h = 0
+            status, reason = STATUS_REJECTED, f"unreadable: {type(blob).__name__}: {blob}"
+        else:
+            img = decode_image(blob, max_pixels)
+            w, h, status, reason = img.width, img.height, img.status, img.reason
+            if img.image is not None:
+                pixels[i] = preprocessor(img.image).numpy()
+        for key, value in zip(("width", "height", "status", "reason"), (w, h, status, reason)):
+            rows[key].append(value)
+    return {"unit": batch["unit"], "pixels": pixels[None], "meta": np.array([json.dumps(rows)])}
+
+
+class _Forward:
+    """Actor: holds the backbone; runs one unit's ok images through it in mini-batches."""
+
+    def __init__(self, backbone: BackboneConfig, batch_size: int, dtype: str, threads: int | None) -> None:
+        if threads:
+            torch.set_num_threads(threads)
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.model = load_backbone(backbone).to(self.device)
+        self.specs = self.model.layer_specs()
+        self.batch_size, self.dtype = batch_size, dtype
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        unit, pixels = int(batch["unit"][0]), batch["pixels"][0]
+        ok = np.flatnonzero(np.array(json.loads(batch["meta"][0])["status"]) == STATUS_OK)
+        outs = {s.name: None for s in self.specs}
+        for b in range(0, len(ok), self.batch_size):
+            idx = ok[b:b + self.batch_size]
+            x = torch.from_numpy(pixels[idx]).to(self.device, non_blocking=True)
+            with torch.inference_mode():
+                acts = self.model(x)
+            for s in self.specs:
+                stored = to_storage(acts[s.name], self.dtype, f"layer {s.name}, unit {unit}")
+                if outs[s.name] is None:
+                    outs[s.name] = np.zeros((len(pixels), *stored.shape[1:]), stored.dtype)
+                outs[s.name][idx] = stored
+        for s in self.specs:  # a unit whose images were all rejected
+            if outs[s.name] is None:
+                outs[s.name] = to_storage(torch.zeros(len(pixels), s.tokens.n_tokens, s.d), self.dtype, s.name)
+        return {"unit": batch["unit"], "meta": batch["meta"], **{f"acts:{n}": a[None] for n, a in outs.items()}}
+
+
+def _write_unit(batch: dict[str, np.ndarray], writer: StoreWriter) -> dict[str, np.ndarray]:
+    unit = int(batch["unit"][0])
+    rows = json.loads(batch["meta"][0])
+    acts = {key.split(":", 1)[1]: value[0] for key, value in batch.items() if key.startswith("acts:")}
+    writer.write_unit(unit, acts, images=rows)
+    n_rejected = sum(s != STATUS_OK for s in rows["status"])
+    return {"unit": batch["unit"], "n": np.array([len(rows["uri"])]), "n_rejected": np.array([n_rejected])}
+
+
+def _ray_init(address: str | None) -> None:
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=address, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+
+
+def run_extract(cfg: ExtractConfig, progress: bool = True) -> ExtractResult:
+    """Run (or resume) an extraction; returns counts and timing."""
+    import ray
+
+    started = time.perf_counter()
+    manifest = build_manifest(cfg.images, dict(cfg.image_storage_options))
+    backbone = load_backbone(cfg.backbone)  # on the driver: layer specs, transforms, metadata
+    spec = StoreSpec(n_images=len(manifest), layers=backbone.layer_specs(), dtype=cfg.dtype, codec=cfg.codec,
+                     images_per_shard=cfg.images_per_shard, backbone=backbone.metadata(),
+                     dataset={"source": manifest.source, "fingerprint": manifest.fingerprint,
+                              "class_names": list(manifest.class_names)})
+    writer = StoreWriter.create(cfg.out, spec, dict(cfg.storage_options), overwrite=cfg.overwrite)
+    fs, root = filesystem(writer.url, writer.storage_options)
+    put_bytes(fs, f"{root}/{CONFIG_KEY}", config_json(cfg).encode())
+    done = writer.units_done()
+    todo = [k for k in range(spec.n_units) if k not in done]
+    if cfg.max_units is not None:
+        todo = todo[:cfg.max_units]
+    n_todo = sum(spec.unit_range(k)[1] - spec.unit_range(k)[0] for k in todo)
+    preprocessor = backbone.preprocessor
+    del backbone
+
+    n_rejected = 0
+    if todo:
+        _ray_init(cfg.address)
+        ray.data.DataContext.get_current().enable_progress_bars = False  # ours counts images
+        logging.getLogger("ray.data").setLevel(logging.ERROR)
+        gpus = int(ray.cluster_resources().get("GPU", 0))
+        cpus = int(ray.cluster_resources().get("CPU", 1))
+        actors = cfg.num_actors or max(1, gpus)
+        # CPU only: the forward pass dominates, so each actor's torch uses its share of every core while
+        # reserving one CPU in Ray's accounting, which leaves the rest for decode and write tasks
+        threads = None if gpus else max(1, cpus // actors)
+        rows = []
+        for k in todo:
+            a, b = spec.unit_range(k)
+            rows.append({"unit": k, "uris": json.dumps(manifest.uris[a:b]),
+                         "labels": json.dumps([int(v) for v in manifest.labels[a:b]])})
+        ds = ray.data.from_items(rows, override_num_blocks=len(rows))
+        # the memory hint (a decoded unit, twice) is honest and keeps Ray Data from fusing decoding into
+        # the forward actors, which would serialize the two on a CPU-only cluster too
+        unit_bytes = cfg.images_per_shard * 3 * preprocessor.image_size[0] * preprocessor.image_size[1]
+        ds = ds.map_batches(_decode_unit, batch_size=1, batch_format="numpy", memory=2 * unit_bytes,
+                            fn_kwargs={"preprocessor": preprocessor, "max_pixels": cfg.max_pixels,
+                                       "storage_options": dict(cfg.image_storage_options)})
+        # Ray Data restarts forward actors and retries their tasks (at least once; units are idempotent)
+        ds = ds.map_batches(_Forward, batch_size=1, batch_format="numpy",
+                            compute=ray.data.ActorPoolStrategy(size=actors), num_gpus=1 if gpus else 0, num_cpus=1,
+                            fn_constructor_kwargs={"backbone": cfg.backbone, "batch_size": cfg.batch_size,
+                                                   "dtype": cfg.dtype, "threads": threads})
+        ds = ds.map_batches(_write_unit, batch_size=1, batch_format="numpy", fn_kwargs={"writer": writer})
+        with tqdm(total=n_todo, desc="extract", unit="img", disable=not progress) as bar:
+            for out in ds.iter_batches(batch_size=None, batch_format="numpy"):
+                bar.update(int(out["n"].sum()))
+                n_rejected += int(out["n_rejected"].sum())
+    complete = len(writer.units_done()) == spec.n_units
+    if complete:
+        writer.finalize()
+    return ExtractResult(url=writer.url, n_images=spec.n_images, units_total=spec.n_units,
+                         units_written=len(todo), units_skipped=len(done), images_written=n_todo,
+                         n_rejected=n_rejected, seconds=time.perf_counter() - started, complete=complete)
