@@ -1,0 +1,19 @@
+"""Sparse autoencoders on vision-model activations: models, kernels, checkpoints and metrics.
+
+See DESIGN.md, "SAE". The trainer (sae.train) builds on this API:
+
+    sae = SparseAutoencoder(SAEConfig(d_in=768, kind="topk", expansion=16, k=32), device)
+    sae.init_from_data(sample)                   # b_dec = geometric median of a sample
+    out = sae(x)                                 # ForwardOutput: x_hat, acts, losses, loss
+    (out.loss + aux_coeff * sae.auxk_loss(x, out.x_hat, dead_mask, k_aux)).backward()
+    sae.remove_parallel_grad(); optimizer.step(); sae.set_decoder_norm_to_unit()
+    save(sae, "runs/x/sae", normalization=loader.normalization, extra={"step": step})
+"""
+
+from sae.acts import SparseActs
+from sae.checkpoint import InputNormalization, export_saelens, load, read_extra, save
+from sae.config import KINDS, SAEConfig
+from sae.model import ForwardOutput, SparseAutoencoder, geometric_median
+
+__all__ = ["KINDS", "ForwardOutput", "InputNormalization", "SAEConfig", "SparseActs", "SparseAutoencoder",
+           "export_saelens", "geometric_median", "load", "read_extra", "save"]

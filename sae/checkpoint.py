@@ -1,0 +1,202 @@
+"""SAE checkpoints: `sae.safetensors` + `cfg.json` in a directory (any fsspec URL), and SAELens export.
+
+Our layout (`save` / `load`):
+
+    sae.safetensors   W_enc (d_sae, d_in), b_enc (d_sae,), W_dec (d_sae, d_in), b_dec (d_in,),
+                      threshold (d_sae,)            jumprelu: the raw parameter (used as relu(threshold))
+                      batchtopk_threshold ()        batchtopk: float64, NaN until trained
+                      norm_mean (d_in,)             float32, when saved with an input normalization
+    cfg.json          the SAEConfig fields (as sparsify does) plus "format", "format_version",
+                      "normalization" ({"scale", "layer", "tokens"} or null: x_n = (x - norm_mean) * scale,
+                      the loader's transform) and "extra" (the trainer's JSON, e.g. step and metrics)
+
+SAELens layout (`export_saelens`, SAELens >= 6 reads it with `SAE.load_from_disk(dir)`):
+
+    sae_weights.safetensors   W_enc (d_in, d_sae) = our W_enc.T      <- the one transpose
+                              W_dec (d_sae, d_in) = our W_dec
+                              b_enc (d_sae,), b_dec (d_in,)
+                              threshold (d_sae,)  jumprelu: relu(threshold); batchtopk: its global
+                                                  threshold on every latent (SAELens saves BatchTopK
+                                                  SAEs as JumpReLU SAEs for inference too)
+    cfg.json                  architecture ("standard" for relu, "topk", "jumprelu" for jumprelu and
+                              batchtopk), d_in, d_sae, dtype, device, apply_b_dec_to_input (true: we
+                              encode x - b_dec), normalize_activations ("none"), reshape_activations,
+                              k and rescale_acts_by_decoder_norm (false) for topk, metadata; and the
+                              pre-6 keys activation_fn / activation_fn_kwargs ({"k": k} for topk).
+
+SAELens has no mean-subtracting input normalization, so an input normalization is folded into
+the exported weights, exactly: with x_n = (x - mean) * s, W_enc' = s * W_enc, W_dec' = W_dec / s,
+b_dec' = b_dec / s + mean (b_enc and thresholds unchanged) gives the same pre-activations on raw
+x and x_hat' = x_hat / s + mean. The exported SAE then reads raw backbone activations.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from dataclasses import asdict, dataclass
+from typing import Any, Protocol
+
+import fsspec
+import fsspec.implementations.local
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from actstore.errors import ConfigError, CorruptDataError, StoreFormatError, StoreNotFoundError
+from sae.config import SAEConfig
+from sae.model import SparseAutoencoder
+
+__all__ = ["FORMAT", "FORMAT_VERSION", "InputNormalization", "export_saelens", "load", "read_extra", "save"]
+
+FORMAT = "actstore-sae"
+FORMAT_VERSION = 1
+WEIGHTS, CONFIG = "sae.safetensors", "cfg.json"
+SAELENS_WEIGHTS = "sae_weights.safetensors"
+_SAELENS_ARCHITECTURE = {"relu": "standard", "topk": "topk", "jumprelu": "jumprelu", "batchtopk": "jumprelu"}
+
+
+class NormalizationLike(Protocol):
+    """What `save` needs of an input normalization (actstore.loader.Normalization qualifies)."""
+
+    mean: torch.Tensor
+    scale: float
+
+
+@dataclass(frozen=True)
+class InputNormalization:
+    """x_n = (x - mean) * scale: the transform the SAE was trained behind, as saved beside it."""
+
+    mean: torch.Tensor
+    """float32 (d_in,)"""
+    scale: float
+    layer: str | None = None
+    tokens: str | None = None
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean.to(x.device, x.dtype)) * self.scale
+
+    def undo(self, x: torch.Tensor) -> torch.Tensor:
+        return x / self.scale + self.mean.to(x.device, x.dtype)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The keys of actstore.loader.Normalization.to_dict, so `Normalization.from_dict` reads it."""
+        return {"layer": self.layer, "tokens": self.tokens, "scale": self.scale, "mean": self.mean.tolist()}
+
+
+def save(sae: SparseAutoencoder, url: str, normalization: NormalizationLike | None = None,
+         extra: dict[str, Any] | None = None, storage_options: dict[str, Any] | None = None) -> None:
+    """Write sae.safetensors then cfg.json (each object whole; cfg.json last) into the directory `url`."""
+    tensors = {name: t.detach().contiguous() for name, t in sae.state_dict().items()}
+    norm_cfg = None
+    if normalization is not None:
+        tensors["norm_mean"] = normalization.mean.detach().to(torch.float32).reshape(-1).contiguous()
+        if tensors["norm_mean"].numel() != sae.cfg.d_in:
+            raise ConfigError(f"save: the normalization mean has {tensors['norm_mean'].numel()} values, "
+                              f"d_in is {sae.cfg.d_in}")
+        norm_cfg = {"scale": float(normalization.scale), "layer": getattr(normalization, "layer", None),
+                    "tokens": getattr(normalization, "tokens", None)}
+    cfg = {**asdict(sae.cfg), "format": FORMAT, "format_version": FORMAT_VERSION, "normalization": norm_cfg,
+           "extra": extra or {}}
+    fs, root = fsspec.core.url_to_fs(str(url), **(storage_options or {}))
+    _put(fs, f"{root}/{WEIGHTS}", st_save({k: t.cpu() for k, t in tensors.items()}, metadata={"format": "pt"}))
+    _put(fs, f"{root}/{CONFIG}", json.dumps(cfg, indent=2, sort_keys=True).encode())
+
+
+def load(url: str, device: torch.device | str | None = None, storage_options: dict[str, Any] | None = None
+         ) -> tuple[SparseAutoencoder, InputNormalization | None]:
+    """The SAE saved at `url` (in eval mode) and the input normalization it was trained behind, if any."""
+    fs, root = fsspec.core.url_to_fs(str(url), **(storage_options or {}))
+    raw_cfg = _get(fs, root, CONFIG)
+    try:
+        cfg_dict = json.loads(raw_cfg)
+    except json.JSONDecodeError as e:
+        raise CorruptDataError(f"{url}/{CONFIG}: not JSON ({e})", key=CONFIG) from None
+    if cfg_dict.get("format") != FORMAT or cfg_dict.get("format_version") != FORMAT_VERSION:
+        raise StoreFormatError(f"{url}: {CONFIG} is not an {FORMAT} v{FORMAT_VERSION} checkpoint "
+                               f"(format={cfg_dict.get('format')!r}, version={cfg_dict.get('format_version')!r})")
+    norm_cfg = cfg_dict.pop("normalization")
+    for key in ("format", "format_version", "extra"):
+        cfg_dict.pop(key)
+    try:
+        cfg = SAEConfig(**cfg_dict)
+    except TypeError as e:
+        raise StoreFormatError(f"{url}/{CONFIG}: {e}") from None
+    try:
+        tensors = st_load(_get(fs, root, WEIGHTS))
+    except SafetensorError as e:
+        raise CorruptDataError(f"{url}/{WEIGHTS}: not a safetensors file ({e})", key=WEIGHTS) from None
+    norm_mean = tensors.pop("norm_mean", None)
+    sae = SparseAutoencoder(cfg, device=device)
+    try:
+        sae.load_state_dict(tensors, strict=True)
+    except RuntimeError as e:
+        raise StoreFormatError(f"{url}/{WEIGHTS} does not match {CONFIG}: {e}") from None
+    normalization = None
+    if norm_cfg is not None:
+        if norm_mean is None:
+            raise StoreFormatError(f"{url}: {CONFIG} has a normalization but {WEIGHTS} has no norm_mean")
+        normalization = InputNormalization(norm_mean, float(norm_cfg["scale"]), norm_cfg.get("layer"),
+                                           norm_cfg.get("tokens"))
+    return sae.eval(), normalization
+
+
+def read_extra(url: str, storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The `extra` dict saved with a checkpoint (the trainer's step, metrics, ...), without loading weights."""
+    fs, root = fsspec.core.url_to_fs(str(url), **(storage_options or {}))
+    return json.loads(_get(fs, root, CONFIG)).get("extra", {})
+
+
+def export_saelens(sae: SparseAutoencoder, url: str, normalization: NormalizationLike | None = None,
+                   metadata: dict[str, Any] | None = None, storage_options: dict[str, Any] | None = None) -> None:
+    """Write the SAE in SAELens's layout (see the module docstring), the normalization folded in."""
+    cfg = sae.cfg
+    W_enc, W_dec = sae.W_enc.detach().double(), sae.W_dec.detach().double()
+    b_enc, b_dec = sae.b_enc.detach().double(), sae.b_dec.detach().double()
+    if normalization is not None:
+        scale, mean = float(normalization.scale), normalization.mean.detach().to(W_dec.device, torch.float64)
+        W_enc, W_dec, b_dec = W_enc * scale, W_dec / scale, b_dec / scale + mean
+    tensors = {"W_enc": W_enc.t(), "W_dec": W_dec, "b_enc": b_enc, "b_dec": b_dec}
+    if cfg.kind == "jumprelu":
+        tensors["threshold"] = sae.threshold.detach().double().relu()
+    elif cfg.kind == "batchtopk":
+        threshold = sae.batchtopk_threshold.detach()
+        if torch.isnan(threshold):
+            raise ConfigError("export_saelens: this BatchTopK SAE has no inference threshold yet (never trained)")
+        tensors["threshold"] = threshold.expand(cfg.d_sae)
+    dtype = cfg.torch_dtype
+    tensors = {k: t.to(dtype).contiguous().cpu() for k, t in tensors.items()}
+    architecture = _SAELENS_ARCHITECTURE[cfg.kind]
+    saelens_cfg: dict[str, Any] = {
+        "architecture": architecture, "d_in": cfg.d_in, "d_sae": cfg.d_sae, "dtype": cfg.dtype, "device": "cpu",
+        "apply_b_dec_to_input": True, "normalize_activations": "none", "reshape_activations": "none",
+        "metadata": {"sae_lens_version": "6.0.0", "exported_by": FORMAT, **(metadata or {})},
+        "activation_fn": "topk" if architecture == "topk" else "relu",
+        "activation_fn_kwargs": {"k": cfg.k} if architecture == "topk" else {},
+    }
+    if architecture == "topk":
+        saelens_cfg |= {"k": cfg.k, "rescale_acts_by_decoder_norm": False}
+    fs, root = fsspec.core.url_to_fs(str(url), **(storage_options or {}))
+    _put(fs, f"{root}/{SAELENS_WEIGHTS}", st_save(tensors, metadata={"format": "pt"}))
+    _put(fs, f"{root}/{CONFIG}", json.dumps(saelens_cfg, indent=2).encode())
+
+
+def _get(fs: fsspec.AbstractFileSystem, root: str, name: str) -> bytes:
+    try:
+        return fs.cat_file(f"{root}/{name}")
+    except FileNotFoundError:
+        raise StoreNotFoundError(f"{root}: no SAE checkpoint there (no {name})") from None
+
+
+def _put(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
+    """Write one object whole: object stores PUT atomically; local files are renamed into place."""
+    if not isinstance(fs, fsspec.implementations.local.LocalFileSystem):
+        fs.pipe_file(path, data)
+        return
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.{uuid.uuid4().hex}.tmp"
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
