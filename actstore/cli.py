@@ -130,6 +130,30 @@ def cmd_extract(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    from actstore.config import load_config
+    from sae.train import TrainConfig, train
+
+    overrides: dict[str, Any] = {k: getattr(args, k) for k in ("store", "out", "layer", "tokens", "batch_size", "lr",
+                                                               "seed", "num_workers", "log_every")}
+    overrides["storage_options"] = _storage_options(args)
+    if args.sae:
+        fields: dict[str, Any] = {"kind": args.sae}
+        for key in ("k", "expansion", "d_sae", "l1_coeff"):
+            if getattr(args, key) is not None:
+                fields[key] = getattr(args, key)
+        overrides["sae"] = (fields,)
+    missing = [k for k in ("store", "out") if overrides[k] is None]
+    if missing and not args.config:
+        raise ConfigError("train needs " + ", ".join(f"--{m}" for m in missing) + " (or --config FILE.toml)")
+    cfg = load_config(TrainConfig, args.config, overrides)
+    rows = train(cfg, progress=not args.quiet)
+    for r in rows:
+        print(f"{cfg.out}/{r['sae']}: step {r['step']}, {r['tokens']} tokens, fvu {r['fvu']:.4f}, "
+              f"L0 {r['l0']:.1f}, dead {r['dead_fraction']:.1%}, dense {r['dense_fraction']:.1%}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     """Generate shape images, extract a random-weight ViT over them, describe the store."""
     from actstore.extract import ExtractConfig, run_extract
@@ -188,6 +212,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing store with a different spec")
     p.add_argument("--max-units", type=int, help="stop after N units (rerun to resume)")
     p.add_argument("--config", metavar="FILE.toml", help="options from a TOML file; flags override it")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p = add("train", cmd_train, "Train one SAE, or a sweep of SAEs on the same batches, on a store's patches.")
+    p.add_argument("--store", help="activation store URL")
+    p.add_argument("--out", help="output directory (SAEs, metrics.jsonl, checkpoint/); rerun to resume")
+    p.add_argument("--layer", type=_layer_arg, help="store layer (default -2)")
+    p.add_argument("--sae", choices=["topk", "batchtopk", "relu", "jumprelu"], help="SAE kind (default topk)")
+    p.add_argument("--k", type=int, help="active latents (topk kinds, default 32)")
+    p.add_argument("--expansion", type=float, help="d_sae / d_in (default 16)")
+    p.add_argument("--d-sae", type=int, help="number of latents (instead of --expansion)")
+    p.add_argument("--l1-coeff", type=float, help="relu: L1 coefficient")
+    p.add_argument("--tokens", type=int, help="training tokens (default 10M)")
+    p.add_argument("--batch-size", type=int, help="patches per step (default 4096)")
+    p.add_argument("--lr", type=float, help="Adam learning rate (default 2e-4)")
+    p.add_argument("--seed", type=int, help="loader order and resampling seed")
+    p.add_argument("--num-workers", type=int, help="data-parallel Ray Train workers (default 1)")
+    p.add_argument("--log-every", type=int, help="steps between metric lines (default 50)")
+    p.add_argument("--storage-options", metavar="JSON", help="fsspec options for --store and --out")
+    p.add_argument("--config", metavar="FILE.toml", help="options (and a [[sae]] sweep) from TOML; flags override")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p = add("demo", cmd_demo, "Generate shape images, extract a random-weight ViT into a store, describe it.")
     p.add_argument("--images", default="./data/demo-images", help="where the images go (default ./data/demo-images)")

@@ -1,0 +1,135 @@
+"""The trainer: planted-dictionary recovery, metrics vs numpy, checkpoints, resume, Ray Train."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from actstore.loader import PatchLoader
+from actstore.store import LayerSpec, StoreSpec, StoreWriter, TokenLayout
+from sae.checkpoint import load
+from sae.train import TrainConfig, Trainer, train
+
+D_IN, N_ATOMS, ACTIVE, TOKENS_PER_IMAGE = 32, 64, 3, 16
+
+
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory) -> tuple[str, np.ndarray]:
+    """A store of sparse combinations (3 of 64 unit atoms, weights in [1, 2]) plus noise."""
+    url = str(tmp_path_factory.mktemp("planted") / "store")
+    rng = np.random.default_rng(0)
+    atoms = rng.standard_normal((N_ATOMS, D_IN))
+    atoms /= np.linalg.norm(atoms, axis=1, keepdims=True)
+    spec = StoreSpec(n_images=500, layers=(LayerSpec("0", D_IN, TokenLayout(cls=False, grid=(4, 4)), 0),),
+                     images_per_shard=64, images_per_chunk=16, dtype="float32", backbone={"n_blocks": 1})
+    writer = StoreWriter.create(url, spec)
+    for k in range(spec.n_units):
+        a, b = spec.unit_range(k)
+        n = (b - a) * TOKENS_PER_IMAGE
+        which = np.argsort(rng.random((n, N_ATOMS)), axis=1)[:, :ACTIVE]
+        codes = np.zeros((n, N_ATOMS))
+        np.put_along_axis(codes, which, rng.uniform(1, 2, (n, ACTIVE)), axis=1)
+        x = codes @ atoms + 0.01 * rng.standard_normal((n, D_IN))
+        writer.write_unit(k, {"0": x.reshape(b - a, TOKENS_PER_IMAGE, D_IN).astype(np.float32)})
+    writer.finalize()
+    return url, atoms
+
+
+def config(store: str, out: Path, **kw) -> TrainConfig:
+    base = dict(store=store, out=str(out), layer=0, batch_size=512, lr=1e-3, log_every=25, checkpoint_every=None,
+                buffer_bytes=1 << 20, dead_window_tokens=50_000, resample_every=200)
+    return TrainConfig(**{**base, **kw})
+
+
+def test_planted_dictionary_is_recovered(planted, tmp_path):
+    store, atoms = planted
+    cfg = config(store, tmp_path, tokens=300_000, sae=({"kind": "topk", "k": ACTIVE, "d_sae": 128},
+                                                        {"kind": "relu", "d_sae": 128, "l1_coeff": 1.0}))
+    rows = Trainer(cfg).fit(progress=False)
+    for row in rows:
+        sae, norm = load(str(tmp_path / row["sae"]))
+        assert norm is not None  # trained behind the loader's normalization, recorded with the SAE
+        w = sae.W_dec.detach().double().numpy()
+        w /= np.linalg.norm(w, axis=1, keepdims=True)
+        best = (atoms @ w.T).max(axis=1)  # per true atom, its closest learned decoder direction
+        assert best.mean() >= 0.9, (row["sae"], best.mean(), row)
+    assert rows[0]["l0"] == ACTIVE
+
+
+def _numpy_sae_metrics(x: np.ndarray, tensors: dict[str, np.ndarray], k: int) -> dict[str, float]:
+    """TopK SAE forward and metrics in plain numpy, from the saved weights."""
+    pre = (x - tensors["b_dec"]) @ tensors["W_enc"].T + tensors["b_enc"]
+    top = np.argsort(-pre, axis=1)[:, :k]
+    acts = np.zeros_like(pre)
+    np.put_along_axis(acts, top, np.maximum(np.take_along_axis(pre, top, axis=1), 0), axis=1)
+    x_hat = acts @ tensors["W_dec"] + tensors["b_dec"]
+    err = (x - x_hat) ** 2
+    return {"mse": err.mean(), "sse_per_token": err.sum(1).mean(), "fvu": err.sum() / ((x - x.mean(0)) ** 2).sum(),
+            "l0": (acts != 0).sum(1).mean(), "l1": np.abs(acts).sum(1).mean()}
+
+
+def test_reported_metrics_equal_numpy(planted, tmp_path):
+    store, _ = planted
+    name = "m"
+    cfg = config(store, tmp_path, tokens=512 * 30, log_every=30, sae=({"kind": "topk", "k": 4, "d_sae": 96, "name": name},))
+    trainer = Trainer(cfg)
+    loader_cfg = trainer.loader.config
+    trainer.fit(progress=False, stop_after=29)  # saves the SAE as it is before step 30
+    before, _ = load(str(tmp_path / name))
+    tensors = {k: v.detach().double().numpy() for k, v in before.state_dict().items()}
+    Trainer(cfg).fit(progress=False)  # resumes and logs step 30, computed on batch 29 with those weights
+    row = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()][-1]
+    assert row["step"] == 30 and row["sae"] == name
+    replay = PatchLoader.from_config(store, loader_cfg)
+    for i, x in enumerate(replay):
+        if i == 29:
+            break
+    replay.close()
+    want = _numpy_sae_metrics(x.double().numpy(), tensors, 4)
+    for key, value in want.items():
+        assert row[key] == pytest.approx(value, rel=1e-4, abs=1e-6), key
+
+
+def test_resume_equals_an_uninterrupted_run(planted, tmp_path):
+    store, _ = planted
+    sweep = ({"kind": "topk", "k": 4, "d_sae": 96}, {"kind": "relu", "d_sae": 96, "l1_coeff": 1.0},
+             {"kind": "batchtopk", "k": 4, "d_sae": 96}, {"kind": "jumprelu", "d_sae": 96})
+    whole = config(store, tmp_path / "whole", tokens=512 * 40, sae=sweep, dead_window_tokens=4096, resample_every=15)
+    Trainer(whole).fit(progress=False)
+    parts = config(store, tmp_path / "parts", tokens=512 * 40, sae=sweep, dead_window_tokens=4096, resample_every=15)
+    Trainer(parts).fit(progress=False, stop_after=17)
+    assert json.loads((tmp_path / "parts/checkpoint/state.json").read_text())["step"] == 17
+    Trainer(parts).fit(progress=False)
+    for f in sorted((tmp_path / "whole").glob("*/sae.safetensors")):
+        assert f.read_bytes() == (tmp_path / "parts" / f.parent.name / "sae.safetensors").read_bytes(), f.parent.name
+    assert (tmp_path / "whole/metrics.jsonl").read_text().count("\n") == (tmp_path / "parts/metrics.jsonl").read_text().count("\n")
+
+
+def test_checkpoint_round_trip_and_other_config_refused(planted, tmp_path):
+    store, _ = planted
+    cfg = config(store, tmp_path, tokens=512 * 10, sae=({"kind": "topk", "k": 4, "d_sae": 96, "name": "a"},))
+    trainer = Trainer(cfg)
+    trainer.fit(progress=False)
+    sae, norm = load(str(tmp_path / "a"))
+    x = torch.randn(7, D_IN)
+    trainer.members[0].sae.eval()
+    assert torch.equal(sae(x).x_hat, trainer.members[0].sae(x).x_hat)
+    from actstore.errors import ConfigError
+    with pytest.raises(ConfigError, match="another config"):
+        Trainer(config(store, tmp_path, tokens=512 * 12, sae=cfg.sae)).fit(progress=False)
+
+
+def test_two_ray_train_workers(ray_local, planted, tmp_path):
+    store, _ = planted
+    cfg = config(store, tmp_path, tokens=512 * 2 * 12, num_workers=2, log_every=6,
+                 sae=({"kind": "topk", "k": 4, "d_sae": 96, "name": "dp"},))
+    rows = train(cfg, progress=False)
+    assert rows[-1]["step"] == 12 and rows[-1]["tokens"] == 512 * 2 * 12
+    lines = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [l["step"] for l in lines] == [6, 12]
+    sae, _ = load(str(tmp_path / "dp"))
+    assert torch.allclose(sae.W_dec.norm(dim=1), torch.ones(96), atol=1e-5)
