@@ -132,7 +132,8 @@ class ActivationStore:
         return self.group()[L.LABELS][start:stop]
 
     # activations ------------------------------------------------------------------------
-    def _reader(self, layer: str | int) -> ShardReader:
+    def shard_reader(self, layer: str | int) -> ShardReader:
+        """The fast chunk path of one layer (fetch_shard, decode), for readers that schedule their own reads."""
         name = self.layer(layer).name
         if name not in self._shards:
             self._shards[name] = ShardReader(self.fs, self.root, self.spec, name, self._pool)
@@ -145,7 +146,7 @@ class ActivationStore:
             raise IndexError(f"image range [{start}, {stop}) outside [0, {self.n_images})")
         out = np.empty((stop - start, *self.shape(layer)[1:]), STORAGE_DTYPES[self.spec.dtype])
         if stop > start:
-            self._reader(layer).read_range(start, stop, out)
+            self.shard_reader(layer).read_range(start, stop, out)
         return from_storage(out, self.spec.dtype)
 
     def read_chunk(self, layer: str | int, i: int) -> torch.Tensor:
@@ -153,4 +154,4 @@ class ActivationStore:
         return self.read(layer, *self.spec.chunk_range(i))
 
     def chunk_name(self, layer: str | int, i: int) -> str:
-        return self._reader(layer).chunk_name(i)
+        return self.shard_reader(layer).chunk_name(i)

@@ -42,7 +42,7 @@ def _check_layer_unit(store: ActivationStore, layer: str, k: int, record: dict[s
                       report: VerifyReport) -> None:
     spec = store.spec
     start, stop = spec.unit_range(k)
-    reader = store._reader(layer)
+    reader = store.shard_reader(layer)
     ipc = spec.images_per_chunk
     chunks = range(start // ipc, -(-stop // ipc))
     out = np.zeros((len(chunks) * ipc, *spec.shape(layer)[1:]), STORAGE_DTYPES[spec.dtype])
