@@ -44,6 +44,7 @@ from actstore.extract import ExtractConfig, run_extract
 from actstore.shapes import generate_dataset
 from actstore.store import ActivationStore
 from actstore.store._layout import unit_record_key
+from _report import print_table  # benchmarks/ is sys.path[0] when a benchmark runs
 
 IMAGE_SIZE = 256
 GOAL = 0.9
@@ -179,22 +180,14 @@ def run(args: argparse.Namespace, forward_s: float) -> Row:
                store_bytes=store_bytes)
 
 
-def print_table(rows: list[dict[str, Any]]) -> None:
+def show_results(rows: list[dict[str, Any]]) -> None:
     cols = [("model", "model", "{}"), ("device", "device", "{}"), ("batch", "batch_size", "{}"),
             ("images", "n_images", "{}"), ("e2e wall img/s", "wall_ips", "{:.1f}"),
             ("e2e steady img/s", "steady_ips", "{:.1f}"), ("forward img/s", "forward_ips", "{:.1f}"),
             ("steady/forward", "ratio", "{:.3f}"), ("ray init s", "ray_init_s", "{:.1f}"),
             ("run overhead s", "overhead_s", "{:.1f}"), ("wall s", "wall_s", "{:.1f}"),
             ("store MB", "store_bytes", "{:.1f}")]
-    cells = [[name for name, _, _ in cols]]
-    for r in rows:
-        values = {**r, "store_bytes": r["store_bytes"] / 1e6}
-        cells.append([fmt.format(values[key]) for _, key, fmt in cols])
-    widths = [max(len(row[i]) for row in cells) for i in range(len(cols))]
-    for i, row in enumerate(cells):
-        print("  ".join(c.ljust(w) if j < 2 else c.rjust(w) for j, (c, w) in enumerate(zip(row, widths))))
-        if i == 0:
-            print("  ".join("-" * w for w in widths))
+    print_table(cols, [{**r, "store_bytes": r["store_bytes"] / 1e6} for r in rows], text_cols=2)
 
 
 def main() -> None:
@@ -219,7 +212,7 @@ def main() -> None:
     load_before, t0 = os.getloadavg(), time.perf_counter()
     rows = [run(args, sizes["forward_s"]).metrics()]
     wall_s, load_after = time.perf_counter() - t0, os.getloadavg()
-    print_table(rows)
+    show_results(rows)
     print()
     for note in NOTES:
         print(f"note: {note}")

@@ -43,6 +43,7 @@ import zarr
 from actstore.store import (CODECS, DEFAULT_CODEC, DEFAULT_DTYPE, DTYPES, ActivationStore, LayerSpec, StoreSpec,
                             StoreWriter, TokenLayout)
 from actstore.synthetic import vit_like_activations
+from _report import print_table  # benchmarks/ is sys.path[0] when a benchmark runs
 
 LAYER = "10"
 FULL_SHAPES = ((14, 768, 1024), (16, 1024, 512))
@@ -207,21 +208,13 @@ def verdicts(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-def print_table(results: list[dict[str, Any]]) -> None:
+def show_results(results: list[dict[str, Any]]) -> None:
     cols = [("shape", "shape", "{}"), ("dtype", "dtype", "{}"), ("codec", "codec", "{}"),
             ("write GB/s", "write_gbps", "{:.2f}"), ("read GB/s", "read_gbps", "{:.2f}"),
             ("read Mval/s", "read_values_per_s", "{:.0f}"), ("bytes/value", "bytes_per_value", "{:.3f}"),
             ("bytes x raw", "bytes_ratio", "{:.4f}"), ("write x raw", "write_ratio", "{:.2f}"),
             ("read x raw", "read_ratio", "{:.2f}")]
-    cells = [[name for name, _, _ in cols]]
-    for r in results:
-        values = {**r, "read_values_per_s": r["read_values_per_s"] / 1e6}
-        cells.append(["-" if values[key] is None else fmt.format(values[key]) for _, key, fmt in cols])
-    widths = [max(len(row[i]) for row in cells) for i in range(len(cols))]
-    for i, row in enumerate(cells):
-        print("  ".join(c.ljust(w) if j < 3 else c.rjust(w) for j, (c, w) in enumerate(zip(row, widths))))
-        if i == 0:
-            print("  ".join("-" * w for w in widths))
+    print_table(cols, [{**r, "read_values_per_s": r["read_values_per_s"] / 1e6} for r in results], text_cols=3)
 
 
 def main() -> None:
@@ -236,7 +229,7 @@ def main() -> None:
     t0 = time.perf_counter()
     results = run(shapes, args.reps)
     wall_s = time.perf_counter() - t0
-    print_table(results)
+    show_results(results)
     print()
     for note in NOTES:
         print(f"note: {note}")

@@ -36,6 +36,7 @@ from torch import nn
 
 from sae import SAEConfig, SparseAutoencoder
 from sae.kernels import backend_for
+from _report import print_table  # benchmarks/ is sys.path[0] when a benchmark runs
 
 GOALS = {"topk": 3.0, "relu": 1.0}
 NOTES = (
@@ -170,16 +171,11 @@ def verdicts(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-def print_table(rows: list[dict[str, Any]]) -> None:
+def show_results(rows: list[dict[str, Any]]) -> None:
     cols = [("kind", "kind", "{}"), ("impl", "impl", "{}"), ("device", "device", "{}"), ("batch", "batch", "{}"),
             ("d_in", "d_in", "{}"), ("d_sae", "d_sae", "{}"), ("step s", "step_s", "{:.3f}"),
             ("tokens/s", "tokens_per_s", "{:,.0f}"), ("x reference", "x_reference", "{:.2f}")]
-    cells = [[name for name, _, _ in cols]] + [[fmt.format(r[key]) for _, key, fmt in cols] for r in rows]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(cols))]
-    for i, row in enumerate(cells):
-        print("  ".join(c.ljust(w) if j < 3 else c.rjust(w) for j, (c, w) in enumerate(zip(row, widths))))
-        if i == 0:
-            print("  ".join("-" * w for w in widths))
+    print_table(cols, rows, text_cols=3)
 
 
 def main() -> None:
@@ -202,7 +198,7 @@ def main() -> None:
     for kind in ("topk", "relu"):
         rows += bench_kind(kind, size, args.device, reps, compile_ref=args.device == "cuda")
     wall_s = time.perf_counter() - t0
-    print_table(rows)
+    show_results(rows)
     print()
     for note in NOTES:
         print(f"note: {note}")

@@ -11,9 +11,9 @@ See DESIGN.md, "SAE". The trainer (sae.train) builds on this API:
 """
 
 from sae.acts import SparseActs
-from sae.checkpoint import InputNormalization, export_saelens, load, read_extra, save
+from sae.checkpoint import export_saelens, load, read_extra, save
 from sae.config import KINDS, SAEConfig
 from sae.model import ForwardOutput, SparseAutoencoder, geometric_median
 
-__all__ = ["KINDS", "ForwardOutput", "InputNormalization", "SAEConfig", "SparseActs", "SparseAutoencoder",
+__all__ = ["KINDS", "ForwardOutput", "SAEConfig", "SparseActs", "SparseAutoencoder",
            "export_saelens", "geometric_median", "load", "read_extra", "save"]

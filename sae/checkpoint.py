@@ -33,23 +33,22 @@ x and x_hat' = x_hat / s + mean. The exported SAE then reads raw backbone activa
 from __future__ import annotations
 
 import json
-import os
-import uuid
-from dataclasses import asdict, dataclass
-from typing import Any, Protocol
+from dataclasses import asdict
+from typing import Any
 
 import fsspec
-import fsspec.implementations.local
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from actstore.errors import ConfigError, CorruptDataError, StoreFormatError, StoreNotFoundError
+from actstore.loader import Normalization
+from actstore.store._io import put_bytes
 from sae.config import SAEConfig
 from sae.model import SparseAutoencoder
 
-__all__ = ["FORMAT", "FORMAT_VERSION", "InputNormalization", "export_saelens", "load", "read_extra", "save"]
+__all__ = ["FORMAT", "FORMAT_VERSION", "export_saelens", "load", "read_extra", "save"]
 
 FORMAT = "actstore-sae"
 FORMAT_VERSION = 1
@@ -58,35 +57,7 @@ SAELENS_WEIGHTS = "sae_weights.safetensors"
 _SAELENS_ARCHITECTURE = {"relu": "standard", "topk": "topk", "jumprelu": "jumprelu", "batchtopk": "jumprelu"}
 
 
-class NormalizationLike(Protocol):
-    """What `save` needs of an input normalization (actstore.loader.Normalization qualifies)."""
-
-    mean: torch.Tensor
-    scale: float
-
-
-@dataclass(frozen=True)
-class InputNormalization:
-    """x_n = (x - mean) * scale: the transform the SAE was trained behind, as saved beside it."""
-
-    mean: torch.Tensor
-    """float32 (d_in,)"""
-    scale: float
-    layer: str | None = None
-    tokens: str | None = None
-
-    def apply(self, x: torch.Tensor) -> torch.Tensor:
-        return (x - self.mean.to(x.device, x.dtype)) * self.scale
-
-    def undo(self, x: torch.Tensor) -> torch.Tensor:
-        return x / self.scale + self.mean.to(x.device, x.dtype)
-
-    def to_dict(self) -> dict[str, Any]:
-        """The keys of actstore.loader.Normalization.to_dict, so `Normalization.from_dict` reads it."""
-        return {"layer": self.layer, "tokens": self.tokens, "scale": self.scale, "mean": self.mean.tolist()}
-
-
-def save(sae: SparseAutoencoder, url: str, normalization: NormalizationLike | None = None,
+def save(sae: SparseAutoencoder, url: str, normalization: Normalization | None = None,
          extra: dict[str, Any] | None = None, storage_options: dict[str, Any] | None = None) -> None:
     """Write sae.safetensors then cfg.json (each object whole; cfg.json last) into the directory `url`."""
     tensors = {name: t.detach().contiguous() for name, t in sae.state_dict().items()}
@@ -101,12 +72,12 @@ def save(sae: SparseAutoencoder, url: str, normalization: NormalizationLike | No
     cfg = {**asdict(sae.cfg), "format": FORMAT, "format_version": FORMAT_VERSION, "normalization": norm_cfg,
            "extra": extra or {}}
     fs, root = fsspec.core.url_to_fs(str(url), **(storage_options or {}))
-    _put(fs, f"{root}/{WEIGHTS}", st_save({k: t.cpu() for k, t in tensors.items()}, metadata={"format": "pt"}))
-    _put(fs, f"{root}/{CONFIG}", json.dumps(cfg, indent=2, sort_keys=True).encode())
+    put_bytes(fs, f"{root}/{WEIGHTS}", st_save({k: t.cpu() for k, t in tensors.items()}, metadata={"format": "pt"}))
+    put_bytes(fs, f"{root}/{CONFIG}", json.dumps(cfg, indent=2, sort_keys=True).encode())
 
 
 def load(url: str, device: torch.device | str | None = None, storage_options: dict[str, Any] | None = None
-         ) -> tuple[SparseAutoencoder, InputNormalization | None]:
+         ) -> tuple[SparseAutoencoder, Normalization | None]:
     """The SAE saved at `url` (in eval mode) and the input normalization it was trained behind, if any."""
     fs, root = fsspec.core.url_to_fs(str(url), **(storage_options or {}))
     raw_cfg = _get(fs, root, CONFIG)
@@ -138,8 +109,8 @@ def load(url: str, device: torch.device | str | None = None, storage_options: di
     if norm_cfg is not None:
         if norm_mean is None:
             raise StoreFormatError(f"{url}: {CONFIG} has a normalization but {WEIGHTS} has no norm_mean")
-        normalization = InputNormalization(norm_mean, float(norm_cfg["scale"]), norm_cfg.get("layer"),
-                                           norm_cfg.get("tokens"))
+        normalization = Normalization(layer=norm_cfg.get("layer"), tokens=norm_cfg.get("tokens"), mean=norm_mean,
+                                      scale=float(norm_cfg["scale"]))
     return sae.eval(), normalization
 
 
@@ -149,7 +120,7 @@ def read_extra(url: str, storage_options: dict[str, Any] | None = None) -> dict[
     return json.loads(_get(fs, root, CONFIG)).get("extra", {})
 
 
-def export_saelens(sae: SparseAutoencoder, url: str, normalization: NormalizationLike | None = None,
+def export_saelens(sae: SparseAutoencoder, url: str, normalization: Normalization | None = None,
                    metadata: dict[str, Any] | None = None, storage_options: dict[str, Any] | None = None) -> None:
     """Write the SAE in SAELens's layout (see the module docstring), the normalization folded in."""
     cfg = sae.cfg
@@ -179,8 +150,8 @@ def export_saelens(sae: SparseAutoencoder, url: str, normalization: Normalizatio
     if architecture == "topk":
         saelens_cfg |= {"k": cfg.k, "rescale_acts_by_decoder_norm": False}
     fs, root = fsspec.core.url_to_fs(str(url), **(storage_options or {}))
-    _put(fs, f"{root}/{SAELENS_WEIGHTS}", st_save(tensors, metadata={"format": "pt"}))
-    _put(fs, f"{root}/{CONFIG}", json.dumps(saelens_cfg, indent=2).encode())
+    put_bytes(fs, f"{root}/{SAELENS_WEIGHTS}", st_save(tensors, metadata={"format": "pt"}))
+    put_bytes(fs, f"{root}/{CONFIG}", json.dumps(saelens_cfg, indent=2).encode())
 
 
 def _get(fs: fsspec.AbstractFileSystem, root: str, name: str) -> bytes:
@@ -190,13 +161,3 @@ def _get(fs: fsspec.AbstractFileSystem, root: str, name: str) -> bytes:
         raise StoreNotFoundError(f"{root}: no SAE checkpoint there (no {name})") from None
 
 
-def _put(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
-    """Write one object whole: object stores PUT atomically; local files are renamed into place."""
-    if not isinstance(fs, fsspec.implementations.local.LocalFileSystem):
-        fs.pipe_file(path, data)
-        return
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.{uuid.uuid4().hex}.tmp"
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)

@@ -10,7 +10,8 @@ import torch
 
 from actstore.config import load_config
 from actstore.errors import ConfigError, StoreFormatError, StoreNotFoundError
-from sae import (KINDS, InputNormalization, SAEConfig, SparseActs, SparseAutoencoder, export_saelens,
+from actstore.loader import Normalization
+from sae import (KINDS, SAEConfig, SparseActs, SparseAutoencoder, export_saelens,
                  geometric_median, load, read_extra, save)
 from sae import metrics
 from sae.acts import csr_offsets
@@ -268,7 +269,7 @@ def trained(kind: str, dtype: str = "float32") -> SparseAutoencoder:
 @pytest.mark.parametrize("kind", KINDS)
 def test_checkpoint_round_trip(tmp_path, kind):
     sae = trained(kind)
-    norm = InputNormalization(torch.randn(D_IN), 0.37, layer="10", tokens="patches")
+    norm = Normalization(layer="10", tokens="patches", mean=torch.randn(D_IN), scale=0.37)
     save(sae, str(tmp_path / "ckpt"), normalization=norm, extra={"step": 12})
     loaded, norm2 = load(str(tmp_path / "ckpt"))
     assert loaded.cfg == sae.cfg and not loaded.training
@@ -315,7 +316,7 @@ def test_export_saelens_reproduces_our_output(tmp_path, kind):
     from safetensors.numpy import load_file
 
     sae = trained(kind)
-    norm = InputNormalization(torch.randn(D_IN) * 3, 0.25)
+    norm = Normalization(layer=None, tokens=None, mean=torch.randn(D_IN) * 3, scale=0.25)
     export_saelens(sae, str(tmp_path / "sl"), normalization=norm)
     cfg = json.loads((tmp_path / "sl" / "cfg.json").read_text())
     tensors = {k: v.astype(np.float64) for k, v in load_file(str(tmp_path / "sl" / "sae_weights.safetensors")).items()}

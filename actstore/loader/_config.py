@@ -91,8 +91,8 @@ class LoaderConfig:
 class Normalization:
     """x -> (x - mean) * scale, with scale = sqrt(d / E||x - mean||^2) from the store's statistics."""
 
-    layer: str
-    tokens: str
+    layer: str | None
+    tokens: str | None
     mean: torch.Tensor
     """float32 (d,)"""
     scale: float
