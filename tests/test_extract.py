@@ -168,6 +168,6 @@ def test_bad_images_are_recorded_and_skipped(ray_local, images, tmp_path):
     n_rejected = (table.status == "rejected").sum()
     assert result.n_rejected == n_rejected == store.attrs["summary"]["n_rejected"]
     acts = store.read(LAYER).float()
-    ok = torch.from_numpy((table.status == "ok").to_numpy())
+    ok = torch.from_numpy((table.status == "ok").to_numpy().copy())
     assert (acts[~ok] == 0).all() and (acts[ok].abs().sum(dim=(1, 2)) > 0).all()
     assert store.stats(LAYER, "cls").count == int(ok.sum())
