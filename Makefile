@@ -19,4 +19,4 @@ test: $(VENV)/.installed
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 clean:
-	rm -rf stores .pytest_cache
+	rm -rf stores data .pytest_cache
