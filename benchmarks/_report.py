@@ -1,4 +1,4 @@
-"""What every benchmark prints: an aligned table (text columns left, numbers right)."""
+"""What every benchmark prints: an aligned table (text columns left, numbers right) and its notes."""
 
 from __future__ import annotations
 
@@ -17,3 +17,10 @@ def print_table(cols: Sequence[Column], rows: Sequence[dict[str, Any]], text_col
         print("  ".join(c.ljust(w) if j < text_cols else c.rjust(w) for j, (c, w) in enumerate(zip(row, widths))))
         if i == 0:
             print("  ".join("-" * w for w in widths))
+
+
+def print_notes(notes: Sequence[str]) -> None:
+    """The notes that say how to read the table, after a blank line."""
+    print()
+    for note in notes:
+        print(f"note: {note}")

@@ -44,7 +44,7 @@ from actstore.extract import ExtractConfig, run_extract
 from actstore.shapes import generate_dataset
 from actstore.store import ActivationStore
 from actstore.store._layout import unit_record_key
-from _report import print_table  # benchmarks/ is sys.path[0] when a benchmark runs
+from _report import print_notes, print_table  # benchmarks/ is sys.path[0] when a benchmark runs
 
 IMAGE_SIZE = 256
 GOAL = 0.9
@@ -213,9 +213,7 @@ def main() -> None:
     rows = [run(args, sizes["forward_s"]).metrics()]
     wall_s, load_after = time.perf_counter() - t0, os.getloadavg()
     show_results(rows)
-    print()
-    for note in NOTES:
-        print(f"note: {note}")
+    print_notes(NOTES)
     r = rows[0]
     ok = r["ratio"] >= GOAL
     print(f"units done at (s after the call): {' '.join(f'{t:.1f}' for t in r['unit_done_s'])}")

@@ -52,7 +52,7 @@ from actstore.loader import DEFAULT_BUFFER_BYTES, PatchLoader
 from actstore.store import ActivationStore, LayerSpec, StoreSpec, StoreWriter, TokenLayout
 from actstore.synthetic import vit_like_activations
 from actstore.testing import MotoS3
-from _report import print_table  # benchmarks/ is sys.path[0] when a benchmark runs
+from _report import print_notes, print_table  # benchmarks/ is sys.path[0] when a benchmark runs
 
 LAYER, GRID, D, B = 10, 14, 768, 16384
 N_TOK = GRID * GRID
@@ -370,9 +370,7 @@ def main() -> None:
                                                   size["buffer_bytes"], reps))
     wall_s = time.perf_counter() - t0
     show_results(results)
-    print()
-    for note in NOTES:
-        print(f"note: {note}")
+    print_notes(NOTES)
     found = verdicts(results)
     for v in found:
         print(f"verdict {v['goal']}: {v['value']:.2f}: {'PASS' if v['pass'] else 'FAIL'}")

@@ -43,7 +43,7 @@ import zarr
 from actstore.store import (CODECS, DEFAULT_CODEC, DEFAULT_DTYPE, DTYPES, ActivationStore, LayerSpec, StoreSpec,
                             StoreWriter, TokenLayout)
 from actstore.synthetic import vit_like_activations
-from _report import print_table  # benchmarks/ is sys.path[0] when a benchmark runs
+from _report import print_notes, print_table  # benchmarks/ is sys.path[0] when a benchmark runs
 
 LAYER = "10"
 FULL_SHAPES = ((14, 768, 1024), (16, 1024, 512))
@@ -230,9 +230,7 @@ def main() -> None:
     results = run(shapes, args.reps)
     wall_s = time.perf_counter() - t0
     show_results(results)
-    print()
-    for note in NOTES:
-        print(f"note: {note}")
+    print_notes(NOTES)
     found = verdicts(results)
     for v in found:
         print(f"verdict {v['shape']} {v['setting']}: bytes {v['bytes_ratio']:.4f}x raw f32 (goal <= 0.5), "

@@ -36,7 +36,7 @@ from torch import nn
 
 from sae import SAEConfig, SparseAutoencoder
 from sae.kernels import backend_for
-from _report import print_table  # benchmarks/ is sys.path[0] when a benchmark runs
+from _report import print_notes, print_table  # benchmarks/ is sys.path[0] when a benchmark runs
 
 GOALS = {"topk": 3.0, "relu": 1.0}
 NOTES = (
@@ -199,9 +199,7 @@ def main() -> None:
         rows += bench_kind(kind, size, args.device, reps, compile_ref=args.device == "cuda")
     wall_s = time.perf_counter() - t0
     show_results(rows)
-    print()
-    for note in NOTES:
-        print(f"note: {note}")
+    print_notes(NOTES)
     found = verdicts(rows)
     scope = " (quick sizes: indicative only, the goals are for the full sizes)" if args.quick else ""
     for v in found:
