@@ -1,13 +1,26 @@
-"""actstore: activation stores for vision SAEs (extract, store, load)."""
+"""actstore: activation stores for vision SAEs (extract, store, load).
 
-from actstore.errors import (ActstoreError, ConfigError, CorruptDataError, DtypeOverflowError, IncompleteStoreError,
-                             StoreFormatError, StoreNotFoundError)
-from actstore.store import ActivationStore, LayerSpec, StoreSpec, StoreWriter, TokenLayout, verify_store
+Names are imported on first use (PEP 562), so light modules (errors, decode, sources) load
+without torch: the query service starts in well under a second.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "ActivationStore", "ActstoreError", "ConfigError", "CorruptDataError", "DtypeOverflowError",
-    "IncompleteStoreError", "LayerSpec", "StoreFormatError", "StoreNotFoundError", "StoreSpec", "StoreWriter",
-    "TokenLayout", "verify_store",
-]
+_LAZY = {
+    **dict.fromkeys(("ActstoreError", "ConfigError", "CorruptDataError", "DtypeOverflowError", "IncompleteStoreError",
+                     "StoreFormatError", "StoreNotFoundError"), "actstore.errors"),
+    **dict.fromkeys(("ActivationStore", "LayerSpec", "StoreSpec", "StoreWriter", "TokenLayout", "verify_store"),
+                    "actstore.store"),
+}
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'actstore' has no attribute {name!r}")

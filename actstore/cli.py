@@ -154,21 +154,62 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_index(args: argparse.Namespace) -> int:
+    from services.index import IndexConfig, build_index
+
+    fields = {k: getattr(args, k) for k in ("layer", "k", "m", "per_band", "block_patches", "seed", "device")
+              if getattr(args, k) is not None}
+    cfg = IndexConfig(store=args.store, sae=args.sae, out=args.out, overwrite=args.overwrite,
+                      storage_options=_storage_options(args) or {}, **fields)
+    out = build_index(cfg, progress=not args.quiet)
+    print(f"{out}: index written; serve it with\n  actstore serve --index {out}")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from services import api
+
+    if args.ray:
+        import ray
+
+        ray.init(address=args.address, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+        print(f"serving {args.index} through Ray Serve at http://{args.host}:{args.port}/ (Ctrl-C stops)")
+        api.run_ray(args.index, args.host, args.port, args.token, _storage_options(args), replicas=args.replicas)
+    else:
+        api.create_app(args.index)  # a bad index fails here, as one line, before uvicorn starts
+        print(f"serving {args.index} at http://{args.host}:{args.port}/ (Ctrl-C stops)", flush=True)
+        api.run(args.index, args.host, args.port, args.token, _storage_options(args), workers=args.workers)
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
-    """Generate shape images, extract a random-weight ViT over them, describe the store."""
+    """Images -> store -> small SAE -> feature index, then the command that opens the browser."""
     from actstore.extract import ExtractConfig, run_extract
     from actstore.shapes import generate_dataset
     from actstore.store._io import filesystem
+    from sae.train import TrainConfig, train
+    from services.index import IndexConfig, build_index
 
     fs, root = filesystem(args.images, None)
     if not fs.exists(f"{root}/factors.parquet"):
-        print(f"generating {args.n_images} shape images in {args.images}")
+        print(f"[1/4] generating {args.n_images} shape images in {args.images}")
         generate_dataset(args.images, args.n_images, seed=args.seed, overwrite=True)
-    cfg = ExtractConfig(images=args.images, model=args.model, out=args.out, init_seed=args.seed,
+    cfg = ExtractConfig(images=args.images, model=args.model, out=args.store, init_seed=args.seed,
                         images_per_shard=64, batch_size=32)
+    print(f"[2/4] extracting {args.model} (random weights), layer -2 -> {args.store}")
     r = run_extract(cfg)
     print(f"extracted {r.images_written} images ({r.units_skipped} units already done) in {r.seconds:.1f} s\n")
-    return cmd_info(argparse.Namespace(url=args.out, storage_options=None, json=False))
+    cmd_info(argparse.Namespace(url=args.store, storage_options=None, json=False))
+    print(f"\n[3/4] training a TopK SAE (x8, k=32) on {args.tokens} patches -> {args.sae_out}")
+    rows = train(TrainConfig(store=args.store, out=args.sae_out, sae=({"name": "topk", "kind": "topk",
+                                                                     "expansion": 8, "k": 32},),
+                             tokens=args.tokens, batch_size=2048, seed=args.seed, log_every=25))
+    print(f"fvu {rows[-1]['fvu']:.3f}, L0 {rows[-1]['l0']:.1f}, dead {rows[-1]['dead_fraction']:.1%}")
+    print(f"\n[4/4] indexing every patch -> {args.index}")
+    out = build_index(IndexConfig(store=args.store, sae=f"{args.sae_out}/topk", out=args.index, overwrite=True))
+    print(f"\ndone. Browse the features:\n  .venv/bin/actstore serve --index {out}\n"
+          "then open http://127.0.0.1:8000/")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -231,11 +272,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--storage-options", metavar="JSON", help="fsspec options for --store and --out")
     p.add_argument("--config", metavar="FILE.toml", help="options (and a [[sae]] sweep) from TOML; flags override")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
-    p = add("demo", cmd_demo, "Generate shape images, extract a random-weight ViT into a store, describe it.")
+    p = add("index", cmd_index, "Index an SAE's features over every patch of a store (top images, densities).")
+    p.add_argument("--store", required=True, help="activation store URL")
+    p.add_argument("--sae", required=True, help="SAE checkpoint directory (sae.safetensors + cfg.json)")
+    p.add_argument("--out", required=True, help="local index folder")
+    p.add_argument("--layer", type=_layer_arg, help="store layer (default: the SAE's)")
+    p.add_argument("--k", type=int, help="top images per feature (default 32)")
+    p.add_argument("--m", type=int, help="top features per image (default 16)")
+    p.add_argument("--per-band", type=int, help="random examples per activation octave (default 4)")
+    p.add_argument("--block-patches", type=int, help="patches encoded at once (default 32768)")
+    p.add_argument("--seed", type=int, help="seed of the band samples (default 0)")
+    p.add_argument("--device", help="where the SAE encodes (default cpu), e.g. cuda")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing index")
+    p.add_argument("--storage-options", metavar="JSON", help="fsspec options for --store and --sae")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p = add("serve", cmd_serve, "Serve a feature index over HTTP: the JSON API and the feature browser.")
+    p.add_argument("--index", required=True, help="index folder (from `actstore index`)")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--token", help="require 'Authorization: Bearer TOKEN' (default $ACTSTORE_TOKEN, else none)")
+    p.add_argument("--workers", type=int, default=1, help="uvicorn worker processes")
+    p.add_argument("--ray", action="store_true", help="serve through Ray Serve instead of plain uvicorn")
+    p.add_argument("--replicas", type=int, default=1, help="Ray Serve replicas")
+    p.add_argument("--address", help="Ray cluster address (default RAY_ADDRESS, else a local Ray)")
+    p.add_argument("--storage-options", metavar="JSON", help="fsspec options for reading the dataset's images")
+    p = add("demo", cmd_demo, "Images -> store -> small SAE -> feature index; prints the serve command.")
     p.add_argument("--images", default="./data/demo-images", help="where the images go (default ./data/demo-images)")
-    p.add_argument("--out", default="./stores/demo", help="store URL (default ./stores/demo)")
+    p.add_argument("--store", default="./stores/demo", help="store URL (default ./stores/demo)")
+    p.add_argument("--sae-out", default="./stores/demo-sae", help="trainer output (default ./stores/demo-sae)")
+    p.add_argument("--index", default="./stores/demo-index", help="index folder (default ./stores/demo-index)")
     p.add_argument("--model", default="timm:vit_small_patch16_224", help="backbone (random weights)")
     p.add_argument("--n-images", type=int, default=256)
+    p.add_argument("--tokens", type=int, default=200_000, help="SAE training patches (default 200k)")
     p.add_argument("--seed", type=int, default=0)
     return parser
 

@@ -184,15 +184,16 @@ class Trainer:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.fs, self.root = filesystem(cfg.out, dict(cfg.storage_options))
         opts = dict(cfg.storage_options) or None
+        kwargs = {"buffer_bytes": cfg.buffer_bytes} if cfg.buffer_bytes else {}
+        # the probe only counts batches: its buffer (np.empty) is never touched, so it costs no memory
         probe = PatchLoader(cfg.store, cfg.layer, cfg.batch_size, seed=cfg.seed, rank=rank, world_size=world_size,
-                            drop_last=True, storage_options=opts, buffer_bytes=cfg.buffer_bytes or 1 << 20)
+                            drop_last=True, storage_options=opts, **kwargs)
         per_epoch, d_in = len(probe), probe.d
         probe.close()
         if per_epoch == 0:
             raise ConfigError(f"{cfg.store}: fewer patches per rank than one batch of {cfg.batch_size}")
         # every rank gets at least `steps` full batches (ranks' chunk counts differ by at most one)
         epochs = math.ceil(cfg.steps / max(1, per_epoch - 1))
-        kwargs = {"buffer_bytes": cfg.buffer_bytes} if cfg.buffer_bytes else {}
         self.loader = PatchLoader(cfg.store, cfg.layer, cfg.batch_size, seed=cfg.seed, epochs=epochs, rank=rank,
                                   world_size=world_size, normalize=cfg.normalize, drop_last=True,
                                   storage_options=opts, device=self.device,

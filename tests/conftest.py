@@ -30,3 +30,77 @@ def ray_local():
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
     yield ray
     ray.shutdown()
+
+
+# the feature service: real images -> Ray extraction -> SAE -> index -> uvicorn --------------------
+
+SERVICE_IMAGES, SERVICE_D_SAE, SERVICE_K = 48, 256, 8
+SERVICE_TOKEN = "s3cret-token"
+
+
+@pytest.fixture(scope="session")
+def service_store(ray_local, tmp_path_factory):
+    """48 generated shape images through a random-weight timm ViT-Tiny (layer -2), and their folder."""
+    from actstore.extract import ExtractConfig, run_extract
+    from actstore.shapes import generate_dataset
+
+    root = tmp_path_factory.mktemp("service")
+    generate_dataset(str(root / "images"), SERVICE_IMAGES, seed=3, image_size=64)
+    run_extract(ExtractConfig(images=str(root / "images"), model="timm:vit_tiny_patch16_224", out=str(root / "store"),
+                              batch_size=16, images_per_shard=16), progress=False)
+    return root
+
+
+@pytest.fixture(scope="session")
+def index_dir(service_store):
+    """A feature index of a random TopK SAE (d_sae 256, k 8) behind the store's patch normalization."""
+    from actstore.loader import Normalization
+    from actstore.store import ActivationStore
+    from sae import checkpoint
+    from sae.config import SAEConfig
+    from sae.model import SparseAutoencoder
+    from services.index import IndexConfig, build_index
+
+    store = ActivationStore(str(service_store / "store"))
+    norm = Normalization.from_stats(store.stats("10", "patches"), "10", "patches")
+    sae = SparseAutoencoder(SAEConfig(d_in=store.layer("10").d, d_sae=SERVICE_D_SAE, kind="topk", k=SERVICE_K))
+    checkpoint.save(sae, str(service_store / "sae"), normalization=norm)
+    return build_index(IndexConfig(str(service_store / "store"), str(service_store / "sae"),
+                                   str(service_store / "index"), k=8, block_patches=2000), progress=False)
+
+
+def _serve(app):
+    """uvicorn on 127.0.0.1, OS-assigned port, in a thread; yields the base URL."""
+    import threading
+    import time
+
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.02)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    yield f"http://127.0.0.1:{port}"
+    server.should_exit = True
+    thread.join(10)
+
+
+@pytest.fixture(scope="session")
+def api_url(index_dir):
+    """Base URL of the service over index_dir, no token."""
+    from services.api import create_app
+
+    yield from _serve(create_app(index_dir))
+
+
+@pytest.fixture(scope="session")
+def api_url_token(index_dir):
+    """(base URL, token) of the service over index_dir with a bearer token."""
+    from services.api import create_app
+
+    for url in _serve(create_app(index_dir, token=SERVICE_TOKEN)):
+        yield url, SERVICE_TOKEN

@@ -4,16 +4,25 @@
 them; `verify_store` checks every byte. See DESIGN.md, "The store".
 """
 
-from actstore.store._images import IMAGES_SCHEMA, STATUS_OK, STATUS_REJECTED
-from actstore.store._reader import ActivationStore
-from actstore.store._spec import (CODECS, DEFAULT_CODEC, DEFAULT_DTYPE, DTYPES, FORMAT_VERSION, LayerSpec,
-                                  StoreSpec, TokenLayout)
-from actstore.store._stats import LayerStats
-from actstore.store._verify import VerifyReport, verify_store
-from actstore.store._writer import StoreWriter
+from __future__ import annotations
 
-__all__ = [
-    "CODECS", "DEFAULT_CODEC", "DEFAULT_DTYPE", "DTYPES", "FORMAT_VERSION", "IMAGES_SCHEMA", "STATUS_OK",
-    "STATUS_REJECTED", "ActivationStore", "LayerSpec", "LayerStats", "StoreSpec", "StoreWriter", "TokenLayout",
-    "VerifyReport", "verify_store",
-]
+import importlib
+from typing import Any
+
+_LAZY = {
+    **dict.fromkeys(("IMAGES_SCHEMA", "STATUS_OK", "STATUS_REJECTED"), "_images"),
+    "ActivationStore": "_reader",
+    **dict.fromkeys(("CODECS", "DEFAULT_CODEC", "DEFAULT_DTYPE", "DTYPES", "FORMAT_VERSION", "LayerSpec", "StoreSpec",
+                     "TokenLayout"), "_spec"),
+    "LayerStats": "_stats",
+    **dict.fromkeys(("VerifyReport", "verify_store"), "_verify"),
+    "StoreWriter": "_writer",
+}
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str) -> Any:
+    """Import on first use (PEP 562): the images table constants load without torch and zarr."""
+    if name in _LAZY:
+        return getattr(importlib.import_module(f"actstore.store.{_LAZY[name]}"), name)
+    raise AttributeError(f"module 'actstore.store' has no attribute {name!r}")

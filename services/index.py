@@ -1,0 +1,356 @@
+"""The feature index: one ordered pass over a store's patches through a trained SAE.
+
+`build_index(IndexConfig(store=..., sae=..., out=...))` reads every patch token of the SAE's layer,
+image block by image block in store order, encodes it, and folds the latents into accumulators
+whose size depends on the SAE and k, never on the number of images (streaming merges):
+
+    per feature         patches and images it fires on, sum and max of its activation
+    top images          per feature the k distinct images with the strongest patch (ties: lower image
+                        first), each with the feature's value at every patch (the heatmap)
+    value bands         per feature and octave of activation value [2^e, 2^(e+1)), a uniform random
+                        sample of the images whose strongest patch falls in it (bottom-r of a hash of
+                        (seed, image, feature): the same sample whatever the block size), and its count
+    per image           its m strongest features (computed per block, nothing to merge)
+
+The index is a local folder (see the README, "Feature index"):
+
+    index.json          format, provenance (store, sae, layer), shapes, the density histogram; written last
+    features.parquet    id, n_patches_fired, n_images_fired, freq_patches, freq_images, mean_act, max_act
+    images.parquet      index, uri, label, status of the store's images (what the service may serve)
+    arrays/             zarr v3 arrays with one uncompressed chunk each, so the service memory-maps
+                        them (`open_array`) and plain zarr reads them too:
+        top_images (F, k) int32, -1 pads    top_values (F, k) float32    heatmaps (F, k, P) float16
+        band_images (F, B, r) int32         band_values (F, B, r) float32    band_counts (F, B) int64
+        image_features (N, m) int32         image_values (N, m) float32
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+import zarr
+from tqdm.auto import tqdm
+
+from actstore.errors import ConfigError
+from actstore.store import ActivationStore, STATUS_OK
+from actstore.store._io import is_local, normalize_url
+from sae import checkpoint
+from sae.acts import SparseActs, csr_rows
+from sae.model import SparseAutoencoder
+from services.layout import ARRAYS, FEATURES, FORMAT, FORMAT_VERSION, IMAGES, META, dataset_root
+
+__all__ = ["IndexConfig", "build_index", "density_histogram"]
+
+BAND_EXPONENTS = (-16, 16)
+"""Octaves [2^e, 2^(e+1)) for e in [-16, 16); values outside fall into the end octaves."""
+HISTOGRAM_BIN = 0.1
+"""Width of a density histogram bin, in log10 firing frequency."""
+_NO_ID = torch.iinfo(torch.int64).max
+
+
+@dataclass(frozen=True)
+class IndexConfig:
+    """What `actstore index` reads, writes and keeps."""
+
+    store: str
+    """Activation store URL (local or any fsspec URL)."""
+    sae: str
+    """SAE checkpoint directory (sae.safetensors + cfg.json), as the trainer writes it."""
+    out: str
+    """Local folder for the index (the service memory-maps it)."""
+    layer: str | int | None = None
+    """Store layer; default the one the SAE was trained on (its normalization's layer)."""
+    k: int = 32
+    """Top images per feature."""
+    m: int = 16
+    """Top features per image."""
+    per_band: int = 4
+    """Random example images kept per feature and activation octave."""
+    block_patches: int = 32768
+    """Patches encoded at once (rounded to whole store chunks): bounds the pass's working memory."""
+    seed: int = 0
+    """Seeds the band samples' hash."""
+    device: str = "cpu"
+    """Where the SAE encodes (e.g. "cuda"); accumulators stay on the same device."""
+    overwrite: bool = False
+    """Replace an existing index at `out`."""
+    storage_options: dict[str, Any] = field(default_factory=dict)
+    """fsspec options for the store and the SAE."""
+
+    def __post_init__(self) -> None:
+        for name, low in (("k", 1), ("m", 1), ("per_band", 1), ("block_patches", 1)):
+            if getattr(self, name) < low:
+                raise ConfigError(f"index: {name} must be >= {low}, got {getattr(self, name)}")
+        if not is_local(self.out):
+            raise ConfigError(f"index: out must be a local folder (the service memory-maps it), got {self.out}")
+
+
+# streaming top-n tables ------------------------------------------------------------------------
+
+class _TopTable:
+    """Per slot, the n entries with the smallest (key, id) pushed so far; a payload row rides with each."""
+
+    def __init__(self, n_slots: int, n: int, payload: tuple[tuple[int, ...], torch.dtype], device: torch.device):
+        self.n = n
+        self.key = torch.full((n_slots, n), math.inf, dtype=torch.float64, device=device)
+        self.id = torch.full((n_slots, n), _NO_ID, dtype=torch.int64, device=device)
+        shape, dtype = payload
+        self.payload = torch.zeros((n_slots, n, *shape), dtype=dtype, device=device)
+
+    def admits(self, slots: torch.Tensor, keys: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """Which candidates beat their slot's current n-th entry (and so may enter)."""
+        last_key, last_id = self.key[slots, -1], self.id[slots, -1]
+        return (keys < last_key) | ((keys == last_key) & (ids < last_id))
+
+    def push(self, slots: torch.Tensor, keys: torch.Tensor, ids: torch.Tensor, payload: torch.Tensor) -> None:
+        """Merge candidates (ids distinct within a slot and from those already held) into their slots."""
+        if slots.numel() == 0:
+            return
+        uslots, local = torch.unique(slots, return_inverse=True)
+        u, n = uslots.numel(), self.n
+        held = torch.arange(u, device=slots.device).repeat_interleave(n)
+        all_local = torch.cat([held, local])
+        all_key = torch.cat([self.key[uslots].reshape(-1), keys])
+        all_id = torch.cat([self.id[uslots].reshape(-1), ids])
+        all_payload = torch.cat([self.payload[uslots].reshape(u * n, *self.payload.shape[2:]), payload])
+        order = torch.argsort(all_id, stable=True)  # lexicographic (local slot, key, id) by stable sorts
+        order = order[torch.argsort(all_key[order], stable=True)]
+        order = order[torch.argsort(all_local[order], stable=True)]
+        sorted_local = all_local[order]
+        starts = torch.searchsorted(sorted_local, torch.arange(u, device=slots.device))
+        rank = torch.arange(order.numel(), device=slots.device) - starts[sorted_local]
+        keep = rank < n
+        order, sorted_local, rank = order[keep], sorted_local[keep], rank[keep]
+        rows = uslots[sorted_local]
+        self.key[rows, rank] = all_key[order]
+        self.id[rows, rank] = all_id[order]
+        self.payload[rows, rank] = all_payload[order]
+
+    def ids(self) -> np.ndarray:
+        """int32 ids with -1 where a slot has fewer than n entries."""
+        return torch.where(self.id == _NO_ID, -1, self.id).to(torch.int32).cpu().numpy()
+
+
+def _hash_keys(seed: int, image: torch.Tensor, feature: torch.Tensor) -> torch.Tensor:
+    """A uniform pseudo-random key in [0, 2^53) per (seed, image, feature): splitmix64's finalizer."""
+    x = image * 0x9E3779B1 + feature * 0x85EBCA77 + seed * 0xC2B2AE3D  # wraps in int64, as intended
+    for shift, mult in ((30, 0xBF58476D1CE4E5B9 - (1 << 64)), (27, 0x94D049BB133111EB - (1 << 64)), (31, None)):
+        x = x ^ ((x >> shift) & ((1 << (64 - shift)) - 1))  # logical shift on int64
+        if mult is not None:
+            x = x * mult
+    return (x & ((1 << 53) - 1)).double()
+
+
+# the pass ----------------------------------------------------------------------------------------
+
+@dataclass
+class _Accumulators:
+    """Everything the pass keeps; sized by the SAE and the config, not by the number of images."""
+
+    n_patches_fired: torch.Tensor
+    n_images_fired: torch.Tensor
+    act_sum: torch.Tensor
+    act_max: torch.Tensor
+    band_counts: torch.Tensor
+    top: _TopTable
+    bands: _TopTable
+
+
+def _latents(sae: SparseAutoencoder, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(row, feature, value) of every positive latent of x (B, d_in), rows ascending."""
+    acts = sae.encode(x)
+    if isinstance(acts, SparseActs):
+        rows, feats, vals = csr_rows(acts.offsets, acts.values.numel()), acts.indices, acts.values
+    else:
+        rows, feats = (acts > 0).nonzero(as_tuple=True)
+        vals = acts[rows, feats]
+    keep = vals > 0
+    return rows[keep], feats[keep], vals[keep].float()
+
+
+def _blocks(store: ActivationStore, layer: str, images_per_block: int) -> Iterator[tuple[int, torch.Tensor]]:
+    """(first image, activations) of consecutive image blocks, the next one read while this one is used."""
+    n = store.n_images
+    starts = list(range(0, n, images_per_block))
+    with ThreadPoolExecutor(1, thread_name_prefix="index-read") as pool:
+        ahead = [pool.submit(store.read, layer, s, min(n, s + images_per_block)) for s in starts[:2]]
+        for i, s in enumerate(starts):
+            x = ahead.pop(0).result()
+            if i + 2 < len(starts):
+                ahead.append(pool.submit(store.read, layer, starts[i + 2], min(n, starts[i + 2] + images_per_block)))
+            yield s, x
+
+
+def _fold(acc: _Accumulators, start: int, n_img: int, rows: torch.Tensor, feats: torch.Tensor, vals: torch.Tensor,
+          n_patches: int, d_sae: int, m: int, seed: int, image_top: tuple[np.ndarray, np.ndarray]) -> None:
+    """Fold one block's latents (rows = local image * n_patches + patch) into the accumulators."""
+    dev = vals.device
+    acc.n_patches_fired += torch.bincount(feats, minlength=d_sae)
+    acc.act_sum += torch.bincount(feats, weights=vals.double(), minlength=d_sae)
+    acc.act_max.scatter_reduce_(0, feats, vals, reduce="amax")
+    # (image, feature) pairs: the image's strongest patch for the feature
+    img_local = rows // n_patches
+    pair_keys, pair_of = torch.unique(img_local * d_sae + feats, return_inverse=True)
+    pair_max = torch.zeros(pair_keys.numel(), dtype=torch.float32, device=dev).scatter_reduce_(
+        0, pair_of, vals, reduce="amax", include_self=False)
+    pair_img_local, pair_feat = pair_keys // d_sae, pair_keys % d_sae
+    pair_img = pair_img_local + start
+    acc.n_images_fired += torch.bincount(pair_feat, minlength=d_sae)
+    # top images: candidates that beat the current k-th, with their heatmaps
+    neg = -pair_max.double()
+    cand = acc.top.admits(pair_feat, neg, pair_img).nonzero().squeeze(1)
+    if cand.numel():
+        slot_of_pair = torch.full((pair_keys.numel(),), -1, dtype=torch.int64, device=dev)
+        slot_of_pair[cand] = torch.arange(cand.numel(), device=dev)
+        entry_slot = slot_of_pair[pair_of]
+        hit = entry_slot >= 0
+        heat = torch.zeros((cand.numel(), n_patches), dtype=acc.top.payload.dtype, device=dev)
+        heat[entry_slot[hit], rows[hit] % n_patches] = vals[hit].to(heat.dtype)
+        acc.top.push(pair_feat[cand], neg[cand], pair_img[cand], heat)
+    # value bands: octave of the pair's value, reservoir by hash key
+    lo, hi = BAND_EXPONENTS
+    octave = torch.floor(torch.log2(pair_max)).clamp_(lo, hi - 1).long() - lo
+    band_slot = pair_feat * (hi - lo) + octave
+    acc.band_counts.view(-1).add_(torch.bincount(band_slot, minlength=acc.band_counts.numel()))
+    keys = _hash_keys(seed, pair_img, pair_feat)
+    cand = acc.bands.admits(band_slot, keys, pair_img).nonzero().squeeze(1)
+    acc.bands.push(band_slot[cand], keys[cand], pair_img[cand], pair_max[cand].unsqueeze(1))
+    # per image: its m strongest features (pairs are sorted by image already)
+    order = torch.argsort(-pair_max, stable=True)
+    order = order[torch.argsort(pair_img_local[order], stable=True)]
+    img_sorted = pair_img_local[order]
+    starts = torch.searchsorted(img_sorted, torch.arange(n_img, device=dev))
+    rank = torch.arange(order.numel(), device=dev) - starts[img_sorted]
+    keep = rank < m
+    feats_out, vals_out = image_top
+    r, i = rank[keep].cpu().numpy(), (img_sorted[keep] + start).cpu().numpy()
+    feats_out[i, r] = pair_feat[order[keep]].cpu().numpy()
+    vals_out[i, r] = pair_max[order[keep]].cpu().numpy()
+
+
+def build_index(cfg: IndexConfig, progress: bool = True) -> Path:
+    """Run the pass and write the index folder; returns its path."""
+    out = Path(normalize_url(cfg.out))
+    if (out / META).exists() and not cfg.overwrite:
+        raise ConfigError(f"{out}: an index is already there (pass overwrite=True / --overwrite to replace it)")
+    device = torch.device(cfg.device)
+    sae, norm = checkpoint.load(cfg.sae, device=device, storage_options=cfg.storage_options)
+    store = ActivationStore(cfg.store, cfg.storage_options)
+    layer_key = cfg.layer if cfg.layer is not None else (norm.layer if norm is not None else None)
+    if layer_key is None:
+        raise ConfigError(f"{cfg.sae}: the checkpoint does not say which layer it was trained on; pass layer")
+    spec = store.layer(layer_key)
+    if norm is not None and norm.tokens == "cls":
+        raise ConfigError(f"{cfg.sae} was trained on CLS tokens; the index needs patch tokens (heatmaps)")
+    if spec.d != sae.cfg.d_in:
+        raise ConfigError(f"{cfg.sae}: d_in={sae.cfg.d_in} but layer {spec.name} of {cfg.store} has d={spec.d}")
+    layout = spec.tokens
+    n_patches, first = layout.n_patches, int(layout.cls)
+    if n_patches == 0:
+        raise ConfigError(f"layer {spec.name} of {cfg.store} has no patch tokens to index")
+    d_sae, n_images = sae.cfg.d_sae, store.n_images
+    table = store.images()
+    ok = torch.from_numpy(np.asarray(table.column("status").to_numpy(zero_copy_only=False) == STATUS_OK))
+    per_chunk = store.spec.images_per_chunk
+    images_per_block = per_chunk * max(1, cfg.block_patches // (n_patches * per_chunk))
+
+    n_bands = BAND_EXPONENTS[1] - BAND_EXPONENTS[0]
+    acc = _Accumulators(
+        n_patches_fired=torch.zeros(d_sae, dtype=torch.int64, device=device),
+        n_images_fired=torch.zeros(d_sae, dtype=torch.int64, device=device),
+        act_sum=torch.zeros(d_sae, dtype=torch.float64, device=device),
+        act_max=torch.zeros(d_sae, dtype=torch.float32, device=device),
+        band_counts=torch.zeros((d_sae, n_bands), dtype=torch.int64, device=device),
+        top=_TopTable(d_sae, cfg.k, ((n_patches,), torch.float16), device),
+        bands=_TopTable(d_sae * n_bands, cfg.per_band, ((1,), torch.float32), device))
+    image_top = (np.full((n_images, cfg.m), -1, np.int32), np.zeros((n_images, cfg.m), np.float32))
+
+    bar = tqdm(total=n_images * n_patches, desc="index", unit="patch", unit_scale=True, disable=not progress)
+    with torch.inference_mode():
+        for start, x in _blocks(store, spec.name, images_per_block):
+            n_img = x.shape[0]
+            block_ok = ok[start:start + n_img]
+            x = x[:, first:first + n_patches].reshape(-1, spec.d).to(device=device, dtype=torch.float32)
+            if norm is not None:
+                x = norm.apply(x)
+            rows, feats, vals = _latents(sae, x)
+            keep = block_ok.to(device)[rows // n_patches]
+            _fold(acc, start, n_img, rows[keep], feats[keep], vals[keep], n_patches, d_sae, cfg.m, cfg.seed, image_top)
+            bar.update(n_img * n_patches)
+    bar.close()
+    store.close()
+
+    n_ok = int(ok.sum())
+    total_patches = n_ok * n_patches
+    fired_p, fired_i = acc.n_patches_fired.cpu().numpy(), acc.n_images_fired.cpu().numpy()
+    features = pa.table({
+        "id": np.arange(d_sae, dtype=np.int32),
+        "n_patches_fired": fired_p, "n_images_fired": fired_i,
+        "freq_patches": fired_p / max(total_patches, 1), "freq_images": fired_i / max(n_ok, 1),
+        "mean_act": (acc.act_sum.cpu().numpy() / np.maximum(fired_p, 1)).astype(np.float32),
+        "max_act": acc.act_max.cpu().numpy()})
+    top_values = (-acc.top.key).float().cpu().numpy()
+    top_values[~np.isfinite(top_values)] = 0
+    arrays = {
+        "top_images": acc.top.ids(), "top_values": top_values, "heatmaps": acc.top.payload.cpu().numpy(),
+        "band_images": acc.bands.ids().reshape(d_sae, n_bands, cfg.per_band),
+        "band_values": acc.bands.payload.cpu().numpy().reshape(d_sae, n_bands, cfg.per_band),
+        "band_counts": acc.band_counts.cpu().numpy(),
+        "image_features": image_top[0], "image_values": image_top[1]}
+    backbone = store.attrs.get("backbone", {})
+    dataset = store.attrs.get("dataset", {})
+    meta = {
+        "format": FORMAT, "format_version": FORMAT_VERSION, "config": {**asdict(cfg), "storage_options": {}},
+        "store": store.url, "sae": cfg.sae, "sae_kind": sae.cfg.kind, "layer": spec.name, "tokens": "patches",
+        "grid": list(layout.grid), "n_patches": n_patches, "n_images": n_images, "n_images_ok": n_ok,
+        "d_sae": d_sae, "k": cfg.k, "m": cfg.m, "per_band": cfg.per_band, "band_exponents": list(BAND_EXPONENTS),
+        "histogram": density_histogram(features.column("freq_patches").to_numpy()),
+        "class_names": list(dataset.get("class_names", [])), "dataset_source": dataset.get("source"),
+        "dataset_root": dataset_root([u for u, good in zip(table.column("uri").to_pylist(), ok.tolist()) if good]),
+        "preprocessing": backbone.get("preprocessing"), "backbone": {k: backbone.get(k) for k in ("family", "name")},
+    }
+    _write(out, meta, features, table.select(["index", "uri", "label", "status"]), arrays)
+    return out
+
+
+def density_histogram(freq: np.ndarray) -> dict[str, Any]:
+    """Histogram of log10 firing frequency of the features that fired; `dead` counts the rest."""
+    fired = freq[freq > 0]
+    if fired.size == 0:
+        return {"edges": [], "counts": [], "dead": int(freq.size), "n_features": int(freq.size)}
+    logf = np.log10(fired)
+    lo = math.floor(logf.min() / HISTOGRAM_BIN) * HISTOGRAM_BIN
+    n_bins = max(1, math.ceil((0 - lo) / HISTOGRAM_BIN - 1e-9))
+    edges = np.round(lo + HISTOGRAM_BIN * np.arange(n_bins + 1), 6)
+    counts = np.histogram(logf, bins=edges)[0]
+    return {"edges": edges.tolist(), "counts": counts.tolist(), "dead": int(freq.size - fired.size),
+            "n_features": int(freq.size)}
+
+
+def _write(out: Path, meta: dict[str, Any], features: pa.Table, images: pa.Table, arrays: dict[str, np.ndarray]) -> None:
+    """Write into a sibling temporary folder, then swap it in: a reader never sees half an index."""
+    tmp = out.with_name(f".{out.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    pq.write_table(features, tmp / FEATURES)
+    pq.write_table(images, tmp / IMAGES)
+    group = zarr.open_group(tmp / ARRAYS, mode="w")
+    for name, a in arrays.items():
+        arr = group.create_array(name, shape=a.shape, chunks=a.shape if a.size else None, dtype=a.dtype,
+                                 compressors=None, filters=None, config={"write_empty_chunks": True})
+        arr[...] = a
+    (tmp / META).write_text(json.dumps(meta, indent=1))
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
