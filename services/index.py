@@ -57,6 +57,8 @@ BAND_EXPONENTS = (-16, 16)
 HISTOGRAM_BIN = 0.1
 """Width of a density histogram bin, in log10 firing frequency."""
 _NO_ID = torch.iinfo(torch.int64).max
+_EMPTY_KEY = 1 << 32
+"""Above every 32-bit order key: an empty table entry."""
 
 
 @dataclass(frozen=True)
@@ -99,11 +101,16 @@ class IndexConfig:
 # streaming top-n tables ------------------------------------------------------------------------
 
 class _TopTable:
-    """Per slot, the n entries with the smallest (key, id) pushed so far; a payload row rides with each."""
+    """Per slot, the n entries with the smallest (key, id) pushed so far; a payload row rides with each.
+
+    Keys are 32-bit order keys (int64 holding [0, 2^32)); ids only break ties, and callers push in
+    increasing id order (images arrive in store order), so one stable sort of (slot, key) over
+    [held entries..., candidates...] orders ties by id without sorting on it.
+    """
 
     def __init__(self, n_slots: int, n: int, payload: tuple[tuple[int, ...], torch.dtype], device: torch.device):
         self.n = n
-        self.key = torch.full((n_slots, n), math.inf, dtype=torch.float64, device=device)
+        self.key = torch.full((n_slots, n), _EMPTY_KEY, dtype=torch.int64, device=device)
         self.id = torch.full((n_slots, n), _NO_ID, dtype=torch.int64, device=device)
         shape, dtype = payload
         self.payload = torch.zeros((n_slots, n, *shape), dtype=dtype, device=device)
@@ -114,42 +121,59 @@ class _TopTable:
         return (keys < last_key) | ((keys == last_key) & (ids < last_id))
 
     def push(self, slots: torch.Tensor, keys: torch.Tensor, ids: torch.Tensor, payload: torch.Tensor) -> None:
-        """Merge candidates (ids distinct within a slot and from those already held) into their slots."""
+        """Merge candidates (ids above every id held, ascending within a slot) into their slots."""
         if slots.numel() == 0:
             return
-        uslots, local = torch.unique(slots, return_inverse=True)
+        dev = slots.device
+        present = torch.bincount(slots, minlength=self.key.shape[0]) > 0  # group by slot without a sort
+        uslots = present.nonzero().squeeze(1)
+        local = (torch.cumsum(present, 0) - 1)[slots]
         u, n = uslots.numel(), self.n
-        held = torch.arange(u, device=slots.device).repeat_interleave(n)
-        all_local = torch.cat([held, local])
+        n_held = u * n
+        all_local = torch.cat([torch.arange(u, device=dev).repeat_interleave(n), local])
         all_key = torch.cat([self.key[uslots].reshape(-1), keys])
         all_id = torch.cat([self.id[uslots].reshape(-1), ids])
-        all_payload = torch.cat([self.payload[uslots].reshape(u * n, *self.payload.shape[2:]), payload])
-        order = torch.argsort(all_id, stable=True)  # lexicographic (local slot, key, id) by stable sorts
-        order = order[torch.argsort(all_key[order], stable=True)]
-        order = order[torch.argsort(all_local[order], stable=True)]
+        order = torch.argsort((all_local << 33) | all_key, stable=True)
         sorted_local = all_local[order]
-        starts = torch.searchsorted(sorted_local, torch.arange(u, device=slots.device))
-        rank = torch.arange(order.numel(), device=slots.device) - starts[sorted_local]
+        starts = torch.searchsorted(sorted_local, torch.arange(u, device=dev))
+        rank = torch.arange(order.numel(), device=dev) - starts[sorted_local]
         keep = rank < n
-        order, sorted_local, rank = order[keep], sorted_local[keep], rank[keep]
-        rows = uslots[sorted_local]
-        self.key[rows, rank] = all_key[order]
-        self.id[rows, rank] = all_id[order]
-        self.payload[rows, rank] = all_payload[order]
+        src, rank = order[keep], rank[keep]
+        rows = uslots[sorted_local[keep]]
+        # payload rows: move only held entries whose rank changed (copied out first), then write the new ones
+        new = src >= n_held
+        held_src, held_rows, held_rank = src[~new], rows[~new], rank[~new]
+        moved = held_src % n != held_rank
+        moving = self.payload[held_rows[moved], held_src[moved] % n].clone()
+        self.payload[held_rows[moved], held_rank[moved]] = moving
+        self.payload[rows[new], rank[new]] = payload[src[new] - n_held]
+        self.key[rows, rank] = all_key[src]
+        self.id[rows, rank] = all_id[src]
 
     def ids(self) -> np.ndarray:
         """int32 ids with -1 where a slot has fewer than n entries."""
         return torch.where(self.id == _NO_ID, -1, self.id).to(torch.int32).cpu().numpy()
 
 
+def _value_keys(values: torch.Tensor) -> torch.Tensor:
+    """Order keys that sort positive float32 values descending: a positive float's bits grow with it."""
+    return (0x7FFFFFFF - values.float().view(torch.int32)).long()
+
+
+def _key_values(keys: torch.Tensor) -> torch.Tensor:
+    """Inverse of _value_keys (0 for empty entries)."""
+    empty = keys == _EMPTY_KEY
+    return torch.where(empty, 0, 0x7FFFFFFF - keys).to(torch.int32).view(torch.float32).masked_fill(empty, 0)
+
+
 def _hash_keys(seed: int, image: torch.Tensor, feature: torch.Tensor) -> torch.Tensor:
-    """A uniform pseudo-random key in [0, 2^53) per (seed, image, feature): splitmix64's finalizer."""
+    """A uniform pseudo-random 32-bit key per (seed, image, feature): splitmix64's finalizer, low 32 bits."""
     x = image * 0x9E3779B1 + feature * 0x85EBCA77 + seed * 0xC2B2AE3D  # wraps in int64, as intended
     for shift, mult in ((30, 0xBF58476D1CE4E5B9 - (1 << 64)), (27, 0x94D049BB133111EB - (1 << 64)), (31, None)):
         x = x ^ ((x >> shift) & ((1 << (64 - shift)) - 1))  # logical shift on int64
         if mult is not None:
             x = x * mult
-    return (x & ((1 << 53) - 1)).double()
+    return x & 0xFFFFFFFF
 
 
 # the pass ----------------------------------------------------------------------------------------
@@ -199,25 +223,26 @@ def _fold(acc: _Accumulators, start: int, n_img: int, rows: torch.Tensor, feats:
     acc.n_patches_fired += torch.bincount(feats, minlength=d_sae)
     acc.act_sum += torch.bincount(feats, weights=vals.double(), minlength=d_sae)
     acc.act_max.scatter_reduce_(0, feats, vals, reduce="amax")
-    # (image, feature) pairs: the image's strongest patch for the feature
-    img_local = rows // n_patches
-    pair_keys, pair_of = torch.unique(img_local * d_sae + feats, return_inverse=True)
-    pair_max = torch.zeros(pair_keys.numel(), dtype=torch.float32, device=dev).scatter_reduce_(
-        0, pair_of, vals, reduce="amax", include_self=False)
-    pair_img_local, pair_feat = pair_keys // d_sae, pair_keys % d_sae
-    pair_img = pair_img_local + start
+    # (image, feature) pairs: the image's strongest patch for the feature, through a dense
+    # (images, features) block (a few MB), which leaves the pairs sorted by (image, feature)
+    entry_key = (rows // n_patches) * d_sae + feats
+    block_max = torch.zeros(n_img * d_sae, dtype=torch.float32, device=dev).scatter_reduce_(
+        0, entry_key, vals, reduce="amax")
+    pair_keys = block_max.nonzero().squeeze(1)
+    pair_max = block_max[pair_keys]
+    pair_feat, pair_img = pair_keys % d_sae, pair_keys // d_sae + start
     acc.n_images_fired += torch.bincount(pair_feat, minlength=d_sae)
     # top images: candidates that beat the current k-th, with their heatmaps
-    neg = -pair_max.double()
-    cand = acc.top.admits(pair_feat, neg, pair_img).nonzero().squeeze(1)
+    order_key = _value_keys(pair_max)
+    cand = acc.top.admits(pair_feat, order_key, pair_img).nonzero().squeeze(1)
     if cand.numel():
-        slot_of_pair = torch.full((pair_keys.numel(),), -1, dtype=torch.int64, device=dev)
-        slot_of_pair[cand] = torch.arange(cand.numel(), device=dev)
-        entry_slot = slot_of_pair[pair_of]
-        hit = entry_slot >= 0
+        cand_of_key = torch.full((n_img * d_sae,), -1, dtype=torch.int64, device=dev)
+        cand_of_key[pair_keys[cand]] = torch.arange(cand.numel(), device=dev)
+        entry_cand = cand_of_key[entry_key]
+        hit = entry_cand >= 0
         heat = torch.zeros((cand.numel(), n_patches), dtype=acc.top.payload.dtype, device=dev)
-        heat[entry_slot[hit], rows[hit] % n_patches] = vals[hit].to(heat.dtype)
-        acc.top.push(pair_feat[cand], neg[cand], pair_img[cand], heat)
+        heat[entry_cand[hit], rows[hit] % n_patches] = vals[hit].to(heat.dtype)
+        acc.top.push(pair_feat[cand], order_key[cand], pair_img[cand], heat)
     # value bands: octave of the pair's value, reservoir by hash key
     lo, hi = BAND_EXPONENTS
     octave = torch.floor(torch.log2(pair_max)).clamp_(lo, hi - 1).long() - lo
@@ -226,17 +251,11 @@ def _fold(acc: _Accumulators, start: int, n_img: int, rows: torch.Tensor, feats:
     keys = _hash_keys(seed, pair_img, pair_feat)
     cand = acc.bands.admits(band_slot, keys, pair_img).nonzero().squeeze(1)
     acc.bands.push(band_slot[cand], keys[cand], pair_img[cand], pair_max[cand].unsqueeze(1))
-    # per image: its m strongest features (pairs are sorted by image already)
-    order = torch.argsort(-pair_max, stable=True)
-    order = order[torch.argsort(pair_img_local[order], stable=True)]
-    img_sorted = pair_img_local[order]
-    starts = torch.searchsorted(img_sorted, torch.arange(n_img, device=dev))
-    rank = torch.arange(order.numel(), device=dev) - starts[img_sorted]
-    keep = rank < m
+    # per image: its m strongest features (ties in any order; -1 past the features that fired)
+    values, features = block_max.view(n_img, d_sae).topk(min(m, d_sae), dim=1)
     feats_out, vals_out = image_top
-    r, i = rank[keep].cpu().numpy(), (img_sorted[keep] + start).cpu().numpy()
-    feats_out[i, r] = pair_feat[order[keep]].cpu().numpy()
-    vals_out[i, r] = pair_max[order[keep]].cpu().numpy()
+    feats_out[start:start + n_img, :values.shape[1]] = torch.where(values > 0, features, -1).cpu().numpy()
+    vals_out[start:start + n_img, :values.shape[1]] = values.cpu().numpy()
 
 
 def build_index(cfg: IndexConfig, progress: bool = True) -> Path:
@@ -274,7 +293,12 @@ def build_index(cfg: IndexConfig, progress: bool = True) -> Path:
         band_counts=torch.zeros((d_sae, n_bands), dtype=torch.int64, device=device),
         top=_TopTable(d_sae, cfg.k, ((n_patches,), torch.float16), device),
         bands=_TopTable(d_sae * n_bands, cfg.per_band, ((1,), torch.float32), device))
-    image_top = (np.full((n_images, cfg.m), -1, np.int32), np.zeros((n_images, cfg.m), np.float32))
+    # the per-image arrays grow with the dataset: written straight into the index's files, not held
+    tmp = out.with_name(f".{out.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    group = zarr.open_group(tmp / ARRAYS, mode="w")
+    image_top = (_file_array(group, "image_features", (n_images, cfg.m), np.int32, -1),
+                 _file_array(group, "image_values", (n_images, cfg.m), np.float32, 0))
 
     bar = tqdm(total=n_images * n_patches, desc="index", unit="patch", unit_scale=True, disable=not progress)
     with torch.inference_mode():
@@ -300,14 +324,15 @@ def build_index(cfg: IndexConfig, progress: bool = True) -> Path:
         "freq_patches": fired_p / max(total_patches, 1), "freq_images": fired_i / max(n_ok, 1),
         "mean_act": (acc.act_sum.cpu().numpy() / np.maximum(fired_p, 1)).astype(np.float32),
         "max_act": acc.act_max.cpu().numpy()})
-    top_values = (-acc.top.key).float().cpu().numpy()
-    top_values[~np.isfinite(top_values)] = 0
+    top_values = _key_values(acc.top.key).cpu().numpy()
     arrays = {
         "top_images": acc.top.ids(), "top_values": top_values, "heatmaps": acc.top.payload.cpu().numpy(),
         "band_images": acc.bands.ids().reshape(d_sae, n_bands, cfg.per_band),
         "band_values": acc.bands.payload.cpu().numpy().reshape(d_sae, n_bands, cfg.per_band),
         "band_counts": acc.band_counts.cpu().numpy(),
-        "image_features": image_top[0], "image_values": image_top[1]}
+    }
+    for a in image_top:
+        a.flush()
     backbone = store.attrs.get("backbone", {})
     dataset = store.attrs.get("dataset", {})
     meta = {
@@ -320,7 +345,10 @@ def build_index(cfg: IndexConfig, progress: bool = True) -> Path:
         "dataset_root": dataset_root([u for u, good in zip(table.column("uri").to_pylist(), ok.tolist()) if good]),
         "preprocessing": backbone.get("preprocessing"), "backbone": {k: backbone.get(k) for k in ("family", "name")},
     }
-    _write(out, meta, features, table.select(["index", "uri", "label", "status"]), arrays)
+    _write(tmp, group, meta, features, table.select(["index", "uri", "label", "status"]), arrays)
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)  # a reader never sees half an index
     return out
 
 
@@ -338,19 +366,26 @@ def density_histogram(freq: np.ndarray) -> dict[str, Any]:
             "n_features": int(freq.size)}
 
 
-def _write(out: Path, meta: dict[str, Any], features: pa.Table, images: pa.Table, arrays: dict[str, np.ndarray]) -> None:
-    """Write into a sibling temporary folder, then swap it in: a reader never sees half an index."""
-    tmp = out.with_name(f".{out.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+def _single_chunk(group: zarr.Group, name: str, shape: tuple[int, ...], dtype: Any) -> zarr.Array:
+    """An index array: one uncompressed chunk, so its chunk file is the raw C-order array."""
+    return group.create_array(name, shape=shape, chunks=shape if 0 not in shape else None, dtype=dtype,
+                              compressors=None, filters=None, config={"write_empty_chunks": True})
+
+
+def _file_array(group: zarr.Group, name: str, shape: tuple[int, int], dtype: Any, fill: int) -> np.memmap:
+    """A single-chunk index array written in place through a memory map of its chunk file."""
+    _single_chunk(group, name, shape, dtype)
+    chunk = Path(group.store.root) / group.path / name / "c" / "0" / "0"
+    chunk.parent.mkdir(parents=True, exist_ok=True)
+    a = np.memmap(chunk, dtype=np.dtype(dtype).newbyteorder("<"), mode="w+", shape=shape)
+    a[:] = fill
+    return a
+
+
+def _write(tmp: Path, group: zarr.Group, meta: dict[str, Any], features: pa.Table, images: pa.Table,
+           arrays: dict[str, np.ndarray]) -> None:
     pq.write_table(features, tmp / FEATURES)
     pq.write_table(images, tmp / IMAGES)
-    group = zarr.open_group(tmp / ARRAYS, mode="w")
     for name, a in arrays.items():
-        arr = group.create_array(name, shape=a.shape, chunks=a.shape if a.size else None, dtype=a.dtype,
-                                 compressors=None, filters=None, config={"write_empty_chunks": True})
-        arr[...] = a
+        _single_chunk(group, name, a.shape, a.dtype)[...] = a
     (tmp / META).write_text(json.dumps(meta, indent=1))
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)

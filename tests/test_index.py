@@ -74,7 +74,7 @@ def splitmix_key(seed: int, image: int, feature: int) -> int:
     x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & m
     x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & m
     x ^= x >> 31
-    return x & ((1 << 53) - 1)
+    return x & 0xFFFFFFFF
 
 
 @pytest.mark.parametrize("kind", ["topk", "relu"])
