@@ -176,7 +176,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"serving {args.index} through Ray Serve at http://{args.host}:{args.port}/ (Ctrl-C stops)")
         api.run_ray(args.index, args.host, args.port, args.token, _storage_options(args), replicas=args.replicas)
     else:
-        api.create_app(args.index)  # a bad index fails here, as one line, before uvicorn starts
+        api.read_index_meta(args.index)  # a bad index fails here, as one line, before uvicorn starts
         print(f"serving {args.index} at http://{args.host}:{args.port}/ (Ctrl-C stops)", flush=True)
         api.run(args.index, args.host, args.port, args.token, _storage_options(args), workers=args.workers)
     return 0

@@ -101,22 +101,27 @@ class IndexReader:
 
     def feature(self, fid: int, k: int | None) -> dict[str, Any]:
         f = self.features
-        images = self.array("top_images")[fid]
-        n = int((images >= 0).sum()) if k is None else min(k, int((images >= 0).sum()))
-        values, heat = self.array("top_values")[fid, :n], self.array("heatmaps")[fid, :n].astype(np.float32)
-        top = [{"image": int(images[j]), "value": float(values[j]), **self.image_info(int(images[j])),
-                "heatmap": heat[j]} for j in range(n)]
+        held = self.array("top_images")[fid]
+        n = int((held >= 0).sum()) if k is None else min(k, int((held >= 0).sum()))
+        images, values = held[:n].tolist(), self.array("top_values")[fid, :n].tolist()
+        heat = self.array("heatmaps")[fid, :n].astype(np.float32)
+        labels = self.images["label"][images].tolist()
+        names = [self.class_names[v] if 0 <= v < len(self.class_names) else None for v in labels]
+        top = [{"image": i, "value": v, "label": lab, "class_name": c, "heatmap": h}
+               for i, v, lab, c, h in zip(images, values, labels, names, heat)]
         lo_exp = int(self.meta["band_exponents"][0])
-        counts, band_images, band_values = (self.array(n)[fid] for n in ("band_counts", "band_images", "band_values"))
+        counts = self.array("band_counts")[fid]
+        band_images, band_values = self.array("band_images")[fid], self.array("band_values")[fid]
         bands = []
-        for b in np.flatnonzero(counts)[::-1]:
-            held = band_images[b] >= 0
+        for b in np.flatnonzero(counts)[::-1].tolist():
+            ok = band_images[b] >= 0
             bands.append({"lo": 2.0 ** (lo_exp + b), "hi": 2.0 ** (lo_exp + b + 1), "count": int(counts[b]),
-                          "examples": [{"image": int(i), "value": float(v)}
-                                       for i, v in zip(band_images[b][held], band_values[b][held])]})
-        return {**self.feature_stats(np.array([fid]))[0], "n_patches_fired": int(f["n_patches_fired"][fid]),
-                "n_images_fired": int(f["n_images_fired"][fid]), "grid": self.meta["grid"],
-                "top_images": top, "bands": bands}
+                          "examples": [{"image": i, "value": v} for i, v in
+                                       zip(band_images[b][ok].tolist(), band_values[b][ok].tolist())]})
+        return {"id": fid, "freq_patches": float(f["freq_patches"][fid]), "freq_images": float(f["freq_images"][fid]),
+                "mean_act": float(f["mean_act"][fid]), "max_act": float(f["max_act"][fid]),
+                "n_patches_fired": int(f["n_patches_fired"][fid]), "n_images_fired": int(f["n_images_fired"][fid]),
+                "grid": self.meta["grid"], "top_images": top, "bands": bands}
 
     def browse(self, sort: str, min_freq: float, max_freq: float, offset: int, limit: int) -> dict[str, Any]:
         freq = self.features["freq_patches"]
@@ -380,9 +385,10 @@ def run(index: str, host: str = "127.0.0.1", port: int = 8000, token: str | None
         if token:
             os.environ[TOKEN_ENV] = token
         uvicorn.run("services.api:app_from_env", factory=True, host=host, port=port, workers=workers,
-                    log_level="warning")
+                    log_level="warning", access_log=False)
     else:
-        uvicorn.run(create_app(index, token, storage_options), host=host, port=port, log_level="warning")
+        uvicorn.run(create_app(index, token, storage_options), host=host, port=port, log_level="warning",
+                    access_log=False)
 
 
 def app_from_env() -> FastAPI:

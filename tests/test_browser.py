@@ -1,0 +1,207 @@
+"""The feature browser (services/static) rendered by headless Chromium against a live API server.
+
+Chromium's command line does all the driving: `--dump-dom` gives the DOM after the page's scripts ran,
+`--screenshot` a PNG. The page marks what it drew (body[data-rendered], canvas.heatmap[data-drawn],
+[data-max-alpha]) so the DOM says whether the heatmaps were really painted; the screenshot shows it too.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import subprocess
+import urllib.request
+from html.parser import HTMLParser
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
+HEAT_MAX_ALPHA = 0.8  # app.js paints alpha = HEAT_MAX_ALPHA * value / max_act in HEAT_RGB (255, 40, 0)
+TOP_SIZE = 224        # px at which app.js shows the top images (device pixel ratio 1 in headless mode)
+
+
+# ---- helpers -------------------------------------------------------------------------------------
+
+def chromium(tmp_path: Path, url: str, *args: str) -> str:
+    """Runs headless Chromium on url with a fresh profile; returns its stdout."""
+    exe = shutil.which("chromium")
+    if exe is None:
+        pytest.fail("chromium is not on PATH: `make test` installs Debian's chromium "
+                    "(apt-get install chromium); install it to run the browser tests")
+    profile = tmp_path / f"profile-{len(list(tmp_path.glob('profile-*')))}"
+    cmd = [exe, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--no-first-run",
+           f"--user-data-dir={profile}", "--virtual-time-budget=15000", *args, url]
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"chromium did not finish within 60 s: {' '.join(cmd)}")
+    assert done.returncode == 0, f"chromium failed ({done.returncode}): {done.stderr[-2000:]}"
+    return done.stdout
+
+
+def get(url: str, token: str | None = None) -> bytes:
+    req = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"} if token else {})
+    with urllib.request.urlopen(req, timeout=30) as resp:
+        return resp.read()
+
+
+class Node:
+    def __init__(self, tag: str, attrs: dict[str, str | None]):
+        self.tag, self.attrs, self.children, self.text = tag, attrs, [], ""
+
+    def iter(self):
+        yield self
+        for child in self.children:
+            yield from child.iter()
+
+    def find_all(self, tag: str | None = None, cls: str | None = None) -> list[Node]:
+        return [n for n in self.iter() if (tag is None or n.tag == tag)
+                and (cls is None or cls in (n.attrs.get("class") or "").split())]
+
+    def by_id(self, id_: str) -> Node:
+        found = [n for n in self.iter() if n.attrs.get("id") == id_]
+        assert found, f"no element #{id_} in the rendered page"
+        return found[0]
+
+    def all_text(self) -> str:
+        return self.text + "".join(c.all_text() for c in self.children)
+
+
+class DOM(HTMLParser):
+    """A minimal tree of the dumped DOM (stdlib only): tags, attributes, text."""
+    VOID = {"area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta", "source", "wbr"}
+
+    def __init__(self, html: str):
+        super().__init__()
+        self.root = Node("#document", {})
+        self.stack = [self.root]
+        self.feed(html)
+
+    def handle_starttag(self, tag, attrs):
+        node = Node(tag, dict(attrs))
+        self.stack[-1].children.append(node)
+        if tag not in self.VOID:
+            self.stack.append(node)
+
+    def handle_endtag(self, tag):
+        for i in range(len(self.stack) - 1, 0, -1):
+            if self.stack[i].tag == tag:
+                del self.stack[i:]
+                return
+
+    def handle_data(self, data):
+        self.stack[-1].children.append(text := Node("#text", {}))
+        text.text = data
+
+
+def render(tmp_path: Path, url: str) -> Node:
+    return DOM(chromium(tmp_path, url, "--dump-dom")).root
+
+
+def heat_pixels(img: Image.Image) -> int:
+    """Pixels that look like the heatmap colour (255, 40, 0) at alpha >= 0.8 over any picture."""
+    r, g, b = np.asarray(img.convert("RGB"), dtype=np.int32).transpose(2, 0, 1)
+    return int(((r >= 200) & (g <= 90) & (b <= 60)).sum())
+
+
+@pytest.fixture(scope="module")
+def feature(api_url):
+    """The most frequent feature, in full, as the API returns it."""
+    listing = json.loads(get(f"{api_url}/features?sort=-freq&limit=1"))
+    fid = listing["features"][0]["id"]
+    f = json.loads(get(f"{api_url}/features/{fid}"))
+    assert f["top_images"], "the test index's most frequent feature should have top images"
+    return f
+
+
+def stat(page: Node, label: str) -> str:
+    dl = page.by_id("stats")
+    terms = [n for n in dl.children if n.tag in ("dt", "dd")]
+    for dt, dd in zip(terms[::2], terms[1::2]):
+        if dt.all_text().strip() == label:
+            return dd.all_text().strip()
+    raise AssertionError(f"no stat {label!r} on the page")
+
+
+def assert_feature_rendered(page: Node, f: dict) -> None:
+    body = page.find_all("body")[0]
+    error = page.by_id("error")
+    assert "hidden" in error.attrs, f"the page shows an error: {error.all_text()!r}"
+    assert body.attrs.get("data-rendered") == f"feature-{f['id']}"
+
+    figures = page.find_all("figure", "top-image")
+    assert [int(fig.attrs["data-image"]) for fig in figures] == [t["image"] for t in f["top_images"]]
+    for fig, top in zip(figures, f["top_images"]):
+        (canvas,) = fig.find_all("canvas", "heatmap")
+        assert canvas.attrs.get("data-drawn") == "1"
+        expected = HEAT_MAX_ALPHA * min(1.0, max(top["heatmap"]) / f["max_act"])
+        assert 0 < float(canvas.attrs["data-max-alpha"]) == pytest.approx(expected, abs=0.01)
+        assert fig.find_all("img"), "each top image figure holds the image"
+        caption = fig.find_all("figcaption")[0].all_text()
+        assert (top["class_name"] or f"label {top['label']}") in caption
+
+
+# ---- tests ---------------------------------------------------------------------------------------
+
+def test_feature_page_renders(api_url, feature, tmp_path):
+    f = feature
+    page = render(tmp_path, f"{api_url}/#feature={f['id']}")
+    assert_feature_rendered(page, f)
+
+    assert f"Feature #{f['id']}" in page.by_id("feature").all_text()
+    assert float(stat(page, "max activation")) == pytest.approx(f["max_act"], rel=0.01)
+    assert float(stat(page, "mean activation (when firing)")) == pytest.approx(f["mean_act"], rel=0.01)
+    assert int(stat(page, "patches fired").replace(",", "")) == f["n_patches_fired"]
+    assert int(stat(page, "images fired").replace(",", "")) == f["n_images_fired"]
+    assert float(stat(page, "firing frequency, images").rstrip("%")) == pytest.approx(
+        100 * f["freq_images"], rel=0.01, abs=0.05)
+
+    bands = page.find_all("section", "band")
+    assert len(bands) == len(f["bands"])
+    for section, band in zip(bands, f["bands"]):
+        shown = [int(fig.attrs["data-image"]) for fig in section.find_all("figure", "band-example")]
+        assert shown == [ex["image"] for ex in band["examples"]]
+
+    histogram = page.by_id("histogram")
+    assert histogram.tag == "canvas" and int(histogram.attrs.get("width", 0)) > 0, "histogram not drawn"
+
+    listing = json.loads(get(f"{api_url}/features?limit=50"))
+    rows = page.by_id("feature-list").find_all("tr")[1:]  # minus the header row
+    assert [int(r.attrs["data-id"]) for r in rows] == [x["id"] for x in listing["features"]]
+
+
+def test_feature_page_screenshot(api_url, feature, tmp_path):
+    f = feature
+    png = tmp_path / "shot.png"
+    chromium(tmp_path, f"{api_url}/#feature={f['id']}", f"--screenshot={png}", "--window-size=1400,1000")
+    ARTIFACTS.mkdir(exist_ok=True)
+    shutil.copyfile(png, ARTIFACTS / "browser-feature.png")
+
+    shot = Image.open(png).convert("RGB")
+    assert shot.size == (1400, 1000)
+    rgb = np.asarray(shot, dtype=np.int32)
+    colours = np.unique((rgb[..., 0] << 16) | (rgb[..., 1] << 8) | rgb[..., 2])
+    assert len(colours) > 1000, f"the screenshot is nearly blank ({len(colours)} colours)"
+    # The heatmaps must add heat-coloured pixels beyond what the pictures themselves have: at least
+    # half of one patch cell of the best image, painted at the full alpha.
+    h, w = f["grid"]
+    own = sum(heat_pixels(Image.open(io.BytesIO(get(f"{api_url}/images/{t['image']}?size={TOP_SIZE}"))))
+              for t in f["top_images"])
+    cell = (TOP_SIZE / h) * (TOP_SIZE / w)
+    assert heat_pixels(shot) > own + cell / 2, "no heatmap visible in the screenshot"
+
+
+def test_token_is_sent_and_required(api_url_token, tmp_path):
+    url, token = api_url_token
+    fid = json.loads(get(f"{url}/features?sort=-freq&limit=1", token))["features"][0]["id"]
+    f = json.loads(get(f"{url}/features/{fid}", token))
+    assert_feature_rendered(render(tmp_path, f"{url}/#feature={fid}&token={token}"), f)
+
+    page = render(tmp_path, f"{url}/#feature={fid}&token=not-{token}")
+    error = page.by_id("error")
+    assert "hidden" not in error.attrs and "401" in error.all_text()
+    assert not page.find_all("figure", "top-image")
