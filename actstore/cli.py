@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -291,7 +292,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--token", help="require 'Authorization: Bearer TOKEN' (default $ACTSTORE_TOKEN, else none)")
-    p.add_argument("--workers", type=int, default=1, help="uvicorn worker processes")
+    p.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1),
+                   help="uvicorn worker processes (default 2, 1 on a single core): with one, a burst of "
+                        "clients queues behind a single event loop (see benchmarks/bench_service.py)")
     p.add_argument("--ray", action="store_true", help="serve through Ray Serve instead of plain uvicorn")
     p.add_argument("--replicas", type=int, default=1, help="Ray Serve replicas")
     p.add_argument("--address", help="Ray cluster address (default RAY_ADDRESS, else a local Ray)")

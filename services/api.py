@@ -44,6 +44,7 @@ from PIL import Image
 from pydantic import BaseModel
 
 from actstore.decode import decode_image
+from actstore.errors import ConfigError
 from services.layout import FEATURES, IMAGES, open_array, read_index_meta
 
 __all__ = ["TOKEN_ENV", "IndexReader", "create_app", "run", "run_ray"]
@@ -379,6 +380,8 @@ def run(index: str, host: str = "127.0.0.1", port: int = 8000, token: str | None
     """Serve with uvicorn (blocks). Several workers each memory-map the same index pages."""
     import uvicorn
 
+    if workers < 1:
+        raise ConfigError(f"workers must be >= 1, got {workers}")
     if workers > 1:
         os.environ["ACTSTORE_INDEX"], os.environ["ACTSTORE_STORAGE_OPTIONS"] = index, orjson.dumps(
             storage_options or {}).decode()
@@ -408,9 +411,10 @@ def run_ray(index: str, host: str = "127.0.0.1", port: int = 8000, token: str | 
     def build() -> FastAPI:  # a plain function: Ray Serve calls builders on each replica
         return create_app(index, token, storage_options)
 
-    deployment = serve.deployment(serve.ingress(build)(_Ingress),
-                                  name="actstore-features", num_replicas=replicas)
-    serve.start(http_options={"host": host, "port": port})
+    quiet = {"enable_access_log": False, "log_level": "WARNING"}  # a log line per request halves Serve's throughput
+    deployment = serve.deployment(serve.ingress(build)(_Ingress), name="actstore-features",
+                                  num_replicas=replicas, max_ongoing_requests=64, logging_config=quiet)
+    serve.start(http_options={"host": host, "port": port}, logging_config=quiet)
     serve.run(deployment.bind(), name="actstore", route_prefix="/", blocking=blocking)
 
 
