@@ -1,6 +1,10 @@
-"""actstore: activation stores for vision SAEs (extract, store, load).
+"""actstore: activation stores for vision SAEs, and the stages around them.
 
-Names are imported on first use (PEP 562), so light modules (errors, decode, sources) load
+    extract/   images -> backbone activations (Ray job)      store/    the format, writer, reader, verify
+    loader/    random patch batches for training             testing/  generated data for demo, tests, benchmarks
+    config.py  TOML configs    errors.py  the error family    cluster.py  joining Ray
+
+Names are imported on first use (PEP 562), so light modules (errors, extract.decode) load
 without torch: the query service starts in well under a second.
 """
 

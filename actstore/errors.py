@@ -8,11 +8,13 @@ without a traceback; anything else is a bug and keeps its traceback.
 from __future__ import annotations
 
 __all__ = [
+    "AccessDeniedError",
     "ActstoreError",
     "ConfigError",
     "CorruptDataError",
     "DtypeOverflowError",
     "IncompleteStoreError",
+    "NotFoundError",
     "StoreFormatError",
     "StoreNotFoundError",
 ]
@@ -48,3 +50,11 @@ class CorruptDataError(ActstoreError, OSError):
 
 class DtypeOverflowError(ActstoreError, OverflowError):
     """Values do not fit the store's dtype (e.g. |x| > 65504 in float16)."""
+
+
+class NotFoundError(ActstoreError, LookupError):
+    """A requested item (a feature, an image, its file) does not exist or cannot be served."""
+
+
+class AccessDeniedError(ActstoreError, PermissionError):
+    """A read was refused: the object lies outside what may be served (e.g. outside the dataset root)."""

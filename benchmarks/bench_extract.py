@@ -1,6 +1,6 @@
 """Extraction throughput: the whole Ray Data job (decode, forward, write) against the pure forward pass.
 
-On a generated shapes dataset (actstore.shapes.generate_dataset, 256x256 PNGs, so that decoding and the
+On a generated shapes dataset (actstore.testing.shapes.generate_dataset, 256x256 PNGs, so that decoding and the
 model's resize + crop do real work), this measures in one run, with the same model and batch size:
 
 - end-to-end: `run_extract` into a fresh store (decode tasks -> forward actors -> write tasks), after Ray
@@ -25,11 +25,8 @@ Run: .venv/bin/python benchmarks/bench_extract.py [--quick] [--json out.json] [-
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
-import platform
-import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass
@@ -39,12 +36,10 @@ from typing import Any
 import ray
 import torch
 
-from actstore.backbones import Backbone, BackboneConfig, load_backbone
-from actstore.extract import ExtractConfig, run_extract
-from actstore.shapes import generate_dataset
-from actstore.store import ActivationStore
-from actstore.store._layout import unit_record_key
-from _report import print_notes, print_table  # benchmarks/ is sys.path[0] when a benchmark runs
+from actstore.extract import Backbone, BackboneConfig, ExtractConfig, load_backbone, run_extract
+from actstore.store import ActivationStore, unit_record_key
+from actstore.testing.shapes import generate_dataset
+from _common import Parser, Run, log, machine, print_notes, print_table, print_verdict  # benchmarks/ is sys.path[0]
 
 IMAGE_SIZE = 256
 GOAL = 0.9
@@ -94,10 +89,6 @@ class Row:
 
     def metrics(self) -> dict[str, Any]:
         return {**asdict(self), "ratio": self.ratio, "overhead_s": self.overhead_s}
-
-
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
 
 
 def sync(device: torch.device) -> None:
@@ -191,16 +182,14 @@ def show_results(rows: list[dict[str, Any]]) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="small model and dataset (about a minute), same code path")
-    parser.add_argument("--json", metavar="PATH", help="write rows, verdict and machine info as JSON")
+    parser = Parser(__doc__, "small model and dataset (about a minute)")
     parser.add_argument("--model", help=f"backbone (default {FULL['model']}; --quick: {QUICK['model']})")
     parser.add_argument("--batch-size", type=int, default=32, help="images per forward pass (both measurements)")
     parser.add_argument("--n-images", type=int,
                         help=f"dataset size (default {FULL['n_images']}; --quick: {QUICK['n_images']})")
     parser.add_argument("--images-per-shard", type=int, help=f"images per work unit (default "
                         f"{FULL['images_per_shard']}; --quick: {QUICK['images_per_shard']})")
-    args = parser.parse_args()
+    args = parser.parse()
     sizes = QUICK if args.quick else FULL
     for key in ("model", "n_images", "images_per_shard"):
         if getattr(args, key) is None:
@@ -209,29 +198,23 @@ def main() -> None:
         parser.error("--batch-size and --images-per-shard must be >= 1")
     if args.n_images < 2 * args.images_per_shard:
         parser.error("--n-images must be at least 2 x --images-per-shard (steady state spans units 2..last)")
-    load_before, t0 = os.getloadavg(), time.perf_counter()
+    bench = Run("bench_extract", args)
     rows = [run(args, sizes["forward_s"]).metrics()]
-    wall_s, load_after = time.perf_counter() - t0, os.getloadavg()
+    bench.stop()
     show_results(rows)
     print_notes(NOTES)
     r = rows[0]
     ok = r["ratio"] >= GOAL
     print(f"units done at (s after the call): {' '.join(f'{t:.1f}' for t in r['unit_done_s'])}")
-    print(f"verdict {r['model']} batch {r['batch_size']} on {r['device']}: steady e2e {r['ratio']:.3f}x pure forward "
-          f"(goal >= {GOAL}): {'PASS' if ok else 'FAIL'}")
-    print(f"wall time {wall_s:.0f} s ({'quick' if args.quick else 'full'}); load average (1, 5, 15 min) "
-          f"{' '.join(f'{v:.2f}' for v in load_before)} before, {' '.join(f'{v:.2f}' for v in load_after)} after "
-          f"on {os.cpu_count()} CPUs: other work on the machine skews both measurements")
-    if args.json:
-        machine = {"cpu_count": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
-                   "torch": torch.__version__, "ray": ray.__version__,
-                   "cuda_device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-                   "loadavg_before": load_before, "loadavg_after": load_after}
-        report = {"benchmark": "bench_extract", "quick": args.quick, "wall_s": wall_s, "image_size": IMAGE_SIZE,
-                  "machine": machine, "notes": list(NOTES), "rows": rows,
+    print_verdict(f"{r['model']} batch {r['batch_size']} on {r['device']}: steady e2e {r['ratio']:.3f}x pure forward "
+                  f"(goal >= {GOAL})", ok)
+    cuda_device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    bench.finish({"image_size": IMAGE_SIZE,
+                  "machine": machine(ray, cuda_device=cuda_device, loadavg_before=bench.load_start,
+                                     loadavg_after=bench.load_end),
+                  "notes": list(NOTES), "rows": rows,
                   "verdicts": [{"model": r["model"], "device": r["device"], "pass": ok, "ratio": r["ratio"],
-                                "goal": GOAL}]}
-        Path(args.json).write_text(json.dumps(report, indent=2))
+                                "goal": GOAL}]})
 
 
 if __name__ == "__main__":

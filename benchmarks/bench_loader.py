@@ -1,6 +1,6 @@
 """PatchLoader throughput against a sequential decode ceiling and a naive random zarr loader.
 
-On a generated store of realistic shape (actstore.synthetic ViT-like activations, 197 tokens x 768,
+On a generated store of realistic shape (actstore.testing.synthetic ViT-like activations, 197 tokens x 768,
 the default dtype and codec: bfloat16 + blosc-lz4, 16-image chunks), batches of 16,384 float32
 patch tokens (CLS excluded), this measures in one run:
 
@@ -26,14 +26,10 @@ Run: .venv/bin/python benchmarks/bench_loader.py [--quick] [--json out.json] [--
 
 from __future__ import annotations
 
-import argparse
-import json
 import multiprocessing as mp
 import os
-import platform
 import shutil
 import statistics
-import sys
 import tempfile
 import threading
 import time
@@ -50,9 +46,9 @@ import zarr
 from actstore.errors import ActstoreError
 from actstore.loader import DEFAULT_BUFFER_BYTES, PatchLoader
 from actstore.store import ActivationStore, LayerSpec, StoreSpec, StoreWriter, TokenLayout
-from actstore.synthetic import vit_like_activations
-from actstore.testing import MotoS3
-from _report import print_notes, print_table  # benchmarks/ is sys.path[0] when a benchmark runs
+from actstore.testing.s3 import MotoS3
+from actstore.testing.synthetic import vit_like_activations
+from _common import Parser, Run, log, machine, print_notes, print_table, print_verdict  # benchmarks/ is sys.path[0]
 
 LAYER, GRID, D, B = 10, 14, 768, 16384
 N_TOK = GRID * GRID
@@ -85,7 +81,7 @@ def _write_units(url: str, storage_options: dict | None, units: list[int]) -> No
     for k in units:
         a, b = writer.spec.unit_range(k)
         writer.write_unit(k, {str(LAYER): vit_like_activations(b - a, n_tokens, D, seed=k)})
-        print(f"    unit {k + 1}/{writer.spec.n_units}", file=sys.stderr, flush=True)
+        log(f"    unit {k + 1}/{writer.spec.n_units}")
 
 
 def generate(url: str, n_images: int, storage_options: dict | None = None) -> None:
@@ -111,7 +107,7 @@ def ensure_store(path: Path, n_images: int) -> None:
     try:
         with ActivationStore(str(path)) as store:
             if store.shape(LAYER) == (n_images, 1 + N_TOK, D) and store.spec.dtype == "bfloat16":
-                print(f"reusing {path} ({n_images} images)", file=sys.stderr, flush=True)
+                log(f"reusing {path} ({n_images} images)")
                 return
     except (ActstoreError, OSError):
         pass
@@ -119,11 +115,10 @@ def ensure_store(path: Path, n_images: int) -> None:
     free = shutil.disk_usage(path.parent).free
     if free < need:
         raise SystemExit(f"{path.parent}: {free / 1e9:.1f} GB free, the store needs ~{need / 1e9:.1f} GB")
-    print(f"generating {path}: {n_images} images x {1 + N_TOK} x {D} bfloat16 (~{need / 1e9:.1f} GB)",
-          file=sys.stderr, flush=True)
+    log(f"generating {path}: {n_images} images x {1 + N_TOK} x {D} bfloat16 (~{need / 1e9:.1f} GB)")
     t0 = time.perf_counter()
     generate(str(path), n_images)
-    print(f"  done in {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
+    log(f"  done in {time.perf_counter() - t0:.0f} s")
 
 
 # measurements -----------------------------------------------------------------------------------
@@ -252,7 +247,7 @@ def measure(where: str, url: str, opts: dict | None, n_images: int, buffer_bytes
             out: mp.Queue) -> None:
     """All three readers on one store, in this (fresh) process; each rep runs (a), (b), one batch of (c)."""
     try:
-        print(f"{where}: (a) loader, (b) sequential, (c) naive x {reps}", file=sys.stderr, flush=True)
+        log(f"{where}: (a) loader, (b) sequential, (c) naive x {reps}")
         loader_runs, seq_runs, naive_runs = [], [], []
         naive = NaiveReader(url, opts)
         for r in range(reps):
@@ -260,9 +255,8 @@ def measure(where: str, url: str, opts: dict | None, n_images: int, buffer_bytes
             info = loader_runs[-1]
             seq_runs.append(run_sequential(url, opts, info["threads"], info["concurrency"]))
             naive_runs.append(naive.batch())
-            print(f"  rep {r + 1}: (a) {info['seconds']:.2f} s (cold {info['cold_seconds']:.2f} s), "
-                  f"(b) {seq_runs[-1]['seconds']:.2f} s, (c) {naive_runs[-1]['seconds']:.2f} s/batch; "
-                  f"{info['stats']}", file=sys.stderr, flush=True)
+            log(f"  rep {r + 1}: (a) {info['seconds']:.2f} s (cold {info['cold_seconds']:.2f} s), "
+                f"(b) {seq_runs[-1]['seconds']:.2f} s, (c) {naive_runs[-1]['seconds']:.2f} s/batch; {info['stats']}")
         first = loader_runs[0]
         a_s = statistics.median(r["seconds"] for r in loader_runs)
         b_s = statistics.median(r["seconds"] for r in seq_runs)
@@ -339,50 +333,40 @@ def show_results(results: list[dict[str, Any]]) -> None:
         print(f"{r['store']}: {r['n_images']} images, {r['patches']:,} patches/epoch, buffer {r['capacity_rows']:,} "
               f"rows ({r['buffer_bytes'] / 2**30:.2f} GiB), {r['threads']} decode threads, {r['concurrency']} "
               f"chunks read ahead, peak RSS {r['peak_rss'] / 2**30:.2f} GiB ({r['baseline_rss'] / 2**30:.2f} GiB "
-              f"before the loader existed; {r['peak_rss_all_reps'] / 2**30:.2f} GiB over all reps), uniform expectation {r['uniform_distinct']:,.0f} distinct images/batch; "
+              f"before the loader existed; {r['peak_rss_all_reps'] / 2**30:.2f} GiB over all reps), "
+              f"uniform expectation {r['uniform_distinct']:,.0f} distinct images/batch; "
               f"(a)/(b) per rep: {', '.join(f'{x:.2f}' for x in r['a_over_b_pairs'])}; "
               f"(a)/(c) per rep: {', '.join(f'{x:.1f}' for x in r['a_over_c_pairs'])}")
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="small stores (about a minute), same code path")
-    parser.add_argument("--json", metavar="PATH", help="write rows, verdicts and machine info as JSON")
+    parser = Parser(__doc__, "small stores (about a minute)", reps=(3, 2), reps_help="(a)/(b) repetitions")
     parser.add_argument("--store", metavar="PATH", help="local store to reuse (generated there when missing)")
-    parser.add_argument("--reps", type=int, default=None, help="(a)/(b) repetitions (median); default 3, quick 2")
     parser.add_argument("--no-s3", action="store_true", help="skip the moto S3 part")
-    args = parser.parse_args()
+    args = parser.parse()
     size = QUICK if args.quick else FULL
-    reps = args.reps or (2 if args.quick else 3)
-    t0 = time.perf_counter()
+    bench = Run("bench_loader", args)
     results = []
     with tempfile.TemporaryDirectory(prefix="bench_loader_", dir="/tmp") as tmp:
         path = Path(args.store) if args.store else Path(tmp) / "store"
         ensure_store(path, size["local_images"])
         results.append(measure_in_process("local", str(path), None, size["local_images"], size["buffer_bytes"],
-                                          reps))
+                                          args.reps))
         if not args.no_s3:
             with MotoS3(bucket="bench-loader") as s3:
                 url = s3.url("store")
-                print(f"generating {url}: {size['s3_images']} images on moto", file=sys.stderr, flush=True)
+                log(f"generating {url}: {size['s3_images']} images on moto")
                 generate(url, size["s3_images"], s3.storage_options)
                 results.append(measure_in_process("s3", url, s3.storage_options, size["s3_images"],
-                                                  size["buffer_bytes"], reps))
-    wall_s = time.perf_counter() - t0
+                                                  size["buffer_bytes"], args.reps))
+    bench.stop()
     show_results(results)
     print_notes(NOTES)
     found = verdicts(results)
     for v in found:
-        print(f"verdict {v['goal']}: {v['value']:.2f}: {'PASS' if v['pass'] else 'FAIL'}")
-    print(f"wall time {wall_s:.0f} s ({reps} reps, {'quick' if args.quick else 'full'})")
-    if args.json:
-        machine = {"cpu_count": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
-                   "numpy": np.__version__, "zarr": zarr.__version__, "torch": torch.__version__,
-                   "load_avg": os.getloadavg()}
-        report = {"benchmark": "bench_loader", "quick": args.quick, "reps": reps, "wall_s": wall_s,
-                  "batch_size": B, "sizes": size, "machine": machine, "notes": list(NOTES), "results": results,
-                  "verdicts": found}
-        Path(args.json).write_text(json.dumps(report, indent=2))
+        print_verdict(f"{v['goal']}: {v['value']:.2f}", v["pass"])
+    bench.finish({"batch_size": B, "sizes": size, "machine": machine(np, zarr, load_avg=bench.load_end),
+                  "notes": list(NOTES), "results": results, "verdicts": found})
 
 
 if __name__ == "__main__":

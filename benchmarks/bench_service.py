@@ -20,11 +20,8 @@ Needs wrk (apt-get install wrk).
 
 from __future__ import annotations
 
-import argparse
 import http.client
-import json
 import os
-import platform
 import re
 import shutil
 import signal
@@ -41,14 +38,11 @@ import psutil
 import torch
 
 from actstore.errors import ActstoreError
-from actstore.loader import Normalization
 from actstore.store import ActivationStore
-from actstore.synthetic import write_synthetic_store
-from sae import checkpoint
-from sae.config import SAEConfig
-from sae.model import SparseAutoencoder
+from actstore.testing.synthetic import write_synthetic_store
+from sae import Normalization, SAEConfig, SparseAutoencoder, load, save
 from services.index import IndexConfig, build_index
-from _report import print_notes, print_table  # benchmarks/ is sys.path[0] when a benchmark runs
+from _common import Parser, Run, log, machine, outcome, print_notes, print_table  # benchmarks/ is sys.path[0]
 
 LAYER, D_SAE, K = "10", 16384, 32
 FULL = {"n_images": 2048, "d": 384, "duration_s": 10}
@@ -80,21 +74,21 @@ def make_data(work: Path, n_images: int, d: int) -> tuple[Path, Path]:
     except (ActstoreError, OSError):
         reuse = False
     if reuse:
-        print(f"reusing {store_url} and {sae_dir}", file=sys.stderr, flush=True)
+        log(f"reusing {store_url} and {sae_dir}")
         return store_url, sae_dir
-    print(f"writing {store_url}: {n_images} images x 197 tokens x d={d}", file=sys.stderr, flush=True)
+    log(f"writing {store_url}: {n_images} images x 197 tokens x d={d}")
     write_synthetic_store(str(store_url), n_images, grid=(14, 14), d=d, progress=False)
     with ActivationStore(str(store_url)) as store:
         norm = Normalization.from_stats(store.stats(LAYER, "patches"), LAYER, "patches")
     torch.manual_seed(0)
     sae = SparseAutoencoder(SAEConfig(d_in=d, d_sae=D_SAE, kind="topk", k=K))
-    checkpoint.save(sae, str(sae_dir), normalization=norm)
+    save(sae, str(sae_dir), normalization=norm)
     return store_url, sae_dir
 
 
 def bench_index(store_url: Path, sae_dir: Path, index_dir: Path, reps: int) -> dict[str, Any]:
     cfg = IndexConfig(store=str(store_url), sae=str(sae_dir), out=str(index_dir), overwrite=True)
-    sae, norm = checkpoint.load(str(sae_dir))
+    sae, norm = load(str(sae_dir))
     with ActivationStore(str(store_url)) as store:
         x = store.read(LAYER)[:, 1:]
         per_chunk = store.spec.images_per_chunk
@@ -121,8 +115,7 @@ def bench_index(store_url: Path, sae_dir: Path, index_dir: Path, reps: int) -> d
     row["index_per_s"], row["encode_per_s"] = n / row["index_s"], n / row["encode_s"]
     row["ratio"] = row["index_per_s"] / row["encode_per_s"]
     row["index_mib"] = sum(f.stat().st_size for f in index_dir.rglob("*") if f.is_file()) / 2**20
-    print(f"  index {row['index_s']:.2f} s, encode {row['encode_s']:.2f} s for {n:,} patches", file=sys.stderr,
-          flush=True)
+    log(f"  index {row['index_s']:.2f} s, encode {row['encode_s']:.2f} s for {n:,} patches")
     return row
 
 
@@ -148,18 +141,17 @@ def healthy(port: int) -> bool:
 class Server:
     """`actstore serve` in its own session (process group); stop() ends that group and whatever it started."""
 
-    def __init__(self, args: list[str], log: Path, timeout_s: float) -> None:
+    def __init__(self, args: list[str], log_path: Path, timeout_s: float) -> None:
         self.port = free_port()
-        self.log = log
         cmd = [str(ACTSTORE), "serve", *args, "--port", str(self.port)]
         self.command = " ".join(cmd)
         t0 = time.perf_counter()
-        with open(log, "w") as out:
+        with open(log_path, "w") as out:
             self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         while not healthy(self.port):
             if self.proc.poll() is not None or time.perf_counter() - t0 > timeout_s:
                 self.stop()
-                raise SystemExit(f"{self.command} did not come up; its log:\n{log.read_text()[-3000:]}")
+                raise SystemExit(f"{self.command} did not come up; its log:\n{log_path.read_text()[-3000:]}")
             time.sleep(0.01)
         self.cold_start_s = time.perf_counter() - t0
         self.idle_rss_mib = self.memory()[0]
@@ -229,15 +221,15 @@ def wrk(port: int, script: Path, threads: int, conns: int, duration_s: int) -> d
 
 def bench_server(name: str, args: list[str], work: Path, script: Path, duration_s: int, reps: int,
                  timeout_s: float) -> list[dict[str, Any]]:
-    log = work / f"serve-{re.sub(r'[^a-z0-9]+', '-', name)}.log"
+    log_path = work / f"serve-{re.sub(r'[^a-z0-9]+', '-', name)}.log"
     starts = []
     for i in range(reps):  # the first start also pays for a cold page cache; the median is the typical start
-        server = Server(args, log, timeout_s)
+        server = Server(args, log_path, timeout_s)
         starts.append(server.cold_start_s)
         if i < reps - 1:
             server.stop()
     cold_start_s = statistics.median(starts)
-    print(f"  {name}: up in {', '.join(f'{t:.2f}' for t in starts)} s ({server.command})", file=sys.stderr, flush=True)
+    log(f"  {name}: up in {', '.join(f'{t:.2f}' for t in starts)} s ({server.command})")
     rows = []
     try:
         wrk(server.port, script, 2, 16, 1)  # warm-up: imports on first request, page faults, Ray's proxy
@@ -251,8 +243,7 @@ def bench_server(name: str, args: list[str], work: Path, script: Path, duration_
                 row[key] = statistics.median(r[key] for r in runs)
             row["non_2xx"] = sum(r["non_2xx"] for r in runs)
             row["socket_errors"] = sum(r["socket_errors"] for r in runs)
-            print(f"    c={conns}: {row['req_per_s']:,.0f} req/s, p50 {row['p50_ms']:.2f} ms, "
-                  f"p99 {row['p99_ms']:.2f} ms", file=sys.stderr, flush=True)
+            log(f"    c={conns}: {row['req_per_s']:,.0f} req/s, p50 {row['p50_ms']:.2f} ms, p99 {row['p99_ms']:.2f} ms")
             rows.append(row)
     finally:
         server.stop()
@@ -292,32 +283,25 @@ def show_results(rows: list[dict[str, Any]], index: dict[str, Any], found: list[
                 [{"what": f"d_sae {D_SAE}, k {K}, block {index['block_patches']:,}", **index}], text_cols=1)
     print()
     print_table([("verdict", "what", "{}"), ("value", "value", "{:,.2f}"), ("goal", "goal", "{}"),
-                 ("", "result", "{}")], [{**v, "result": "PASS" if v["pass"] else "FAIL"} for v in found], text_cols=1)
+                 ("", "result", "{}")], [{**v, "result": outcome(v["pass"])} for v in found], text_cols=1)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="small store, 3 s wrk runs (about 2 minutes)")
-    parser.add_argument("--json", metavar="PATH", help="write rows, verdicts and machine info as JSON")
-    parser.add_argument("--reps", type=int, default=None,
-                        help="repetitions of each timed part (median; default 3, quick 2)")
+    parser = Parser(__doc__, "small store, 3 s wrk runs (about 2 minutes)", reps=(3, 2),
+                    reps_help="repetitions of each timed part")
     parser.add_argument("--workdir", metavar="DIR", help="keep the store, SAE and index here (reused when they fit)")
     parser.add_argument("--no-ray", action="store_true", help="skip the Ray Serve rows")
-    args = parser.parse_args()
+    args = parser.parse()
     if shutil.which("wrk") is None:
         raise SystemExit("wrk not found: apt-get install wrk")
     size = QUICK if args.quick else FULL
-    reps = args.reps or (2 if args.quick else 3)
-    if reps < 1:
-        parser.error("--reps must be >= 1")
-    load_start = os.getloadavg()[0]
-    t0 = time.perf_counter()
+    bench = Run("bench_service", args)
     with tempfile.TemporaryDirectory(prefix="bench_service_", dir="/tmp") as tmp:
         work = Path(args.workdir or tmp)
         work.mkdir(parents=True, exist_ok=True)
         store_url, sae_dir = make_data(work, size["n_images"], size["d"])
         index_dir = work / "index"
-        index = bench_index(store_url, sae_dir, index_dir, reps)
+        index = bench_index(store_url, sae_dir, index_dir, args.reps)
         script = work / "features.lua"
         script.write_text(LUA % (12345, D_SAE - 1))
         servers = [("uvicorn --workers 1", ["--workers", "1"], 30), ("uvicorn --workers 2 (default)", [], 30)]
@@ -325,24 +309,19 @@ def main() -> None:
             servers.append(("ray serve", ["--ray"], 240))
         rows = []
         for name, extra, timeout_s in servers:
-            rows += bench_server(name, ["--index", str(index_dir), *extra], work, script, size["duration_s"], reps,
-                                 timeout_s)
-    wall_s = time.perf_counter() - t0
+            rows += bench_server(name, ["--index", str(index_dir), *extra], work, script, size["duration_s"],
+                                 args.reps, timeout_s)
+    bench.stop()
     found = verdicts(rows, index)
     show_results(rows, index, found)
     print_notes(NOTES)
-    scope = " (quick: a smaller store and shorter runs; the goals are for the full run)" if args.quick else ""
-    print(f"wall time {wall_s:.0f} s ({reps} reps, {'quick' if args.quick else 'full'}){scope}; load average "
-          f"{load_start:.2f} at the start, {os.getloadavg()[0]:.2f} at the end (on {os.cpu_count()} cores)")
-    if args.json:
-        machine = {"cpu_count": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
-                   "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
-                   "wrk": subprocess.run(["wrk", "-v"], capture_output=True, text=True).stdout.split("\n")[0],
-                   "load_avg_start": load_start, "load_avg_end": os.getloadavg()}
-        report = {"benchmark": "bench_service", "quick": args.quick, "reps": reps, "wall_s": wall_s,
-                  "size": {**size, "d_sae": D_SAE, "k": K}, "goals": GOALS, "machine": machine, "notes": list(NOTES),
-                  "index": index, "rows": rows, "verdicts": found}
-        Path(args.json).write_text(json.dumps(report, indent=2))
+    if args.quick:
+        print("quick: a smaller store and shorter runs; the goals are for the full run")
+    wrk_version = subprocess.run(["wrk", "-v"], capture_output=True, text=True).stdout.split("\n")[0]
+    bench.finish({"size": {**size, "d_sae": D_SAE, "k": K}, "goals": GOALS,
+                  "machine": machine(torch_threads=torch.get_num_threads(), wrk=wrk_version,
+                                     load_avg_start=bench.load_start[0], load_avg_end=bench.load_end),
+                  "notes": list(NOTES), "index": index, "rows": rows, "verdicts": found})
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Store write/read throughput and size per dtype x codec, against raw float32 np.save/np.load.
 
-On synthetic ViT-like activations (actstore.synthetic.vit_like_activations: Gaussian bulk plus a few
+On synthetic ViT-like activations (actstore.testing.synthetic.vit_like_activations: Gaussian bulk plus a few
 heavy-tailed channels) of shapes 197x768 and 257x1024 (tokens x d), for each dtype (float32, float16,
 bfloat16) x codec (none, blosc-lz4, zstd) this measures, in one run on the same data:
 
@@ -21,13 +21,8 @@ Run: .venv/bin/python benchmarks/bench_store.py [--quick] [--json out.json] [--r
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
-import platform
 import shutil
 import statistics
-import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -42,8 +37,8 @@ import zarr
 
 from actstore.store import (CODECS, DEFAULT_CODEC, DEFAULT_DTYPE, DTYPES, ActivationStore, LayerSpec, StoreSpec,
                             StoreWriter, TokenLayout)
-from actstore.synthetic import vit_like_activations
-from _report import print_notes, print_table  # benchmarks/ is sys.path[0] when a benchmark runs
+from actstore.testing.synthetic import vit_like_activations
+from _common import Parser, Run, log, machine, print_notes, print_table, print_verdict  # benchmarks/ is sys.path[0]
 
 LAYER = "10"
 FULL_SHAPES = ((14, 768, 1024), (16, 1024, 512))
@@ -182,14 +177,14 @@ def run(shapes: tuple[tuple[int, int, int], ...], reps: int) -> list[dict[str, A
         for grid, d, n_images in shapes:
             x = vit_like_activations(n_images, 1 + grid * grid, d, seed=0)
             shape = f"{x.shape[1]}x{d}"
-            print(f"{shape}: {n_images} images, {x.nbytes / 1e9:.2f} GB float32", file=sys.stderr, flush=True)
+            log(f"{shape}: {n_images} images, {x.nbytes / 1e9:.2f} GB float32")
             raw_path = tmp / "raw.npy"
             raw = bench_raw(x, shape, raw_path, reps)
             rows = [raw]
             for dtype in DTYPES:
                 expected = torch.from_numpy(x).to(getattr(torch, dtype))
                 for codec in CODECS:
-                    print(f"  {dtype} {codec}", file=sys.stderr, flush=True)
+                    log(f"  {dtype} {codec}")
                     rows += bench_store(x, expected, shape, grid, dtype, codec, tmp, raw_path, reps)
                 del expected
             remove(raw_path)
@@ -218,32 +213,20 @@ def show_results(results: list[dict[str, Any]]) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="small sizes (under a minute), same code path")
-    parser.add_argument("--json", metavar="PATH", help="write rows, verdicts and machine info as JSON")
-    parser.add_argument("--reps", type=int, default=3, help="timed repetitions per measurement (median)")
-    args = parser.parse_args()
-    if args.reps < 1:
-        parser.error("--reps must be >= 1")
+    args = Parser(__doc__, "small sizes (under a minute)", reps=(3, 3),
+                  reps_help="timed repetitions per measurement").parse()
     shapes = QUICK_SHAPES if args.quick else FULL_SHAPES
-    t0 = time.perf_counter()
+    bench = Run("bench_store", args)
     results = run(shapes, args.reps)
-    wall_s = time.perf_counter() - t0
+    bench.stop()
     show_results(results)
     print_notes(NOTES)
     found = verdicts(results)
     for v in found:
-        print(f"verdict {v['shape']} {v['setting']}: bytes {v['bytes_ratio']:.4f}x raw f32 (goal <= 0.5), "
-              f"read {v['read_ratio']:.2f}x raw f32 (goal >= 0.8): {'PASS' if v['pass'] else 'FAIL'}")
-    print(f"wall time {wall_s:.0f} s ({args.reps} reps, {'quick' if args.quick else 'full'})")
-    if args.json:
-        machine = {"cpu_count": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
-                   "numpy": np.__version__, "zarr": zarr.__version__, "numcodecs": numcodecs.__version__,
-                   "torch": torch.__version__}
-        report = {"benchmark": "bench_store", "quick": args.quick, "reps": args.reps, "wall_s": wall_s,
-                  "shapes": [{"grid": g, "d": d, "n_images": n} for g, d, n in shapes], "machine": machine,
-                  "notes": list(NOTES), "rows": results, "verdicts": found}
-        Path(args.json).write_text(json.dumps(report, indent=2))
+        print_verdict(f"{v['shape']} {v['setting']}: bytes {v['bytes_ratio']:.4f}x raw f32 (goal <= 0.5), "
+                      f"read {v['read_ratio']:.2f}x raw f32 (goal >= 0.8)", v["pass"])
+    bench.finish({"shapes": [{"grid": g, "d": d, "n_images": n} for g, d, n in shapes],
+                  "machine": machine(np, zarr, numcodecs), "notes": list(NOTES), "rows": results, "verdicts": found})
 
 
 if __name__ == "__main__":

@@ -19,16 +19,10 @@ Run: .venv/bin/python benchmarks/bench_train.py [--quick] [--json out.json] [--r
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
-import platform
 import statistics
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -36,7 +30,7 @@ from torch import nn
 
 from sae import SAEConfig, SparseAutoencoder
 from sae.kernels import backend_for
-from _report import print_notes, print_table  # benchmarks/ is sys.path[0] when a benchmark runs
+from _common import Parser, Run, log, machine, print_notes, print_table, print_verdict  # benchmarks/ is sys.path[0]
 
 GOALS = {"topk": 3.0, "relu": 1.0}
 NOTES = (
@@ -157,7 +151,7 @@ def bench_kind(kind: str, size: Size, device: str, reps: int, compile_ref: bool)
                      "d_in": size.d_in, "d_sae": size.d_sae, "batch": size.batch,
                      "k": size.k if kind == "topk" else None,
                      "step_s": s, "tokens_per_s": size.batch / s, "x_reference": ref_s / s, "first_loss": first[name]})
-    print(f"  {kind}: " + ", ".join(f"{r['impl']} {r['step_s']:.3f} s" for r in rows), file=sys.stderr, flush=True)
+    log(f"  {kind}: " + ", ".join(f"{r['impl']} {r['step_s']:.3f} s" for r in rows))
     return rows
 
 
@@ -179,41 +173,28 @@ def show_results(rows: list[dict[str, Any]]) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="small sizes (under a minute), same code path")
-    parser.add_argument("--json", metavar="PATH", help="write rows, verdicts and machine info as JSON")
-    parser.add_argument("--reps", type=int, default=None,
-                        help="timed steps per implementation (median; default 5, quick 3)")
+    parser = Parser(__doc__, "small sizes (under a minute)", reps=(5, 3), reps_help="timed steps per implementation")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
-    args = parser.parse_args()
-    reps = args.reps or (3 if args.quick else 5)
-    if reps < 1:
-        parser.error("--reps must be >= 1")
+    args = parser.parse()
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device here")
     size = (QUICK if args.quick else FULL)[args.device]
     torch.manual_seed(0)
-    t0 = time.perf_counter()
+    bench = Run("bench_train", args)
     rows = []
     for kind in ("topk", "relu"):
-        rows += bench_kind(kind, size, args.device, reps, compile_ref=args.device == "cuda")
-    wall_s = time.perf_counter() - t0
+        rows += bench_kind(kind, size, args.device, args.reps, compile_ref=args.device == "cuda")
+    bench.stop()
     show_results(rows)
     print_notes(NOTES)
     found = verdicts(rows)
     scope = " (quick sizes: indicative only, the goals are for the full sizes)" if args.quick else ""
     for v in found:
-        print(f"verdict {v['kind']} ({v['device']}): {v['x_reference']:.2f}x the dense reference "
-              f"(goal >= {v['goal']}): {'PASS' if v['pass'] else 'FAIL'}{scope}")
-    print(f"wall time {wall_s:.0f} s ({reps} reps, {'quick' if args.quick else 'full'})")
-    if args.json:
-        machine = {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                   "platform": platform.platform(),
-                   "python": platform.python_version(), "torch": torch.__version__,
-                   "gpu": torch.cuda.get_device_name() if args.device == "cuda" else None}
-        report = {"benchmark": "bench_train", "quick": args.quick, "reps": reps, "wall_s": wall_s,
-                  "size": size.__dict__, "machine": machine, "notes": list(NOTES), "rows": rows, "verdicts": found}
-        Path(args.json).write_text(json.dumps(report, indent=2))
+        print_verdict(f"{v['kind']} ({v['device']}): {v['x_reference']:.2f}x the dense reference "
+                      f"(goal >= {v['goal']})", v["pass"], scope)
+    gpu = torch.cuda.get_device_name() if args.device == "cuda" else None
+    bench.finish({"size": size.__dict__, "machine": machine(torch_threads=torch.get_num_threads(), gpu=gpu),
+                  "notes": list(NOTES), "rows": rows, "verdicts": found})
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Sparse autoencoders on vision-model activations: models, kernels, checkpoints and metrics.
 
-See DESIGN.md, "SAE". The trainer (sae.train) builds on this API:
+See DESIGN.md, "SAE". Other stages use only the names exported here (models, checkpoint I/O with the
+input `Normalization` it records, the sparse latents); the trainer (sae.train) builds on this API:
 
     sae = SparseAutoencoder(SAEConfig(d_in=768, kind="topk", expansion=16, k=32), device)
     sae.init_from_data(sample)                   # b_dec = geometric median of a sample
@@ -10,10 +11,11 @@ See DESIGN.md, "SAE". The trainer (sae.train) builds on this API:
     save(sae, "runs/x/sae", normalization=loader.normalization, extra={"step": step})
 """
 
-from sae.acts import SparseActs
+from actstore.loader import Normalization
+from sae.acts import SparseActs, csr_rows
 from sae.checkpoint import export_saelens, load, read_extra, save
 from sae.config import KINDS, SAEConfig
 from sae.model import ForwardOutput, SparseAutoencoder, geometric_median
 
-__all__ = ["KINDS", "ForwardOutput", "SAEConfig", "SparseActs", "SparseAutoencoder",
+__all__ = ["KINDS", "ForwardOutput", "Normalization", "SAEConfig", "SparseActs", "SparseAutoencoder", "csr_rows",
            "export_saelens", "geometric_median", "load", "read_extra", "save"]

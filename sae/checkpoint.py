@@ -39,12 +39,11 @@ from typing import Any
 import fsspec
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load as st_load
-from safetensors.torch import save as st_save
+from safetensors.torch import load as st_load, save as st_save
 
 from actstore.errors import ConfigError, CorruptDataError, StoreFormatError, StoreNotFoundError
 from actstore.loader import Normalization
-from actstore.store._io import put_bytes
+from actstore.store import filesystem, put_bytes
 from sae.config import SAEConfig
 from sae.model import SparseAutoencoder
 
@@ -71,7 +70,7 @@ def save(sae: SparseAutoencoder, url: str, normalization: Normalization | None =
                     "tokens": getattr(normalization, "tokens", None)}
     cfg = {**asdict(sae.cfg), "format": FORMAT, "format_version": FORMAT_VERSION, "normalization": norm_cfg,
            "extra": extra or {}}
-    fs, root = fsspec.core.url_to_fs(str(url), **(storage_options or {}))
+    fs, root = filesystem(str(url), storage_options)
     put_bytes(fs, f"{root}/{WEIGHTS}", st_save({k: t.cpu() for k, t in tensors.items()}, metadata={"format": "pt"}))
     put_bytes(fs, f"{root}/{CONFIG}", json.dumps(cfg, indent=2, sort_keys=True).encode())
 
@@ -79,7 +78,7 @@ def save(sae: SparseAutoencoder, url: str, normalization: Normalization | None =
 def load(url: str, device: torch.device | str | None = None, storage_options: dict[str, Any] | None = None
          ) -> tuple[SparseAutoencoder, Normalization | None]:
     """The SAE saved at `url` (in eval mode) and the input normalization it was trained behind, if any."""
-    fs, root = fsspec.core.url_to_fs(str(url), **(storage_options or {}))
+    fs, root = filesystem(str(url), storage_options)
     raw_cfg = _get(fs, root, CONFIG)
     try:
         cfg_dict = json.loads(raw_cfg)
@@ -116,7 +115,7 @@ def load(url: str, device: torch.device | str | None = None, storage_options: di
 
 def read_extra(url: str, storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
     """The `extra` dict saved with a checkpoint (the trainer's step, metrics, ...), without loading weights."""
-    fs, root = fsspec.core.url_to_fs(str(url), **(storage_options or {}))
+    fs, root = filesystem(str(url), storage_options)
     return json.loads(_get(fs, root, CONFIG)).get("extra", {})
 
 
@@ -149,7 +148,7 @@ def export_saelens(sae: SparseAutoencoder, url: str, normalization: Normalizatio
     }
     if architecture == "topk":
         saelens_cfg |= {"k": cfg.k, "rescale_acts_by_decoder_norm": False}
-    fs, root = fsspec.core.url_to_fs(str(url), **(storage_options or {}))
+    fs, root = filesystem(str(url), storage_options)
     put_bytes(fs, f"{root}/{SAELENS_WEIGHTS}", st_save(tensors, metadata={"format": "pt"}))
     put_bytes(fs, f"{root}/{CONFIG}", json.dumps(saelens_cfg, indent=2).encode())
 

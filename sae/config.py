@@ -7,7 +7,7 @@ saved as `cfg.json` beside `sae.safetensors` (see sae.checkpoint).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -27,7 +27,7 @@ class SAEConfig:
 
     d_in: int
     """Width of the input activations (the backbone's hidden size, e.g. 768)."""
-    kind: str = "topk"
+    kind: str = field(default="topk", metadata={"choices": KINDS})
     """Activation and sparsity mechanism, one of KINDS."""
     d_sae: int | None = None
     """Number of latents; defaults to expansion * d_in."""
@@ -47,7 +47,7 @@ class SAEConfig:
     batchtopk_threshold_lr: float = 0.01
     """batchtopk: rate of the moving average of the smallest selected activation, the threshold
     used at inference (model.eval())."""
-    dtype: str = "float32"
+    dtype: str = field(default="float32", metadata={"choices": tuple(DTYPES)})
     """Parameter dtype, one of DTYPES."""
     init_seed: int = 0
     """Seed of the random decoder directions (W_enc starts as their copy)."""

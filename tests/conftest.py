@@ -6,7 +6,7 @@ import uuid
 
 import pytest
 
-from actstore.testing import MotoS3
+from actstore.testing.s3 import MotoS3
 
 
 @pytest.fixture(scope="session")
@@ -42,7 +42,7 @@ SERVICE_TOKEN = "s3cret-token"
 def service_store(ray_local, tmp_path_factory):
     """48 generated shape images through a random-weight timm ViT-Tiny (layer -2), and their folder."""
     from actstore.extract import ExtractConfig, run_extract
-    from actstore.shapes import generate_dataset
+    from actstore.testing.shapes import generate_dataset
 
     root = tmp_path_factory.mktemp("service")
     generate_dataset(str(root / "images"), SERVICE_IMAGES, seed=3, image_size=64)

@@ -20,9 +20,9 @@ import schemathesis
 from hypothesis import HealthCheck, given, settings
 from PIL import Image
 
-from actstore.backbones import BackboneConfig, load_backbone
+from actstore.extract.backbones import BackboneConfig, load_backbone
 from services.api import create_app, model_view
-from services.layout import open_array, read_index_meta
+from services.index.layout import open_array, read_index_meta
 
 
 def get(url: str, **kw) -> requests.Response:
@@ -199,7 +199,7 @@ def _free_port() -> int:
 def test_cli_serve_starts_fast_and_reads_the_token_from_the_environment(index_dir, tmp_path):
     port = _free_port()
     env = {**os.environ, "ACTSTORE_TOKEN": "from-env"}
-    cmd = [sys.executable, "-m", "actstore.cli", "serve", "--index", str(index_dir), "--port", str(port)]
+    cmd = [sys.executable, "-m", "cli", "serve", "--index", str(index_dir), "--port", str(port)]
     t0 = time.monotonic()
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
@@ -217,7 +217,7 @@ def test_cli_serve_starts_fast_and_reads_the_token_from_the_environment(index_di
     finally:
         proc.terminate()
         proc.wait(10)
-    bad = subprocess.run([sys.executable, "-m", "actstore.cli", "serve", "--index", str(tmp_path)],
+    bad = subprocess.run([sys.executable, "-m", "cli", "serve", "--index", str(tmp_path)],
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode == 1 and bad.stderr.strip().count("\n") == 0
     assert bad.stderr.startswith("error: ") and "not a feature index" in bad.stderr
@@ -241,13 +241,13 @@ def test_ray_serve_gives_the_same_answers(ray_local, api_url, index_dir):
 
 def test_index_cli_and_its_errors(service_store, tmp_path):
     out = tmp_path / "idx"
-    r = subprocess.run([sys.executable, "-m", "actstore.cli", "index", "--store", str(service_store / "store"),
+    r = subprocess.run([sys.executable, "-m", "cli", "index", "--store", str(service_store / "store"),
                         "--sae", str(service_store / "sae"), "--out", str(out), "--k", "3", "-q"],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert f"actstore serve --index {out}" in r.stdout
     assert json.loads((out / "index.json").read_text())["k"] == 3
-    again = subprocess.run([sys.executable, "-m", "actstore.cli", "index", "--store", str(service_store / "store"),
+    again = subprocess.run([sys.executable, "-m", "cli", "index", "--store", str(service_store / "store"),
                             "--sae", str(service_store / "sae"), "--out", str(out), "-q"],
                            capture_output=True, text=True, timeout=300)
     assert again.returncode == 1 and again.stderr.startswith("error: ") and "--overwrite" in again.stderr

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from actstore.decode import DECODE_FORMATS, DecodedImage, decode_image
-from actstore.store._images import STATUS_OK, STATUS_REJECTED
-from actstore.testing import encode_image, png_claiming
+from actstore.extract.decode import DECODE_FORMATS, DecodedImage, decode_image
+from actstore.store import STATUS_OK, STATUS_REJECTED
+from actstore.testing.images import encode_image, png_claiming
 
 
 def _noise(h: int, w: int, seed: int = 0) -> Image.Image:

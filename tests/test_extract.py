@@ -17,9 +17,9 @@ from PIL import Image
 
 from actstore.errors import IncompleteStoreError
 from actstore.extract import ExtractConfig, run_extract
-from actstore.shapes import generate_dataset
+from actstore.testing.shapes import generate_dataset
 from actstore.store import ActivationStore, StoreWriter, verify_store
-from actstore.testing import hard_images
+from actstore.testing.images import hard_images
 
 MODEL, ARCH, LAYER = "timm:vit_tiny_patch16_224", "vit_tiny_patch16_224", "10"  # -2 of 12 blocks
 N_IMAGES, PER_SHARD = 96, 8  # 12 units

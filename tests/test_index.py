@@ -16,7 +16,7 @@ from sae import checkpoint
 from sae.config import SAEConfig
 from sae.model import SparseAutoencoder
 from services.index import BAND_EXPONENTS, IndexConfig, build_index
-from services.layout import open_array, read_index_meta
+from services.index.layout import open_array, read_index_meta
 
 N, GRID, D, F = 52, (3, 4), 16, 48
 P = GRID[0] * GRID[1]

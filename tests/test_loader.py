@@ -20,7 +20,7 @@ import zarr
 from actstore.errors import ConfigError, CorruptDataError, IncompleteStoreError
 from actstore.loader import LoaderConfig, Normalization, PatchLoader
 from actstore.store import LayerSpec, StoreSpec, StoreWriter, TokenLayout
-from actstore.synthetic import vit_like_activations
+from actstore.testing.synthetic import vit_like_activations
 
 N, GRID, D = 61, (2, 3), 24  # 7 tokens per image; 16 chunks of 4 images, the last one partial
 IPC, IPS = 4, 16
@@ -133,7 +133,7 @@ def reference_stream(ok, capacity, seed=0, epoch=0, tokens=range(1, T)) -> list[
     Chunks enter in the epoch's order while they fit; each batch is rng.choice over the whole buffer;
     drawn rows leave and the survivors of the buffer's last k places fill the holes, in order.
     """
-    from actstore.loader._loader import _DRAWS, _ORDER
+    from actstore.loader._order import _DRAWS, _ORDER
 
     n_chunks = -(-N // IPC)
     pending = [[(i, t) for i in range(c * IPC, min((c + 1) * IPC, N)) if ok[i] for t in tokens]

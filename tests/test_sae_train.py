@@ -133,3 +133,42 @@ def test_two_ray_train_workers(ray_local, planted, tmp_path):
     assert [l["step"] for l in lines] == [6, 12]
     sae, _ = load(str(tmp_path / "dp"))
     assert torch.allclose(sae.W_dec.norm(dim=1), torch.ones(96), atol=1e-5)
+
+
+def _untimed(text: str) -> list[dict]:
+    return [{k: v for k, v in json.loads(l).items() if k != "tokens_per_s"} for l in text.splitlines()]
+
+
+def test_metrics_are_appended_and_a_torn_line_is_dropped_on_resume(planted, tmp_path):
+    store, _ = planted
+    sweep = ({"kind": "topk", "k": 4, "d_sae": 32, "name": "a"}, {"kind": "relu", "d_sae": 32, "name": "b"})
+    kw = dict(tokens=512 * 12, log_every=2, checkpoint_every=6, sae=sweep)
+    Trainer(config(store, tmp_path / "whole", **kw)).fit(progress=False)
+    whole = (tmp_path / "whole/metrics.jsonl").read_text()
+    parts = config(store, tmp_path / "parts", **kw)
+    Trainer(parts).fit(progress=False, stop_after=6)  # checkpoint at step 6, a log step
+    metrics = tmp_path / "parts/metrics.jsonl"
+    before = metrics.read_text()
+    assert [r["step"] for r in _untimed(before)] == [2, 2, 4, 4, 6, 6]
+    # as if the run had gone on: logged step 8, then crashed while appending step 10
+    after = whole.splitlines(keepends=True)[6:10]
+    with open(metrics, "a") as f:
+        f.write("".join(after[:2]) + after[2][:len(after[2]) // 2])
+    Trainer(parts).fit(progress=False)
+    resumed = metrics.read_text()
+    assert resumed.startswith(before)  # the lines up to the checkpoint are kept as they were, then appended to
+    assert _untimed(resumed) == _untimed(whole)
+
+
+def test_metrics_sink_appends_on_s3(s3, s3_url):
+    from actstore.store import filesystem
+    from sae.train.sinks import JsonlSink, read_metrics
+
+    fs, root = filesystem(s3_url, s3.storage_options)
+    rows = [{"step": s, "sae": "a", "loss": 1.0 / s} for s in (1, 2, 3)]
+    sink = JsonlSink(fs, f"{root}/metrics.jsonl", 0)
+    for r in rows:
+        sink.write([r])
+    assert read_metrics(fs, root) == rows
+    JsonlSink(fs, f"{root}/metrics.jsonl", 2).write([rows[2]])  # a resume at step 2 drops step 3, then appends
+    assert read_metrics(fs, root) == rows

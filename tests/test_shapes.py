@@ -8,8 +8,8 @@ import pytest
 from PIL import Image
 
 from actstore.errors import ConfigError
-from actstore.shapes import SHAPES, generate_dataset
-from actstore.sources import build_manifest
+from actstore.testing.shapes import SHAPES, generate_dataset
+from actstore.extract.sources import build_manifest
 
 
 def _files(root):

@@ -7,8 +7,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from actstore.errors import ConfigError
-from actstore.shapes import generate_dataset
-from actstore.sources import build_manifest, read_bytes
+from actstore.testing.shapes import generate_dataset
+from actstore.extract.sources import build_manifest, read_bytes
 
 
 def _touch(path, data=b"x"):

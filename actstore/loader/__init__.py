@@ -29,7 +29,10 @@ the chunks that still have rows in the buffer (up to ~8 buffer-lengths back)
 and continues with exactly the stream it would have delivered.
 
 Modules: _config (LoaderConfig, Normalization, LoaderStats), _buffer (the
-shuffle buffer, chunk plans), _loader (PatchLoader: order, threads, batches).
+shuffle buffer, chunk plans), _order (which rows, the epoch's chunk order, rank
+assignment, draw seeds), _reads (read-ahead and decode threads, the
+refill-and-draw loop, resume's rehydration), _gather (batch assembly), _loader
+(PatchLoader: lifecycle, position, the background thread).
 """
 
 from actstore.loader._config import DEFAULT_BUFFER_BYTES, TOKENS, LoaderConfig, LoaderStats, Normalization

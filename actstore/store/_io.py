@@ -19,16 +19,7 @@ import zarr
 from zarr.storage import FsspecStore, LocalStore
 
 from actstore.errors import StoreNotFoundError
-
-
-def normalize_url(url: str) -> str:
-    """Strip a trailing slash and the file:// prefix (local paths use LocalStore)."""
-    url = str(url).rstrip("/")
-    return url[len("file://"):] if url.startswith("file://") else url
-
-
-def is_local(url: str) -> bool:
-    return "://" not in normalize_url(url)
+from actstore.store._url import is_local, normalize_url
 
 
 def zarr_store(url: str, storage_options: dict[str, Any] | None, read_only: bool) -> LocalStore | FsspecStore:

@@ -1,4 +1,4 @@
-// Feature browser: plain JS over the services.api JSON endpoints (see services/api.py).
+// Feature browser: plain JS over the services.api JSON endpoints (see services/api/routes/).
 // The URL fragment carries the state that a link should keep: #feature=ID&token=SECRET.
 "use strict";
 

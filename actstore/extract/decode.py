@@ -29,7 +29,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from actstore.errors import ConfigError
-from actstore.store._images import STATUS_OK, STATUS_REJECTED
+from actstore.store import STATUS_OK, STATUS_REJECTED
 
 __all__ = ["DECODE_FORMATS", "DEFAULT_MAX_PIXELS", "DecodedImage", "decode_image"]
 
@@ -37,7 +37,7 @@ DEFAULT_MAX_PIXELS = 89_478_485
 """PIL's default warning limit (~ 9459 x 9459): far above any photo dataset, far below a bomb."""
 
 DECODE_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF")
-"""PIL formats tried, the ones of actstore.sources.IMAGE_EXTENSIONS (JPEG includes multi-picture MPO).
+"""PIL formats tried, the ones of actstore.extract.sources.IMAGE_EXTENSIONS (JPEG includes multi-picture MPO).
 An allow-list keeps PIL's other plugins, such as EPS (which runs Ghostscript), away from untrusted bytes."""
 
 _WHITE = (255, 255, 255)

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -26,14 +25,15 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from actstore.backbones import BackboneConfig, Preprocessor, load_backbone
+from actstore.extract.backbones import BackboneConfig, load_backbone
+from actstore.extract.preprocess import Preprocessor
+from actstore.cluster import init_ray
 from actstore.config import config_json
-from actstore.decode import DEFAULT_MAX_PIXELS, decode_image
+from actstore.extract.decode import DEFAULT_MAX_PIXELS, decode_image
 from actstore.errors import ConfigError
-from actstore.sources import build_manifest, read_bytes
-from actstore.store import DEFAULT_CODEC, DEFAULT_DTYPE, STATUS_OK, STATUS_REJECTED, StoreSpec, StoreWriter
-from actstore.store._encoding import to_storage
-from actstore.store._io import filesystem, put_bytes
+from actstore.extract.sources import build_manifest, read_bytes
+from actstore.store import (CODECS, DEFAULT_CODEC, DEFAULT_DTYPE, DTYPES, STATUS_OK, STATUS_REJECTED, StoreSpec,
+                            StoreWriter, filesystem, put_bytes, to_storage)
 
 log = logging.getLogger(__name__)
 
@@ -56,9 +56,9 @@ class ExtractConfig:
     """Images per forward pass."""
     images_per_shard: int = 256
     """Images per work unit (= shard)."""
-    dtype: str = DEFAULT_DTYPE
+    dtype: str = field(default=DEFAULT_DTYPE, metadata={"choices": DTYPES})
     """Stored dtype: bfloat16, float16 or float32."""
-    codec: str = DEFAULT_CODEC
+    codec: str = field(default=DEFAULT_CODEC, metadata={"choices": CODECS})
     """Chunk codec: blosc-lz4, zstd or none."""
     pretrained: str | None = None
     """Hub tag or local checkpoint path; None for random weights."""
@@ -175,17 +175,8 @@ def _write_unit(batch: dict[str, np.ndarray], writer: StoreWriter) -> dict[str, 
     return {"unit": batch["unit"], "n": np.array([len(rows["uri"])]), "n_rejected": np.array([n_rejected])}
 
 
-def _ray_init(address: str | None) -> None:
-    import ray
-
-    if not ray.is_initialized():
-        ray.init(address=address, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
-
-
 def run_extract(cfg: ExtractConfig, progress: bool = True) -> ExtractResult:
     """Run (or resume) an extraction; returns counts and timing."""
-    import ray
-
     started = time.perf_counter()
     manifest = build_manifest(cfg.images, dict(cfg.image_storage_options))
     backbone = load_backbone(cfg.backbone)  # on the driver: layer specs, transforms, metadata
@@ -201,38 +192,16 @@ def run_extract(cfg: ExtractConfig, progress: bool = True) -> ExtractResult:
     if cfg.max_units is not None:
         todo = todo[:cfg.max_units]
     n_todo = sum(spec.unit_range(k)[1] - spec.unit_range(k)[0] for k in todo)
+    units = []
+    for k in todo:
+        a, b = spec.unit_range(k)
+        units.append({"unit": k, "uris": json.dumps(manifest.uris[a:b]),
+                      "labels": json.dumps([int(v) for v in manifest.labels[a:b]])})
     preprocessor = backbone.preprocessor
     del backbone
-
     n_rejected = 0
-    if todo:
-        _ray_init(cfg.address)
-        ray.data.DataContext.get_current().enable_progress_bars = False  # ours counts images
-        logging.getLogger("ray.data").setLevel(logging.ERROR)
-        gpus = int(ray.cluster_resources().get("GPU", 0))
-        cpus = int(ray.cluster_resources().get("CPU", 1))
-        actors = cfg.num_actors or max(1, gpus)
-        # CPU only: the forward pass dominates, so each actor's torch uses its share of every core while
-        # reserving one CPU in Ray's accounting, which leaves the rest for decode and write tasks
-        threads = None if gpus else max(1, cpus // actors)
-        rows = []
-        for k in todo:
-            a, b = spec.unit_range(k)
-            rows.append({"unit": k, "uris": json.dumps(manifest.uris[a:b]),
-                         "labels": json.dumps([int(v) for v in manifest.labels[a:b]])})
-        ds = ray.data.from_items(rows, override_num_blocks=len(rows))
-        # the memory hint (a decoded unit, twice) is honest and keeps Ray Data from fusing decoding into
-        # the forward actors, which would serialize the two on a CPU-only cluster too
-        unit_bytes = cfg.images_per_shard * 3 * preprocessor.image_size[0] * preprocessor.image_size[1]
-        ds = ds.map_batches(_decode_unit, batch_size=1, batch_format="numpy", memory=2 * unit_bytes,
-                            fn_kwargs={"preprocessor": preprocessor, "max_pixels": cfg.max_pixels,
-                                       "storage_options": dict(cfg.image_storage_options)})
-        # Ray Data restarts forward actors and retries their tasks (at least once; units are idempotent)
-        ds = ds.map_batches(_Forward, batch_size=1, batch_format="numpy",
-                            compute=ray.data.ActorPoolStrategy(size=actors), num_gpus=1 if gpus else 0, num_cpus=1,
-                            fn_constructor_kwargs={"backbone": cfg.backbone, "batch_size": cfg.batch_size,
-                                                   "dtype": cfg.dtype, "threads": threads})
-        ds = ds.map_batches(_write_unit, batch_size=1, batch_format="numpy", fn_kwargs={"writer": writer})
+    if units:
+        ds = _pipeline(cfg, units, preprocessor, writer)
         with tqdm(total=n_todo, desc="extract", unit="img", disable=not progress) as bar:
             for out in ds.iter_batches(batch_size=None, batch_format="numpy"):
                 bar.update(int(out["n"].sum()))
@@ -243,3 +212,32 @@ def run_extract(cfg: ExtractConfig, progress: bool = True) -> ExtractResult:
     return ExtractResult(url=writer.url, n_images=spec.n_images, units_total=spec.n_units,
                          units_written=len(todo), units_skipped=len(done), images_written=n_todo,
                          n_rejected=n_rejected, seconds=time.perf_counter() - started, complete=complete)
+
+
+def _pipeline(cfg: ExtractConfig, units: list[dict[str, Any]], preprocessor: Preprocessor,
+              writer: StoreWriter) -> Any:
+    """The Ray Data dataset: one row per unit, decode tasks -> forward actors -> write tasks."""
+    import ray
+
+    init_ray(cfg.address)
+    ray.data.DataContext.get_current().enable_progress_bars = False  # ours counts images
+    logging.getLogger("ray.data").setLevel(logging.ERROR)
+    gpus = int(ray.cluster_resources().get("GPU", 0))
+    cpus = int(ray.cluster_resources().get("CPU", 1))
+    actors = cfg.num_actors or max(1, gpus)
+    # CPU only: the forward pass dominates, so each actor's torch uses its share of every core while
+    # reserving one CPU in Ray's accounting, which leaves the rest for decode and write tasks
+    threads = None if gpus else max(1, cpus // actors)
+    ds = ray.data.from_items(units, override_num_blocks=len(units))
+    # the memory hint (a decoded unit, twice) is honest and keeps Ray Data from fusing decoding into
+    # the forward actors, which would serialize the two on a CPU-only cluster too
+    unit_bytes = cfg.images_per_shard * 3 * preprocessor.image_size[0] * preprocessor.image_size[1]
+    ds = ds.map_batches(_decode_unit, batch_size=1, batch_format="numpy", memory=2 * unit_bytes,
+                        fn_kwargs={"preprocessor": preprocessor, "max_pixels": cfg.max_pixels,
+                                   "storage_options": dict(cfg.image_storage_options)})
+    # Ray Data restarts forward actors and retries their tasks (at least once; units are idempotent)
+    ds = ds.map_batches(_Forward, batch_size=1, batch_format="numpy",
+                        compute=ray.data.ActorPoolStrategy(size=actors), num_gpus=1 if gpus else 0, num_cpus=1,
+                        fn_constructor_kwargs={"backbone": cfg.backbone, "batch_size": cfg.batch_size,
+                                               "dtype": cfg.dtype, "threads": threads})
+    return ds.map_batches(_write_unit, batch_size=1, batch_format="numpy", fn_kwargs={"writer": writer})

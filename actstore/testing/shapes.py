@@ -6,7 +6,7 @@ images, so that later stages can check that SAE features, probes or top
 images relate to something real. Nothing is downloaded: the images come from
 PIL's ImageDraw and numpy, lossless PNG, the same bytes for the same seed.
 
-Layout, ImageNet-style so that actstore.sources.build_manifest reads it:
+Layout, ImageNet-style so that actstore.extract.sources.build_manifest reads it:
 
     <out>/<shape>/<i:06d>.png    image i (i = generation index)
     <out>/factors.parquet        one row per image, in manifest order

@@ -1,4 +1,4 @@
-"""The index folder's layout, shared by its writer (services.index) and the service (services.api).
+"""The index folder's layout, shared by its writer (services.index.build) and the service (services.api).
 
 Light on purpose (numpy and the standard library): the service imports it without torch.
 """
@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from actstore.errors import CorruptDataError, StoreFormatError, StoreNotFoundError
+from actstore.store import normalize_url
 
 __all__ = ["ARRAYS", "FEATURES", "FORMAT", "FORMAT_VERSION", "IMAGES", "META", "dataset_root", "open_array",
            "read_index_meta"]
@@ -24,14 +25,9 @@ FORMAT, FORMAT_VERSION = "actstore-index", 1
 META, FEATURES, IMAGES, ARRAYS = "index.json", "features.parquet", "images.parquet", "arrays"
 
 
-def _local(path: str | Path) -> Path:
-    text = str(path)
-    return Path(text[len("file://"):] if text.startswith("file://") else text)
-
-
 def read_index_meta(path: str | Path) -> dict[str, Any]:
     """index.json of the index at `path`, checked for format and version."""
-    p = _local(path) / META
+    p = Path(normalize_url(str(path))) / META
     try:
         meta = json.loads(p.read_text())
     except FileNotFoundError:
@@ -45,7 +41,7 @@ def read_index_meta(path: str | Path) -> dict[str, Any]:
 
 def open_array(path: str | Path, name: str) -> np.ndarray:
     """Memory-map one index array (read-only): its single uncompressed zarr chunk is the raw C-order array."""
-    root = _local(path) / ARRAYS / name
+    root = Path(normalize_url(str(path))) / ARRAYS / name
     meta = json.loads((root / "zarr.json").read_text())
     dtype, shape = np.dtype(meta["data_type"]).newbyteorder("<"), tuple(meta["shape"])
     if 0 in shape:

@@ -1,19 +1,6 @@
-"""The SAE trainer: one pass over a store's patches, several SAEs on the same batches.
+"""Trainer: one process's training loop over a sweep, its checkpoints and resume, the data-parallel collectives.
 
-    PatchLoader (normalized batches) -> for each SAE of the sweep:
-        forward (+ AuxK for topk kinds) -> backward -> [all-reduce grads] -> remove the decoder
-        gradient parallel to its rows -> clip -> Adam step -> unit-norm decoder rows
-        -> dead-latent tracking (tokens since each latent last fired)
-
-Schedules are functions of the step (lr: linear warm-up, constant, linear decay to 0; sparsity
-coefficient: linear warm-up), so a resumed run needs only the step, the parameters, Adam's state,
-the dead-latent counters and the loader's position: `<out>/checkpoint/` holds exactly those, and a
-resumed run equals an uninterrupted one. Data parallelism (`num_workers > 1`) runs the same loop in
-Ray Train workers: each rank reads its own chunks, gradients are averaged with one all-reduce per
-SAE, and rank 0 logs and saves.
-
-Outputs under `out` (a path or fsspec URL): train_config.json, metrics.jsonl (one line per SAE per
-log step), <name>/sae.safetensors + cfg.json per SAE (sae.checkpoint), checkpoint/.
+The loop, the schedules and what a checkpoint holds are described in sae.train.
 """
 
 from __future__ import annotations
@@ -22,124 +9,24 @@ import json
 import logging
 import math
 import time
-from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
 import torch.distributed as dist
-from safetensors.torch import load as st_load
-from safetensors.torch import save as st_save
+from safetensors.torch import load as st_load, save as st_save
 from tqdm.auto import tqdm
 
 from actstore.config import config_json
 from actstore.errors import ConfigError
 from actstore.loader import PatchLoader
-from actstore.store._io import filesystem, put_bytes
-from sae import checkpoint, metrics
-from sae.config import SAEConfig
-from sae.model import SparseAutoencoder
+from actstore.store import filesystem, put_bytes
+from sae import SAEConfig, SparseAutoencoder, checkpoint, metrics
+from sae.train.config import TrainConfig, sae_name
+from sae.train.sinks import open_sinks
 
 log = logging.getLogger(__name__)
 
 STATE = "checkpoint/state.json"
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """One training run (a sweep of SAEs on the same batches); written to <out>/train_config.json."""
-
-    store: str
-    """Activation store URL."""
-    out: str
-    """Output directory (path or fsspec URL)."""
-    layer: str | int = -2
-    """Store layer: name, block index, or negative block index."""
-    sae: tuple[Mapping[str, Any], ...] = ({"kind": "topk", "k": 32, "expansion": 16},)
-    """The sweep: SAEConfig fields per SAE (d_in comes from the store); optional "name"."""
-    tokens: int = 10_000_000
-    """Training tokens (patches), all ranks together; the loader cycles epochs as needed."""
-    batch_size: int = 4096
-    """Patches per step and rank."""
-    lr: float = 2e-4
-    """Adam learning rate after warm-up."""
-    lr_warmup_steps: int = 1000
-    """Linear warm-up from 0 (capped at a tenth of the run)."""
-    lr_decay_frac: float = 0.2
-    """Fraction of the run, at its end, over which lr decays linearly to 0."""
-    sparsity_warmup_steps: int = 1000
-    """Linear warm-up of the L1 (relu) / L0 (jumprelu) coefficient (capped at a twentieth of the run)."""
-    dead_window_tokens: int = 2_000_000
-    """A latent that has not fired for this many tokens is dead."""
-    auxk_coeff: float = 1 / 32
-    """Weight of the AuxK loss (topk kinds), as in Gao et al. 2024."""
-    k_aux: int | None = None
-    """Dead latents in the AuxK reconstruction; default d_in // 2."""
-    resample_every: int | None = 2500
-    """relu: every this many steps, re-initialize dead latents toward badly reconstructed inputs."""
-    grad_clip: float = 1.0
-    """Max global gradient norm per SAE (0 disables)."""
-    normalize: bool = True
-    """Train on the loader's normalized activations (recorded in every checkpoint)."""
-    buffer_bytes: int | None = None
-    """Loader shuffle buffer; default the loader's."""
-    seed: int = 0
-    """Loader order and resampling draws."""
-    amp: bool = True
-    """bfloat16 autocast for the forward pass on CUDA (ignored on CPU)."""
-    log_every: int = 50
-    """Steps between metric lines."""
-    checkpoint_every: int | None = 1000
-    """Steps between resumable checkpoints (and at the end); None: only at the end."""
-    num_workers: int = 1
-    """Data-parallel workers through Ray Train (GPUs when the cluster has them)."""
-    storage_options: Mapping[str, Any] = field(default_factory=dict)
-    """fsspec options for the store and for out."""
-    tensorboard: bool = False
-    """Also write TensorBoard events under <out>/tb (needs tensorboard installed)."""
-    wandb_project: str | None = None
-    """Also log to this Weights & Biases project (needs wandb installed)."""
-
-    def __post_init__(self) -> None:
-        if isinstance(self.sae, Mapping):
-            object.__setattr__(self, "sae", (self.sae,))
-        object.__setattr__(self, "sae", tuple(dict(s) for s in self.sae))
-        if not self.sae:
-            raise ConfigError("TrainConfig: the sweep needs at least one SAE")
-        names = [s.get("name") or sae_name(s) for s in self.sae]
-        if len(set(names)) != len(names):
-            raise ConfigError(f"TrainConfig: SAE names collide ({names}); give each a distinct 'name'")
-        for name in ("tokens", "batch_size", "log_every", "num_workers"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"TrainConfig: {name} must be >= 1, got {getattr(self, name)}")
-        if not 0 <= self.lr_decay_frac <= 1 or self.lr <= 0:
-            raise ConfigError("TrainConfig: need lr > 0 and 0 <= lr_decay_frac <= 1")
-
-    @property
-    def steps(self) -> int:
-        return max(1, self.tokens // (self.batch_size * self.num_workers))
-
-    def lr_at(self, step: int) -> float:
-        warm = min(self.lr_warmup_steps, self.steps // 10)
-        if step < warm:
-            return self.lr * (step + 1) / warm
-        decay_start = self.steps * (1 - self.lr_decay_frac)
-        if step >= decay_start and self.lr_decay_frac > 0:
-            return self.lr * max(0.0, (self.steps - step) / (self.steps - decay_start))
-        return self.lr
-
-    def sparsity_scale_at(self, step: int) -> float:
-        warm = min(self.sparsity_warmup_steps, self.steps // 20)
-        return min(1.0, (step + 1) / warm) if warm else 1.0
-
-
-def sae_name(fields: Mapping[str, Any]) -> str:
-    """A readable default name: kind, k or coefficient, expansion."""
-    kind = fields.get("kind", "topk")
-    size = f"x{fields['expansion']:g}" if "expansion" in fields else f"m{fields.get('d_sae', 'auto')}"
-    knob = {"topk": f"k{fields.get('k', 32)}", "batchtopk": f"k{fields.get('k', 32)}",
-            "relu": f"l1-{fields.get('l1_coeff', 5.0):g}", "jumprelu": f"l0-{fields.get('l0_coeff', 1.0):g}"}
-    return f"{kind}-{knob.get(kind, '')}-{size}"
 
 
 class _Member:
@@ -260,6 +147,13 @@ class Trainer:
             dist.broadcast(t.data, 0)
 
     # the loop ---------------------------------------------------------------------------
+    def _init_from_data(self, x: torch.Tensor) -> None:
+        """Every SAE's decoder bias from the first batch (rank 0's values on every rank)."""
+        for m in self.members:
+            m.sae.init_from_data(x[:4096].float())
+            if self.world_size > 1:
+                self._broadcast_params(m.sae)
+
     def _train_step(self, m: _Member, x: torch.Tensor) -> dict[str, Any]:
         cfg, sae = self.cfg, m.sae
         sae.train()
@@ -343,7 +237,7 @@ class Trainer:
         resumed = self._try_resume()
         if not resumed and self.rank == 0:
             self._put("train_config.json", config_json(cfg).encode())
-        logger = _Logger(self, enabled=self.rank == 0)
+        sinks = open_sinks(cfg, self.fs, self.root, self.step, self.rank)
         end = cfg.steps if stop_after is None else min(cfg.steps, self.step + stop_after)
         last: list[dict[str, Any]] = []
         bar = tqdm(total=cfg.steps * cfg.batch_size * self.world_size, initial=self.step * cfg.batch_size *
@@ -353,10 +247,7 @@ class Trainer:
         while self.step < end:  # check before taking a batch: the loader's position must match the step
             x = next(batches)
             if self.step == 0 and not resumed:
-                for m in self.members:
-                    m.sae.init_from_data(x[:4096].float())
-                    if self.world_size > 1:
-                        self._broadcast_params(m.sae)
+                self._init_from_data(x)
             results = [self._train_step(m, x) for m in self.members]
             self.step += 1
             for m, r in zip(self.members, results):
@@ -367,91 +258,12 @@ class Trainer:
                 now = time.perf_counter()
                 last = [self._metrics(m, x, r, now - t0) for m, r in zip(self.members, results)]
                 t0 = now
-                logger.write(last)
+                sinks.write(last)
                 bar.set_postfix(loss=f"{last[0]['loss']:.4g}", l0=f"{last[0]['l0']:.1f}")
             if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0 and self.step < end:
                 self.save_checkpoint()
         bar.close()
         self.save_checkpoint()
-        logger.close()
+        sinks.close()
         self.loader.close()
         return last
-
-
-class _Logger:
-    """metrics.jsonl always; TensorBoard and wandb when asked.
-
-    The file is rewritten whole at each log step (object stores cannot append); a resumed run
-    keeps the lines up to its checkpoint's step and drops those logged after it.
-    """
-
-    def __init__(self, trainer: Trainer, enabled: bool) -> None:
-        self.trainer, self.enabled = trainer, enabled
-        self.tb = self.wandb = None
-        self.lines: list[bytes] = []
-        if not enabled:
-            return
-        path = trainer._path("metrics.jsonl")
-        if trainer.step and trainer.fs.exists(path):
-            self.lines = [l + b"\n" for l in trainer.fs.cat_file(path).splitlines()
-                          if json.loads(l)["step"] <= trainer.step]
-        cfg = trainer.cfg
-        if cfg.tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:
-                raise ConfigError("tensorboard logging needs the tensorboard package (pip install tensorboard)") from None
-            self.tb = SummaryWriter(f"{trainer.root}/tb")
-        if cfg.wandb_project:
-            try:
-                import wandb
-            except ImportError:
-                raise ConfigError("wandb logging needs the wandb package (pip install wandb)") from None
-            self.wandb = wandb.init(project=cfg.wandb_project, config=json.loads(config_json(cfg)))
-
-    def write(self, rows: list[dict[str, Any]]) -> None:
-        if not self.enabled:
-            return
-        self.lines += [json.dumps(r).encode() + b"\n" for r in rows]
-        self.trainer._put("metrics.jsonl", b"".join(self.lines))
-        for r in rows:
-            scalars = {k: v for k, v in r.items() if isinstance(v, float)}
-            if self.tb is not None:
-                for k, v in scalars.items():
-                    self.tb.add_scalar(f"{r['sae']}/{k}", v, r["tokens"])
-            if self.wandb is not None:
-                self.wandb.log({f"{r['sae']}/{k}": v for k, v in scalars.items()}, step=r["step"])
-
-    def close(self) -> None:
-        if self.tb is not None:
-            self.tb.close()
-        if self.wandb is not None:
-            self.wandb.finish()
-
-
-def _ray_worker(config: dict[str, Any]) -> None:
-    import ray.train
-
-    ctx = ray.train.get_context()
-    cfg = TrainConfig(**config)
-    Trainer(cfg, ctx.get_world_rank(), ctx.get_world_size()).fit(progress=ctx.get_world_rank() == 0)
-
-
-def train(cfg: TrainConfig, progress: bool = True) -> list[dict[str, Any]]:
-    """Run a training config: in this process, or data-parallel through Ray Train."""
-    if cfg.num_workers == 1:
-        return Trainer(cfg).fit(progress=progress)
-    import ray
-    import ray.train
-    from ray.train.torch import TorchTrainer
-
-    if not ray.is_initialized():
-        ray.init(include_dashboard=False, log_to_driver=False, logging_level="ERROR")
-    gpus = int(ray.cluster_resources().get("GPU", 0))
-    trainer = TorchTrainer(_ray_worker, train_loop_config=asdict(cfg),
-                           scaling_config=ray.train.ScalingConfig(num_workers=cfg.num_workers, use_gpu=gpus > 0))
-    trainer.fit()
-    fs, root = filesystem(cfg.out, dict(cfg.storage_options))
-    lines = fs.cat_file(f"{root}/metrics.jsonl").decode().splitlines()
-    return [json.loads(l) for l in lines[-len(cfg.sae):]]
-

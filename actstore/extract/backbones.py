@@ -2,10 +2,8 @@
 
 `load_backbone(BackboneConfig("timm:vit_small_patch14_reg4_dinov2", layers=(-2,)))` gives a frozen
 nn.Module mapping uint8 images (B, 3, H, W) to {layer name: (B, T, d)}, plus the `LayerSpec`s and
-backbone attrs the store records. Preprocessing is split as DESIGN.md asks ("decode to uint8 on CPU
-tasks and normalize on the accelerator"): `Preprocessor` is the model's own PIL pipeline up to its
-ToTensor and carries no weights, so it can be pickled to decode tasks; `Backbone.normalize` does the
-rest on the model's device.
+backbone attrs the store records. Preprocessing is split (actstore.extract.preprocess): decode tasks
+run the model's own PIL steps to uint8, and `Backbone.normalize` does the rest on the model's device.
 
 Layers are the outputs of the model's blocks, named by index ("10"). ViTs keep the CLS token (as
 token 0, when the model has one) and drop the other prefix tokens (registers). open_clip's
@@ -16,7 +14,6 @@ tokens, no CLS) and "attnpool" (the pooled embedding, one token), so -1 is "attn
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -24,10 +21,9 @@ from typing import Any
 import torch
 from PIL import Image
 from torch import Tensor, nn
-from torchvision.transforms import Compose, Normalize, ToTensor
-from torchvision.transforms.functional import pil_to_tensor
 
 from actstore.errors import ConfigError
+from actstore.extract.preprocess import Preprocessor
 from actstore.store import LayerSpec, TokenLayout
 
 __all__ = ["FAMILIES", "Backbone", "BackboneConfig", "Preprocessor", "load_backbone"]
@@ -103,55 +99,6 @@ def _seeded(seed: int, create: Callable[..., nn.Module], *args: Any, **kwargs: A
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return create(*args, **kwargs)
-
-
-@dataclass(frozen=True)
-class Preprocessor:
-    """The model's own image pipeline up to its ToTensor: PIL image in, uint8 (3, H, W) out.
-
-    It holds no weights and pickles, so decode tasks can run it without loading the model.
-    """
-
-    pil_transform: Callable[[Image.Image], Image.Image]
-    """The model's PIL steps (resize, crop, ...), taken from its own transform, not re-implemented."""
-    mean: tuple[float, ...]
-    """Per-channel mean of the model's Normalize, applied on the device by `Backbone.normalize`."""
-    std: tuple[float, ...]
-    """Per-channel std of the model's Normalize."""
-    image_size: tuple[int, int]
-    """(H, W) of the model's input."""
-
-    @classmethod
-    def from_transform(cls, transform: Compose, image_size: int | Sequence[int]) -> Preprocessor:
-        """Split a model's eval transform [PIL steps..., ToTensor, Normalize] at its ToTensor."""
-        steps = list(transform.transforms)
-        at = next((i for i, t in enumerate(steps) if isinstance(t, ToTensor)), None)
-        if at is None or len(steps) != at + 2 or not isinstance(steps[-1], Normalize):
-            raise ConfigError(f"cannot split the model's transform into PIL steps + ToTensor + Normalize: {transform}")
-        size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
-        return cls(Compose(steps[:at]), tuple(map(float, steps[-1].mean)), tuple(map(float, steps[-1].std)),
-                   (int(size[0]), int(size[1])))
-
-    def __call__(self, image: Image.Image) -> Tensor:
-        # RGB first, as timm's and open_clip's own dataset loaders do (grayscale, CMYK, palette images)
-        image = image if image.mode == "RGB" else image.convert("RGB")
-        return pil_to_tensor(self.pil_transform(image))
-
-    def describe(self) -> dict[str, Any]:
-        """JSON-ready record of the pipeline for the store's backbone attrs."""
-        steps = getattr(self.pil_transform, "transforms", [self.pil_transform])
-        resize = next((t for t in steps if "Resize" in type(t).__name__), None)
-        interpolation = getattr(resize, "interpolation", None)
-        return {"image_size": list(self.image_size), "mean": list(self.mean), "std": list(self.std),
-                "resize": _describe(resize) if resize is not None else None,
-                "crop": next((_describe(t) for t in steps if "Crop" in type(t).__name__), None),
-                "interpolation": None if interpolation is None else str(getattr(interpolation, "value", interpolation)),
-                "steps": [_describe(t) for t in steps]}
-
-
-def _describe(step: Any) -> str:
-    """repr without memory addresses (plain functions), so equal pipelines give equal attrs."""
-    return re.sub(r" at 0x[0-9a-fA-F]+", "", repr(step))
 
 
 class _StopForward(Exception):

@@ -43,12 +43,11 @@ import zarr
 from tqdm.auto import tqdm
 
 from actstore.errors import ConfigError
-from actstore.store import ActivationStore, STATUS_OK
-from actstore.store._io import is_local, normalize_url
-from sae import checkpoint
-from sae.acts import SparseActs, csr_rows
-from sae.model import SparseAutoencoder
-from services.layout import ARRAYS, FEATURES, FORMAT, FORMAT_VERSION, IMAGES, META, dataset_root
+from actstore.store import ActivationStore, LayerSpec, is_local, normalize_url, ok_mask
+from sae import Normalization, SparseActs, SparseAutoencoder, csr_rows
+from sae import load as load_sae
+from services.index.layout import ARRAYS, FEATURES, FORMAT, FORMAT_VERSION, IMAGES, META, dataset_root
+from services.index.topn import TopTable, hash_keys, key_values, value_keys
 
 __all__ = ["IndexConfig", "build_index", "density_histogram"]
 
@@ -56,9 +55,6 @@ BAND_EXPONENTS = (-16, 16)
 """Octaves [2^e, 2^(e+1)) for e in [-16, 16); values outside fall into the end octaves."""
 HISTOGRAM_BIN = 0.1
 """Width of a density histogram bin, in log10 firing frequency."""
-_NO_ID = torch.iinfo(torch.int64).max
-_EMPTY_KEY = 1 << 32
-"""Above every 32-bit order key: an empty table entry."""
 
 
 @dataclass(frozen=True)
@@ -98,84 +94,6 @@ class IndexConfig:
             raise ConfigError(f"index: out must be a local folder (the service memory-maps it), got {self.out}")
 
 
-# streaming top-n tables ------------------------------------------------------------------------
-
-class _TopTable:
-    """Per slot, the n entries with the smallest (key, id) pushed so far; a payload row rides with each.
-
-    Keys are 32-bit order keys (int64 holding [0, 2^32)); ids only break ties, and callers push in
-    increasing id order (images arrive in store order), so one stable sort of (slot, key) over
-    [held entries..., candidates...] orders ties by id without sorting on it.
-    """
-
-    def __init__(self, n_slots: int, n: int, payload: tuple[tuple[int, ...], torch.dtype], device: torch.device):
-        self.n = n
-        self.key = torch.full((n_slots, n), _EMPTY_KEY, dtype=torch.int64, device=device)
-        self.id = torch.full((n_slots, n), _NO_ID, dtype=torch.int64, device=device)
-        shape, dtype = payload
-        self.payload = torch.zeros((n_slots, n, *shape), dtype=dtype, device=device)
-
-    def admits(self, slots: torch.Tensor, keys: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        """Which candidates beat their slot's current n-th entry (and so may enter)."""
-        last_key, last_id = self.key[slots, -1], self.id[slots, -1]
-        return (keys < last_key) | ((keys == last_key) & (ids < last_id))
-
-    def push(self, slots: torch.Tensor, keys: torch.Tensor, ids: torch.Tensor, payload: torch.Tensor) -> None:
-        """Merge candidates (ids above every id held, ascending within a slot) into their slots."""
-        if slots.numel() == 0:
-            return
-        dev = slots.device
-        present = torch.bincount(slots, minlength=self.key.shape[0]) > 0  # group by slot without a sort
-        uslots = present.nonzero().squeeze(1)
-        local = (torch.cumsum(present, 0) - 1)[slots]
-        u, n = uslots.numel(), self.n
-        n_held = u * n
-        all_local = torch.cat([torch.arange(u, device=dev).repeat_interleave(n), local])
-        all_key = torch.cat([self.key[uslots].reshape(-1), keys])
-        all_id = torch.cat([self.id[uslots].reshape(-1), ids])
-        order = torch.argsort((all_local << 33) | all_key, stable=True)
-        sorted_local = all_local[order]
-        starts = torch.searchsorted(sorted_local, torch.arange(u, device=dev))
-        rank = torch.arange(order.numel(), device=dev) - starts[sorted_local]
-        keep = rank < n
-        src, rank = order[keep], rank[keep]
-        rows = uslots[sorted_local[keep]]
-        # payload rows: move only held entries whose rank changed (copied out first), then write the new ones
-        new = src >= n_held
-        held_src, held_rows, held_rank = src[~new], rows[~new], rank[~new]
-        moved = held_src % n != held_rank
-        moving = self.payload[held_rows[moved], held_src[moved] % n].clone()
-        self.payload[held_rows[moved], held_rank[moved]] = moving
-        self.payload[rows[new], rank[new]] = payload[src[new] - n_held]
-        self.key[rows, rank] = all_key[src]
-        self.id[rows, rank] = all_id[src]
-
-    def ids(self) -> np.ndarray:
-        """int32 ids with -1 where a slot has fewer than n entries."""
-        return torch.where(self.id == _NO_ID, -1, self.id).to(torch.int32).cpu().numpy()
-
-
-def _value_keys(values: torch.Tensor) -> torch.Tensor:
-    """Order keys that sort positive float32 values descending: a positive float's bits grow with it."""
-    return (0x7FFFFFFF - values.float().view(torch.int32)).long()
-
-
-def _key_values(keys: torch.Tensor) -> torch.Tensor:
-    """Inverse of _value_keys (0 for empty entries)."""
-    empty = keys == _EMPTY_KEY
-    return torch.where(empty, 0, 0x7FFFFFFF - keys).to(torch.int32).view(torch.float32).masked_fill(empty, 0)
-
-
-def _hash_keys(seed: int, image: torch.Tensor, feature: torch.Tensor) -> torch.Tensor:
-    """A uniform pseudo-random 32-bit key per (seed, image, feature): splitmix64's finalizer, low 32 bits."""
-    x = image * 0x9E3779B1 + feature * 0x85EBCA77 + seed * 0xC2B2AE3D  # wraps in int64, as intended
-    for shift, mult in ((30, 0xBF58476D1CE4E5B9 - (1 << 64)), (27, 0x94D049BB133111EB - (1 << 64)), (31, None)):
-        x = x ^ ((x >> shift) & ((1 << (64 - shift)) - 1))  # logical shift on int64
-        if mult is not None:
-            x = x * mult
-    return x & 0xFFFFFFFF
-
-
 # the pass ----------------------------------------------------------------------------------------
 
 @dataclass
@@ -187,8 +105,41 @@ class _Accumulators:
     act_sum: torch.Tensor
     act_max: torch.Tensor
     band_counts: torch.Tensor
-    top: _TopTable
-    bands: _TopTable
+    top: TopTable
+    bands: TopTable
+
+    @classmethod
+    def empty(cls, d_sae: int, n_patches: int, cfg: IndexConfig, device: torch.device) -> _Accumulators:
+        n_bands = BAND_EXPONENTS[1] - BAND_EXPONENTS[0]
+        return cls(n_patches_fired=torch.zeros(d_sae, dtype=torch.int64, device=device),
+                   n_images_fired=torch.zeros(d_sae, dtype=torch.int64, device=device),
+                   act_sum=torch.zeros(d_sae, dtype=torch.float64, device=device),
+                   act_max=torch.zeros(d_sae, dtype=torch.float32, device=device),
+                   band_counts=torch.zeros((d_sae, n_bands), dtype=torch.int64, device=device),
+                   top=TopTable(d_sae, cfg.k, ((n_patches,), torch.float16), device),
+                   bands=TopTable(d_sae * n_bands, cfg.per_band, ((1,), torch.float32), device))
+
+    def features(self, n_ok: int, n_patches: int) -> pa.Table:
+        """features.parquet: per feature its firing counts and frequencies (over the ok images), mean and max."""
+        fired_p, fired_i = self.n_patches_fired.cpu().numpy(), self.n_images_fired.cpu().numpy()
+        return pa.table({
+            "id": np.arange(fired_p.size, dtype=np.int32),
+            "n_patches_fired": fired_p, "n_images_fired": fired_i,
+            "freq_patches": fired_p / max(n_ok * n_patches, 1), "freq_images": fired_i / max(n_ok, 1),
+            "mean_act": (self.act_sum.cpu().numpy() / np.maximum(fired_p, 1)).astype(np.float32),
+            "max_act": self.act_max.cpu().numpy()})
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """The per-feature index arrays (the per-image ones are written during the pass)."""
+        d_sae, n_bands = self.band_counts.shape
+        per_band = self.bands.n
+        return {
+            "top_images": self.top.ids(), "top_values": key_values(self.top.key).cpu().numpy(),
+            "heatmaps": self.top.payload.cpu().numpy(),
+            "band_images": self.bands.ids().reshape(d_sae, n_bands, per_band),
+            "band_values": self.bands.payload.cpu().numpy().reshape(d_sae, n_bands, per_band),
+            "band_counts": self.band_counts.cpu().numpy(),
+        }
 
 
 def _latents(sae: SparseAutoencoder, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -233,7 +184,7 @@ def _fold(acc: _Accumulators, start: int, n_img: int, rows: torch.Tensor, feats:
     pair_feat, pair_img = pair_keys % d_sae, pair_keys // d_sae + start
     acc.n_images_fired += torch.bincount(pair_feat, minlength=d_sae)
     # top images: candidates that beat the current k-th, with their heatmaps
-    order_key = _value_keys(pair_max)
+    order_key = value_keys(pair_max)
     cand = acc.top.admits(pair_feat, order_key, pair_img).nonzero().squeeze(1)
     if cand.numel():
         cand_of_key = torch.full((n_img * d_sae,), -1, dtype=torch.int64, device=dev)
@@ -248,7 +199,7 @@ def _fold(acc: _Accumulators, start: int, n_img: int, rows: torch.Tensor, feats:
     octave = torch.floor(torch.log2(pair_max)).clamp_(lo, hi - 1).long() - lo
     band_slot = pair_feat * (hi - lo) + octave
     acc.band_counts.view(-1).add_(torch.bincount(band_slot, minlength=acc.band_counts.numel()))
-    keys = _hash_keys(seed, pair_img, pair_feat)
+    keys = hash_keys(seed, pair_img, pair_feat)
     cand = acc.bands.admits(band_slot, keys, pair_img).nonzero().squeeze(1)
     acc.bands.push(band_slot[cand], keys[cand], pair_img[cand], pair_max[cand].unsqueeze(1))
     # per image: its m strongest features (ties in any order; -1 past the features that fired)
@@ -258,13 +209,19 @@ def _fold(acc: _Accumulators, start: int, n_img: int, rows: torch.Tensor, feats:
     vals_out[start:start + n_img, :values.shape[1]] = values.cpu().numpy()
 
 
-def build_index(cfg: IndexConfig, progress: bool = True) -> Path:
-    """Run the pass and write the index folder; returns its path."""
-    out = Path(normalize_url(cfg.out))
-    if (out / META).exists() and not cfg.overwrite:
-        raise ConfigError(f"{out}: an index is already there (pass overwrite=True / --overwrite to replace it)")
-    device = torch.device(cfg.device)
-    sae, norm = checkpoint.load(cfg.sae, device=device, storage_options=cfg.storage_options)
+@dataclass(frozen=True)
+class _Source:
+    """What the pass reads: the SAE, its input normalization, the store and the layer it was trained on."""
+
+    sae: SparseAutoencoder
+    norm: Normalization | None
+    store: ActivationStore
+    spec: LayerSpec
+
+
+def _open_source(cfg: IndexConfig, device: torch.device) -> _Source:
+    """Load the SAE and open the store, checking that the layer has patch tokens of the SAE's width."""
+    sae, norm = load_sae(cfg.sae, device=device, storage_options=cfg.storage_options)
     store = ActivationStore(cfg.store, cfg.storage_options)
     layer_key = cfg.layer if cfg.layer is not None else (norm.layer if norm is not None else None)
     if layer_key is None:
@@ -274,78 +231,74 @@ def build_index(cfg: IndexConfig, progress: bool = True) -> Path:
         raise ConfigError(f"{cfg.sae} was trained on CLS tokens; the index needs patch tokens (heatmaps)")
     if spec.d != sae.cfg.d_in:
         raise ConfigError(f"{cfg.sae}: d_in={sae.cfg.d_in} but layer {spec.name} of {cfg.store} has d={spec.d}")
-    layout = spec.tokens
-    n_patches, first = layout.n_patches, int(layout.cls)
-    if n_patches == 0:
+    if spec.tokens.n_patches == 0:
         raise ConfigError(f"layer {spec.name} of {cfg.store} has no patch tokens to index")
-    d_sae, n_images = sae.cfg.d_sae, store.n_images
-    table = store.images()
-    ok = torch.from_numpy(np.asarray(table.column("status").to_numpy(zero_copy_only=False) == STATUS_OK))
+    return _Source(sae, norm, store, spec)
+
+
+def _run_pass(src: _Source, cfg: IndexConfig, ok: torch.Tensor, acc: _Accumulators,
+              image_top: tuple[np.ndarray, np.ndarray], progress: bool) -> None:
+    """Encode every patch, block by block in store order, and fold the latents of ok images into acc."""
+    spec, store, device = src.spec, src.store, acc.act_max.device
+    n_patches, first = spec.tokens.n_patches, int(spec.tokens.cls)
     per_chunk = store.spec.images_per_chunk
     images_per_block = per_chunk * max(1, cfg.block_patches // (n_patches * per_chunk))
+    bar = tqdm(total=store.n_images * n_patches, desc="index", unit="patch", unit_scale=True, disable=not progress)
+    with torch.inference_mode():
+        for start, x in _blocks(store, spec.name, images_per_block):
+            n_img = x.shape[0]
+            block_ok = ok[start:start + n_img]
+            x = x[:, first:first + n_patches].reshape(-1, spec.d).to(device=device, dtype=torch.float32)
+            if src.norm is not None:
+                x = src.norm.apply(x)
+            rows, feats, vals = _latents(src.sae, x)
+            keep = block_ok.to(device)[rows // n_patches]
+            _fold(acc, start, n_img, rows[keep], feats[keep], vals[keep], n_patches, src.sae.cfg.d_sae, cfg.m,
+                  cfg.seed, image_top)
+            bar.update(n_img * n_patches)
+    bar.close()
 
-    n_bands = BAND_EXPONENTS[1] - BAND_EXPONENTS[0]
-    acc = _Accumulators(
-        n_patches_fired=torch.zeros(d_sae, dtype=torch.int64, device=device),
-        n_images_fired=torch.zeros(d_sae, dtype=torch.int64, device=device),
-        act_sum=torch.zeros(d_sae, dtype=torch.float64, device=device),
-        act_max=torch.zeros(d_sae, dtype=torch.float32, device=device),
-        band_counts=torch.zeros((d_sae, n_bands), dtype=torch.int64, device=device),
-        top=_TopTable(d_sae, cfg.k, ((n_patches,), torch.float16), device),
-        bands=_TopTable(d_sae * n_bands, cfg.per_band, ((1,), torch.float32), device))
+
+def _index_meta(cfg: IndexConfig, src: _Source, uris: list[str], ok: torch.Tensor, freq: np.ndarray) -> dict[str, Any]:
+    """index.json: format, provenance, shapes, the density histogram and what the service needs to show images."""
+    store, spec = src.store, src.spec
+    backbone, dataset = store.attrs.get("backbone", {}), store.attrs.get("dataset", {})
+    return {
+        "format": FORMAT, "format_version": FORMAT_VERSION, "config": {**asdict(cfg), "storage_options": {}},
+        "store": store.url, "sae": cfg.sae, "sae_kind": src.sae.cfg.kind, "layer": spec.name, "tokens": "patches",
+        "grid": list(spec.tokens.grid), "n_patches": spec.tokens.n_patches, "n_images": store.n_images,
+        "n_images_ok": int(ok.sum()), "d_sae": src.sae.cfg.d_sae, "k": cfg.k, "m": cfg.m, "per_band": cfg.per_band,
+        "band_exponents": list(BAND_EXPONENTS), "histogram": density_histogram(freq),
+        "class_names": list(dataset.get("class_names", [])), "dataset_source": dataset.get("source"),
+        "dataset_root": dataset_root([u for u, good in zip(uris, ok.tolist()) if good]),
+        "preprocessing": backbone.get("preprocessing"), "backbone": {k: backbone.get(k) for k in ("family", "name")},
+    }
+
+
+def build_index(cfg: IndexConfig, progress: bool = True) -> Path:
+    """Run the pass and write the index folder; returns its path."""
+    out = Path(normalize_url(cfg.out))
+    if (out / META).exists() and not cfg.overwrite:
+        raise ConfigError(f"{out}: an index is already there (pass overwrite=True / --overwrite to replace it)")
+    device = torch.device(cfg.device)
+    src = _open_source(cfg, device)
+    n_images, n_patches = src.store.n_images, src.spec.tokens.n_patches
+    table = src.store.images()
+    ok = torch.from_numpy(ok_mask(table))
+    acc = _Accumulators.empty(src.sae.cfg.d_sae, n_patches, cfg, device)
     # the per-image arrays grow with the dataset: written straight into the index's files, not held
     tmp = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     group = zarr.open_group(tmp / ARRAYS, mode="w")
     image_top = (_file_array(group, "image_features", (n_images, cfg.m), np.int32, -1),
                  _file_array(group, "image_values", (n_images, cfg.m), np.float32, 0))
-
-    bar = tqdm(total=n_images * n_patches, desc="index", unit="patch", unit_scale=True, disable=not progress)
-    with torch.inference_mode():
-        for start, x in _blocks(store, spec.name, images_per_block):
-            n_img = x.shape[0]
-            block_ok = ok[start:start + n_img]
-            x = x[:, first:first + n_patches].reshape(-1, spec.d).to(device=device, dtype=torch.float32)
-            if norm is not None:
-                x = norm.apply(x)
-            rows, feats, vals = _latents(sae, x)
-            keep = block_ok.to(device)[rows // n_patches]
-            _fold(acc, start, n_img, rows[keep], feats[keep], vals[keep], n_patches, d_sae, cfg.m, cfg.seed, image_top)
-            bar.update(n_img * n_patches)
-    bar.close()
-    store.close()
-
-    n_ok = int(ok.sum())
-    total_patches = n_ok * n_patches
-    fired_p, fired_i = acc.n_patches_fired.cpu().numpy(), acc.n_images_fired.cpu().numpy()
-    features = pa.table({
-        "id": np.arange(d_sae, dtype=np.int32),
-        "n_patches_fired": fired_p, "n_images_fired": fired_i,
-        "freq_patches": fired_p / max(total_patches, 1), "freq_images": fired_i / max(n_ok, 1),
-        "mean_act": (acc.act_sum.cpu().numpy() / np.maximum(fired_p, 1)).astype(np.float32),
-        "max_act": acc.act_max.cpu().numpy()})
-    top_values = _key_values(acc.top.key).cpu().numpy()
-    arrays = {
-        "top_images": acc.top.ids(), "top_values": top_values, "heatmaps": acc.top.payload.cpu().numpy(),
-        "band_images": acc.bands.ids().reshape(d_sae, n_bands, cfg.per_band),
-        "band_values": acc.bands.payload.cpu().numpy().reshape(d_sae, n_bands, cfg.per_band),
-        "band_counts": acc.band_counts.cpu().numpy(),
-    }
+    _run_pass(src, cfg, ok, acc, image_top, progress)
+    src.store.close()
     for a in image_top:
         a.flush()
-    backbone = store.attrs.get("backbone", {})
-    dataset = store.attrs.get("dataset", {})
-    meta = {
-        "format": FORMAT, "format_version": FORMAT_VERSION, "config": {**asdict(cfg), "storage_options": {}},
-        "store": store.url, "sae": cfg.sae, "sae_kind": sae.cfg.kind, "layer": spec.name, "tokens": "patches",
-        "grid": list(layout.grid), "n_patches": n_patches, "n_images": n_images, "n_images_ok": n_ok,
-        "d_sae": d_sae, "k": cfg.k, "m": cfg.m, "per_band": cfg.per_band, "band_exponents": list(BAND_EXPONENTS),
-        "histogram": density_histogram(features.column("freq_patches").to_numpy()),
-        "class_names": list(dataset.get("class_names", [])), "dataset_source": dataset.get("source"),
-        "dataset_root": dataset_root([u for u, good in zip(table.column("uri").to_pylist(), ok.tolist()) if good]),
-        "preprocessing": backbone.get("preprocessing"), "backbone": {k: backbone.get(k) for k in ("family", "name")},
-    }
-    _write(tmp, group, meta, features, table.select(["index", "uri", "label", "status"]), arrays)
+    features = acc.features(int(ok.sum()), n_patches)
+    meta = _index_meta(cfg, src, table.column("uri").to_pylist(), ok, features.column("freq_patches").to_numpy())
+    _write(tmp, group, meta, features, table.select(["index", "uri", "label", "status"]), acc.arrays())
     if out.exists():
         shutil.rmtree(out)
     tmp.rename(out)  # a reader never sees half an index

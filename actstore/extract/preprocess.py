@@ -1,0 +1,92 @@
+"""The model's own image pipeline, split at its ToTensor (DESIGN.md: decode to uint8 on CPU tasks, normalize
+on the accelerator), and the record of it that a store keeps.
+
+`Preprocessor` holds no weights and pickles, so decode tasks run it without loading the model;
+`Backbone.normalize` applies the rest (/255, mean, std) on the model's device. `describe()` records the
+resize and center crop as numbers, which the service uses to show the region the model saw.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from PIL import Image
+from torch import Tensor
+from torchvision.transforms import Compose, Normalize, ToTensor
+from torchvision.transforms.functional import pil_to_tensor
+
+from actstore.errors import ConfigError
+
+__all__ = ["Preprocessor"]
+
+
+@dataclass(frozen=True)
+class Preprocessor:
+    """The model's own image pipeline up to its ToTensor: PIL image in, uint8 (3, H, W) out.
+
+    It holds no weights and pickles, so decode tasks can run it without loading the model.
+    """
+
+    pil_transform: Callable[[Image.Image], Image.Image]
+    """The model's PIL steps (resize, crop, ...), taken from its own transform, not re-implemented."""
+    mean: tuple[float, ...]
+    """Per-channel mean of the model's Normalize, applied on the device by `Backbone.normalize`."""
+    std: tuple[float, ...]
+    """Per-channel std of the model's Normalize."""
+    image_size: tuple[int, int]
+    """(H, W) of the model's input."""
+
+    @classmethod
+    def from_transform(cls, transform: Compose, image_size: int | Sequence[int]) -> Preprocessor:
+        """Split a model's eval transform [PIL steps..., ToTensor, Normalize] at its ToTensor."""
+        steps = list(transform.transforms)
+        at = next((i for i, t in enumerate(steps) if isinstance(t, ToTensor)), None)
+        if at is None or len(steps) != at + 2 or not isinstance(steps[-1], Normalize):
+            raise ConfigError(f"cannot split the model's transform into PIL steps + ToTensor + Normalize: {transform}")
+        size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+        return cls(Compose(steps[:at]), tuple(map(float, steps[-1].mean)), tuple(map(float, steps[-1].std)),
+                   (int(size[0]), int(size[1])))
+
+    def __call__(self, image: Image.Image) -> Tensor:
+        # RGB first, as timm's and open_clip's own dataset loaders do (grayscale, CMYK, palette images)
+        image = image if image.mode == "RGB" else image.convert("RGB")
+        return pil_to_tensor(self.pil_transform(image))
+
+    def describe(self) -> dict[str, Any]:
+        """JSON-ready record of the pipeline for the store's backbone attrs. `resize` (an int: the shorter side,
+        [h, w]: the exact size) and `crop` ([h, w], centered) are numbers, so the service can show the region the
+        model saw; each is null where the step is not one they describe exactly. `steps` is text, for people."""
+        steps = list(getattr(self.pil_transform, "transforms", [self.pil_transform]))
+        resize = next((t for t in steps if "Resize" in type(t).__name__), None)
+        crop = next((t for t in steps if "Crop" in type(t).__name__), None)
+        size, crop_size = _resize_size(resize), _center_crop_size(crop)
+        if resize is not None and (size is None or crop is not None and steps.index(crop) < steps.index(resize)):
+            size = crop_size = None  # the crop's numbers hold after an exact resize only
+        interpolation = getattr(resize, "interpolation", None)
+        return {"image_size": list(self.image_size), "mean": list(self.mean), "std": list(self.std),
+                "resize": size, "crop": crop_size,
+                "interpolation": None if interpolation is None else str(getattr(interpolation, "value", interpolation)),
+                "steps": [_describe(t) for t in steps]}
+
+
+def _resize_size(step: Any) -> int | list[int] | None:
+    """A torchvision Resize's size: an int for the shorter side (`n` or `[n]`), [h, w] for an exact size; None
+    for other steps, and where max_size (or no size) makes the result depend on the image's shape."""
+    size = getattr(step, "size", None)
+    if type(step).__name__ != "Resize" or getattr(step, "max_size", None) is not None or size is None:
+        return None
+    sizes = [size] if isinstance(size, int) else [int(v) for v in size]
+    return sizes[0] if len(sizes) == 1 else sizes if len(sizes) == 2 else None
+
+
+def _center_crop_size(step: Any) -> list[int] | None:
+    """[h, w] of a torchvision CenterCrop (its size is always a pair); None for other steps."""
+    return [int(v) for v in step.size] if type(step).__name__ == "CenterCrop" else None
+
+
+def _describe(step: Any) -> str:
+    """repr without memory addresses (plain functions), so equal pipelines give equal attrs."""
+    return re.sub(r" at 0x[0-9a-fA-F]+", "", repr(step))

@@ -1,0 +1,47 @@
+"""The `actstore` command: one subcommand per stage, on top of every package (the only code that imports them all).
+
+    info, verify      cli.store     what a store holds; whether every byte is intact
+    extract           cli.extract   images -> backbone activations -> a store (Ray)
+    train             cli.train     SAEs on a store's patches
+    index, serve      cli.serve     an SAE's features indexed over a store, served over HTTP
+    demo              cli.demo      all of the above on generated images
+
+Flags, help texts and defaults come from the stages' config dataclasses (cli.args). Errors of the
+project's own family print as one line (`error: ...`) and exit 1; anything else is a bug and keeps
+its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from actstore.errors import ActstoreError
+from cli import demo, extract, serve, store, train
+
+GROUPS = (store, extract, train, serve, demo)
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser; only `command`'s flags are built (None: every command's)."""
+    parser = argparse.ArgumentParser(prog="actstore", description="Activation stores for vision SAEs.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for group in GROUPS:
+        group.register(sub, command)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = next((a for a in argv if not a.startswith("-")), "")
+    args = build_parser(command).parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.fn(args)
+    except ActstoreError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1

@@ -1,0 +1,33 @@
+"""The query service: a FastAPI app over one feature index (`actstore serve --index DIR`).
+
+    GET /features/{id}              stats, top images with per-patch values, value bands
+    GET /features?sort=&min_freq=&max_freq=&offset=&limit=     browse and filter by density
+    GET /images/{id}                the image as the model saw it (JPEG), from the store's dataset
+    GET /images/{id}/features       the image's strongest features
+    GET /stats/density-histogram    log10 firing frequency across features
+    GET /healthz                    liveness and the index's shape
+    GET /                           the feature browser (services/static/)
+
+Modules, in the order a request meets them: `app` (create_app wires the rest), `deps` (the reader
+and the bearer-token check), `routes` (one router per resource), `reader` (the index folder, no HTTP),
+`geometry` (the region the model saw), `schemas` (the OpenAPI response models), `errors` (the
+project's errors as HTTP codes, in one place); `runners` serves it with uvicorn or Ray Serve, and
+`config` holds `actstore serve`'s settings.
+
+Why it is fast: the index's arrays are memory-mapped (services.index.layout.open_array),
+features.parquet is 6 small columns, and nothing here imports torch, so start-up is well under a
+second and a feature lookup is a few memory-mapped rows serialized by orjson. Feature endpoints are
+`async def` (no thread hop); image endpoints decode files, so they run in the thread pool and are
+LRU-cached.
+
+Safety: 127.0.0.1 by default; with a token, every API route needs `Authorization: Bearer <token>`
+(the page and /healthz do not); an image is read only when its store row is "ok" and its file lies
+under the dataset root that the index recorded (services.index.layout.dataset_root, symlinks resolved).
+"""
+
+from services.api.app import TOKEN_ENV, create_app
+from services.api.geometry import model_view
+from services.api.reader import IndexReader
+from services.api.runners import run, run_ray
+
+__all__ = ["TOKEN_ENV", "IndexReader", "create_app", "model_view", "run", "run_ray"]

@@ -1,0 +1,42 @@
+"""ServeConfig: how `actstore serve` runs the service (the flags are generated from it)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from actstore.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """One running service over one index folder; never written to disk (it may hold a token)."""
+
+    index: str
+    """Index folder (from `actstore index`)."""
+    host: str = "127.0.0.1"
+    """Bind address; the default serves this machine only."""
+    port: int = 8000
+    """TCP port."""
+    token: str | None = None
+    """Require 'Authorization: Bearer TOKEN' on the API routes; default $ACTSTORE_TOKEN, else none."""
+    workers: int = field(default_factory=lambda: min(2, os.cpu_count() or 1))
+    """uvicorn worker processes (default 2, 1 on a single core): with one, a burst of clients queues behind a
+    single event loop (see benchmarks/bench_service.py)."""
+    ray: bool = False
+    """Serve through Ray Serve instead of plain uvicorn (replicas across a Ray cluster)."""
+    replicas: int = 1
+    """Ray Serve replicas."""
+    address: str | None = None
+    """Ray cluster address for --ray (default RAY_ADDRESS, else a local Ray)."""
+    storage_options: Mapping[str, Any] = field(default_factory=dict)
+    """fsspec options for reading the dataset's images."""
+
+    def __post_init__(self) -> None:
+        for name in ("workers", "replicas"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 0 <= self.port < 65536:
+            raise ConfigError(f"port must be in [0, 65536), got {self.port}")

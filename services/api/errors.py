@@ -1,0 +1,48 @@
+"""The one place where the project's errors become HTTP responses, each JSON `{"detail": str}`.
+
+    NotFoundError, StoreNotFoundError   404   no such feature or image, or its file is not there
+    AccessDeniedError                   403   the image lies outside the dataset the index recorded
+    CorruptDataError                    500   stored bytes are damaged; the detail names the object
+    RequestValidationError              422   one line: where, and what is wrong
+
+The reader raises these without knowing about HTTP; routes never raise HTTPException (the bearer-token
+check in deps is HTTP's own 401).
+"""
+
+from __future__ import annotations
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+
+from actstore.errors import AccessDeniedError, CorruptDataError, NotFoundError, StoreNotFoundError
+
+__all__ = ["STATUS", "add_error_handlers"]
+
+STATUS: dict[type[Exception], int] = {NotFoundError: 404, StoreNotFoundError: 404, AccessDeniedError: 403,
+                                      CorruptDataError: 500}
+"""HTTP status of each error the service translates; anything else is a bug (500, with its traceback logged)."""
+
+
+async def _error(request: Request, exc: Exception) -> JSONResponse:
+    status = next(STATUS[c] for c in type(exc).__mro__ if c in STATUS)
+    return JSONResponse({"detail": _detail(exc)}, status_code=status)
+
+
+def _detail(exc: Exception) -> str:
+    """The error's message; a corrupt object's key is added when the message does not name it already."""
+    key = getattr(exc, "key", None)
+    return f"{key}: {exc}" if key and key not in str(exc) else str(exc)
+
+
+async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    first = exc.errors()[0] if exc.errors() else {}
+    where = ".".join(str(p) for p in first.get("loc", ()))
+    return JSONResponse({"detail": f"{where}: {first.get('msg', 'invalid request')}"}, status_code=422)
+
+
+def add_error_handlers(app: FastAPI) -> None:
+    """Register the translations above on `app`."""
+    for error in STATUS:
+        app.add_exception_handler(error, _error)
+    app.add_exception_handler(RequestValidationError, _validation_error)

@@ -1,0 +1,174 @@
+"""The read side of one index folder, without HTTP: what every route asks of the index.
+
+`IndexReader` reads index.json at once and memory-maps the arrays on first use; images are read only
+when their store row is ok and their file lies under the dataset root the index recorded (`read_inside`).
+Failures raise the project's error family (actstore.errors); services.api.errors turns them into HTTP.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from collections import OrderedDict
+from functools import cached_property
+from pathlib import Path
+from threading import Lock
+from typing import Any
+
+import fsspec
+import numpy as np
+import pyarrow.parquet as pq
+
+from actstore.errors import AccessDeniedError, NotFoundError
+from actstore.extract import decode_image
+from actstore.store import ok_mask
+from services.api.geometry import model_view
+from services.index.layout import FEATURES, IMAGES, open_array, read_index_meta
+
+__all__ = ["SORTS", "IndexReader", "read_inside"]
+
+SORTS = ("id", "freq", "-freq", "freq_images", "-freq_images", "max_act", "-max_act", "mean_act", "-mean_act")
+"""Orders of the feature list: by id, or by a statistic ("-" = descending)."""
+STATS = ("freq_patches", "freq_images", "mean_act", "max_act")
+"""A feature's summary, as listed and shown."""
+THUMBNAILS = 256
+"""JPEGs kept in the reader's LRU cache."""
+_SORT_COLUMNS = {"freq": "freq_patches", "freq_images": "freq_images", "max_act": "max_act", "mean_act": "mean_act"}
+
+
+def _held(ids: np.ndarray, limit: int | None) -> int:
+    """How many leading entries of a -1-padded row to return: all held ones, at most `limit`."""
+    n = int((ids >= 0).sum())
+    return n if limit is None else min(limit, n)
+
+
+class IndexReader:
+    """Read side of an index folder: index.json at once, everything else memory-mapped on first use."""
+
+    def __init__(self, path: str | Path, storage_options: dict[str, Any] | None = None) -> None:
+        self.path = Path(path)
+        self.meta = read_index_meta(self.path)
+        self.storage_options = dict(storage_options or {})
+        self.n_features, self.n_images = int(self.meta["d_sae"]), int(self.meta["n_images"])
+        self.class_names: list[str] = list(self.meta.get("class_names") or [])
+        self._arrays: dict[str, np.ndarray] = {}
+        self._thumbs: OrderedDict[tuple[int, int], bytes] = OrderedDict()
+        self._lock = Lock()
+
+    def array(self, name: str) -> np.ndarray:
+        if name not in self._arrays:
+            self._arrays[name] = open_array(self.path, name)
+        return self._arrays[name]
+
+    @cached_property
+    def features(self) -> dict[str, np.ndarray]:
+        table = pq.read_table(self.path / FEATURES)
+        return {name: table.column(name).to_numpy() for name in table.column_names}
+
+    @cached_property
+    def images(self) -> dict[str, Any]:
+        table = pq.read_table(self.path / IMAGES)
+        return {"uri": table.column("uri").to_pylist(), "label": table.column("label").to_numpy(),
+                "ok": ok_mask(table)}
+
+    def check_feature(self, fid: int) -> None:
+        if fid >= self.n_features:
+            raise NotFoundError(f"no feature {fid} (the SAE has {self.n_features})")
+
+    def check_image(self, i: int) -> None:
+        """Only images the store holds and accepted at extraction are served."""
+        if i >= self.n_images:
+            raise NotFoundError(f"no image {i} (the store has {self.n_images})")
+        if not self.images["ok"][i]:
+            raise NotFoundError(f"image {i} was rejected at extraction")
+
+    def image_info(self, ids: list[int]) -> list[dict[str, Any]]:
+        names = self.class_names
+        return [{"label": v, "class_name": names[v] if 0 <= v < len(names) else None}
+                for v in self.images["label"][ids].tolist()]
+
+    def feature_stats(self, ids: np.ndarray) -> list[dict[str, Any]]:
+        cols = {c: self.features[c][ids].tolist() for c in STATS}
+        return [{"id": i, **{c: v[j] for c, v in cols.items()}} for j, i in enumerate(ids.tolist())]
+
+    def feature(self, fid: int, k: int | None) -> dict[str, Any]:
+        """A feature's stats, its top images (at most k) with their heatmaps, and its value bands."""
+        self.check_feature(fid)
+        f = self.features
+        held = self.array("top_images")[fid]
+        n = _held(held, k)
+        images, values = held[:n].tolist(), self.array("top_values")[fid, :n].tolist()
+        heat = self.array("heatmaps")[fid, :n].astype(np.float32)
+        top = [{"image": i, "value": v, **info, "heatmap": h}
+               for i, v, info, h in zip(images, values, self.image_info(images), heat)]
+        return {"id": fid, **{c: float(f[c][fid]) for c in STATS}, "n_patches_fired": int(f["n_patches_fired"][fid]),
+                "n_images_fired": int(f["n_images_fired"][fid]), "grid": self.meta["grid"],
+                "top_images": top, "bands": self.bands(fid)}
+
+    def bands(self, fid: int) -> list[dict[str, Any]]:
+        """The feature's non-empty value octaves, highest first, each with its count and sampled examples."""
+        lo_exp = int(self.meta["band_exponents"][0])
+        counts = self.array("band_counts")[fid]
+        band_images, band_values = self.array("band_images")[fid], self.array("band_values")[fid]
+        bands = []
+        for b in np.flatnonzero(counts)[::-1].tolist():
+            ok = band_images[b] >= 0
+            bands.append({"lo": 2.0 ** (lo_exp + b), "hi": 2.0 ** (lo_exp + b + 1), "count": int(counts[b]),
+                          "examples": [{"image": i, "value": v} for i, v in
+                                       zip(band_images[b][ok].tolist(), band_values[b][ok].tolist())]})
+        return bands
+
+    def browse(self, sort: str, min_freq: float, max_freq: float, offset: int, limit: int) -> dict[str, Any]:
+        """A page of the features whose patch frequency is in [min_freq, max_freq], in `sort` order."""
+        freq = self.features["freq_patches"]
+        ids = np.flatnonzero((freq >= min_freq) & (freq <= max_freq))
+        if sort != "id":
+            key = self.features[_SORT_COLUMNS[sort.lstrip("-")]][ids]
+            ids = ids[np.argsort(-key if sort.startswith("-") else key, kind="stable")]
+        return {"total": int(ids.size), "offset": offset, "limit": limit,
+                "features": self.feature_stats(ids[offset:offset + limit])}
+
+    def image_features(self, i: int, m: int | None) -> dict[str, Any]:
+        """The image's strongest features (at most m), strongest first."""
+        self.check_image(i)
+        feats, vals = self.array("image_features")[i], self.array("image_values")[i]
+        n = _held(feats, m)
+        return {"image": i, **self.image_info([i])[0],
+                "features": [{"id": f, "value": v} for f, v in zip(feats[:n].tolist(), vals[:n].tolist())]}
+
+    def thumbnail(self, i: int, size: int) -> bytes:
+        """JPEG of image i as the model saw it, size x size; LRU-cached."""
+        self.check_image(i)
+        with self._lock:
+            if (i, size) in self._thumbs:
+                self._thumbs.move_to_end((i, size))
+                return self._thumbs[(i, size)]
+        data = read_inside(self.images["uri"][i], self.meta["dataset_root"], self.storage_options)
+        decoded = decode_image(data)
+        if decoded.image is None:
+            raise NotFoundError(f"image {i}: cannot be decoded ({decoded.reason})")
+        buf = io.BytesIO()
+        model_view(decoded.image, self.meta.get("preprocessing"), size).save(buf, "JPEG", quality=90)
+        with self._lock:
+            self._thumbs[(i, size)] = buf.getvalue()
+            while len(self._thumbs) > THUMBNAILS:
+                self._thumbs.popitem(last=False)
+        return buf.getvalue()
+
+
+def read_inside(uri: str, root: str, storage_options: dict[str, Any]) -> bytes:
+    """The file's bytes, if it lies under root (symlinks resolved); refused otherwise, as when a store
+    row was edited to point elsewhere."""
+    if "://" in uri:
+        inside = uri.startswith(root) and ".." not in uri[len(root):].split("/")
+        path = uri
+    else:
+        path = os.path.realpath(uri)
+        inside = bool(root) and (path == root or path.startswith(root.rstrip(os.sep) + os.sep))
+    if not inside:
+        raise AccessDeniedError("image lies outside the registered dataset")
+    try:
+        fs, p = fsspec.core.url_to_fs(path, **storage_options)
+        return fs.cat_file(p)
+    except OSError as e:  # FileNotFoundError, PermissionError and the rest: the file is not there to serve
+        raise NotFoundError(f"image file unavailable ({type(e).__name__})") from None

@@ -1,0 +1,39 @@
+"""/features: browse the SAE's features by density, and one feature's top images and value bands."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Path, Query, Request, Response
+
+from services.api.deps import reader_of
+from services.api.reader import SORTS
+from services.api.routes import NOT_FOUND, json_response
+from services.api.schemas import Feature, FeaturePage
+
+__all__ = ["list_features", "read_feature", "router"]
+
+FeatureId = Annotated[int, Path(ge=0, lt=2**31, description="feature id")]
+
+
+async def list_features(request: Request, sort: Literal[SORTS] = "id",  # type: ignore[valid-type]
+                        min_freq: Annotated[float, Query(ge=0, le=1)] = 0.0,
+                        max_freq: Annotated[float, Query(ge=0, le=1)] = 1.0,
+                        offset: Annotated[int, Query(ge=0, lt=2**31)] = 0,
+                        limit: Annotated[int, Query(ge=1, le=1000)] = 50) -> Response:
+    """Features whose firing frequency over patches is in [min_freq, max_freq], sorted ("-" = descending)."""
+    return json_response(reader_of(request).browse(sort, min_freq, max_freq, offset, limit))
+
+
+async def read_feature(request: Request, fid: FeatureId,
+                       k: Annotated[int | None, Query(ge=1, le=1024)] = None) -> Response:
+    """A feature's stats, its top images (strongest first) with its value at every patch, and its value bands."""
+    return json_response(reader_of(request).feature(fid, k))
+
+
+def router(**options: Any) -> APIRouter:
+    """The /features routes; `options` are APIRouter's (create_app passes deps.secured)."""
+    r = APIRouter(prefix="/features", **options)
+    r.add_api_route("", list_features, response_model=FeaturePage, responses=NOT_FOUND, name="browse")
+    r.add_api_route("/{fid}", read_feature, response_model=Feature, responses=NOT_FOUND, name="feature")
+    return r

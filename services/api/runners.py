@@ -1,0 +1,69 @@
+"""Running the service: uvicorn (`run`, one process or several workers) or Ray Serve (`run_ray`)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import orjson
+from fastapi import FastAPI
+
+from actstore.errors import ConfigError
+from services.api.app import TOKEN_ENV, create_app
+from services.index.layout import read_index_meta
+
+__all__ = ["app_from_env", "run", "run_ray"]
+
+INDEX_ENV, OPTIONS_ENV = "ACTSTORE_INDEX", "ACTSTORE_STORAGE_OPTIONS"
+"""How `run` hands the index folder and storage options to its worker processes."""
+
+
+def run(index: str, host: str = "127.0.0.1", port: int = 8000, token: str | None = None,
+        storage_options: dict[str, Any] | None = None, workers: int = 1) -> None:
+    """Serve with uvicorn (blocks). Several workers each memory-map the same index pages."""
+    import uvicorn
+
+    if workers < 1:
+        raise ConfigError(f"workers must be >= 1, got {workers}")
+    if workers > 1:
+        os.environ[INDEX_ENV], os.environ[OPTIONS_ENV] = index, orjson.dumps(storage_options or {}).decode()
+        if token:
+            os.environ[TOKEN_ENV] = token
+        uvicorn.run("services.api.runners:app_from_env", factory=True, host=host, port=port, workers=workers,
+                    log_level="warning", access_log=False)
+    else:
+        uvicorn.run(create_app(index, token, storage_options), host=host, port=port, log_level="warning",
+                    access_log=False)
+
+
+def app_from_env() -> FastAPI:
+    """uvicorn's factory for worker processes: the index and options come through the environment."""
+    return create_app(os.environ[INDEX_ENV], None, orjson.loads(os.environ.get(OPTIONS_ENV, "{}")))
+
+
+def run_ray(index: str, host: str = "127.0.0.1", port: int = 8000, token: str | None = None,
+            storage_options: dict[str, Any] | None = None, replicas: int = 1, blocking: bool = True) -> None:
+    """Serve the same app through Ray Serve: replicas on the Ray cluster this process is connected to
+    (else $RAY_ADDRESS's, else a new local one; see actstore.cluster.init_ray)."""
+    from ray import serve
+
+    from actstore.cluster import init_ray
+
+    index = str(Path(index).resolve())
+    read_index_meta(index)  # fail here, with a one-line error, rather than in a replica
+
+    def build() -> FastAPI:  # a plain function: Ray Serve calls builders on each replica
+        return create_app(index, token, storage_options)
+
+    init_ray()
+    # per-request log lines cost Serve two thirds of its throughput
+    quiet = {"enable_access_log": False, "log_level": "WARNING"}
+    deployment = serve.deployment(serve.ingress(build)(_Ingress), name="actstore-features",
+                                  num_replicas=replicas, max_ongoing_requests=64, logging_config=quiet)
+    serve.start(http_options={"host": host, "port": port}, logging_config=quiet)
+    serve.run(deployment.bind(), name="actstore", route_prefix="/", blocking=blocking)
+
+
+class _Ingress:
+    """Ray Serve's deployment class; the routes are create_app's."""

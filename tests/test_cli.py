@@ -1,0 +1,91 @@
+"""The `actstore` command's flags come from the config dataclasses: every field has one, with its docstring."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from actstore.errors import ConfigError
+from actstore.extract import ExtractConfig
+from cli import build_parser
+from cli.args import config_from_args, field_docs
+from cli.demo import DemoConfig
+from cli.train import sweep_from_args
+from sae import SAEConfig
+from sae.train import TrainConfig
+from services.api.config import ServeConfig
+from services.index import IndexConfig
+
+CONFIGS = {"extract": [ExtractConfig], "train": [TrainConfig, SAEConfig], "index": [IndexConfig],
+           "serve": [ServeConfig], "demo": [DemoConfig]}
+SKIPPED = {"sae", "d_in"}  # the sweep (TOML only), and d_in (from the store)
+RENAMED = {"kind": "sae"}
+
+
+def _actions(command: str) -> dict[str, object]:
+    parser = build_parser(command)
+    sub = next(a for a in parser._actions if a.dest == "command")
+    return {a.dest: a for a in sub.choices[command]._actions}
+
+
+@pytest.mark.parametrize("command", sorted(CONFIGS))
+def test_every_field_is_a_flag_with_its_docstring_and_default(command: str) -> None:
+    actions = _actions(command)
+    for cls in CONFIGS[command]:
+        docs = field_docs(cls)
+        for f in dataclasses.fields(cls):
+            if f.name in SKIPPED:
+                continue
+            action = actions[f.name]
+            assert action.option_strings[0] == "--" + RENAMED.get(f.name, f.name).replace("_", "-")
+            assert action.help.startswith(docs[f.name]), f"{cls.__name__}.{f.name}"
+            assert action.default is None  # so that only given flags override --config
+            if isinstance(f.default, (int, float, str)) and not isinstance(f.default, bool):
+                assert f"(default {f.default})" in action.help
+
+
+def test_docstrings_are_read_for_every_field() -> None:
+    docs = field_docs(ExtractConfig)
+    assert docs["batch_size"] == "Images per forward pass."
+    assert set(docs) == {f.name for f in dataclasses.fields(ExtractConfig)}
+
+
+def test_flags_override_the_config_file_and_types_follow_the_fields(tmp_path) -> None:
+    toml = tmp_path / "extract.toml"
+    toml.write_text('images = "imgs"\nmodel = "timm:vit_tiny_patch16_224"\nout = "x"\nbatch_size = 8\n'
+                    'layers = [-2, "3"]\n')
+    args = build_parser("extract").parse_args(["extract", "--config", str(toml), "--batch-size", "16",
+                                               "--layers", "-1", "attnpool", "--storage-options", '{"anon": true}',
+                                               "--overwrite"])
+    cfg = config_from_args(ExtractConfig, args, "extract")
+    assert (cfg.images, cfg.batch_size, cfg.layers, dict(cfg.storage_options), cfg.overwrite) == (
+        "imgs", 16, (-1, "attnpool"), {"anon": True}, True)
+    assert cfg.dtype == "bfloat16" and cfg.max_units is None  # defaults where neither says otherwise
+
+
+def test_missing_required_flags_are_one_error(capsys) -> None:
+    args = build_parser("extract").parse_args(["extract", "--model", "timm:vit_tiny_patch16_224"])
+    with pytest.raises(ConfigError, match=r"extract needs --images, --out \(or --config FILE.toml\)"):
+        config_from_args(ExtractConfig, args, "extract")
+    with pytest.raises(SystemExit):
+        build_parser("extract").parse_args(["extract", "--dtype", "int8"])
+    with pytest.raises(SystemExit):
+        build_parser("info").parse_args(["info", "x", "--storage-options", '{"secret": "s3cr3t"'])
+    assert "s3cr3t" not in capsys.readouterr().err  # a bad JSON flag is not echoed: it may hold credentials
+
+
+def test_booleans_and_sae_flags() -> None:
+    parse = build_parser("train").parse_args
+    args = parse(["train", "--store", "s", "--out", "o", "--no-normalize", "--k", "64"])
+    cfg = config_from_args(TrainConfig, args, "train")
+    assert cfg.normalize is False and cfg.amp is True
+    # without --sae, SAE flags apply to every SAE of the sweep (here the default one)
+    assert sweep_from_args(cfg.sae, args) == ({"kind": "topk", "k": 64, "expansion": 16},)
+    sweep = ({"kind": "topk", "k": 32, "expansion": 16}, {"kind": "batchtopk", "k": 16, "d_sae": 512})
+    assert sweep_from_args(sweep, parse(["train", "--d-sae", "1024"])) == (
+        {"kind": "topk", "k": 32, "d_sae": 1024}, {"kind": "batchtopk", "k": 16, "d_sae": 1024})
+    # --sae KIND trains one SAE of that kind with the given options
+    assert sweep_from_args(sweep, parse(["train", "--sae", "relu", "--l1-coeff", "3"])) == (
+        {"kind": "relu", "l1_coeff": 3.0},)
+    assert sweep_from_args(sweep, parse(["train"])) == sweep
