@@ -170,7 +170,7 @@ def run_loader(url: str, opts: dict | None, buffer_bytes: int, n_images: int) ->
                 seen[:] = False
         t_end = time.perf_counter()
         info = {"capacity_rows": loader.capacity, "buffer_bytes": loader.capacity * D * 2,
-                "threads": loader._threads, "concurrency": loader._concurrency, "stats": str(loader.stats)}
+                "threads": loader.decode_threads, "concurrency": loader.concurrency, "stats": str(loader.stats)}
         n = loader.n_patches // 2
     if delivered != 2 * n or np.count_nonzero(seen) != n:
         raise RuntimeError("the loader missed patches")

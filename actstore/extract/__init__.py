@@ -9,8 +9,7 @@ service imports `decode` without torch.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from actstore.lazy import lazy_exports
 
 _LAZY = {
     **dict.fromkeys(("ExtractConfig", "ExtractResult", "run_extract"), "job"),
@@ -20,9 +19,4 @@ _LAZY = {
     **dict.fromkeys(("Manifest", "build_manifest", "read_bytes"), "sources"),
 }
 __all__ = sorted(_LAZY)
-
-
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        return getattr(importlib.import_module(f"actstore.extract.{_LAZY[name]}"), name)
-    raise AttributeError(f"module 'actstore.extract' has no attribute {name!r}")
+__getattr__ = lazy_exports(__name__, _LAZY)

@@ -23,7 +23,7 @@ from actstore.loader._config import DEFAULT_BUFFER_BYTES, LoaderConfig, LoaderSt
 from actstore.loader._gather import BatchAssembler
 from actstore.loader._order import Selection
 from actstore.loader._reads import ChunkReads
-from actstore.store import ActivationStore
+from actstore.store import ActivationStore, is_local
 
 
 class PatchLoader:
@@ -70,9 +70,11 @@ class PatchLoader:
         self.spec, self.d = self.store.spec, self.layer.d
         self._select = Selection(self.store, self.layer, cfg)
         threads = cfg.decode_threads or min(8, os.cpu_count() or 1)
-        remote = "://" in self.store.url
-        self._threads = threads
-        self._concurrency = cfg.concurrency or (max(16, 2 * threads) if remote else 2 * threads)
+        self.decode_threads = threads
+        """Chunks decoded at once (cfg.decode_threads, resolved)."""
+        remote = not is_local(self.store.url)
+        self.concurrency = cfg.concurrency or (max(16, 2 * threads) if remote else 2 * threads)
+        """Chunks read ahead (cfg.concurrency, resolved)."""
         self.device = None if device is None else torch.device(device)
         on_device = self.device is not None and self.device.type != "cpu"
         self._out_dtype = getattr(torch, cfg.dtype)
@@ -83,9 +85,9 @@ class PatchLoader:
         self._active = False
         self._normalization: Normalization | None = None
         self._counters = {"patches": 0, "batches": 0, "fill": 0.0, "wait": 0.0, "t0": 0.0, "t1": None}
-        self._io = ThreadPoolExecutor(self._concurrency, thread_name_prefix="actstore-loader-io")
+        self._io = ThreadPoolExecutor(self.concurrency, thread_name_prefix="actstore-loader-io")
         self._asm = ThreadPoolExecutor(max(1, threads - 1), thread_name_prefix="actstore-loader-asm")
-        self._reads = ChunkReads(self.store, self.layer.name, self._select.plan, threads, self._concurrency,
+        self._reads = ChunkReads(self.store, self.layer.name, self._select.plan, threads, self.concurrency,
                                  self._io, self._asm)
         self._buffer = ShuffleBuffer(capacity, self.d, self._reads.reader.dtype)
         host_dtype = self.store.dtype if on_device else self._out_dtype  # on a device: converted there

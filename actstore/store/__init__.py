@@ -13,8 +13,7 @@ private.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from actstore.lazy import lazy_exports
 
 _LAZY = {
     **dict.fromkeys(("IMAGES_SCHEMA", "STATUS_OK", "STATUS_REJECTED", "ok_mask"), "_images"),
@@ -31,10 +30,4 @@ _LAZY = {
     "store_summary": "_summary",
 }
 __all__ = sorted(_LAZY)
-
-
-def __getattr__(name: str) -> Any:
-    """Import on first use (PEP 562): the images table constants load without torch and zarr."""
-    if name in _LAZY:
-        return getattr(importlib.import_module(f"actstore.store.{_LAZY[name]}"), name)
-    raise AttributeError(f"module 'actstore.store' has no attribute {name!r}")
+__getattr__ = lazy_exports(__name__, _LAZY)

@@ -7,18 +7,11 @@ in `topn`), and its folder format (`layout`).
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
-
+from actstore.lazy import lazy_exports
 from services.index.layout import (ARRAYS, FEATURES, FORMAT, FORMAT_VERSION, IMAGES, META, dataset_root, open_array,
                                    read_index_meta)
 
 _LAZY = dict.fromkeys(("BAND_EXPONENTS", "IndexConfig", "build_index", "density_histogram"), "build")
 __all__ = sorted(["ARRAYS", "FEATURES", "FORMAT", "FORMAT_VERSION", "IMAGES", "META", "dataset_root", "open_array",
                   "read_index_meta", *_LAZY])
-
-
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        return getattr(importlib.import_module(f"services.index.{_LAZY[name]}"), name)
-    raise AttributeError(f"module 'services.index' has no attribute {name!r}")
+__getattr__ = lazy_exports(__name__, _LAZY)
