@@ -36,6 +36,7 @@ from typing import Any
 import ray
 import torch
 
+from actstore.cluster import init_ray
 from actstore.extract import Backbone, BackboneConfig, ExtractConfig, load_backbone, run_extract
 from actstore.store import ActivationStore, unit_record_key
 from actstore.testing.shapes import generate_dataset
@@ -128,7 +129,7 @@ def run(args: argparse.Namespace, forward_s: float) -> Row:
         generate_dataset(images, args.n_images, seed=0, image_size=IMAGE_SIZE)
 
         t0 = time.perf_counter()
-        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+        init_ray(num_cpus=os.cpu_count())
         ray_init_s = time.perf_counter() - t0
         gpus = int(ray.cluster_resources().get("GPU", 0))
         cpus = int(ray.cluster_resources().get("CPU", 1))

@@ -27,7 +27,9 @@ def ray_local():
     """A local Ray instance (num_cpus=2), started once and shared by every test that asks."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+    from actstore.cluster import init_ray
+
+    init_ray(num_cpus=2)
     yield ray
     ray.shutdown()
 
