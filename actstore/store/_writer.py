@@ -36,6 +36,15 @@ log = logging.getLogger(__name__)
 _LABELS_DTYPE = "<i4"
 
 
+def _is_store(url: str, storage_options: dict[str, Any] | None) -> bool:
+    """Whether `url` holds an activation store: `overwrite` replaces nothing else."""
+    try:
+        read_attrs(url, storage_options, ATTRS_KEY)
+    except StoreNotFoundError:
+        return False
+    return True
+
+
 def _spec_json(spec: StoreSpec) -> str:
     return json.dumps(spec.to_attrs(), sort_keys=True)
 
@@ -67,7 +76,7 @@ class StoreWriter:
                 return cls(url, storage_options)
         fs, root = filesystem(url, storage_options)
         if fs.exists(root):
-            if not overwrite and fs.ls(root, detail=False):
+            if fs.ls(root, detail=False) and not (overwrite and _is_store(url, storage_options)):
                 raise StoreFormatError(f"{url}: exists and is not an activation store; refusing to overwrite it")
             fs.rm(root, recursive=True)
         group = zarr.open_group(zarr_store(url, storage_options, read_only=False), mode="w",

@@ -75,7 +75,9 @@ def generate_dataset(out: str, n_images: int, seed: int = 0, image_size: int = 9
         raise ConfigError(f"shapes: need n_images >= 1 and image_size >= 32, got {n_images} and {image_size}")
     fs, root = fsspec.core.url_to_fs(str(out), **(storage_options or {}))
     root = root.rstrip("/")
-    if fs.isdir(root) and fs.ls(root, detail=False):
+    if fs.isdir(root) and (names := {n.rstrip("/").rsplit("/", 1)[-1] for n in fs.ls(root, detail=False)}):
+        if not names <= {*SHAPES, "factors.parquet"}:
+            raise ConfigError(f"{out}: exists and is not a generated shapes dataset; refusing to replace it")
         if not overwrite:
             raise ConfigError(f"{out}: exists and is not empty; pass overwrite=True to replace it")
         fs.rm(root, recursive=True)

@@ -115,6 +115,13 @@ class Trainer:
                  "config": json.loads(config_json(self.cfg))}
         self._put(STATE, json.dumps(state, indent=1).encode())
 
+    def _check_out_is_ours(self) -> None:
+        """A fresh run writes into an empty (or missing) folder, or a run folder (train_config.json) of its own."""
+        if self.fs.exists(self.root) and self.fs.ls(self.root, detail=False) \
+                and not self.fs.exists(self._path("train_config.json")):
+            raise ConfigError(f"{self.cfg.out}: exists and is not a training run folder (no train_config.json); "
+                              "choose another --out")
+
     def _try_resume(self) -> bool:
         try:
             state = json.loads(self.fs.cat_file(self._path(STATE)))
@@ -235,6 +242,8 @@ class Trainer:
         """Train to cfg.steps (or stop after `stop_after` more steps, checkpointing there); returns the last metrics."""
         cfg = self.cfg
         resumed = self._try_resume()
+        if not resumed:
+            self._check_out_is_ours()
         if not resumed and self.rank == 0:
             self._put("train_config.json", config_json(cfg).encode())
         sinks = open_sinks(cfg, self.fs, self.root, self.step, self.rank)

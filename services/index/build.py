@@ -280,6 +280,9 @@ def build_index(cfg: IndexConfig, progress: bool = True) -> Path:
     out = Path(normalize_url(cfg.out))
     if (out / META).exists() and not cfg.overwrite:
         raise ConfigError(f"{out}: an index is already there (pass overwrite=True / --overwrite to replace it)")
+    if out.exists() and not (out / META).is_file() and not (out.is_dir() and not any(out.iterdir())):
+        raise ConfigError(f"{out}: exists and is not a feature index (no {META}); refusing to replace it, "
+                          "choose another --out")
     device = torch.device(cfg.device)
     src = _open_source(cfg, device)
     n_images, n_patches = src.store.n_images, src.spec.tokens.n_patches
