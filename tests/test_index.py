@@ -20,12 +20,12 @@ from services.index.layout import open_array, read_index_meta
 
 N, GRID, D, F = 52, (3, 4), 16, 48
 P = GRID[0] * GRID[1]
-REJECTED = (5, 17, 40)
+REJECTED = (5, 17, 40, 48, 49, 50, 51)  # the last unit (images 48-51) is all rejected
 
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory) -> str:
-    """52 images (3 rejected) of CLS + 3x4 patches, d=16, in units of 16 and chunks of 4 images."""
+    """52 images (7 rejected: the last unit wholly) of CLS + 3x4 patches, d=16, in units of 16 and chunks of 4 images."""
     url = str(tmp_path_factory.mktemp("index") / "store")
     spec = StoreSpec(n_images=N, layers=(LayerSpec("3", D, TokenLayout(cls=True, grid=GRID), 3),),
                      backbone={"family": "synthetic", "name": "test", "n_blocks": 4},

@@ -157,6 +157,33 @@ def test_rejected_images_are_zeroed_and_excluded_from_stats(tmp_path):
         np.testing.assert_allclose(all_.var, tokens.var(0), rtol=1e-7, atol=1e-9)
 
 
+def test_a_unit_of_only_rejected_images_verifies_reads_and_loads(tmp_path):
+    """zarr skips chunks equal to the fill value: the writer must still leave the unit's shard."""
+    from actstore.loader import PatchLoader
+
+    spec = make_spec("float16", "blosc-lz4", labels=True)
+    acts = make_acts(spec)
+    status = np.array(["ok"] * 16 + ["rejected"] * 16 + ["ok"] * 3 + ["rejected"] * 10, dtype=object)
+    images = {"uri": [f"img{i}.png" for i in range(N)], "label": [0] * N, "status": list(status),
+              "reason": ["" if s == "ok" else "bad" for s in status]}
+    labels = np.zeros((N, GRID[0] * GRID[1]), np.int32)  # all fill value too
+    url = str(tmp_path / "s")
+    write_all(url, spec, acts, images=images, labels=labels)
+    report = verify_store(url, progress=False)
+    assert report.ok, report.problems
+    ok = status == "ok"
+    with ActivationStore(url) as store:
+        got = store.read("5").numpy()
+        assert not got[~ok].any()
+        np.testing.assert_array_equal(got[ok], acts["5"][ok].astype(np.float16))
+        assert store.images().column("status").to_pylist() == list(status)
+    with PatchLoader(url, "5", batch_size=6, tokens="all", drop_last=False) as loader:
+        rows = torch.cat(list(loader))
+    want = acts["5"][ok].astype(np.float16).astype(np.float32).reshape(-1, D + 8)
+    assert rows.shape == want.shape
+    np.testing.assert_array_equal(np.sort(rows.numpy(), axis=0), np.sort(want, axis=0))
+
+
 def test_labels_round_trip(tmp_path):
     spec = make_spec(labels=True)
     labels = np.random.default_rng(0).integers(0, 5, (N, GRID[0] * GRID[1])).astype(np.int32)

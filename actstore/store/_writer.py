@@ -108,7 +108,10 @@ class StoreWriter:
     def _array(self, path: str) -> zarr.Array:
         if path not in self._handles:
             zstore = self._handles.setdefault("zarr", zarr_store(self.url, self.storage_options, read_only=False))
-            self._handles[path] = zarr.open_array(zstore, path=path, mode="r+")
+            # every chunk is written, zeros too: a unit of only rejected images (zeroed rows) must still
+            # leave its shard object, which readers and verify take as the proof the unit was written
+            array = zarr.open_array(zstore, path=path, mode="r+")
+            self._handles[path] = array.with_config({"write_empty_chunks": True})
         return self._handles[path]
 
     def _put(self, key: str, data: bytes) -> None:
