@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import tomllib
 import typing
 from collections.abc import Mapping
@@ -42,6 +43,34 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: Mapping
         raise ConfigError(f"{cls.__name__}: {e}") from None
 
 
+REDACTED = "<redacted>"
+# option names whose values are credentials (s3fs key/secret/token, botocore aws_*_key(_id), gcsfs token,
+# adlfs account_key/sas_token/client_secret, http auth/headers, passwords), matched anywhere in the name
+_SECRET_NAME = re.compile(r"key|secret|token|passw|credential|session|auth|signature|header", re.I)
+_URL_USERINFO = re.compile(r"(?<=://)[^/@\s]+@")
+
+
+def redact(options: Any) -> Any:
+    """Storage options with every credential replaced by REDACTED: values under credential-like names at
+    any depth, and user:password@ in URLs. With public_config, the one way a config leaves memory, so
+    written configs, checkpoints, trackers, logs and messages never hold a secret."""
+    if isinstance(options, Mapping):
+        return {k: REDACTED if isinstance(k, str) and _SECRET_NAME.search(k) and v not in (None, "")
+                else redact(v) for k, v in options.items()}
+    if isinstance(options, (list, tuple)):
+        return [redact(v) for v in options]
+    return _URL_USERINFO.sub(f"{REDACTED}@", options) if isinstance(options, str) else options
+
+
+def public_config(cfg: Any) -> dict[str, Any]:
+    """The config as a JSON-friendly dict (tuples as lists, "type" its class) with credentials redacted:
+    every `*storage_options` field through redact, and user:password@ in any URL."""
+    fields = {k: redact(v) if k.endswith("storage_options") else
+              _URL_USERINFO.sub(f"{REDACTED}@", v) if isinstance(v, str) else v
+              for k, v in dataclasses.asdict(cfg).items()}
+    return json.loads(json.dumps({"type": type(cfg).__name__, **fields}, default=str))
+
+
 def config_json(cfg: Any) -> str:
-    """The config as JSON (tuples as lists), for writing next to an output."""
-    return json.dumps({"type": type(cfg).__name__, **dataclasses.asdict(cfg)}, indent=2, sort_keys=True, default=str)
+    """public_config as JSON, for writing next to an output."""
+    return json.dumps(public_config(cfg), indent=2, sort_keys=True)

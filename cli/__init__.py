@@ -7,8 +7,9 @@
     demo              cli.demo      all of the above on generated images
 
 Flags, help texts and defaults come from the stages' config dataclasses (cli.args). Errors of the
-project's own family print as one line (`error: ...`) and exit 1; anything else is a bug and keeps
-its traceback.
+project's own family, raised here or inside a Ray worker, and storage failures (credentials, access,
+bucket, endpoint) print as one line (`error: ...`) and exit 1; anything else is a bug and keeps its
+traceback.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from actstore.errors import ActstoreError
+from actstore.errors import user_error
 from cli import demo, extract, serve, store, train
 
 GROUPS = (store, extract, train, serve, demo)
@@ -42,6 +43,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     try:
         return args.fn(args)
-    except ActstoreError as e:
-        print(f"error: {e}", file=sys.stderr)
+    except Exception as e:  # noqa: BLE001 - ours (from any Ray worker) and storage failures: one line
+        error = user_error(e)
+        if error is None:
+            raise
+        print("error: " + " ".join(str(error).split()), file=sys.stderr)
         return 1

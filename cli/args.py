@@ -121,6 +121,8 @@ def add_command(sub: Any, name: str, text: str, configure: Callable[[argparse.Ar
     """A subcommand with `text` as help. Its flags are added (by `configure`, which returns the function that runs
     it) only when it is the `chosen` one (None: all), so that `actstore serve` never imports torch."""
     p = sub.add_parser(name, help=text, description=text)
+    # -v works after the command too; SUPPRESS keeps a -v given before it
+    p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="log at INFO level")
     if chosen is None or chosen == name:
         p.set_defaults(fn=configure(p))
 

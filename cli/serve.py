@@ -19,17 +19,17 @@ def cmd_index(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from actstore.cluster import init_ray
     from services import api
+    from services.api import IndexReader
     from services.api.config import ServeConfig
-    from services.index import read_index_meta
 
     cfg = config_from_args(ServeConfig, args, "serve")
     options = dict(cfg.storage_options)
+    IndexReader(cfg.index, options)  # a missing or corrupt index fails here, as one line, before serving starts
     if cfg.ray:
         init_ray(cfg.address)
         print(f"serving {cfg.index} through Ray Serve at http://{cfg.host}:{cfg.port}/ (Ctrl-C stops)")
         api.run_ray(cfg.index, cfg.host, cfg.port, cfg.token, options, replicas=cfg.replicas)
     else:
-        read_index_meta(cfg.index)  # a bad index fails here, as one line, before uvicorn starts
         print(f"serving {cfg.index} at http://{cfg.host}:{cfg.port}/ (Ctrl-C stops)", flush=True)
         api.run(cfg.index, cfg.host, cfg.port, cfg.token, options, workers=cfg.workers)
     return 0

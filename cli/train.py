@@ -33,11 +33,18 @@ def sweep_from_args(sweep: tuple[dict[str, Any], ...], args: argparse.Namespace)
     return tuple(out)
 
 
-def cmd_train(args: argparse.Namespace) -> int:
-    from sae.train import TrainConfig, train
+def train_config(args: argparse.Namespace) -> Any:
+    """The TrainConfig `actstore train` runs: --config, then the training flags, then the SAE flags."""
+    from sae.train import TrainConfig
 
     cfg = config_from_args(TrainConfig, args, "train")
-    cfg = dataclasses.replace(cfg, sae=sweep_from_args(cfg.sae, args))
+    return dataclasses.replace(cfg, sae=sweep_from_args(cfg.sae, args))
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from sae.train import train
+
+    cfg = train_config(args)
     rows = train(cfg, progress=not args.quiet)
     for r in rows:
         print(f"{cfg.out}/{r['sae']}: step {r['step']}, {r['tokens']} tokens, fvu {r['fvu']:.4f}, "

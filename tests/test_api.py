@@ -20,6 +20,7 @@ import schemathesis
 from hypothesis import HealthCheck, given, settings
 from PIL import Image
 
+from actstore.errors import CorruptDataError
 from actstore.extract.backbones import BackboneConfig, load_backbone
 from services.api import create_app, model_view
 from services.index.layout import open_array, read_index_meta
@@ -251,3 +252,44 @@ def test_index_cli_and_its_errors(service_store, tmp_path):
                             "--sae", str(service_store / "sae"), "--out", str(out), "-q"],
                            capture_output=True, text=True, timeout=300)
     assert again.returncode == 1 and again.stderr.startswith("error: ") and "--overwrite" in again.stderr
+
+
+@pytest.mark.parametrize("damage", ["truncated array", "resized array", "short table"])
+def test_a_damaged_index_is_refused_at_start_up(index_dir, tmp_path, damage):
+    bad = tmp_path / "bad"
+    shutil.copytree(index_dir, bad)
+    if damage == "truncated array":
+        chunk = bad / "arrays/heatmaps/c/0/0/0"
+        chunk.write_bytes(chunk.read_bytes()[:-7])
+        named = "heatmaps"
+    elif damage == "resized array":  # bytes and zarr.json agree with each other, not with index.json
+        meta_path = bad / "arrays/top_values/zarr.json"
+        meta = json.loads(meta_path.read_text())
+        d_sae, k = meta["shape"]
+        meta["shape"] = meta["chunk_grid"]["configuration"]["chunk_shape"] = [d_sae // 2, 2 * k]
+        meta_path.write_text(json.dumps(meta))
+        named = "top_values"
+    else:
+        table = pq.read_table(bad / "features.parquet")
+        pq.write_table(table.slice(0, 10), bad / "features.parquet")
+        named = "features.parquet"
+    r = subprocess.run([sys.executable, "-m", "cli", "serve", "--index", str(bad)], capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 1 and r.stderr.count("\n") == 1 and r.stderr.startswith("error: "), r.stderr
+    assert named in r.stderr, r.stderr
+    with pytest.raises(CorruptDataError, match=named):
+        create_app(bad)
+
+
+def test_any_error_at_request_time_is_json(index_dir, tmp_path):
+    from fastapi.testclient import TestClient
+
+    copy = tmp_path / "copy"
+    shutil.copytree(index_dir, copy)
+    app = create_app(copy)
+    app.state.reader.images  # loaded, then the table's URIs are made unusable: a bug path, not a 4xx
+    app.state.reader.images["uri"] = None
+    with TestClient(app, raise_server_exceptions=False) as client:
+        r = client.get("/images/0")
+    assert r.status_code == 500 and r.headers["content-type"] == "application/json"
+    assert r.json()["detail"].startswith("internal error")

@@ -89,3 +89,55 @@ def test_booleans_and_sae_flags() -> None:
     assert sweep_from_args(sweep, parse(["train", "--sae", "relu", "--l1-coeff", "3"])) == (
         {"kind": "relu", "l1_coeff": 3.0},)
     assert sweep_from_args(sweep, parse(["train"])) == sweep
+
+
+def _other_value(action) -> list[str]:
+    """Arguments giving `action` a value other than its field's default."""
+    flag = action.option_strings[0]
+    if action.nargs == 0:  # store_true, or --no-x of a default-True boolean
+        return [next((s for s in action.option_strings if s.startswith("--no-")), flag)]
+    if action.choices:
+        return [flag, str(action.choices[-1])]
+    if action.metavar == "JSON":
+        return [flag, '{"anon": true}']
+    if action.nargs == "+" or action.metavar == "L":
+        return [flag, "3"]
+    return [flag, {int: "7", float: "0.37"}.get(action.type, "elsewhere")]
+
+
+def test_every_train_flag_changes_the_config_it_runs() -> None:
+    from actstore.config import public_config
+    from cli.train import train_config
+
+    base_args = ["train", "--store", "s", "--out", "o"]
+    actions = [a for a in _actions("train").values() if a.option_strings and a.dest not in
+               ("help", "config", "quiet", "verbose", "store", "out")]
+    assert len(actions) > 30
+    parse = build_parser("train").parse_args
+    base = public_config(train_config(parse(base_args)))
+    for action in actions:
+        extra = _other_value(action)
+        if action.dest == "kind":  # --sae KIND trains one SAE of that kind: the sweep changes
+            extra = ["--sae", "relu"]
+        got = public_config(train_config(parse(base_args + extra)))
+        if action.dest in base:
+            assert got[action.dest] != base[action.dest], extra
+        else:  # an SAE option: every SAE of the sweep takes it
+            assert got["sae"][0].get(action.dest) != base["sae"][0].get(action.dest), extra
+            assert {k: v for k, v in got.items() if k != "sae"} == {k: v for k, v in base.items() if k != "sae"}
+
+
+@pytest.mark.parametrize("command", ["info", "verify", "extract", "train", "index", "serve", "demo"])
+def test_help_of_every_command(command: str, capsys) -> None:
+    from cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main([command, "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"usage: actstore {command}")
+    for cls in CONFIGS.get(command, []):  # every field's docstring reaches the help (argparse rewraps lines)
+        text = " ".join(out.split())
+        for name, doc in field_docs(cls).items():
+            if name not in SKIPPED:
+                assert " ".join(doc.split())[:40] in text, (command, name)

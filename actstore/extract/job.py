@@ -221,7 +221,7 @@ def _pipeline(cfg: ExtractConfig, units: list[dict[str, Any]], preprocessor: Pre
 
     init_ray(cfg.address)
     ray.data.DataContext.get_current().enable_progress_bars = False  # ours counts images
-    logging.getLogger("ray.data").setLevel(logging.ERROR)
+    logging.getLogger("ray.data").setLevel(logging.CRITICAL)  # a failing unit reaches the user as our error
     gpus = int(ray.cluster_resources().get("GPU", 0))
     cpus = int(ray.cluster_resources().get("CPU", 1))
     actors = cfg.num_actors or max(1, gpus)

@@ -39,6 +39,8 @@ def read_attrs(url: str, storage_options: dict[str, Any] | None, key: str) -> di
     try:
         group = zarr.open_group(zarr_store(url, storage_options, read_only=True), mode="r")
     except (FileNotFoundError, zarr.errors.BaseZarrError, ValueError) as e:
+        if not is_local(url):
+            _check_bucket(url, storage_options)
         nothing = isinstance(e, FileNotFoundError) and not isinstance(e, zarr.errors.BaseZarrError)
         raise StoreNotFoundError(f"{url}: not an activation store ({'nothing' if nothing else 'no zarr group'} "
                                  "there)") from None
@@ -46,6 +48,14 @@ def read_attrs(url: str, storage_options: dict[str, Any] | None, key: str) -> di
     if key not in attrs:
         raise StoreNotFoundError(f"{url}: a zarr group, but not an activation store (no '{key}' attrs)")
     return dict(attrs[key])
+
+
+def _check_bucket(url: str, storage_options: dict[str, Any] | None) -> None:
+    """StoreNotFoundError naming the bucket when the URL's bucket (its first path part) does not exist."""
+    fs, root = filesystem(url, storage_options)
+    bucket = root.split("/", 1)[0]
+    if bucket and not fs.exists(bucket):
+        raise StoreNotFoundError(f"{url}: bucket '{bucket}' does not exist (or these credentials cannot see it)")
 
 
 def list_units(fs: fsspec.AbstractFileSystem, root: str, units_dir: str) -> list[int]:

@@ -14,7 +14,7 @@ from typing import Any, Protocol
 
 import fsspec
 
-from actstore.config import config_json
+from actstore.config import public_config
 from actstore.errors import ConfigError
 from actstore.store import put_bytes
 from sae.train.config import TrainConfig
@@ -123,5 +123,5 @@ def open_sinks(cfg: TrainConfig, fs: fsspec.AbstractFileSystem, root: str, step:
     if cfg.tensorboard:
         sinks.append(TensorBoardSink(f"{root}/tb"))
     if cfg.wandb_project:
-        sinks.append(WandbSink(cfg.wandb_project, json.loads(config_json(cfg))))
+        sinks.append(WandbSink(cfg.wandb_project, public_config(cfg)))
     return Sinks(sinks)

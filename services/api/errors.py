@@ -4,6 +4,7 @@
     AccessDeniedError                   403   the image lies outside the dataset the index recorded
     CorruptDataError                    500   stored bytes are damaged; the detail names the object
     RequestValidationError              422   one line: where, and what is wrong
+    anything else                       500   {"detail": "internal error ..."}; the traceback goes to the log
 
 The reader raises these without knowing about HTTP; routes never raise HTTPException (the bearer-token
 check in deps is HTTP's own 401).
@@ -41,8 +42,15 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> JS
     return JSONResponse({"detail": f"{where}: {first.get('msg', 'invalid request')}"}, status_code=422)
 
 
+async def _bug(request: Request, exc: Exception) -> JSONResponse:
+    """A bug is JSON too; Starlette re-raises it after this response, so the server logs its traceback."""
+    return JSONResponse({"detail": f"internal error ({type(exc).__name__}); the server log has the details"},
+                        status_code=500)
+
+
 def add_error_handlers(app: FastAPI) -> None:
     """Register the translations above on `app`."""
     for error in STATUS:
         app.add_exception_handler(error, _error)
     app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(Exception, _bug)

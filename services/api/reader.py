@@ -1,6 +1,6 @@
 """The read side of one index folder, without HTTP: what every route asks of the index.
 
-`IndexReader` reads index.json at once and memory-maps the arrays on first use; images are read only
+`IndexReader` reads index.json and memory-maps every array at once, checked against it; images are read only
 when their store row is ok and their file lies under the dataset root the index recorded (`read_inside`).
 Failures raise the project's error family (actstore.errors); services.api.errors turns them into HTTP.
 """
@@ -23,7 +23,7 @@ from actstore.errors import AccessDeniedError, NotFoundError
 from actstore.extract import decode_image
 from actstore.store import ok_mask
 from services.api.geometry import model_view
-from services.index.layout import FEATURES, IMAGES, open_array, read_index_meta
+from services.index.layout import FEATURES, IMAGES, check_index, read_index_meta
 
 __all__ = ["SORTS", "IndexReader", "read_inside"]
 
@@ -43,7 +43,8 @@ def _held(ids: np.ndarray, limit: int | None) -> int:
 
 
 class IndexReader:
-    """Read side of an index folder: index.json at once, everything else memory-mapped on first use."""
+    """Read side of an index folder: index.json and the checked, memory-mapped arrays at once; the tables on
+    first use."""
 
     def __init__(self, path: str | Path, storage_options: dict[str, Any] | None = None) -> None:
         self.path = Path(path)
@@ -51,13 +52,11 @@ class IndexReader:
         self.storage_options = dict(storage_options or {})
         self.n_features, self.n_images = int(self.meta["d_sae"]), int(self.meta["n_images"])
         self.class_names: list[str] = list(self.meta.get("class_names") or [])
-        self._arrays: dict[str, np.ndarray] = {}
+        self._arrays = check_index(self.path, self.meta)  # a truncated or resized array refuses to start
         self._thumbs: OrderedDict[tuple[int, int], bytes] = OrderedDict()
         self._lock = Lock()
 
     def array(self, name: str) -> np.ndarray:
-        if name not in self._arrays:
-            self._arrays[name] = open_array(self.path, name)
         return self._arrays[name]
 
     @cached_property

@@ -31,7 +31,7 @@ import math
 import shutil
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +42,7 @@ import torch
 import zarr
 from tqdm.auto import tqdm
 
+from actstore.config import public_config, redact
 from actstore.errors import ConfigError
 from actstore.store import ActivationStore, LayerSpec, is_local, normalize_url, ok_mask
 from sae import Normalization, SparseActs, SparseAutoencoder, csr_rows
@@ -264,8 +265,8 @@ def _index_meta(cfg: IndexConfig, src: _Source, uris: list[str], ok: torch.Tenso
     store, spec = src.store, src.spec
     backbone, dataset = store.attrs.get("backbone", {}), store.attrs.get("dataset", {})
     return {
-        "format": FORMAT, "format_version": FORMAT_VERSION, "config": {**asdict(cfg), "storage_options": {}},
-        "store": store.url, "sae": cfg.sae, "sae_kind": src.sae.cfg.kind, "layer": spec.name, "tokens": "patches",
+        "format": FORMAT, "format_version": FORMAT_VERSION, "config": public_config(cfg),
+        "store": redact(store.url), "sae": redact(cfg.sae), "sae_kind": src.sae.cfg.kind, "layer": spec.name, "tokens": "patches",
         "grid": list(spec.tokens.grid), "n_patches": spec.tokens.n_patches, "n_images": store.n_images,
         "n_images_ok": int(ok.sum()), "d_sae": src.sae.cfg.d_sae, "k": cfg.k, "m": cfg.m, "per_band": cfg.per_band,
         "band_exponents": list(BAND_EXPONENTS), "histogram": density_histogram(freq),

@@ -18,11 +18,15 @@ import numpy as np
 from actstore.errors import CorruptDataError, StoreFormatError, StoreNotFoundError
 from actstore.store import normalize_url
 
-__all__ = ["ARRAYS", "FEATURES", "FORMAT", "FORMAT_VERSION", "IMAGES", "META", "dataset_root", "open_array",
-           "read_index_meta"]
+__all__ = ["ARRAYS", "FEATURES", "FORMAT", "FORMAT_VERSION", "IMAGES", "META", "check_index", "dataset_root",
+           "open_array", "read_index_meta"]
 
 FORMAT, FORMAT_VERSION = "actstore-index", 1
 META, FEATURES, IMAGES, ARRAYS = "index.json", "features.parquet", "images.parquet", "arrays"
+_LEADING = {"top_images": ("d_sae", "k"), "top_values": ("d_sae", "k"), "heatmaps": ("d_sae", "k", "n_patches"),
+            "band_images": ("d_sae",), "band_values": ("d_sae",), "band_counts": ("d_sae",),
+            "image_features": ("n_images", "m"), "image_values": ("n_images", "m")}
+"""Each index array's leading dimensions, by the index.json entries that size them."""
 
 
 def read_index_meta(path: str | Path) -> dict[str, Any]:
@@ -37,6 +41,34 @@ def read_index_meta(path: str | Path) -> dict[str, Any]:
     if meta.get("format") != FORMAT or meta.get("format_version") != FORMAT_VERSION:
         raise StoreFormatError(f"{p.parent}: not an {FORMAT} v{FORMAT_VERSION} index")
     return meta
+
+
+def check_index(path: str | Path, meta: dict[str, Any]) -> dict[str, np.ndarray]:
+    """Every index array opened and checked against index.json (bytes on disk, leading dimensions), and the
+    row counts of both tables; a CorruptDataError naming the first bad file. Returns the arrays."""
+    import pyarrow.parquet as pq  # only the service's start-up needs it here
+
+    root = Path(normalize_url(str(path)))
+    arrays = {}
+    for name, dims in _LEADING.items():
+        try:
+            arrays[name] = a = open_array(root, name)
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            if isinstance(e, CorruptDataError):
+                raise
+            raise CorruptDataError(f"{root / ARRAYS / name}: unreadable array ({e})", key=name) from None
+        want = tuple(int(meta[d]) for d in dims)
+        if a.shape[:len(dims)] != want:
+            raise CorruptDataError(f"{root / ARRAYS / name}: shape {a.shape}, index.json says "
+                                   f"({', '.join(f'{d}={w}' for d, w in zip(dims, want))}, ...)", key=name)
+    for table, rows in ((FEATURES, "d_sae"), (IMAGES, "n_images")):
+        try:
+            n = pq.read_metadata(root / table).num_rows
+        except (OSError, ValueError) as e:
+            raise CorruptDataError(f"{root / table}: unreadable ({' '.join(str(e).split())})", key=table) from None
+        if n != int(meta[rows]):
+            raise CorruptDataError(f"{root / table}: {n} rows, index.json says {rows}={meta[rows]}", key=table)
+    return arrays
 
 
 def open_array(path: str | Path, name: str) -> np.ndarray:
