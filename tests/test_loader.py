@@ -365,6 +365,15 @@ def test_batches_kept_by_the_caller_stay_intact(store):
         kept = list(loader)  # every tensor held: recycled memory must never be written under them
     for x, img, tok in kept:
         np.testing.assert_array_equal(x.numpy(), values[img.numpy(), tok.numpy()])
+    with make(url, buffer_bytes=200 * D * 2, prefetch=1, batch_size=8, drop_last=True) as loader:
+        slices, pointers = [], set()
+        for x, img, tok in loader:  # only a slice of each batch kept: its memory is never reused under it
+            slices.append((x[2:5], img[2:5], tok[2:5]))
+        for x, img, tok in slices:
+            np.testing.assert_array_equal(x.numpy(), values[img.numpy(), tok.numpy()])
+        for x, _, _ in loader:  # batches dropped at once: a few arrays serve every batch
+            pointers.add(x.data_ptr())
+        assert len(loader) > 10 and len(pointers) <= 3
 
 
 def test_stats_device_and_threads_are_released(store):

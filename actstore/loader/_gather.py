@@ -1,13 +1,16 @@
 """Batch assembly: the drawn buffer rows gathered into a host batch, converted (and normalized) in parallel.
 
-Output arrays are pooled: one is reused once nothing outside the pool references it, so a caller
-that keeps its batches never sees them overwritten.
+Output arrays are pooled without counting references: each batch is a fresh numpy view of a pooled
+array, and a weakref finalizer on that view puts the array back once the view is gone, which is when
+no batch tensor, slice or storage made from it is left. A caller that keeps its batches never sees
+them overwritten; one that drops them gets its memory reused.
 """
 
 from __future__ import annotations
 
-import sys
 import time
+import weakref
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -29,7 +32,8 @@ class BatchAssembler:
         self.d, self.stored, self.host_dtype, self.pin = d, stored, host_dtype, pin
         self.same_dtype = host_dtype == torch_dtype(stored)  # gathers are plain copies unless normalizing
         self.batch_size, self.prefetch, self.threads, self.pool = batch_size, prefetch, threads, pool
-        self.out_pool: list[np.ndarray] = []
+        self._free: deque[np.ndarray] = deque()  # pooled arrays no batch refers to (appended by finalizers)
+        self._pooled = 0  # arrays in the pool: the caller's batch and those ahead of it, prefetch + 1
 
     def gather(self, buf: ShuffleBuffer, slots: np.ndarray, norm: Normalization | None) -> torch.Tensor:
         """data[slots] converted to the host dtype (normalized on the host when `norm`), in parallel blocks."""
@@ -51,24 +55,32 @@ class BatchAssembler:
             return t, view
         arr = None
         if n == self.batch_size:
-            arr = self._free_output()
-            polls = _POOL_POLLS if len(self.out_pool) > self.prefetch else 0
+            arr = self._take_free()
+            polls = _POOL_POLLS if self._pooled > self.prefetch else 0
             while arr is None and polls:  # the caller lets go of its last batch right after next() returns
                 time.sleep(0.001)
                 polls -= 1
-                arr = self._free_output()
-        if arr is None:  # the pool grows to prefetch + 1 arrays: the caller's batch and those ahead of it
-            arr = np.empty((n, self.d), np_dtype)
-            if n == self.batch_size and len(self.out_pool) <= self.prefetch:
-                self.out_pool.append(arr)
-        t = torch.from_numpy(arr)
-        return (t.view(torch.bfloat16) if np_dtype is np.uint16 else t), arr
+                arr = self._take_free()
+            if arr is None and self._pooled <= self.prefetch:
+                arr = np.empty((n, self.d), np_dtype)
+                self._pooled += 1
+        if arr is None:  # a partial batch, or every pooled array still held: fresh memory
+            view = np.empty((n, self.d), np_dtype)
+        else:
+            view = arr[:]
+            weakref.finalize(view, self._free.append, arr)  # back in the pool once the batch is gone
+        t = torch.from_numpy(view)
+        return (t.view(torch.bfloat16) if np_dtype is np.uint16 else t), view
 
-    def _free_output(self) -> np.ndarray | None:
-        for j in range(len(self.out_pool)):
-            if sys.getrefcount(self.out_pool[j]) == 2:  # only the pool's reference (and the argument's)
-                return self.out_pool[j]
-        return None
+    def release(self) -> None:
+        """Drop the pooled arrays no batch refers to (the loader is closing)."""
+        self._free.clear()
+
+    def _take_free(self) -> np.ndarray | None:
+        try:
+            return self._free.popleft()
+        except IndexError:
+            return None
 
     def _gather_part(self, data: np.ndarray, slots: np.ndarray, out: np.ndarray, norm: Normalization | None,
                      a: int, b: int) -> None:

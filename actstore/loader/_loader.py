@@ -124,7 +124,7 @@ class PatchLoader:
             self._io = None
             self.store.close()
             self._buffer.data = None
-            self._batches.out_pool.clear()
+            self._batches.release()
 
     def __enter__(self) -> PatchLoader:
         return self
