@@ -7,7 +7,6 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
-import torch
 
 from cli import main
 
@@ -101,13 +100,16 @@ def test_overflow_in_a_forward_actor_is_one_line(ray_local, tmp_path, capsys):
     assert "overflows float16" in line and "unit 0" in line, line
 
 
-def test_config_error_in_a_train_worker_is_one_line(ray_local, tmp_path, capsys):
+def test_config_errors_of_data_parallel_training_are_one_line(ray_local, tmp_path, capsys):
+    """A bad SAE is refused on the driver before any worker starts; an error only a worker sees (the
+    store has fewer chunks than ranks) comes back from Ray Train, after its restarts, as the same one line."""
     from actstore.testing.synthetic import write_synthetic_store
 
     store = str(tmp_path / "store")
-    write_synthetic_store(store, n_images=32, grid=(4, 4), d=16)
-    line = one_line_error(capsys, ["train", "--store", store, "--out", str(tmp_path / "run"), "--layer", "0",
-                                   "--num-workers", "2", "--batch-size", "64", "--tokens", "1024",
-                                   "--sae", "topk", "--d-sae", "8", "--k", "32", "-q"])
+    write_synthetic_store(store, n_images=32, grid=(4, 4), d=16, progress=False)
+    base = ["train", "--store", store, "--layer", "10", "--num-workers", "2", "--tokens", "4096", "-q"]
+    line = one_line_error(capsys, base + ["--out", str(tmp_path / "a"), "--batch-size", "64", "--sae", "topk",
+                                          "--d-sae", "8", "--k", "32"])
     assert line == "error: SAEConfig: k must be in [1, d_sae=8], got 32", line
-    assert torch.__version__  # torch stays importable after Ray Train's teardown
+    line = one_line_error(capsys, base + ["--out", str(tmp_path / "b"), "--batch-size", "64"])
+    assert line == "error: world_size 2 exceeds the store's 1 chunks", line

@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from actstore.errors import ConfigError
 from actstore.loader import PatchLoader
 from actstore.store import LayerSpec, StoreSpec, StoreWriter, TokenLayout
 from sae.checkpoint import load
@@ -101,6 +106,7 @@ def test_resume_equals_an_uninterrupted_run(planted, tmp_path):
     whole = config(store, tmp_path / "whole", tokens=512 * 40, sae=sweep, dead_window_tokens=4096, resample_every=15)
     Trainer(whole).fit(progress=False)
     parts = config(store, tmp_path / "parts", tokens=512 * 40, sae=sweep, dead_window_tokens=4096, resample_every=15)
+    Trainer(parts).fit(progress=False, stop_after=0)  # a checkpoint before the first step
     Trainer(parts).fit(progress=False, stop_after=17)
     assert json.loads((tmp_path / "parts/checkpoint/state.json").read_text())["step"] == 17
     Trainer(parts).fit(progress=False)
@@ -118,21 +124,8 @@ def test_checkpoint_round_trip_and_other_config_refused(planted, tmp_path):
     x = torch.randn(7, D_IN)
     trainer.members[0].sae.eval()
     assert torch.equal(sae(x).x_hat, trainer.members[0].sae(x).x_hat)
-    from actstore.errors import ConfigError
     with pytest.raises(ConfigError, match="another config"):
         Trainer(config(store, tmp_path, tokens=512 * 12, sae=cfg.sae)).fit(progress=False)
-
-
-def test_two_ray_train_workers(ray_local, planted, tmp_path):
-    store, _ = planted
-    cfg = config(store, tmp_path, tokens=512 * 2 * 12, num_workers=2, log_every=6,
-                 sae=({"kind": "topk", "k": 4, "d_sae": 96, "name": "dp"},))
-    rows = train(cfg, progress=False)
-    assert rows[-1]["step"] == 12 and rows[-1]["tokens"] == 512 * 2 * 12
-    lines = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert [l["step"] for l in lines] == [6, 12]
-    sae, _ = load(str(tmp_path / "dp"))
-    assert torch.allclose(sae.W_dec.norm(dim=1), torch.ones(96), atol=1e-5)
 
 
 def _untimed(text: str) -> list[dict]:
@@ -172,3 +165,132 @@ def test_metrics_sink_appends_on_s3(s3, s3_url):
     assert read_metrics(fs, root) == rows
     JsonlSink(fs, f"{root}/metrics.jsonl", 2).write([rows[2]])  # a resume at step 2 drops step 3, then appends
     assert read_metrics(fs, root) == rows
+
+
+def _same_run(a: Path, b: Path) -> None:
+    """Two run folders hold the same SAEs (bitwise) and the same metric rows (but for tokens_per_s)."""
+    saes = sorted(p.relative_to(a) for p in a.glob("*/sae.safetensors"))
+    assert saes and saes == sorted(p.relative_to(b) for p in b.glob("*/sae.safetensors"))
+    for f in saes:
+        assert (a / f).read_bytes() == (b / f).read_bytes(), f
+    assert _untimed((a / "metrics.jsonl").read_text()) == _untimed((b / "metrics.jsonl").read_text())
+
+
+def _state(run: Path) -> dict:
+    return json.loads((run / "checkpoint/state.json").read_text())
+
+
+def test_a_save_cut_before_state_json_resumes_from_the_checkpoint_before(planted, tmp_path):
+    store, _ = planted
+    sweep = ({"kind": "topk", "k": 4, "d_sae": 32, "name": "a"}, {"kind": "relu", "d_sae": 32, "name": "b"})
+    kw = dict(tokens=512 * 12, log_every=4, checkpoint_every=3, sae=sweep)  # checkpoints inside log intervals
+    Trainer(config(store, tmp_path / "whole", **kw)).fit(progress=False)
+    parts = config(store, tmp_path / "parts", **kw)
+    trainer = Trainer(parts)
+    put = trainer._put
+
+    def killed_at_state_json_of_step_9(key: str, data: bytes) -> None:
+        if key == "checkpoint/state.json" and trainer.step == 9:
+            raise KeyboardInterrupt  # as if killed: step 9's tensors are written, its state.json is not
+        put(key, data)
+
+    trainer._put = killed_at_state_json_of_step_9
+    with pytest.raises(KeyboardInterrupt):
+        trainer.fit(progress=False)
+    trainer.loader.close()
+    ckpt = tmp_path / "parts/checkpoint"
+    (ckpt / "notes").mkdir()  # not ours: kept
+    assert sorted(p.name for p in ckpt.iterdir()) == ["notes", "state.json", "step-000000006", "step-000000009"]
+    state = _state(tmp_path / "parts")
+    assert state["step"] == 6 and state["tensors"] == "checkpoint/step-000000006" and len(state["loaders"]) == 1
+    Trainer(parts).fit(progress=False)
+    assert sorted(p.name for p in ckpt.iterdir()) == ["notes", "state.json", "step-000000012"]
+    assert _state(tmp_path / "parts")["resumed_from"] == [6]
+    _same_run(tmp_path / "whole", tmp_path / "parts")  # dense_fraction too: the interval's tokens are saved
+
+
+# data parallel: two Ray Train workers ---------------------------------------------------------------------
+
+DP_STEPS = 160
+
+
+def dp_config(store: str, out: Path, **kw) -> TrainConfig:
+    """Two workers, two SAEs (the relu one resampled at step 100), checkpoints inside log intervals."""
+    sweep = ({"kind": "topk", "k": 4, "d_sae": 96, "name": "dp"}, {"kind": "relu", "d_sae": 96, "name": "r"})
+    return config(store, out, **{"tokens": 512 * 2 * DP_STEPS, "num_workers": 2, "log_every": 7,
+                                 "checkpoint_every": 10, "resample_every": 100, "sae": sweep, **kw})
+
+
+@pytest.fixture(scope="module")
+def dp_whole(ray_local, planted, tmp_path_factory) -> Path:
+    """An uninterrupted two-worker run."""
+    out = tmp_path_factory.mktemp("dp") / "whole"
+    train(dp_config(planted[0], out), progress=False)
+    return out
+
+
+def test_two_ray_train_workers(dp_whole):
+    lines = [json.loads(l) for l in (dp_whole / "metrics.jsonl").read_text().splitlines()]
+    steps = [*range(7, DP_STEPS, 7), DP_STEPS]
+    assert [l["step"] for l in lines] == [s for s in steps for _ in range(2)]
+    assert lines[-1]["tokens"] == 512 * 2 * DP_STEPS
+    state = _state(dp_whole)
+    assert state["step"] == DP_STEPS and state["resumed_from"] == []
+    assert [loader["stream"]["rank"] for loader in state["loaders"]] == [0, 1]
+    assert sorted(p.name for p in (dp_whole / "checkpoint").iterdir()) == ["state.json", f"step-{DP_STEPS:09d}"]
+    sae, _ = load(str(dp_whole / "dp"))
+    assert torch.allclose(sae.W_dec.norm(dim=1), torch.ones(96), atol=1e-5)
+
+
+def test_two_workers_stopped_and_resumed_equal_an_uninterrupted_run(planted, dp_whole, tmp_path):
+    store, _ = planted
+    cfg = dp_config(store, tmp_path)
+    train(cfg, progress=False, stop_after=65)  # a checkpoint at step 65, inside a log interval
+    state = _state(tmp_path)
+    assert state["step"] == 65 and [loader["stream"]["rank"] for loader in state["loaders"]] == [0, 1]
+    with pytest.raises(ConfigError, match="num_workers=2"):  # each rank's position is saved: same ranks only
+        train(dp_config(store, tmp_path, num_workers=3), progress=False)
+    with pytest.raises(ConfigError, match="num_workers=2"):
+        train(dp_config(store, tmp_path, num_workers=1), progress=False)
+    rows = train(cfg, progress=False)
+    assert [r["step"] for r in rows] == [DP_STEPS, DP_STEPS] and _state(tmp_path)["resumed_from"] == [65]
+    _same_run(dp_whole, tmp_path)
+
+
+def _ray_train_workers() -> list[int]:
+    """PIDs of the Ray Train workers of the Ray this process started (its descendants)."""
+    import psutil
+
+    found = []
+    for p in psutil.Process().children(recursive=True):
+        try:
+            if p.name().startswith("ray::RayTrainWorker") and p.status() != psutil.STATUS_ZOMBIE:
+                found.append(p.pid)
+        except psutil.NoSuchProcess:
+            pass
+    return found
+
+
+def test_a_killed_worker_is_restarted_and_the_run_resumes(planted, dp_whole, tmp_path):
+    store, _ = planted
+    with ThreadPoolExecutor(1) as pool:
+        run = pool.submit(train, dp_config(store, tmp_path), False)
+        deadline = time.monotonic() + 240
+        while True:  # until a checkpoint of step >= 30 (of 160) is there
+            assert time.monotonic() < deadline and not run.done(), "no checkpoint"
+            try:
+                killed_after = _state(tmp_path)["step"]
+            except (FileNotFoundError, json.JSONDecodeError):
+                killed_after = 0
+            if killed_after >= 30:
+                break
+            time.sleep(0.02)
+        workers = _ray_train_workers()
+        assert len(workers) == 2, workers
+        os.kill(workers[0], signal.SIGKILL)
+        run.result(timeout=300)
+    state = _state(tmp_path)
+    assert state["step"] == DP_STEPS
+    resumed = state["resumed_from"]  # one restart, from the last checkpoint before the kill (or a later one)
+    assert len(resumed) == 1 and killed_after <= resumed[0] < DP_STEPS, resumed
+    _same_run(dp_whole, tmp_path)

@@ -35,7 +35,7 @@ import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
-from actstore.errors import ConfigError
+from actstore.errors import ConfigError, StorageError
 
 __all__ = ["IMAGE_EXTENSIONS", "LIST_EXTENSIONS", "Manifest", "build_manifest", "read_bytes"]
 
@@ -93,8 +93,13 @@ def build_manifest(source: str, storage_options: dict[str, Any] | None = None) -
     return Manifest(uris, labels, class_names, str(source))
 
 
+_NOT_THERE = (FileNotFoundError, IsADirectoryError, NotADirectoryError)
+"""Read errors that say something about the image itself (it is not there): recorded, not raised."""
+
+
 def read_bytes(uris: Sequence[str], storage_options: dict[str, Any] | None = None) -> list[bytes | Exception]:
-    """The bytes of each URI, or the exception that reading it raised (a missing image is data, not a crash).
+    """The bytes of each URI, or the exception saying it is not there (a missing image is data, not a
+    crash); any other read failure (access denied, an endpoint that keeps failing) raises StorageError.
 
     One filesystem call per protocol: async filesystems (s3) fetch the whole list concurrently.
     storage_options apply to the remote protocols, not to local paths.
@@ -113,6 +118,11 @@ def read_bytes(uris: Sequence[str], storage_options: dict[str, Any] | None = Non
         paths = [fs._strip_protocol(uris[i]) for i in idx]
         # cat_ranges, not cat: cat expands globs ("img[1].jpg") and deduplicates; this keeps one result per URI
         for i, got in zip(idx, fs.cat_ranges(paths, None, None, on_error="return")):
+            if isinstance(got, Exception) and not isinstance(got, _NOT_THERE):
+                # a transient failure that outlasted the retries is no verdict on the image: fail the unit
+                # (not recorded, so a rerun redoes it) instead of rejecting the image for good
+                raise StorageError(f"{uris[i]}: read failed ({type(got).__name__}: {got}); "
+                                   "rerun to resume") from got
             out[i] = got
     return out  # type: ignore[return-value]
 

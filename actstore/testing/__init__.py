@@ -6,4 +6,6 @@ Like `zarr.testing`, it ships with the package so that a user can reproduce a te
 - `synthetic`: ViT-like activations and complete synthetic stores.
 - `images`: the bad-image corpus extraction must survive.
 - `s3`: moto's S3 server on 127.0.0.1 (needs the `dev` extra).
+- `faults`: a proxy in front of it that fails a fraction of the requests (500, 503 SlowDown, resets,
+  truncated bodies), to show that retries absorb them.
 """

@@ -7,13 +7,30 @@
 
 Schedules are functions of the step (lr: linear warm-up, constant, linear decay to 0; sparsity
 coefficient: linear warm-up), so a resumed run needs only the step, the parameters, Adam's state,
-the dead-latent counters and the loader's position: `<out>/checkpoint/` holds exactly those, and a
-resumed run equals an uninterrupted one. Data parallelism (`num_workers > 1`) runs the same loop in
-Ray Train workers: each rank reads its own chunks, gradients are averaged with one all-reduce per
-SAE, and rank 0 logs and saves.
+the dead-latent and log-interval counters and every rank's loader position, and a resumed run equals an
+uninterrupted one (bitwise, on the same hardware and worker count). `<out>/checkpoint/` holds exactly those:
 
-Outputs under `out` (a path or fsspec URL): train_config.json, metrics.jsonl (one line per SAE per
-log step, appended), <name>/sae.safetensors + cfg.json per SAE (sae.checkpoint), checkpoint/.
+    checkpoint/step-<step>/<sae>.safetensors   per SAE: model.* (parameters, buffers), adam.* (moments,
+                                               step), since_fired, interval_fires, interval_tokens
+    checkpoint/state.json                      format, step, tensors (the step folder it names), loaders
+                                               (one loader state per rank), members, resumed_from (the
+                                               steps this run was resumed at), config
+
+A checkpoint writes a new step folder, then state.json (written whole, last: a run killed at any point
+resumes from a complete checkpoint, never from tensors of one step and positions of another), then the
+SAEs' <name>/sae.safetensors, then removes the older step-<n> folders (nothing else in checkpoint/). A
+run folder with a checkpoint is resumed by the same config; log_every, checkpoint_every, tensorboard and
+wandb_project may differ, num_workers may not (ConfigError: each rank's loader position is saved).
+
+Data parallelism (`num_workers > 1`) runs the same loop in Ray Train workers: each rank reads its own
+chunks, gradients are averaged with one all-reduce per SAE, every checkpoint gathers the ranks' loader
+positions to rank 0, and rank 0 logs and saves. Failures: Ray Train restarts the worker group up to
+launch.MAX_FAILURES (3) times after a worker error (a killed process, out of memory, a lost node; node
+preemptions have Ray's own budget), and the restarted workers resume from checkpoint/state.json; so
+does a later `train` call with the same config. The run folder's checks are made before any worker
+starts; a ConfigError raised in a worker is retried like any worker error, then raised as itself. Ray
+Train's own files (no checkpoints) go to a temporary folder on the driver's node, removed afterwards.
+`train(cfg, stop_after=n)` stops n steps after where it starts, checkpointing there.
 
 Modules: config (TrainConfig, its schedules, default SAE names), trainer (Trainer: the loop,
 checkpoints, resume), sinks (metrics.jsonl, TensorBoard, wandb), launch (`train`: one process or Ray Train).

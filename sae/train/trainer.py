@@ -8,9 +8,11 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 import time
 from typing import Any
 
+import fsspec
 import torch
 import torch.distributed as dist
 from safetensors.torch import load as st_load, save as st_save
@@ -27,6 +29,54 @@ from sae.train.sinks import open_sinks
 log = logging.getLogger(__name__)
 
 STATE = "checkpoint/state.json"
+CHECKPOINT_FORMAT = 2
+"""2: member tensors under checkpoint/step-<step>/, named by state.json; one loader position per rank."""
+_STEP_FOLDER = re.compile(r"step-\d+")
+_MAY_DIFFER = ("log_every", "checkpoint_every", "tensorboard", "wandb_project", "out", "storage_options")
+"""Config fields a resumed run may change (the folder may have moved, its keys rotated); everything else
+(num_workers included) must match."""
+
+
+def sweep_configs(cfg: TrainConfig, d_in: int) -> list[tuple[str, SAEConfig]]:
+    """(name, SAEConfig) of every SAE of the sweep on `d_in`-wide inputs; a bad one is a ConfigError."""
+    out = []
+    for fields in cfg.sae:
+        fields = dict(fields)
+        name = fields.pop("name", None) or sae_name(fields)
+        out.append((name, SAEConfig(d_in=d_in, **fields)))
+    return out
+
+
+def step_folder(step: int) -> str:
+    """The checkpoint folder of `step`, relative to the run folder."""
+    return f"checkpoint/step-{step:09d}"
+
+
+def read_resume_state(cfg: TrainConfig, fs: fsspec.AbstractFileSystem, root: str) -> dict[str, Any] | None:
+    """The run folder's checkpoint/state.json if `cfg` may resume it (None: nothing to resume); ConfigError if not."""
+    try:
+        state = json.loads(fs.cat_file(f"{root}/{STATE}"))
+    except FileNotFoundError:
+        return None
+    if state.get("format") != CHECKPOINT_FORMAT:
+        raise ConfigError(f"{cfg.out}: holds a checkpoint of an older trainer (checkpoint format "
+                          f"{state.get('format', 1)}, this trainer reads {CHECKPOINT_FORMAT}); choose another --out")
+    saved, mine = dict(state["config"]), json.loads(config_json(cfg))
+    if saved.get("num_workers") != mine["num_workers"] or len(state["loaders"]) != mine["num_workers"]:
+        raise ConfigError(f"{cfg.out}: was checkpointed by num_workers={saved.get('num_workers')} (each rank's "
+                          f"loader position is saved), this run has num_workers={cfg.num_workers}; resume with "
+                          f"num_workers={saved.get('num_workers')} or choose another --out")
+    if {k: v for k, v in saved.items() if k not in _MAY_DIFFER} != \
+            {k: v for k, v in mine.items() if k not in _MAY_DIFFER}:
+        raise ConfigError(f"{cfg.out}: holds a checkpoint of another config; choose another --out")
+    return state
+
+
+def check_fresh_out(cfg: TrainConfig, fs: fsspec.AbstractFileSystem, root: str) -> None:
+    """A fresh run writes into an empty (or missing) folder, or a run folder (train_config.json) of its own."""
+    if fs.exists(root) and fs.ls(root, detail=False) and not fs.exists(f"{root}/train_config.json"):
+        raise ConfigError(f"{cfg.out}: exists and is not a training run folder (no train_config.json); "
+                          "choose another --out")
 
 
 class _Member:
@@ -47,6 +97,7 @@ class _Member:
             for key, value in self.opt.state.get(p, {}).items():
                 out[f"adam.{name}.{key}"] = value.detach().reshape(-1).contiguous() if key == "step" else value
         out["since_fired"], out["interval_fires"] = self.since_fired, self.interval_fires
+        out["interval_tokens"] = torch.tensor([self.interval_tokens], dtype=torch.int64)
         return {k: v.cpu() for k, v in out.items()}
 
     def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
@@ -60,6 +111,7 @@ class _Member:
                 self.opt.state[p] = state
         self.since_fired.copy_(tensors["since_fired"])
         self.interval_fires.copy_(tensors["interval_fires"])
+        self.interval_tokens = int(tensors["interval_tokens"])
 
 
 class Trainer:
@@ -85,15 +137,12 @@ class Trainer:
                                   world_size=world_size, normalize=cfg.normalize, drop_last=True,
                                   storage_options=opts, device=self.device,
                                   pin_memory=self.device.type == "cuda", **kwargs)
-        self.members = []
-        for fields in cfg.sae:
-            fields = dict(fields)
-            name = fields.pop("name", None) or sae_name(fields)
-            sae = SparseAutoencoder(SAEConfig(d_in=d_in, **fields), device=self.device)
-            self.members.append(_Member(name, sae, cfg.lr))
+        self.members = [_Member(name, SparseAutoencoder(sae_cfg, device=self.device), cfg.lr)
+                        for name, sae_cfg in sweep_configs(cfg, d_in)]
         self.k_aux = cfg.k_aux or d_in // 2
         self.step = 0
-        self._started = False
+        self.resumed_from: list[int] = []
+        """The steps this run was resumed at, oldest first (kept in state.json)."""
 
     # persistence ------------------------------------------------------------------------
     def _path(self, key: str) -> str:
@@ -103,41 +152,50 @@ class Trainer:
         put_bytes(self.fs, self._path(key), data)
 
     def save_checkpoint(self) -> None:
-        """Trainer state for resuming; state.json last, so a torn checkpoint is never taken."""
+        """Trainer state for resuming (every rank calls it: the loader positions are gathered to rank 0).
+
+        The members' tensors go to a fresh folder checkpoint/step-<step>/, then state.json names it (written
+        last: a resume reads only a complete checkpoint), then the SAEs are exported and older step folders
+        removed.
+        """
+        mine = self.loader.state_dict()
+        loaders: list[Any] = [mine]
+        if self.world_size > 1:
+            loaders = [None] * self.world_size
+            dist.all_gather_object(loaders, mine)
         if self.rank:
             return
+        folder = step_folder(self.step)
         for m in self.members:
-            self._put(f"checkpoint/{m.name}.safetensors", st_save(m.state_tensors()))
-            checkpoint.save(m.sae, self._path(m.name), normalization=self.loader.normalization,
-                            extra={"trained_tokens": self.step * self.cfg.batch_size * self.world_size},
-                            storage_options=dict(self.cfg.storage_options))
-        state = {"step": self.step, "loader": self.loader.state_dict(), "members": [m.name for m in self.members],
+            self._put(f"{folder}/{m.name}.safetensors", st_save(m.state_tensors()))
+        state = {"format": CHECKPOINT_FORMAT, "step": self.step, "tensors": folder, "loaders": loaders,
+                 "members": [m.name for m in self.members], "resumed_from": self.resumed_from,
                  "config": json.loads(config_json(self.cfg))}
         self._put(STATE, json.dumps(state, indent=1).encode())
-
-    def _check_out_is_ours(self) -> None:
-        """A fresh run writes into an empty (or missing) folder, or a run folder (train_config.json) of its own."""
-        if self.fs.exists(self.root) and self.fs.ls(self.root, detail=False) \
-                and not self.fs.exists(self._path("train_config.json")):
-            raise ConfigError(f"{self.cfg.out}: exists and is not a training run folder (no train_config.json); "
-                              "choose another --out")
-
-    def _try_resume(self) -> bool:
-        try:
-            state = json.loads(self.fs.cat_file(self._path(STATE)))
-        except FileNotFoundError:
-            return False
-        saved = dict(state["config"])
-        mine = json.loads(config_json(self.cfg))
-        keep = ("log_every", "checkpoint_every", "tensorboard", "wandb_project", "num_workers")
-        if {k: v for k, v in saved.items() if k not in keep} != {k: v for k, v in mine.items() if k not in keep}:
-            raise ConfigError(f"{self.cfg.out}: holds a checkpoint of another config; choose another --out")
         for m in self.members:
-            m.load_state_tensors(st_load(self.fs.cat_file(self._path(f"checkpoint/{m.name}.safetensors"))))
+            url = self.fs.unstrip_protocol(self._path(m.name))  # with its s3:// (root has none)
+            checkpoint.save(m.sae, url, normalization=self.loader.normalization,
+                            extra={"trained_tokens": self.step * self.cfg.batch_size * self.world_size},
+                            storage_options=dict(self.cfg.storage_options))
+        self._remove_step_folders(keep=folder)
+
+    def _remove_step_folders(self, keep: str) -> None:
+        """Remove checkpoint/step-<n>/ folders other than `keep` (only names of that form: nothing else is ours)."""
+        base = self._path("checkpoint")
+        self.fs.invalidate_cache(base)
+        for path in self.fs.ls(base, detail=False):
+            name = path.rstrip("/").rsplit("/", 1)[-1]
+            if _STEP_FOLDER.fullmatch(name) and f"checkpoint/{name}" != keep:
+                self.fs.rm(path, recursive=True)
+
+    def _resume(self, state: dict[str, Any]) -> None:
+        """Continue from a state read by read_resume_state: this rank's loader position, every member's tensors."""
+        for m in self.members:
+            m.load_state_tensors(st_load(self.fs.cat_file(self._path(f"{state['tensors']}/{m.name}.safetensors"))))
         self.step = int(state["step"])
-        self.loader.load_state_dict(state["loader"])
-        log.info("resumed %s at step %d", self.cfg.out, self.step)
-        return True
+        self.loader.load_state_dict(state["loaders"][self.rank])
+        self.resumed_from = [*state.get("resumed_from", []), self.step]
+        log.info("rank %d resumed %s at step %d", self.rank, self.cfg.out, self.step)
 
     # distributed helpers ----------------------------------------------------------------
     def _all_reduce_grads(self, sae: SparseAutoencoder) -> None:
@@ -238,16 +296,25 @@ class Trainer:
         m.interval_tokens = 0
         return row
 
-    def fit(self, progress: bool = True, stop_after: int | None = None) -> list[dict[str, Any]]:
-        """Train to cfg.steps (or stop after `stop_after` more steps, checkpointing there); returns the last metrics."""
+    def fit(self, progress: bool = True, stop_after: int | None = None, *,
+            stop_at: int | None = None) -> list[dict[str, Any]]:
+        """Train to cfg.steps, resuming from out's checkpoint if there is one; returns the last metrics.
+
+        `stop_after` (steps from where this call starts) or `stop_at` (a step) stop earlier, checkpointing there.
+        """
         cfg = self.cfg
-        resumed = self._try_resume()
-        if not resumed:
-            self._check_out_is_ours()
-        if not resumed and self.rank == 0:
+        state = read_resume_state(cfg, self.fs, self.root)
+        if state is not None:
+            self._resume(state)
+        elif self.rank == 0:  # rank 0 alone: the others would see its first writes
+            check_fresh_out(cfg, self.fs, self.root)
             self._put("train_config.json", config_json(cfg).encode())
         sinks = open_sinks(cfg, self.fs, self.root, self.step, self.rank)
-        end = cfg.steps if stop_after is None else min(cfg.steps, self.step + stop_after)
+        end = cfg.steps
+        if stop_after is not None:
+            end = min(end, self.step + stop_after)
+        if stop_at is not None:
+            end = min(end, max(self.step, stop_at))
         last: list[dict[str, Any]] = []
         bar = tqdm(total=cfg.steps * cfg.batch_size * self.world_size, initial=self.step * cfg.batch_size *
                    self.world_size, unit="tok", unit_scale=True, desc="train", disable=not progress or self.rank > 0)
@@ -255,7 +322,7 @@ class Trainer:
         batches = iter(self.loader)
         while self.step < end:  # check before taking a batch: the loader's position must match the step
             x = next(batches)
-            if self.step == 0 and not resumed:
+            if self.step == 0:  # also when resumed at step 0: its checkpoint holds the weights before this
                 self._init_from_data(x)
             results = [self._train_step(m, x) for m in self.members]
             self.step += 1

@@ -1,0 +1,124 @@
+"""The real `actstore` command, stage after stage: on S3 (moto) with one-off credentials, and the demo.
+
+extract -> train (two Ray Train workers) -> index -> serve run as subprocesses of the installed
+console script, joined to the session's Ray. Afterwards the credentials appear in no object, file
+or log that any stage wrote, and a run resumes after its keys were rotated.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+from pathlib import Path
+
+import pytest
+
+from actstore.config import REDACTED
+
+ACTSTORE = str(Path(sys.executable).parent / "actstore")
+SAE = "topk-k8-m64"
+
+
+def _cli(*args: str, env: dict[str, str]) -> str:
+    """Run `actstore args...`; returns stdout + stderr (asserting exit 0)."""
+    p = subprocess.run([ACTSTORE, *args], capture_output=True, text=True, env=env, timeout=300)
+    assert p.returncode == 0, p.stdout + p.stderr
+    return p.stdout + p.stderr
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _get(url: str, timeout: float = 60) -> bytes:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=5) as r:
+                return r.read()
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.3)
+
+
+@pytest.fixture
+def secret_options(s3) -> dict[str, str]:
+    """moto takes any credentials: a unique key id and secret, to look for afterwards."""
+    return {"endpoint_url": s3.endpoint_url, "key": f"AKIA{uuid.uuid4().hex[:16].upper()}",
+            "secret": f"sEcReT{uuid.uuid4().hex}"}
+
+
+def test_stages_through_the_cli_on_s3_leave_no_credential_behind(ray_local, s3, s3_url, secret_options, tmp_path):
+    from actstore.store import filesystem
+    from actstore.testing.shapes import generate_dataset
+    from sae.train import TrainConfig, Trainer
+
+    opts = secret_options
+    flag = json.dumps(opts)
+    env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}
+    generate_dataset(f"{s3_url}/images", 24, seed=1, image_size=64, storage_options=opts)
+    logs = [_cli("extract", "--images", f"{s3_url}/images", "--image-storage-options", flag,
+                 "--model", "timm:vit_tiny_patch16_224", "--out", f"{s3_url}/store", "--storage-options", flag,
+                 "--batch-size", "8", "--images-per-shard", "8", "-v", env=env)]
+    logs.append(_cli("train", "--store", f"{s3_url}/store", "--out", f"{s3_url}/run", "--storage-options", flag,
+                     "--layer", "10", "--tokens", str(2 * 256 * 8), "--batch-size", "256", "--num-workers", "2",
+                     "--sae", "topk", "--k", "8", "--d-sae", "64", "--log-every", "2", "--checkpoint-every", "4",
+                     "-v", env=env))
+    logs.append(_cli("index", "--store", f"{s3_url}/store", "--sae", f"{s3_url}/run/{SAE}",
+                     "--out", str(tmp_path / "index"), "--storage-options", flag, "-v", env=env))
+    port = _free_port()
+    server = subprocess.Popen([ACTSTORE, "serve", "--index", str(tmp_path / "index"), "--port", str(port),
+                               "--workers", "1", "--storage-options", flag, "-v"],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    try:
+        assert json.loads(_get(f"http://127.0.0.1:{port}/features?limit=3"))["features"]
+        assert _get(f"http://127.0.0.1:{port}/images/0")[:2] == b"\xff\xd8"  # a JPEG, read from S3 with the options
+    finally:
+        server.terminate()
+        logs.append(server.communicate(timeout=30)[0])
+
+    # a resume after rotating keys continues the run (configs are compared without credentials)
+    rotated = {**opts, "key": f"AKIA{uuid.uuid4().hex[:16].upper()}", "secret": f"sEcReT{uuid.uuid4().hex}"}
+    base = dict(store=f"{s3_url}/store", out=f"{s3_url}/rotated", layer=10, tokens=256 * 6, batch_size=256,
+                sae=({"kind": "topk", "k": 8, "d_sae": 64},), log_every=2, checkpoint_every=2)
+    Trainer(TrainConfig(**base, storage_options=opts)).fit(progress=False, stop_after=2)
+    resumed = Trainer(TrainConfig(**base, storage_options=rotated))
+    resumed.fit(progress=False)
+    assert resumed.step == 6
+
+    secrets = [v for o in (opts, rotated) for k, v in o.items() if k != "endpoint_url"]
+    fs, root = filesystem(s3_url, opts)
+    written = {f"s3://{p}": fs.cat_file(p) for p in fs.find(root)}
+    written.update({str(p): p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()})
+    session = Path(ray_local._private.worker._global_node.get_session_dir_path())
+    written.update({str(p): p.read_bytes() for p in (session / "logs").rglob("*") if p.is_file()})
+    written.update({f"log {i}": text.encode() for i, text in enumerate(logs)})
+    for name in ("store/extract_config.json", "run/train_config.json", "run/checkpoint/state.json"):
+        text = next(v for k, v in written.items() if k.endswith(name)).decode()
+        assert REDACTED in text and opts["endpoint_url"] in text, name  # what is not secret is kept
+    leaks = sorted(name for name, data in written.items() if any(s.encode() in data for s in secrets))
+    assert not leaks, leaks
+    assert len(written) > 50
+
+
+def test_demo_through_the_cli(ray_local, tmp_path):
+    env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}
+    out = _cli("demo", "--images", str(tmp_path / "images"), "--store", str(tmp_path / "store"),
+               "--sae-out", str(tmp_path / "run"), "--index", str(tmp_path / "index"),
+               "--model", "timm:vit_tiny_patch16_224", "--n-images", "16", "--tokens", "4096", env=env)
+    assert f"actstore serve --index {tmp_path / 'index'}" in out
+    meta = json.loads((tmp_path / "index/index.json").read_text())
+    assert meta["n_images"] == 16 and meta["sae_kind"] == "topk"
+    again = _cli("demo", "--images", str(tmp_path / "images"), "--store", str(tmp_path / "store"),
+                 "--sae-out", str(tmp_path / "run"), "--index", str(tmp_path / "index"),
+                 "--model", "timm:vit_tiny_patch16_224", "--n-images", "16", "--tokens", "4096", env=env)
+    assert "generating" not in again  # a second demo reuses its images, store and run
