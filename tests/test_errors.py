@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
@@ -21,6 +22,14 @@ def one_line_error(capsys, argv: list[str]) -> str:
     assert len(err) == 1 and err[0].startswith("error: "), err
     assert "Traceback" not in err[0]
     return err[0]
+
+
+def all_cpus_free(ray, timeout: float = 20) -> None:
+    """Wait until nothing holds a CPU of the local Ray: a failed job left no actor behind."""
+    deadline = time.monotonic() + timeout
+    while ray.available_resources().get("CPU", 0) < ray.cluster_resources()["CPU"]:
+        assert time.monotonic() < deadline, ray.available_resources()
+        time.sleep(0.2)
 
 
 @pytest.fixture
@@ -98,6 +107,7 @@ def test_overflow_in_a_forward_actor_is_one_line(ray_local, tmp_path, capsys):
                                    "timm:vit_tiny_patch16_224", "--pretrained", str(tmp_path / "huge.safetensors"),
                                    "--dtype", "float16", "--out", str(tmp_path / "store"), "-q"])
     assert "overflows float16" in line and "unit 0" in line, line
+    all_cpus_free(ray_local)  # the failed pipeline's actors are gone
 
 
 def test_config_errors_of_data_parallel_training_are_one_line(ray_local, tmp_path, capsys):
@@ -113,3 +123,4 @@ def test_config_errors_of_data_parallel_training_are_one_line(ray_local, tmp_pat
     assert line == "error: SAEConfig: k must be in [1, d_sae=8], got 32", line
     line = one_line_error(capsys, base + ["--out", str(tmp_path / "b"), "--batch-size", "64"])
     assert line == "error: world_size 2 exceeds the store's 1 chunks", line
+    all_cpus_free(ray_local)  # nor did Ray Train's failed workers

@@ -14,6 +14,7 @@ rerun of the same command skips units that already have their record.
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import time
@@ -30,7 +31,7 @@ from actstore.extract.preprocess import Preprocessor
 from actstore.cluster import init_ray
 from actstore.config import config_json
 from actstore.extract.decode import DEFAULT_MAX_PIXELS, decode_image
-from actstore.errors import ConfigError
+from actstore.errors import ConfigError, user_error
 from actstore.extract.sources import build_manifest, read_bytes
 from actstore.store import (CODECS, DEFAULT_CODEC, DEFAULT_DTYPE, DTYPES, STATUS_OK, STATUS_REJECTED, StoreSpec,
                             StoreWriter, filesystem, put_bytes, to_storage)
@@ -201,17 +202,35 @@ def run_extract(cfg: ExtractConfig, progress: bool = True) -> ExtractResult:
     del backbone
     n_rejected = 0
     if units:
-        ds = _pipeline(cfg, units, preprocessor, writer)
-        with tqdm(total=n_todo, desc="extract", unit="img", disable=not progress) as bar:
-            for out in ds.iter_batches(batch_size=None, batch_format="numpy"):
-                bar.update(int(out["n"].sum()))
-                n_rejected += int(out["n_rejected"].sum())
+        n_rejected = _run(_pipeline(cfg, units, preprocessor, writer), n_todo, progress)
     complete = len(writer.units_done()) == spec.n_units
     if complete:
         writer.finalize()
     return ExtractResult(url=writer.url, n_images=spec.n_images, units_total=spec.n_units,
                          units_written=len(todo), units_skipped=len(done), images_written=n_todo,
                          n_rejected=n_rejected, seconds=time.perf_counter() - started, complete=complete)
+
+
+def _run(ds: Any, n_images: int, progress: bool) -> int:
+    """Iterate the pipeline to its end; returns the rejected images. A worker's error is raised as the
+    project's error (user_error), once Ray Data's actors are gone: Ray Data releases them by reference
+    counting, and the failure's traceback would hold them (and their CPUs) until a garbage collection."""
+    n_rejected, error = 0, None
+    try:
+        with tqdm(total=n_images, desc="extract", unit="img", disable=not progress) as bar:
+            for out in ds.iter_batches(batch_size=None, batch_format="numpy"):
+                bar.update(int(out["n"].sum()))
+                n_rejected += int(out["n_rejected"].sum())
+    except Exception as e:
+        error = user_error(e)
+        if error is None:
+            raise
+        error.__traceback__ = error.__cause__ = error.__context__ = None  # nothing left pointing at `ds`
+    if error is not None:
+        del ds
+        gc.collect()
+        raise error
+    return n_rejected
 
 
 def _pipeline(cfg: ExtractConfig, units: list[dict[str, Any]], preprocessor: Preprocessor,

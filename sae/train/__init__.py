@@ -19,16 +19,18 @@ uninterrupted one (bitwise, on the same hardware and worker count). `<out>/check
 A checkpoint writes a new step folder, then state.json (written whole, last: a run killed at any point
 resumes from a complete checkpoint, never from tensors of one step and positions of another), then the
 SAEs' <name>/sae.safetensors, then removes the older step-<n> folders (nothing else in checkpoint/). A
-run folder with a checkpoint is resumed by the same config; log_every, checkpoint_every, tensorboard and
-wandb_project may differ, num_workers may not (ConfigError: each rank's loader position is saved).
+run folder with a checkpoint is resumed by the same config; log_every, checkpoint_every, tensorboard,
+wandb_project, out (a moved folder) and storage_options (rotated keys) may differ, num_workers may not
+(ConfigError: each rank's loader position is saved).
 
 Data parallelism (`num_workers > 1`) runs the same loop in Ray Train workers: each rank reads its own
 chunks, gradients are averaged with one all-reduce per SAE, every checkpoint gathers the ranks' loader
 positions to rank 0, and rank 0 logs and saves. Failures: Ray Train restarts the worker group up to
 launch.MAX_FAILURES (3) times after a worker error (a killed process, out of memory, a lost node; node
 preemptions have Ray's own budget), and the restarted workers resume from checkpoint/state.json; so
-does a later `train` call with the same config. The run folder's checks are made before any worker
-starts; a ConfigError raised in a worker is retried like any worker error, then raised as itself. Ray
+does a later `train` call with the same config. The sweep's and the run folder's checks are made
+before any worker starts; an error raised in a worker is retried like any worker error, then raised as
+itself (actstore.errors.user_error takes it out of Ray Train's wrappers). Ray
 Train's own files (no checkpoints) go to a temporary folder on the driver's node, removed afterwards.
 `train(cfg, stop_after=n)` stops n steps after where it starts, checkpointing there.
 
