@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from actstore.extract.backbones import BackboneConfig, load_backbone
 from actstore.extract.preprocess import Preprocessor
-from actstore.cluster import init_ray
+from actstore.cluster import init_ray, refuse_local_paths_on_a_cluster
 from actstore.config import config_json
 from actstore.extract.decode import DEFAULT_MAX_PIXELS, decode_image
 from actstore.errors import ConfigError, user_error
@@ -68,7 +68,10 @@ class ExtractConfig:
     max_pixels: int = DEFAULT_MAX_PIXELS
     """Images with more pixels are rejected as decompression bombs."""
     num_actors: int | None = None
-    """Forward actors; default one per GPU, or one on a CPU-only cluster."""
+    """Forward actors at least (the pool's minimum); default 1."""
+    max_actors: int | None = None
+    """Forward actors at most: with GPUs the pool grows toward it while units wait; default one per GPU
+    of the cluster (at least num_actors). A CPU-only cluster runs num_actors."""
     address: str | None = None
     """Ray cluster address; default RAY_ADDRESS, else a local Ray."""
     storage_options: Mapping[str, Any] = field(default_factory=dict)
@@ -89,6 +92,8 @@ class ExtractConfig:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.num_actors is not None and self.num_actors < 1:
             raise ConfigError(f"num_actors must be >= 1, got {self.num_actors}")
+        if self.max_actors is not None and self.max_actors < (self.num_actors or 1):
+            raise ConfigError(f"max_actors must be >= num_actors, got {self.max_actors}")
 
     @property
     def backbone(self) -> BackboneConfig:
@@ -171,7 +176,9 @@ def _write_unit(batch: dict[str, np.ndarray], writer: StoreWriter) -> dict[str, 
     unit = int(batch["unit"][0])
     rows = json.loads(batch["meta"][0])
     acts = {key.split(":", 1)[1]: value[0] for key, value in batch.items() if key.startswith("acts:")}
-    writer.write_unit(unit, acts, images=rows)
+    import ray
+
+    writer.write_unit(unit, acts, images=rows, node=ray.get_runtime_context().get_node_id())
     n_rejected = sum(s != STATUS_OK for s in rows["status"])
     return {"unit": batch["unit"], "n": np.array([len(rows["uri"])]), "n_rejected": np.array([n_rejected])}
 
@@ -185,6 +192,7 @@ def run_extract(cfg: ExtractConfig, progress: bool = True) -> ExtractResult:
                      images_per_shard=cfg.images_per_shard, backbone=backbone.metadata(),
                      dataset={"source": manifest.source, "fingerprint": manifest.fingerprint,
                               "class_names": list(manifest.class_names)})
+    refuse_local_paths_on_a_cluster(cfg.address, images=cfg.images, out=cfg.out)
     writer = StoreWriter.create(cfg.out, spec, dict(cfg.storage_options), overwrite=cfg.overwrite)
     fs, root = filesystem(writer.url, writer.storage_options)
     put_bytes(fs, f"{root}/{CONFIG_KEY}", config_json(cfg).encode())
@@ -243,10 +251,13 @@ def _pipeline(cfg: ExtractConfig, units: list[dict[str, Any]], preprocessor: Pre
     logging.getLogger("ray.data").setLevel(logging.CRITICAL)  # a failing unit reaches the user as our error
     gpus = int(ray.cluster_resources().get("GPU", 0))
     cpus = int(ray.cluster_resources().get("CPU", 1))
-    actors = cfg.num_actors or max(1, gpus)
-    # CPU only: the forward pass dominates, so each actor's torch uses its share of every core while
-    # reserving one CPU in Ray's accounting, which leaves the rest for decode and write tasks
-    threads = None if gpus else max(1, cpus // actors)
+    low = cfg.num_actors or 1
+    # GPUs: an autoscaling pool, one actor per GPU at most. CPU only: the forward pass dominates, so each
+    # actor's torch uses its share of every core while reserving one CPU in Ray's accounting, which
+    # leaves the rest for decode and write tasks
+    pool = ray.data.ActorPoolStrategy(min_size=low, max_size=cfg.max_actors or max(low, gpus)) if gpus else \
+        ray.data.ActorPoolStrategy(size=low)
+    threads = None if gpus else max(1, cpus // low)
     ds = ray.data.from_items(units, override_num_blocks=len(units))
     # the memory hint (a decoded unit, twice) is honest and keeps Ray Data from fusing decoding into
     # the forward actors, which would serialize the two on a CPU-only cluster too
@@ -256,7 +267,7 @@ def _pipeline(cfg: ExtractConfig, units: list[dict[str, Any]], preprocessor: Pre
                                    "storage_options": dict(cfg.image_storage_options)})
     # Ray Data restarts forward actors and retries their tasks (at least once; units are idempotent)
     ds = ds.map_batches(_Forward, batch_size=1, batch_format="numpy",
-                        compute=ray.data.ActorPoolStrategy(size=actors), num_gpus=1 if gpus else 0, num_cpus=1,
+                        compute=pool, num_gpus=1 if gpus else 0, num_cpus=1,
                         fn_constructor_kwargs={"backbone": cfg.backbone, "batch_size": cfg.batch_size,
                                                "dtype": cfg.dtype, "threads": threads})
     return ds.map_batches(_write_unit, batch_size=1, batch_format="numpy", fn_kwargs={"writer": writer})

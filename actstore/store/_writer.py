@@ -124,8 +124,9 @@ class StoreWriter:
 
     def write_unit(self, k: int, acts: Mapping[str, torch.Tensor | np.ndarray],
                    images: pa.Table | Mapping[str, Any] | None = None,
-                   labels: np.ndarray | None = None) -> dict[str, Any]:
-        """Write unit k: acts[layer] is (n_unit_images, n_tokens, d); rejected rows are zeroed."""
+                   labels: np.ndarray | None = None, node: str | None = None) -> dict[str, Any]:
+        """Write unit k: acts[layer] is (n_unit_images, n_tokens, d); rejected rows are zeroed. `node`
+        (the Ray node that computed it) goes into the unit's record."""
         spec = self.spec
         start, stop = spec.unit_range(k)
         table = unit_table(images, start, stop)
@@ -133,6 +134,8 @@ class StoreWriter:
         if set(acts) != {layer.name for layer in spec.layers}:
             raise ConfigError(f"unit {k}: got layers {sorted(acts)}, store has {[l.name for l in spec.layers]}")
         record: dict[str, Any] = {"unit": k, "images": [start, stop], "n_ok": int(ok.sum()), "layers": {}}
+        if node is not None:
+            record["node"] = node
         for layer in spec.layers:
             expected = (stop - start, *spec.shape(layer.name)[1:])
             values = acts[layer.name]

@@ -57,6 +57,8 @@ class TrainConfig:
     """Steps between resumable checkpoints (and at the end); None: only at the end."""
     num_workers: int = 1
     """Data-parallel workers through Ray Train (GPUs when the cluster has them)."""
+    address: str | None = None
+    """Ray cluster address for num_workers > 1; default RAY_ADDRESS, else a local Ray."""
     storage_options: Mapping[str, Any] = field(default_factory=dict)
     """fsspec options for the store and for out."""
     tensorboard: bool = False

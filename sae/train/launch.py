@@ -8,7 +8,7 @@ import tempfile
 from dataclasses import asdict, replace
 from typing import Any
 
-from actstore.cluster import init_ray
+from actstore.cluster import init_ray, refuse_local_paths_on_a_cluster
 from actstore.errors import user_error
 from actstore.store import ActivationStore, filesystem, is_local
 from sae.train.config import TrainConfig
@@ -37,6 +37,7 @@ def train(cfg: TrainConfig, progress: bool = True, stop_after: int | None = None
     """
     if cfg.num_workers == 1:
         return Trainer(cfg).fit(progress=progress, stop_after=stop_after) or _last_metrics(cfg)
+    refuse_local_paths_on_a_cluster(cfg.address, store=cfg.store, out=cfg.out)
     # workers run elsewhere (other folders, other nodes): local paths are made absolute here
     cfg = replace(cfg, **{k: os.path.abspath(getattr(cfg, k)) for k in ("store", "out") if is_local(getattr(cfg, k))})
     # the sweep's and the run folder's checks here, once: a ConfigError in a worker would be retried by the
@@ -52,7 +53,7 @@ def train(cfg: TrainConfig, progress: bool = True, stop_after: int | None = None
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    init_ray()
+    init_ray(cfg.address)
     gpus = int(ray.cluster_resources().get("GPU", 0))
     # Ray Train's own files (a storage marker; no checkpoints: ours live in `out`) go to a temporary folder on
     # this node (the controller runs here), never into `out` or the working directory; removed afterwards

@@ -32,9 +32,10 @@ STATE = "checkpoint/state.json"
 CHECKPOINT_FORMAT = 2
 """2: member tensors under checkpoint/step-<step>/, named by state.json; one loader position per rank."""
 _STEP_FOLDER = re.compile(r"step-\d+")
-_MAY_DIFFER = ("log_every", "checkpoint_every", "tensorboard", "wandb_project", "out", "storage_options")
-"""Config fields a resumed run may change (the folder may have moved, its keys rotated); everything else
-(num_workers included) must match."""
+_MAY_DIFFER = ("log_every", "checkpoint_every", "tensorboard", "wandb_project", "out", "storage_options",
+               "address")
+"""Config fields a resumed run may change (the folder may have moved, its keys rotated, the cluster);
+everything else (num_workers included) must match."""
 
 
 def sweep_configs(cfg: TrainConfig, d_in: int) -> list[tuple[str, SAEConfig]]:

@@ -13,7 +13,7 @@ from actstore.errors import ConfigError
 from services.api.app import TOKEN_ENV, create_app
 from services.index.layout import read_index_meta
 
-__all__ = ["app_from_env", "run", "run_ray"]
+__all__ = ["app_from_env", "build_app", "run", "run_ray"]
 
 INDEX_ENV, OPTIONS_ENV = "ACTSTORE_INDEX", "ACTSTORE_STORAGE_OPTIONS"
 """How `run` hands the index folder and storage options to its worker processes."""
@@ -50,19 +50,37 @@ def run_ray(index: str, host: str = "127.0.0.1", port: int = 8000, token: str | 
 
     from actstore.cluster import init_ray
 
+    app = _application(index, token, storage_options, replicas)
+    init_ray()
+    serve.start(http_options={"host": host, "port": port}, logging_config=_QUIET)
+    serve.run(app, name="actstore", route_prefix="/", blocking=blocking)
+
+
+def build_app(args: dict[str, Any]) -> Any:
+    """Ray Serve's application builder, for a RayService's `import_path: services.api.runners:build_app`:
+    args `index` (a local folder) and optionally `storage_options`, `num_replicas`; the token comes from
+    $ACTSTORE_TOKEN, host and port from the Serve config."""
+    if "index" not in args:
+        raise ConfigError("build_app needs args.index (the index folder on the replicas' nodes)")
+    return _application(args["index"], None, args.get("storage_options"), int(args.get("num_replicas", 1)))
+
+
+_QUIET = {"enable_access_log": False, "log_level": "WARNING"}
+"""Ray Serve logging: per-request log lines cost it two thirds of its throughput."""
+
+
+def _application(index: str, token: str | None, storage_options: dict[str, Any] | None, replicas: int) -> Any:
+    from ray import serve
+
     index = str(Path(index).resolve())
     read_index_meta(index)  # fail here, with a one-line error, rather than in a replica
 
     def build() -> FastAPI:  # a plain function: Ray Serve calls builders on each replica
         return create_app(index, token, storage_options)
 
-    init_ray()
-    # per-request log lines cost Serve two thirds of its throughput
-    quiet = {"enable_access_log": False, "log_level": "WARNING"}
     deployment = serve.deployment(serve.ingress(build)(_Ingress), name="actstore-features",
-                                  num_replicas=replicas, max_ongoing_requests=64, logging_config=quiet)
-    serve.start(http_options={"host": host, "port": port}, logging_config=quiet)
-    serve.run(deployment.bind(), name="actstore", route_prefix="/", blocking=blocking)
+                                  num_replicas=replicas, max_ongoing_requests=64, logging_config=_QUIET)
+    return deployment.bind()
 
 
 class _Ingress:

@@ -1,0 +1,220 @@
+"""A two-node Ray cluster and an S3 endpoint on 127.0.0.1, for development, tests and benchmarks.
+
+`LocalCluster(state_dir).up()` starts `ray start --head` (with the dashboard, for `ray job submit`),
+a second node joining it, and moto's S3 server, each as its own process group, Ray's files in a
+temp dir of its own; `down()` stops exactly those groups, by the pids recorded in
+`<state_dir>/cluster.json` (never by name: `ray stop` would stop every Ray process of the user), and
+removes that temp dir. Ray 2.60 authenticates with a token: a fresh one is
+written to `<state_dir>/auth_token` and every process gets RAY_AUTH_MODE=token and
+RAY_AUTH_TOKEN_PATH. The nodes also get the S3 endpoint and its (dummy) credentials in their
+environment, so jobs read and write s3:// URLs with no storage options. `env()` is what a shell
+exports to use the cluster: deploy/local/up.sh prints it.
+
+    python -m actstore.testing.cluster up .cluster     # prints the exports
+    python -m actstore.testing.cluster down .cluster
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from actstore.errors import ConfigError
+
+BUCKET = "actstore"
+"""The bucket up() creates."""
+STATE = "cluster.json"
+TOKEN = "auth_token"
+_RUNNING = re.compile(rb"Running on http://127\.0\.0\.1:(\d+)")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LocalCluster:
+    """Head + one worker node (each `cpus_per_node` logical CPUs and a resource naming it) + moto's S3."""
+
+    def __init__(self, state_dir: str | Path, cpus_per_node: int = 2, object_store_mb: int = 256,
+                 timeout: float = 120.0) -> None:
+        self.dir = Path(state_dir).resolve()
+        self.cpus, self.object_store_mb, self.timeout = cpus_per_node, object_store_mb, timeout
+        self.state: dict[str, Any] = {}
+
+    # what a client sets ------------------------------------------------------------------
+    def env(self) -> dict[str, str]:
+        """Environment for drivers, `ray job submit` and the nodes themselves."""
+        s = self.state
+        return {"RAY_ADDRESS": f"127.0.0.1:{s['gcs_port']}", "RAY_AUTH_MODE": "token",
+                "RAY_AUTH_TOKEN_PATH": str(self.dir / TOKEN), "AWS_ENDPOINT_URL": s["s3"],
+                "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+
+    @property
+    def dashboard(self) -> str:
+        """The address `ray job submit --address` takes."""
+        return f"http://127.0.0.1:{self.state['dashboard_port']}"
+
+    # lifecycle ----------------------------------------------------------------------------
+    def up(self) -> LocalCluster:
+        """Start everything (refused when this state dir already has a running cluster); down() on failure."""
+        if (self.dir / STATE).exists():
+            raise ConfigError(f"{self.dir}: holds a cluster already ({STATE}); run down first")
+        self.dir.mkdir(parents=True, exist_ok=True)
+        token = self.dir / TOKEN
+        token.write_text(uuid.uuid4().hex)
+        token.chmod(0o600)
+        # Ray's own files in a temp dir of this cluster's: `ray start` records the cluster it started in
+        # <temp dir>/ray_current_cluster, which a later plain ray.init() would join (even once stopped)
+        self.state = {"pids": [], "gcs_port": free_port(), "dashboard_port": free_port(),
+                      "ray_temp": tempfile.mkdtemp(prefix="ray-actstore-", dir="/tmp")}
+        try:
+            self._start_s3()
+            env = {**os.environ, **self.env()}
+            env.pop("RAY_ADDRESS")
+            ray = str(Path(sys.executable).parent / "ray")
+            common = ["--node-ip-address", "127.0.0.1", "--num-cpus", str(self.cpus), "--disable-usage-stats",
+                      "--temp-dir", self.state["ray_temp"],
+                      "--object-store-memory", str(self.object_store_mb << 20), "--block"]
+            self._spawn([ray, "start", "--head", "--port", str(self.state["gcs_port"]), "--include-dashboard", "true",
+                         "--dashboard-host", "127.0.0.1", "--dashboard-port", str(self.state["dashboard_port"]),
+                         "--resources", '{"node_head": 1}', *common], env, "head")
+            self._wait_nodes(1)
+            self._spawn([ray, "start", "--address", self.env()["RAY_ADDRESS"], "--resources", '{"node_worker": 1}',
+                         *common], env, "worker")
+            self._wait_nodes(2)
+            self._wait_dashboard()
+        except BaseException:
+            self.down()
+            raise
+        return self
+
+    def down(self) -> None:
+        """Stop the process groups this cluster started (and only those), then forget them."""
+        state_file = self.dir / STATE
+        if not self.state and state_file.exists():
+            self.state = json.loads(state_file.read_text())
+        for pid in reversed(self.state.get("pids", [])):
+            _stop_group(pid)
+        if self.state.get("ray_temp"):
+            shutil.rmtree(self.state["ray_temp"], ignore_errors=True)
+        for name in (STATE, TOKEN):
+            (self.dir / name).unlink(missing_ok=True)
+        self.state = {}
+
+    def __enter__(self) -> LocalCluster:
+        return self.up()
+
+    def __exit__(self, *exc: object) -> None:
+        self.down()
+
+    # helpers ------------------------------------------------------------------------------
+    def _spawn(self, cmd: list[str], env: dict[str, str], name: str) -> subprocess.Popen:
+        log = open(self.dir / f"{name}.log", "wb")
+        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.state["pids"].append(proc.pid)
+        (self.dir / STATE).write_text(json.dumps(self.state))  # recorded at once: down() finds it whatever happens
+        return proc
+
+    def _start_s3(self) -> None:
+        env = {**os.environ, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}
+        proc = self._spawn([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", "0"], env, "s3")
+        deadline = time.monotonic() + self.timeout
+        while time.monotonic() < deadline:
+            m = _RUNNING.search((self.dir / "s3.log").read_bytes())
+            if m:
+                self.state["s3"] = f"http://127.0.0.1:{int(m.group(1))}"
+                (self.dir / STATE).write_text(json.dumps(self.state))
+                import s3fs  # only S3 users need it
+
+                s3fs.S3FileSystem(endpoint_url=self.state["s3"], key="testing", secret="testing").mkdir(BUCKET)
+                return
+            if proc.poll() is not None:
+                break
+            time.sleep(0.1)
+        raise RuntimeError(f"moto server did not start; see {self.dir / 's3.log'}")
+
+    def _wait_nodes(self, n: int) -> None:
+        """Until `ray status` (with the token) counts n alive nodes."""
+        env = {**os.environ, **self.env()}
+        deadline = time.monotonic() + self.timeout
+        code = "import ray; ray.init(); print(sum(x['Alive'] for x in ray.nodes()))"
+        while time.monotonic() < deadline:
+            r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+            if r.returncode == 0 and r.stdout.strip().splitlines()[-1:] == [str(n)]:
+                return
+            time.sleep(1)
+        raise RuntimeError(f"Ray: {n} node(s) not up after {self.timeout:.0f} s; see the logs in {self.dir}")
+
+    def _wait_dashboard(self) -> None:
+        import urllib.error
+        import urllib.request
+
+        request = urllib.request.Request(f"{self.dashboard}/api/version",
+                                         headers={"Authorization": f"Bearer {(self.dir / TOKEN).read_text()}"})
+        deadline = time.monotonic() + self.timeout
+        while time.monotonic() < deadline:
+            try:
+                urllib.request.urlopen(request, timeout=5)
+                return
+            except urllib.error.HTTPError:  # it answers: up
+                return
+            except OSError:
+                time.sleep(0.5)
+        raise RuntimeError(f"Ray dashboard (job submission) not up at {self.dashboard}")
+
+
+def _stop_group(pid: int, grace: float = 15.0) -> None:
+    """SIGTERM the process group led by `pid` (started with start_new_session), SIGKILL what is left."""
+    try:
+        os.killpg(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.2)
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if len(args) != 2 or args[0] not in ("up", "down"):
+        print("usage: python -m actstore.testing.cluster up|down STATE_DIR", file=sys.stderr)
+        return 2
+    cluster = LocalCluster(args[1])
+    if args[0] == "down":
+        cluster.down()
+        return 0
+    try:
+        cluster.up()
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"# two Ray nodes and S3 (bucket s3://{BUCKET}) on 127.0.0.1; "
+          f"jobs: ray job submit --address {cluster.dashboard} -- ...")
+    for k, v in cluster.env().items():
+        print(f"export {k}={v}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
