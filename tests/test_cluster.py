@@ -46,9 +46,10 @@ def cluster(tmp_path_factory):
 
 
 def _job(cluster: LocalCluster, *command: str) -> str:
-    """`ray job submit` (waits for the job); returns its output, asserting success."""
+    """`ray job submit -- actstore ...` as the README says (the address from up.sh's exports, `actstore`
+    found on the head's PATH); waits for the job, returns its output, asserting success."""
     env = {**os.environ, **cluster.env()}
-    r = subprocess.run([RAY, "job", "submit", "--address", cluster.dashboard, "--", ACTSTORE, *command],
+    r = subprocess.run([RAY, "job", "submit", "--", "actstore", *command],
                        env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and "succeeded" in r.stdout + r.stderr, (r.stdout + r.stderr)[-3000:]
     return r.stdout

@@ -46,19 +46,23 @@ def free_port() -> int:
 
 
 class LocalCluster:
-    """Head + one worker node (each `cpus_per_node` logical CPUs and a resource naming it) + moto's S3."""
+    """Head + one worker node (`nodes=1`: the head alone), each with `cpus_per_node` logical CPUs and a
+    resource naming it, + moto's S3."""
 
     def __init__(self, state_dir: str | Path, cpus_per_node: int = 2, object_store_mb: int = 256,
-                 timeout: float = 120.0) -> None:
+                 timeout: float = 120.0, nodes: int = 2) -> None:
+        if nodes not in (1, 2):
+            raise ConfigError(f"LocalCluster: nodes must be 1 or 2, got {nodes}")
         self.dir = Path(state_dir).resolve()
-        self.cpus, self.object_store_mb, self.timeout = cpus_per_node, object_store_mb, timeout
+        self.cpus, self.object_store_mb, self.timeout, self.nodes = cpus_per_node, object_store_mb, timeout, nodes
         self.state: dict[str, Any] = {}
 
     # what a client sets ------------------------------------------------------------------
     def env(self) -> dict[str, str]:
         """Environment for drivers, `ray job submit` and the nodes themselves."""
         s = self.state
-        return {"RAY_ADDRESS": f"127.0.0.1:{s['gcs_port']}", "RAY_AUTH_MODE": "token",
+        return {"RAY_ADDRESS": f"127.0.0.1:{s['gcs_port']}",
+                "RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{s['dashboard_port']}", "RAY_AUTH_MODE": "token",
                 "RAY_AUTH_TOKEN_PATH": str(self.dir / TOKEN), "AWS_ENDPOINT_URL": s["s3"],
                 "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
 
@@ -84,6 +88,9 @@ class LocalCluster:
             self._start_s3()
             env = {**os.environ, **self.env()}
             env.pop("RAY_ADDRESS")
+            env.pop("RAY_API_SERVER_ADDRESS")
+            # jobs' entrypoints run in the head's environment: `actstore` and `python` are this venv's
+            env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
             ray = str(Path(sys.executable).parent / "ray")
             common = ["--node-ip-address", "127.0.0.1", "--num-cpus", str(self.cpus), "--disable-usage-stats",
                       "--temp-dir", self.state["ray_temp"],
@@ -92,9 +99,10 @@ class LocalCluster:
                          "--dashboard-host", "127.0.0.1", "--dashboard-port", str(self.state["dashboard_port"]),
                          "--resources", '{"node_head": 1}', *common], env, "head")
             self._wait_nodes(1)
-            self._spawn([ray, "start", "--address", self.env()["RAY_ADDRESS"], "--resources", '{"node_worker": 1}',
-                         *common], env, "worker")
-            self._wait_nodes(2)
+            if self.nodes == 2:
+                self._spawn([ray, "start", "--address", self.env()["RAY_ADDRESS"], "--resources",
+                             '{"node_worker": 1}', *common], env, "worker")
+                self._wait_nodes(2)
             self._wait_dashboard()
         except BaseException:
             self.down()
@@ -209,8 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    print(f"# two Ray nodes and S3 (bucket s3://{BUCKET}) on 127.0.0.1; "
-          f"jobs: ray job submit --address {cluster.dashboard} -- ...")
+    print(f"# {cluster.nodes} Ray node(s) and S3 (bucket s3://{BUCKET}) on 127.0.0.1; jobs: ray job submit -- ...")
     for k, v in cluster.env().items():
         print(f"export {k}={v}")
     return 0
