@@ -103,7 +103,7 @@ class LocalCluster:
                 self._spawn([ray, "start", "--address", self.env()["RAY_ADDRESS"], "--resources",
                              '{"node_worker": 1}', *common], env, "worker")
                 self._wait_nodes(2)
-            self._wait_dashboard()
+            self._wait_jobs()
         except BaseException:
             self.down()
             raise
@@ -166,22 +166,19 @@ class LocalCluster:
             time.sleep(1)
         raise RuntimeError(f"Ray: {n} node(s) not up after {self.timeout:.0f} s; see the logs in {self.dir}")
 
-    def _wait_dashboard(self) -> None:
-        import urllib.error
-        import urllib.request
-
-        request = urllib.request.Request(f"{self.dashboard}/api/version",
-                                         headers={"Authorization": f"Bearer {(self.dir / TOKEN).read_text()}"})
+    def _wait_jobs(self) -> None:
+        """Until a job submitted to the dashboard runs: its HTTP server answers before the head's job agent
+        has registered ("No available agent to submit job")."""
+        env = {**os.environ, **self.env()}
+        ray = str(Path(sys.executable).parent / "ray")
         deadline = time.monotonic() + self.timeout
         while time.monotonic() < deadline:
-            try:
-                urllib.request.urlopen(request, timeout=5)
+            r = subprocess.run([ray, "job", "submit", "--", "true"], env=env, capture_output=True, text=True,
+                               timeout=120)
+            if r.returncode == 0:
                 return
-            except urllib.error.HTTPError:  # it answers: up
-                return
-            except OSError:
-                time.sleep(0.5)
-        raise RuntimeError(f"Ray dashboard (job submission) not up at {self.dashboard}")
+            time.sleep(1)
+        raise RuntimeError(f"Ray job submission not ready at {self.dashboard}: {r.stderr.strip()[-300:]}")
 
 
 def _stop_group(pid: int, grace: float = 15.0) -> None:
