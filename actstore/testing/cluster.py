@@ -97,11 +97,11 @@ class LocalCluster:
                       "--object-store-memory", str(self.object_store_mb << 20), "--block"]
             self._spawn([ray, "start", "--head", "--port", str(self.state["gcs_port"]), "--include-dashboard", "true",
                          "--dashboard-host", "127.0.0.1", "--dashboard-port", str(self.state["dashboard_port"]),
-                         "--resources", '{"node_head": 1}', *common], env, "head")
+                         "--resources", '{"node_head": 1}', *common, *_agent_ports()], env, "head")
             self._wait_nodes(1)
             if self.nodes == 2:
                 self._spawn([ray, "start", "--address", self.env()["RAY_ADDRESS"], "--resources",
-                             '{"node_worker": 1}', *common], env, "worker")
+                             '{"node_worker": 1}', *common, *_agent_ports()], env, "worker")
                 self._wait_nodes(2)
             self._wait_jobs()
         except BaseException:
@@ -179,6 +179,13 @@ class LocalCluster:
                 return
             time.sleep(1)
         raise RuntimeError(f"Ray job submission not ready at {self.dashboard}: {r.stderr.strip()[-300:]}")
+
+
+def _agent_ports() -> list[str]:
+    """Free ports for a node's agents: their defaults (e.g. 52365) are taken by any other Ray on this
+    machine (a second node, a local ray.init()), and a head without its agent takes no jobs."""
+    return [arg for flag in ("--dashboard-agent-listen-port", "--dashboard-agent-grpc-port",
+                             "--runtime-env-agent-port", "--metrics-export-port") for arg in (flag, str(free_port()))]
 
 
 def _stop_group(pid: int, grace: float = 15.0) -> None:
