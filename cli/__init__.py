@@ -4,6 +4,7 @@
     extract           cli.extract   images -> backbone activations -> a store (Ray)
     train             cli.train     SAEs on a store's patches
     index, serve      cli.serve     an SAE's features indexed over a store, served over HTTP
+    compare           cli.compare   the features of two SAEs over the same images, matched
     demo              cli.demo      all of the above on generated images
 
 Flags, help texts and defaults come from the stages' config dataclasses (cli.args). Errors of the
@@ -20,9 +21,9 @@ import sys
 from collections.abc import Sequence
 
 from actstore.errors import user_error
-from cli import demo, extract, serve, store, train
+from cli import compare, demo, extract, serve, store, train
 
-GROUPS = (store, extract, train, serve, demo)
+GROUPS = (store, extract, train, serve, compare, demo)
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:

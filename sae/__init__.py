@@ -12,10 +12,10 @@ input `Normalization` it records, the sparse latents); the trainer (sae.train) b
 """
 
 from actstore.loader import Normalization
-from sae.acts import SparseActs, csr_rows
+from sae.acts import SparseActs, csr_rows, positive_entries
 from sae.checkpoint import export_saelens, load, read_extra, save
 from sae.config import KINDS, SAEConfig
 from sae.model import ForwardOutput, SparseAutoencoder, geometric_median
 
 __all__ = ["KINDS", "ForwardOutput", "Normalization", "SAEConfig", "SparseActs", "SparseAutoencoder", "csr_rows",
-           "export_saelens", "geometric_median", "load", "read_extra", "save"]
+           "export_saelens", "geometric_median", "load", "positive_entries", "read_extra", "save"]

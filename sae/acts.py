@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["SparseActs", "csr_offsets", "csr_rows"]
+__all__ = ["SparseActs", "csr_offsets", "csr_rows", "positive_entries"]
 
 
 @dataclass(frozen=True)
@@ -65,3 +65,15 @@ def csr_offsets(keys: torch.Tensor, n_rows: int) -> torch.Tensor:
     offsets = keys.new_zeros(n_rows + 1, dtype=torch.long)
     torch.cumsum(torch.bincount(keys, minlength=n_rows), 0, out=offsets[1:])
     return offsets
+
+
+def positive_entries(acts: torch.Tensor | SparseActs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(row, latent, value) of every positive latent of a batch's activations (dense or sparse), rows
+    ascending, values float32: what the passes over a store (the index, the comparison) fold."""
+    if isinstance(acts, SparseActs):
+        rows, feats, vals = acts.rows(), acts.indices, acts.values
+    else:
+        rows, feats = (acts > 0).nonzero(as_tuple=True)
+        vals = acts[rows, feats]
+    keep = vals > 0
+    return rows[keep], feats[keep], vals[keep].float()

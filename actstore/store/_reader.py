@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -148,6 +149,19 @@ class ActivationStore:
         if stop > start:
             self.shard_reader(layer).read_range(start, stop, out)
         return from_storage(out, self.spec.dtype)
+
+    def blocks(self, layer: str | int, images_per_block: int) -> Iterator[tuple[int, torch.Tensor]]:
+        """(first image, activations) of consecutive blocks of images in store order; the next two blocks are
+        read while the caller works on this one (ordered passes: the index, the comparison)."""
+        n, size = self.n_images, max(1, images_per_block)
+        starts = list(range(0, n, size))
+        with ThreadPoolExecutor(1, thread_name_prefix="store-blocks") as pool:
+            ahead = [pool.submit(self.read, layer, s, min(n, s + size)) for s in starts[:2]]
+            for i, s in enumerate(starts):
+                x = ahead.pop(0).result()
+                if i + 2 < len(starts):
+                    ahead.append(pool.submit(self.read, layer, starts[i + 2], min(n, starts[i + 2] + size)))
+                yield s, x
 
     def read_chunk(self, layer: str | int, i: int) -> torch.Tensor:
         """Chunk i of a layer (images chunk_range(i)), the loader's read unit."""

@@ -29,8 +29,6 @@ from __future__ import annotations
 import json
 import math
 import shutil
-from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,7 +43,7 @@ from tqdm.auto import tqdm
 from actstore.config import public_config, redact
 from actstore.errors import ConfigError
 from actstore.store import ActivationStore, LayerSpec, is_local, normalize_url, ok_mask
-from sae import Normalization, SparseActs, SparseAutoencoder, csr_rows
+from sae import Normalization, SparseAutoencoder, positive_entries
 from sae import load as load_sae
 from services.index.layout import ARRAYS, FEATURES, FORMAT, FORMAT_VERSION, IMAGES, META, dataset_root
 from services.index.topn import TopTable, hash_keys, key_values, value_keys
@@ -143,31 +141,6 @@ class _Accumulators:
         }
 
 
-def _latents(sae: SparseAutoencoder, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(row, feature, value) of every positive latent of x (B, d_in), rows ascending."""
-    acts = sae.encode(x)
-    if isinstance(acts, SparseActs):
-        rows, feats, vals = csr_rows(acts.offsets, acts.values.numel()), acts.indices, acts.values
-    else:
-        rows, feats = (acts > 0).nonzero(as_tuple=True)
-        vals = acts[rows, feats]
-    keep = vals > 0
-    return rows[keep], feats[keep], vals[keep].float()
-
-
-def _blocks(store: ActivationStore, layer: str, images_per_block: int) -> Iterator[tuple[int, torch.Tensor]]:
-    """(first image, activations) of consecutive image blocks, the next one read while this one is used."""
-    n = store.n_images
-    starts = list(range(0, n, images_per_block))
-    with ThreadPoolExecutor(1, thread_name_prefix="index-read") as pool:
-        ahead = [pool.submit(store.read, layer, s, min(n, s + images_per_block)) for s in starts[:2]]
-        for i, s in enumerate(starts):
-            x = ahead.pop(0).result()
-            if i + 2 < len(starts):
-                ahead.append(pool.submit(store.read, layer, starts[i + 2], min(n, starts[i + 2] + images_per_block)))
-            yield s, x
-
-
 def _fold(acc: _Accumulators, start: int, n_img: int, rows: torch.Tensor, feats: torch.Tensor, vals: torch.Tensor,
           n_patches: int, d_sae: int, m: int, seed: int, image_top: tuple[np.ndarray, np.ndarray]) -> None:
     """Fold one block's latents (rows = local image * n_patches + patch) into the accumulators."""
@@ -246,13 +219,13 @@ def _run_pass(src: _Source, cfg: IndexConfig, ok: torch.Tensor, acc: _Accumulato
     images_per_block = per_chunk * max(1, cfg.block_patches // (n_patches * per_chunk))
     bar = tqdm(total=store.n_images * n_patches, desc="index", unit="patch", unit_scale=True, disable=not progress)
     with torch.inference_mode():
-        for start, x in _blocks(store, spec.name, images_per_block):
+        for start, x in store.blocks(spec.name, images_per_block):
             n_img = x.shape[0]
             block_ok = ok[start:start + n_img]
             x = x[:, first:first + n_patches].reshape(-1, spec.d).to(device=device, dtype=torch.float32)
             if src.norm is not None:
                 x = src.norm.apply(x)
-            rows, feats, vals = _latents(src.sae, x)
+            rows, feats, vals = positive_entries(src.sae.encode(x))
             keep = block_ok.to(device)[rows // n_patches]
             _fold(acc, start, n_img, rows[keep], feats[keep], vals[keep], n_patches, src.sae.cfg.d_sae, cfg.m,
                   cfg.seed, image_top)

@@ -1,0 +1,17 @@
+"""Cross-model feature matching: two SAEs over the same images (`run`, with its streaming accumulators in
+`stream` and the matching in `match`), and the comparison folder's format (`layout`).
+
+`layout` is light (pyarrow and the standard library) and is what the service and the reports read; the
+run's names (`CompareConfig`, `run_compare`) load torch and are imported on first use (PEP 562).
+"""
+
+from __future__ import annotations
+
+from actstore.lazy import lazy_exports
+from services.compare.layout import (ASSIGNMENT, FORMAT, FORMAT_VERSION, MATCHES, SUMMARY, read_comparison,
+                                     read_table)
+
+_LAZY = dict.fromkeys(("BY", "LEVELS", "CompareConfig", "run_compare"), "run")
+__all__ = sorted(["ASSIGNMENT", "FORMAT", "FORMAT_VERSION", "MATCHES", "SUMMARY", "read_comparison", "read_table",
+                  *_LAZY])
+__getattr__ = lazy_exports(__name__, _LAZY)

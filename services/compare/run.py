@@ -1,0 +1,322 @@
+"""`actstore compare`: match the features of two SAEs whose stores hold the same images.
+
+Each side is an index folder (its index.json names the store, the SAE and the layer) or SAE_DIR@STORE_URL.
+Two ordered passes read both stores in lockstep, block by block:
+
+    1. every image (or patch) through both SAEs: per-feature sums, top-k rows, and the cross products
+       of the two sides' activations (services.compare.stream.PairStats), so the Pearson correlation of
+       every feature of A with every feature of B comes out of one pass, in memory bounded by the two
+       SAEs' widths (4 * F_a * F_b bytes), never by the number of images;
+    2. the same rows again for each best pair's largest standardized difference (max_diff).
+
+Image level: a feature's value on an image is its largest value over the image's patches, or its value
+on the CLS / pooled token for an SAE trained on those (a ResNet's attnpool layer has only that token).
+Patch level (`level="patch"`): rows are patches, and both sides need the same patch grid.
+`by="decoder"`: similarity is the cosine of decoder directions (two SAEs of one layer of one model,
+e.g. two seeds); pass 1 still runs for liveness, top-k overlap and max_diff.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from tqdm.auto import tqdm
+
+from actstore.config import public_config, redact
+from actstore.errors import ConfigError
+from actstore.store import ActivationStore, LayerSpec, is_local, normalize_url, ok_mask
+from sae import Normalization, SparseAutoencoder, positive_entries
+from sae import load as load_sae
+from services.compare.layout import ASSIGNMENT, FORMAT, FORMAT_VERSION, MATCHES, SUMMARY
+from services.compare.match import Matches, assign, best_matches, distribution, jaccard
+from services.compare.stream import MaxDiff, PairStats
+from services.index.layout import META as INDEX_META
+from services.index.layout import read_index_meta
+
+__all__ = ["BY", "LEVELS", "CompareConfig", "run_compare"]
+
+BY = ("activations", "decoder")
+LEVELS = ("image", "patch")
+TOP_MATCHES = 10
+"""Matches printed and kept in summary.json."""
+
+
+@dataclass(frozen=True)
+class CompareConfig:
+    """What `actstore compare` matches, and how."""
+
+    a: str
+    """Side A: an index folder (from `actstore index`), or SAE_DIR@STORE_URL."""
+    b: str
+    """Side B, over the same images as A (same image URIs in the same order)."""
+    out: str
+    """Local folder for the comparison (summary.json, matches_a/b.parquet, assignment.parquet)."""
+    by: str = field(default="activations", metadata={"choices": BY})
+    """activations: Pearson correlation of the features' activations over the images; decoder: cosine of the
+    decoder directions (two SAEs of the same layer of the same model, e.g. two seeds or widths)."""
+    level: str = field(default="image", metadata={"choices": LEVELS})
+    """image: a feature's value on an image is its largest over the patches (or the CLS/pooled token for SAEs
+    trained on it); patch: every patch is a row (both sides need the same patch grid)."""
+    k: int = 16
+    """Top images (patches at patch level) per feature, for jaccard_topk."""
+    candidates: int = 32
+    """Most similar partners per feature, both ways, that the one-to-one assignment may choose from."""
+    min_images: int = 10
+    """Printed top matches: both features fire on at least this many images (rarer ones correlate by chance)
+    and on at most half of them (dense features correlate through image-wide statistics)."""
+    block_patches: int = 32768
+    """Patches encoded at once per side (bounds the pass's working memory with rows_per_update)."""
+    rows_per_update: int = 4096
+    """Rows (images or patches) gathered into one cross-product update (one GEMM of that depth)."""
+    device: str = "cpu"
+    """Where the SAEs encode and the matrices live (e.g. "cuda")."""
+    overwrite: bool = False
+    """Replace an existing comparison at `out`."""
+    storage_options: dict[str, Any] = field(default_factory=dict)
+    """fsspec options for the stores and SAEs."""
+
+    def __post_init__(self) -> None:
+        for name in ("k", "candidates", "min_images", "block_patches", "rows_per_update"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"compare: {name} must be >= 1, got {getattr(self, name)}")
+        if self.by not in BY:
+            raise ConfigError(f"compare: by must be one of {', '.join(BY)}, got {self.by!r}")
+        if self.level not in LEVELS:
+            raise ConfigError(f"compare: level must be one of {', '.join(LEVELS)}, got {self.level!r}")
+        if not is_local(self.out):
+            raise ConfigError(f"compare: out must be a local folder, got {self.out}")
+
+
+# the two sides -----------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class _Side:
+    """One side opened: its SAE (and input normalization), its store and layer, and where they came from."""
+
+    source: str
+    index: str | None
+    sae_url: str
+    sae: SparseAutoencoder
+    norm: Normalization | None
+    store: ActivationStore
+    spec: LayerSpec
+
+    @property
+    def tokens(self) -> str:
+        """"patches" (image value = max over patches) or "cls" (the CLS / pooled token)."""
+        if (self.norm is not None and self.norm.tokens == "cls") or self.spec.tokens.n_patches == 0:
+            return "cls"
+        return "patches"
+
+    def rows(self, x: torch.Tensor, level: str, device: torch.device) -> torch.Tensor:
+        """A block's activations (n_img, T, d) -> dense latents: (n_img, F) at image level, (n_img * P, F)
+        at patch level."""
+        n_img, layout = x.shape[0], self.spec.tokens
+        if self.tokens == "cls":
+            tok = x[:, 0]
+        else:
+            first = int(layout.cls)
+            tok = x[:, first:first + layout.n_patches].reshape(-1, x.shape[-1])
+        tok = tok.to(device=device, dtype=torch.float32)
+        if self.norm is not None:
+            tok = self.norm.apply(tok)
+        rows, feats, vals = positive_entries(self.sae.encode(tok))
+        d_sae = self.sae.cfg.d_sae
+        if level == "image" and self.tokens == "patches":
+            rows = rows // layout.n_patches
+            n_rows = n_img
+        else:
+            n_rows = tok.shape[0]
+        dense = torch.zeros(n_rows * d_sae, device=device)
+        return dense.scatter_reduce_(0, rows * d_sae + feats, vals, reduce="amax").view(n_rows, d_sae)
+
+    def describe(self, fired: torch.Tensor) -> dict[str, Any]:
+        backbone = self.store.attrs.get("backbone", {})
+        live = int((fired > 0).sum())
+        return {"source": redact(self.source), "index": self.index, "sae": redact(self.sae_url),
+                "store": redact(self.store.url), "layer": self.spec.name, "tokens": self.tokens,
+                "d_sae": self.sae.cfg.d_sae, "backbone": {k: backbone.get(k) for k in ("family", "name")},
+                "live": live, "dead": self.sae.cfg.d_sae - live}
+
+
+def _open_side(spec: str, name: str, cfg: CompareConfig, device: torch.device) -> _Side:
+    """An index folder, or SAE_DIR@STORE_URL."""
+    index = Path(normalize_url(spec)) if is_local(spec) else None
+    if index is not None and (index / INDEX_META).is_file():
+        meta = read_index_meta(index)
+        sae_url, store_url, layer = meta["sae"], meta["store"], meta["layer"]
+        index_path: str | None = str(index.resolve())
+    elif "@" in spec:
+        sae_url, store_url = spec.rsplit("@", 1)
+        layer, index_path = None, None
+    else:
+        raise ConfigError(f"compare: {name}={spec!r} is neither an index folder (no {INDEX_META}) nor SAE_DIR@STORE_URL")
+    sae, norm = load_sae(sae_url, device=device, storage_options=cfg.storage_options)
+    store = ActivationStore(store_url, cfg.storage_options)
+    layer = layer if layer is not None else (norm.layer if norm is not None else None)
+    if layer is None:
+        raise ConfigError(f"compare: {sae_url} does not say which layer it was trained on; give its index folder")
+    layer_spec = store.layer(layer)
+    if layer_spec.d != sae.cfg.d_in:
+        raise ConfigError(f"compare: {sae_url} has d_in={sae.cfg.d_in} but layer {layer_spec.name} of "
+                          f"{redact(store_url)} has d={layer_spec.d}")
+    return _Side(spec, index_path, sae_url, sae, norm, store, layer_spec)
+
+
+def _common_images(a: _Side, b: _Side) -> np.ndarray:
+    """The images both sides may use (ok in both); refuses stores over different images, naming the first."""
+    ta, tb = a.store.images(), b.store.images()
+    ua, ub = ta.column("uri").to_pylist(), tb.column("uri").to_pylist()
+    if ua != ub:
+        i = next((i for i, (x, y) in enumerate(zip(ua, ub)) if x != y), min(len(ua), len(ub)))
+        what = (f"image {i} is {ua[i]!r} in A and {ub[i]!r} in B" if i < min(len(ua), len(ub)) else
+                f"A has {len(ua)} images, B has {len(ub)}")
+        raise ConfigError(f"compare: A and B are not over the same images: {what}")
+    return ok_mask(ta) & ok_mask(tb)
+
+
+def _check_pair(cfg: CompareConfig, a: _Side, b: _Side) -> None:
+    if cfg.level == "patch":
+        for side, name in ((a, "A"), (b, "B")):
+            if side.tokens != "patches":
+                raise ConfigError(f"compare: --level patch needs patch SAEs; {name} ({side.sae_url}) reads the "
+                                  "CLS / pooled token")
+        if a.spec.tokens.grid != b.spec.tokens.grid:
+            raise ConfigError(f"compare: --level patch needs the same patch grid; A's layer {a.spec.name} is "
+                              f"{'x'.join(map(str, a.spec.tokens.grid))}, B's layer {b.spec.name} is "
+                              f"{'x'.join(map(str, b.spec.tokens.grid))}")
+    if cfg.by == "decoder":
+        ka, kb = (s.store.attrs.get("backbone", {}) for s in (a, b))
+        model = ("family", "name", "checkpoint", "init_seed")
+        if [ka.get(k) for k in model] != [kb.get(k) for k in model] or a.spec.name != b.spec.name:
+            raise ConfigError(f"compare: --by decoder needs SAEs of the same layer of the same model; A is layer "
+                              f"{a.spec.name} of {ka.get('family')}:{ka.get('name')}, B is layer {b.spec.name} of "
+                              f"{kb.get('family')}:{kb.get('name')}")
+
+
+# the passes --------------------------------------------------------------------------------------
+
+def _rows(a: _Side, b: _Side, ok: np.ndarray, cfg: CompareConfig, device: torch.device, desc: str, progress: bool):
+    """Both sides' dense latents for the same rows, block by block: (xa, xb, row ids). Rejected images
+    (in either store) are left out; patch-level row ids are image * n_patches + patch."""
+    per_image = max(1 if s.tokens == "cls" else s.spec.tokens.n_patches for s in (a, b))
+    images_per_block = max(1, cfg.block_patches // per_image)
+    if cfg.level == "patch":
+        images_per_block = max(1, min(images_per_block, cfg.rows_per_update // per_image))
+    ok_t = torch.from_numpy(ok)
+    bar = tqdm(total=len(ok), desc=desc, unit="image", unit_scale=True, disable=not progress)
+    with torch.inference_mode():
+        for (start, xa), (_, xb) in zip(a.store.blocks(a.spec.name, images_per_block),
+                                        b.store.blocks(b.spec.name, images_per_block)):
+            n_img = xa.shape[0]
+            keep = ok_t[start:start + n_img]
+            images = torch.arange(start, start + n_img)
+            ra, rb = a.rows(xa, cfg.level, device), b.rows(xb, cfg.level, device)
+            if cfg.level == "patch":
+                p = a.spec.tokens.n_patches
+                keep = keep.repeat_interleave(p)
+                images = (images.unsqueeze(1) * p + torch.arange(p)).reshape(-1)
+            keep = keep.to(device)
+            yield ra[keep], rb[keep], images.to(device)[keep]
+            bar.update(n_img)
+    bar.close()
+
+
+def _decoder_cosine(a: SparseAutoencoder, b: SparseAutoencoder) -> torch.Tensor:
+    wa = torch.nn.functional.normalize(a.W_dec.detach().float(), dim=1)
+    wb = torch.nn.functional.normalize(b.W_dec.detach().float(), dim=1)
+    return wa @ wb.T
+
+
+def _matches_table(side: str, live: torch.Tensor, best: torch.Tensor, sim: torch.Tensor, mutual: torch.Tensor,
+                   jac: torch.Tensor, max_diff: torch.Tensor) -> pa.Table:
+    other = "b" if side == "a" else "a"
+    return pa.table({f"feature_{side}": live.cpu().numpy().astype(np.int32),
+                     f"best_{other}": best.cpu().numpy().astype(np.int32),
+                     "similarity": sim.cpu().numpy().astype(np.float32), "mutual": mutual.cpu().numpy(),
+                     "jaccard_topk": jac.cpu().numpy(), "max_diff": max_diff.cpu().numpy().astype(np.float32)})
+
+
+def _top_matches(m: Matches, max_diff_a: torch.Tensor, stats: PairStats, n_images: int, cfg: CompareConfig
+                 ) -> list[dict[str, Any]]:
+    """The strongest mutual matches of features that fire neither rarely nor densely (see min_images)."""
+    fired_a, fired_b = stats.a.fired[m.live_a], stats.b.fired[m.best_b]
+    ceiling = n_images // 2 if cfg.level == "image" else stats.n // 2
+    ok = m.mutual_a & (fired_a >= cfg.min_images) & (fired_b >= cfg.min_images) & (fired_a <= ceiling) & \
+        (fired_b <= ceiling)
+    idx = ok.nonzero().squeeze(1)
+    idx = idx[m.sim_a[idx].argsort(descending=True, stable=True)][:TOP_MATCHES]
+    return [{"feature_a": int(m.live_a[i]), "feature_b": int(m.best_b[i]), "similarity": float(m.sim_a[i]),
+             "max_diff": float(max_diff_a[i])} for i in idx.tolist()]
+
+
+def _check_out(out: Path, overwrite: bool) -> None:
+    if (out / SUMMARY).is_file():
+        if not overwrite:
+            raise ConfigError(f"{out}: a comparison is already there (pass --overwrite to replace it)")
+        return
+    if out.exists() and not (out.is_dir() and not any(out.iterdir())):
+        raise ConfigError(f"{out}: exists and is not a comparison (no {SUMMARY}); refusing to replace it, "
+                          "choose another --out")
+
+
+def run_compare(cfg: CompareConfig, progress: bool = True) -> dict[str, Any]:
+    """Run both passes and write the comparison folder; returns its summary (also in summary.json)."""
+    out = Path(normalize_url(cfg.out))
+    _check_out(out, cfg.overwrite)
+    device = torch.device(cfg.device)
+    a, b = _open_side(cfg.a, "a", cfg, device), _open_side(cfg.b, "b", cfg, device)
+    ok = _common_images(a, b)
+    _check_pair(cfg, a, b)
+    stats = PairStats(a.sae.cfg.d_sae, b.sae.cfg.d_sae, cfg.k, cross=cfg.by == "activations",
+                      rows_per_update=cfg.rows_per_update, device=device)
+    for xa, xb, ids in _rows(a, b, ok, cfg, device, "compare", progress):
+        stats.update(xa, xb, ids)
+    stats.finish()
+    sim = stats.pearson() if cfg.by == "activations" else _decoder_cosine(a.sae, b.sae)
+    live_a, live_b = (s.fired.gt(0).nonzero().squeeze(1) for s in (stats.a, stats.b))
+    m = best_matches(sim, live_a, live_b)
+    pairs = assign(sim, live_a, cfg.candidates)
+    del sim
+    (mean_a, std_a, _), (mean_b, std_b, _) = stats.a.moments(stats.n), stats.b.moments(stats.n)
+    diff = MaxDiff(torch.cat([m.live_a, m.best_a]), torch.cat([m.best_b, m.live_b]), mean_a, std_a, mean_b, std_b)
+    for xa, xb, _ in _rows(a, b, ok, cfg, device, "max_diff", progress):
+        diff.update(xa, xb)
+    max_diff_a, max_diff_b = diff.value[:live_a.numel()], diff.value[live_a.numel():]
+    top_a, top_b = stats.a.top.sets(), stats.b.top.sets()
+    tables = {"a": _matches_table("a", m.live_a, m.best_b, m.sim_a, m.mutual_a, jaccard(top_a[m.live_a], top_b[m.best_b]),
+                                  max_diff_a),
+              "b": _matches_table("b", m.live_b, m.best_a, m.sim_b, m.mutual_b, jaccard(top_b[m.live_b], top_a[m.best_a]),
+                                  max_diff_b)}
+    n_images = int(ok.sum())
+    assigned = pairs.column("similarity").to_numpy()
+    summary = {
+        "format": FORMAT, "format_version": FORMAT_VERSION, "config": public_config(cfg),
+        "by": cfg.by, "level": cfg.level, "a": a.describe(stats.a.fired), "b": b.describe(stats.b.fired),
+        "n_images": n_images, "n_rows": stats.n, "k": cfg.k,
+        "best": {"a": distribution(m.sim_a.cpu().numpy()), "b": distribution(m.sim_b.cpu().numpy())},
+        "mutual": int(m.mutual_a.sum()),
+        "assignment": {"pairs": int(assigned.size), "mean": float(assigned.mean()) if assigned.size else None},
+        "top_matches": _top_matches(m, max_diff_a, stats, n_images, cfg),
+    }
+    tmp = out.with_name(f".{out.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for side, table in tables.items():
+        pq.write_table(table, tmp / MATCHES[side])
+    pq.write_table(pairs, tmp / ASSIGNMENT)
+    (tmp / SUMMARY).write_text(json.dumps(summary, indent=1))
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)  # a reader never sees half a comparison
+    for s in (a, b):
+        s.store.close()
+    return summary

@@ -1,0 +1,168 @@
+"""The comparison's streaming accumulators: rows (images, or patches) arrive in blocks, in order.
+
+`PairStats` keeps, for two sets of features A (F_a columns) and B (F_b columns) seen on the same rows,
+everything the comparison needs and nothing that grows with the number of rows:
+
+    per feature     rows it fires on, sum and sum of squares (shifted, float64), its top-k rows
+    across          the (F_a, F_b) cross-product matrix of the shifted values (float32), only when
+                    Pearson correlations are asked for
+
+Memory: 4 * F_a * F_b bytes for the cross products (1 GiB at 16,384 x 16,384), plus one staging buffer
+of `rows_per_update` rows per side and the top-k tables, whatever the number of rows. Staging makes
+every update one large GEMM whatever the caller's block size (a block may be a single image).
+
+Numerics: values are shifted by the first update's column means before they are summed and multiplied,
+so that the cross products of frequently firing features do not cancel catastrophically in float32;
+`pearson()` turns the matrix into correlations in place (no second matrix).
+
+`MaxDiff` is the second pass: for given pairs (a, b) the largest |z_a - z_b| over rows, z the standardized
+activations (the means and standard deviations of the first pass).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["MaxDiff", "PairStats", "TopRows"]
+
+
+class TopRows:
+    """Per feature, the k rows with the largest positive values seen so far (ties: the earlier row first)."""
+
+    def __init__(self, n_features: int, k: int, device: torch.device) -> None:
+        self.k = k
+        self.values = torch.zeros((n_features, 0), device=device)
+        self.ids = torch.zeros((n_features, 0), dtype=torch.int64, device=device)
+
+    def update(self, x: torch.Tensor, ids: torch.Tensor) -> None:
+        """x (n, F) of rows `ids` (ascending, after every row seen before)."""
+        # a block's own top-k first (a stable sort: among equal values the earlier row wins, which topk does not keep)
+        vals, pos = x.t().sort(dim=1, descending=True, stable=True)
+        vals, pos = vals[:, :self.k], pos[:, :self.k]
+        values = torch.cat([self.values, vals], dim=1)
+        rows = torch.cat([self.ids, ids[pos]], dim=1)
+        values, order = values.sort(dim=1, descending=True, stable=True)
+        self.values, self.ids = values[:, :self.k], rows.gather(1, order[:, :self.k])
+
+    def sets(self) -> torch.Tensor:
+        """(F, k) row ids of each feature's top rows, -1 where it fired on fewer (positive values only)."""
+        ids = torch.full((self.ids.shape[0], self.k), -1, dtype=torch.int64, device=self.ids.device)
+        n = self.ids.shape[1]
+        ids[:, :n] = torch.where(self.values > 0, self.ids, -1)
+        return ids
+
+
+@dataclass
+class Side:
+    """One side's per-feature sums (over shifted values) and top rows."""
+
+    shift: torch.Tensor
+    total: torch.Tensor
+    total_sq: torch.Tensor
+    fired: torch.Tensor
+    top: TopRows
+
+    @classmethod
+    def empty(cls, n_features: int, k: int, device: torch.device) -> Side:
+        zeros = torch.zeros(n_features, dtype=torch.float64, device=device)
+        return cls(zeros.float(), zeros, zeros.clone(), zeros.long(), TopRows(n_features, k, device))
+
+    def add(self, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """Fold rows x (n, F) in; returns them shifted (for the cross products)."""
+        self.fired += (x > 0).sum(0)
+        self.top.update(x, ids)
+        y = x - self.shift
+        self.total += y.sum(0, dtype=torch.float64)
+        self.total_sq += y.square().sum(0, dtype=torch.float64)
+        return y
+
+    def moments(self, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(mean, std, mean of the shifted values), float64; std 0 for a feature that never varies."""
+        shifted_mean = self.total / max(n, 1)
+        var = (self.total_sq / max(n, 1) - shifted_mean.square()).clamp_min_(0)
+        return self.shift.double() + shifted_mean, var.sqrt(), shifted_mean
+
+
+class PairStats:
+    """The streaming pass over rows of two feature sets (see the module docstring)."""
+
+    def __init__(self, n_a: int, n_b: int, k: int, *, cross: bool = True, rows_per_update: int = 4096,
+                 device: torch.device | str = "cpu") -> None:
+        self.device = torch.device(device)
+        self.rows_per_update = max(1, rows_per_update)
+        self.n = 0
+        self.a, self.b = Side.empty(n_a, k, self.device), Side.empty(n_b, k, self.device)
+        self.cross = torch.zeros((n_a, n_b), device=self.device) if cross else None
+        self._staged: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        self._n_staged = 0
+        self._shifted = False
+
+    def update(self, xa: torch.Tensor, xb: torch.Tensor, ids: torch.Tensor) -> None:
+        """Rows `ids` (ascending) of both sides: xa (n, F_a), xb (n, F_b), float32."""
+        if xa.shape[0] != xb.shape[0] or xa.shape[0] != ids.shape[0]:
+            raise ValueError(f"row counts differ: {xa.shape[0]}, {xb.shape[0]}, {ids.shape[0]} ids")
+        if xa.shape[0]:
+            self._staged.append((xa, xb, ids))
+            self._n_staged += xa.shape[0]
+        if self._n_staged >= self.rows_per_update:
+            self._flush()
+
+    def _flush(self) -> None:
+        if not self._staged:
+            return
+        xa, xb, ids = (torch.cat(parts).to(self.device) for parts in zip(*self._staged))
+        xa, xb = xa.float(), xb.float()
+        self._staged, self._n_staged = [], 0
+        if not self._shifted:
+            self.a.shift, self.b.shift = xa.mean(0), xb.mean(0)
+            self._shifted = True
+        ya, yb = self.a.add(xa, ids), self.b.add(xb, ids)
+        if self.cross is not None:
+            self.cross.addmm_(ya.t(), yb)
+        self.n += xa.shape[0]
+
+    def finish(self) -> PairStats:
+        """Fold the rows still staged; call once, after the last update."""
+        self._flush()
+        return self
+
+    def pearson(self) -> torch.Tensor:
+        """The (F_a, F_b) correlation matrix, computed in place of the cross products (which it replaces).
+
+        A feature with no variance over the rows (never fired, or constant) correlates 0 with everything."""
+        if self.cross is None:
+            raise ValueError("pearson() needs cross=True")
+        n = max(self.n, 1)
+        _, std_a, shifted_a = self.a.moments(n)
+        _, std_b, shifted_b = self.b.moments(n)
+        c = self.cross.div_(n)
+        c.addr_(shifted_a.float(), shifted_b.float(), alpha=-1)  # covariance; rank-1 update, no temporary
+        c.mul_(_inverse(std_a).unsqueeze(1)).mul_(_inverse(std_b).unsqueeze(0))
+        self.cross = None
+        return c.clamp_(-1, 1)
+
+
+def _inverse(std: torch.Tensor) -> torch.Tensor:
+    """1/std as float32, 0 where std is 0 (or lost to rounding against the values' scale)."""
+    ok = std > 1e-12
+    return torch.where(ok, 1 / std.clamp_min(1e-12), torch.zeros_like(std)).float()
+
+
+class MaxDiff:
+    """Second pass: for pairs (pa[i], pb[i]), the largest |z_a - z_b| over the rows, z = (x - mean) / std."""
+
+    def __init__(self, pa: torch.Tensor, pb: torch.Tensor, mean_a: torch.Tensor, std_a: torch.Tensor,
+                 mean_b: torch.Tensor, std_b: torch.Tensor) -> None:
+        self.pa, self.pb = pa, pb
+        self.mean_a, self.inv_a = mean_a[pa].float(), _inverse(std_a[pa])
+        self.mean_b, self.inv_b = mean_b[pb].float(), _inverse(std_b[pb])
+        self.value = torch.zeros(pa.numel(), device=pa.device)
+
+    def update(self, xa: torch.Tensor, xb: torch.Tensor) -> None:
+        if not xa.shape[0] or not self.pa.numel():
+            return
+        za = (xa[:, self.pa].float() - self.mean_a).mul_(self.inv_a)
+        zb = (xb[:, self.pb].float() - self.mean_b).mul_(self.inv_b)
+        torch.maximum(self.value, za.sub_(zb).abs_().amax(0), out=self.value)
