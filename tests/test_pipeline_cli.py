@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -20,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from actstore.config import REDACTED
+from actstore.testing.cluster import free_port
 
 ACTSTORE = str(Path(sys.executable).parent / "actstore")
 SAE = "topk-k8-m64"
@@ -30,12 +30,6 @@ def _cli(*args: str, env: dict[str, str]) -> str:
     p = subprocess.run([ACTSTORE, *args], capture_output=True, text=True, env=env, timeout=300)
     assert p.returncode == 0, p.stdout + p.stderr
     return p.stdout + p.stderr
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _get(url: str, timeout: float = 60) -> bytes:
@@ -75,7 +69,7 @@ def test_stages_through_the_cli_on_s3_leave_no_credential_behind(ray_local, s3, 
                      "-v", env=env))
     logs.append(_cli("index", "--store", f"{s3_url}/store", "--sae", f"{s3_url}/run/{SAE}",
                      "--out", str(tmp_path / "index"), "--storage-options", flag, "-v", env=env))
-    port = _free_port()
+    port = free_port()
     server = subprocess.Popen([ACTSTORE, "serve", "--index", str(tmp_path / "index"), "--port", str(port),
                                "--workers", "1", "--storage-options", flag, "-v"],
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)

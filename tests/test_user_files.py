@@ -76,3 +76,12 @@ def test_training_writes_into_its_own_run_folder_only(thesis, tmp_path):
     (run / "checkpoint" / "state.json").unlink()  # a run that never checkpointed: the same command starts over
     Trainer(TrainConfig(**{**cfg.__dict__, "out": str(run)})).fit(progress=False)
     assert (run / "checkpoint" / "state.json").exists()
+
+
+def test_a_local_cluster_refuses_a_folder_it_did_not_make(thesis):
+    """Its logs and token would overwrite same-named files: a folder holding anything else is refused, untouched."""
+    from actstore.testing.cluster import LocalCluster
+
+    with pytest.raises(ConfigError, match="not a cluster state folder"):
+        LocalCluster(thesis).up()
+    assert _intact(thesis)

@@ -36,6 +36,8 @@ BUCKET = "actstore"
 """The bucket up() creates."""
 STATE = "cluster.json"
 TOKEN = "auth_token"
+OWN_FILES = frozenset({STATE, TOKEN, "head.log", "worker.log", "s3.log"})
+"""What a cluster leaves in its state folder: a folder holding anything else is not one of ours."""
 _RUNNING = re.compile(rb"Running on http://127\.0\.0\.1:(\d+)")
 
 
@@ -76,6 +78,10 @@ class LocalCluster:
         """Start everything (refused when this state dir already has a running cluster); down() on failure."""
         if (self.dir / STATE).exists():
             raise ConfigError(f"{self.dir}: holds a cluster already ({STATE}); run down first")
+        foreign = sorted(p.name for p in self.dir.iterdir() if p.name not in OWN_FILES) if self.dir.is_dir() else []
+        if foreign or (self.dir.exists() and not self.dir.is_dir()):
+            raise ConfigError(f"{self.dir}: not a cluster state folder (holds {', '.join(foreign[:3]) or 'a file'}); "
+                              "choose an empty or new folder")
         self.dir.mkdir(parents=True, exist_ok=True)
         token = self.dir / TOKEN
         token.write_text(uuid.uuid4().hex)

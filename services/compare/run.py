@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,7 +42,7 @@ from services.compare.stream import MaxDiff, PairStats
 from services.index.layout import META as INDEX_META
 from services.index.layout import read_index_meta
 
-__all__ = ["BY", "LEVELS", "CompareConfig", "run_compare"]
+__all__ = ["BY", "LEVELS", "CompareConfig", "Result", "match_rows", "run_compare"]
 
 BY = ("activations", "decoder")
 LEVELS = ("image", "patch")
@@ -230,10 +231,53 @@ def _rows(a: _Side, b: _Side, ok: np.ndarray, cfg: CompareConfig, device: torch.
     bar.close()
 
 
-def _decoder_cosine(a: SparseAutoencoder, b: SparseAutoencoder) -> torch.Tensor:
-    wa = torch.nn.functional.normalize(a.W_dec.detach().float(), dim=1)
-    wb = torch.nn.functional.normalize(b.W_dec.detach().float(), dim=1)
+def _decoder_cosine(wa: torch.Tensor, wb: torch.Tensor) -> torch.Tensor:
+    wa = torch.nn.functional.normalize(wa.detach().float(), dim=1)
+    wb = torch.nn.functional.normalize(wb.detach().float(), dim=1)
     return wa @ wb.T
+
+
+@dataclass(frozen=True)
+class Result:
+    """What the comparison found, before it is written: the first pass's statistics, the matches, the
+    assignment, and each side's matches table."""
+
+    stats: PairStats
+    matches: Matches
+    pairs: pa.Table
+    max_diff_a: torch.Tensor
+    tables: dict[str, pa.Table]
+
+
+Rows = Callable[[str], Iterable[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]]
+"""rows(description) -> the blocks (xa (n, F_a), xb (n, F_b), row ids) of one pass over the rows, in order."""
+
+
+def match_rows(rows: Rows, n_a: int, n_b: int, *, k: int, candidates: int, rows_per_update: int,
+               device: torch.device, decoders: tuple[torch.Tensor, torch.Tensor] | None = None) -> Result:
+    """The comparison of two feature sets from their rows: the statistics pass, similarity (Pearson, or the
+    cosine of `decoders` when given), matches and assignment, then the max_diff pass. This is all of the
+    comparison but reading stores and encoding (benchmarks/bench_compare.py runs it on in-memory rows)."""
+    stats = PairStats(n_a, n_b, k, cross=decoders is None, rows_per_update=rows_per_update, device=device)
+    for xa, xb, ids in rows("compare"):
+        stats.update(xa, xb, ids)
+    stats.finish()
+    sim = stats.pearson() if decoders is None else _decoder_cosine(*decoders)
+    live_a, live_b = (s.fired.gt(0).nonzero().squeeze(1) for s in (stats.a, stats.b))
+    m = best_matches(sim, live_a, live_b)
+    pairs = assign(sim, live_a, candidates)
+    del sim
+    (mean_a, std_a, _), (mean_b, std_b, _) = stats.a.moments(stats.n), stats.b.moments(stats.n)
+    diff = MaxDiff(torch.cat([m.live_a, m.best_a]), torch.cat([m.best_b, m.live_b]), mean_a, std_a, mean_b, std_b)
+    for xa, xb, _ in rows("max_diff"):
+        diff.update(xa.to(device), xb.to(device))
+    max_diff_a, max_diff_b = diff.value[:live_a.numel()], diff.value[live_a.numel():]
+    top_a, top_b = stats.a.top.sets(), stats.b.top.sets()
+    tables = {"a": _matches_table("a", m.live_a, m.best_b, m.sim_a, m.mutual_a,
+                                  jaccard(top_a[m.live_a], top_b[m.best_b]), max_diff_a),
+              "b": _matches_table("b", m.live_b, m.best_a, m.sim_b, m.mutual_b,
+                                  jaccard(top_b[m.live_b], top_a[m.best_a]), max_diff_b)}
+    return Result(stats, m, pairs, max_diff_a, tables)
 
 
 def _matches_table(side: str, live: torch.Tensor, best: torch.Tensor, sim: torch.Tensor, mutual: torch.Tensor,
@@ -245,9 +289,9 @@ def _matches_table(side: str, live: torch.Tensor, best: torch.Tensor, sim: torch
                      "jaccard_topk": jac.cpu().numpy(), "max_diff": max_diff.cpu().numpy().astype(np.float32)})
 
 
-def _top_matches(m: Matches, max_diff_a: torch.Tensor, stats: PairStats, n_images: int, cfg: CompareConfig
-                 ) -> list[dict[str, Any]]:
+def _top_matches(r: Result, n_images: int, cfg: CompareConfig) -> list[dict[str, Any]]:
     """The strongest mutual matches of features that fire neither rarely nor densely (see min_images)."""
+    m, stats, max_diff_a = r.matches, r.stats, r.max_diff_a
     fired_a, fired_b = stats.a.fired[m.live_a], stats.b.fired[m.best_b]
     ceiling = n_images // 2 if cfg.level == "image" else stats.n // 2
     ok = m.mutual_a & (fired_a >= cfg.min_images) & (fired_b >= cfg.min_images) & (fired_a <= ceiling) & \
@@ -276,43 +320,26 @@ def run_compare(cfg: CompareConfig, progress: bool = True) -> dict[str, Any]:
     a, b = _open_side(cfg.a, "a", cfg, device), _open_side(cfg.b, "b", cfg, device)
     ok = _common_images(a, b)
     _check_pair(cfg, a, b)
-    stats = PairStats(a.sae.cfg.d_sae, b.sae.cfg.d_sae, cfg.k, cross=cfg.by == "activations",
-                      rows_per_update=cfg.rows_per_update, device=device)
-    for xa, xb, ids in _rows(a, b, ok, cfg, device, "compare", progress):
-        stats.update(xa, xb, ids)
-    stats.finish()
-    sim = stats.pearson() if cfg.by == "activations" else _decoder_cosine(a.sae, b.sae)
-    live_a, live_b = (s.fired.gt(0).nonzero().squeeze(1) for s in (stats.a, stats.b))
-    m = best_matches(sim, live_a, live_b)
-    pairs = assign(sim, live_a, cfg.candidates)
-    del sim
-    (mean_a, std_a, _), (mean_b, std_b, _) = stats.a.moments(stats.n), stats.b.moments(stats.n)
-    diff = MaxDiff(torch.cat([m.live_a, m.best_a]), torch.cat([m.best_b, m.live_b]), mean_a, std_a, mean_b, std_b)
-    for xa, xb, _ in _rows(a, b, ok, cfg, device, "max_diff", progress):
-        diff.update(xa, xb)
-    max_diff_a, max_diff_b = diff.value[:live_a.numel()], diff.value[live_a.numel():]
-    top_a, top_b = stats.a.top.sets(), stats.b.top.sets()
-    tables = {"a": _matches_table("a", m.live_a, m.best_b, m.sim_a, m.mutual_a, jaccard(top_a[m.live_a], top_b[m.best_b]),
-                                  max_diff_a),
-              "b": _matches_table("b", m.live_b, m.best_a, m.sim_b, m.mutual_b, jaccard(top_b[m.live_b], top_a[m.best_a]),
-                                  max_diff_b)}
+    r = match_rows(lambda desc: _rows(a, b, ok, cfg, device, desc, progress), a.sae.cfg.d_sae, b.sae.cfg.d_sae,
+                   k=cfg.k, candidates=cfg.candidates, rows_per_update=cfg.rows_per_update, device=device,
+                   decoders=(a.sae.W_dec, b.sae.W_dec) if cfg.by == "decoder" else None)
     n_images = int(ok.sum())
-    assigned = pairs.column("similarity").to_numpy()
+    assigned = r.pairs.column("similarity").to_numpy()
     summary = {
         "format": FORMAT, "format_version": FORMAT_VERSION, "config": public_config(cfg),
-        "by": cfg.by, "level": cfg.level, "a": a.describe(stats.a.fired), "b": b.describe(stats.b.fired),
-        "n_images": n_images, "n_rows": stats.n, "k": cfg.k,
-        "best": {"a": distribution(m.sim_a.cpu().numpy()), "b": distribution(m.sim_b.cpu().numpy())},
-        "mutual": int(m.mutual_a.sum()),
+        "by": cfg.by, "level": cfg.level, "a": a.describe(r.stats.a.fired), "b": b.describe(r.stats.b.fired),
+        "n_images": n_images, "n_rows": r.stats.n, "k": cfg.k,
+        "best": {"a": distribution(r.matches.sim_a.cpu().numpy()), "b": distribution(r.matches.sim_b.cpu().numpy())},
+        "mutual": int(r.matches.mutual_a.sum()),
         "assignment": {"pairs": int(assigned.size), "mean": float(assigned.mean()) if assigned.size else None},
-        "top_matches": _top_matches(m, max_diff_a, stats, n_images, cfg),
+        "top_matches": _top_matches(r, n_images, cfg),
     }
     tmp = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    for side, table in tables.items():
+    for side, table in r.tables.items():
         pq.write_table(table, tmp / MATCHES[side])
-    pq.write_table(pairs, tmp / ASSIGNMENT)
+    pq.write_table(r.pairs, tmp / ASSIGNMENT)
     (tmp / SUMMARY).write_text(json.dumps(summary, indent=1))
     if out.exists():
         shutil.rmtree(out)

@@ -29,28 +29,53 @@ __all__ = ["MaxDiff", "PairStats", "TopRows"]
 
 
 class TopRows:
-    """Per feature, the k rows with the largest positive values seen so far (ties: the earlier row first)."""
+    """Per feature, the k rows with the largest positive values seen so far (ties: the earlier row first).
+
+    Each entry is one int64 key, the value's float32 bits (monotonic for values >= 0) above the complement
+    of its row id, so that one `topk` orders by value, then by row, exactly. A block's candidates are its
+    own top-k by value (one topk over the block, no sort).
+    """
+
+    SLICE = 1024
+    """Tied features keyed exactly at once (bounds the temporary keys)."""
+    _LOW = 0xFFFFFFFF
 
     def __init__(self, n_features: int, k: int, device: torch.device) -> None:
         self.k = k
-        self.values = torch.zeros((n_features, 0), device=device)
-        self.ids = torch.zeros((n_features, 0), dtype=torch.int64, device=device)
+        self.keys = torch.zeros((n_features, 0), dtype=torch.int64, device=device)
 
     def update(self, x: torch.Tensor, ids: torch.Tensor) -> None:
-        """x (n, F) of rows `ids` (ascending, after every row seen before)."""
-        # a block's own top-k first (a stable sort: among equal values the earlier row wins, which topk does not keep)
-        vals, pos = x.t().sort(dim=1, descending=True, stable=True)
-        vals, pos = vals[:, :self.k], pos[:, :self.k]
-        values = torch.cat([self.values, vals], dim=1)
-        rows = torch.cat([self.ids, ids[pos]], dim=1)
-        values, order = values.sort(dim=1, descending=True, stable=True)
-        self.values, self.ids = values[:, :self.k], rows.gather(1, order[:, :self.k])
+        """x (n, F) float32 of rows `ids` (each < 2^32, ascending)."""
+        if x.shape[0] > self.k:
+            # the block's own top-k by value; where the k-th value is positive and tied with rows left out,
+            # topk's pick among them is arbitrary, so those (rare) features are keyed exactly
+            vals, pos = x.topk(self.k, dim=0, sorted=False)
+            kth = vals.min(dim=0).values
+            tied = ((kth > 0) & ((x >= kth).sum(0) > self.k)).nonzero().squeeze(1)
+            cand = self._keys(vals.t(), ids[pos.t()])
+            for f in range(0, tied.numel(), self.SLICE):
+                cols = tied[f:f + self.SLICE]
+                exact = self._keys(x[:, cols].t(), ids.expand(cols.numel(), -1))
+                cand[cols] = exact.topk(self.k, dim=1).values
+        else:
+            cand = self._keys(x.t(), ids.expand(x.shape[1], -1))
+        keys = torch.cat([self.keys, cand], dim=1)
+        self.keys = keys.topk(min(self.k, keys.shape[1]), dim=1).values
+
+    def _keys(self, values: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """(F, m) order keys of values (F, m) at rows ids (F, m)."""
+        bits = values.clamp_min(0).contiguous().view(torch.int32).to(torch.int64)
+        return bits.bitwise_left_shift_(32).bitwise_or_(self._LOW - ids)
+
+    def values(self) -> torch.Tensor:
+        """(F, <=k) the kept values, strongest first."""
+        return self.keys.bitwise_right_shift(32).to(torch.int32).view(torch.float32)
 
     def sets(self) -> torch.Tensor:
         """(F, k) row ids of each feature's top rows, -1 where it fired on fewer (positive values only)."""
-        ids = torch.full((self.ids.shape[0], self.k), -1, dtype=torch.int64, device=self.ids.device)
-        n = self.ids.shape[1]
-        ids[:, :n] = torch.where(self.values > 0, self.ids, -1)
+        ids = torch.full((self.keys.shape[0], self.k), -1, dtype=torch.int64, device=self.keys.device)
+        rows = self._LOW - self.keys.bitwise_and(self._LOW)
+        ids[:, :rows.shape[1]] = torch.where(self.values() > 0, rows, -1)
         return ids
 
 
@@ -75,7 +100,7 @@ class Side:
         self.top.update(x, ids)
         y = x - self.shift
         self.total += y.sum(0, dtype=torch.float64)
-        self.total_sq += y.square().sum(0, dtype=torch.float64)
+        self.total_sq += torch.linalg.vector_norm(y, dim=0).double().square_()  # no (n, F) temporary
         return y
 
     def moments(self, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
