@@ -4,7 +4,9 @@
     extract           cli.extract   images -> backbone activations -> a store (Ray)
     train             cli.train     SAEs on a store's patches
     index, serve      cli.serve     an SAE's features indexed over a store, served over HTTP
+    atlas             cli.atlas     a 2-D map of an indexed SAE's features (UMAP, PCA), kept in its index
     compare           cli.compare   the features of two SAEs over the same images, matched
+    report            cli.report    an HTML page on a training run, an index or a comparison (matplotlib)
     demo              cli.demo      all of the above on generated images
 
 Flags, help texts and defaults come from the stages' config dataclasses (cli.args). Errors of the
@@ -21,9 +23,9 @@ import sys
 from collections.abc import Sequence
 
 from actstore.errors import user_error
-from cli import compare, demo, extract, serve, store, train
+from cli import atlas, compare, demo, extract, report, serve, store, train
 
-GROUPS = (store, extract, train, serve, compare, demo)
+GROUPS = (store, extract, train, serve, compare, atlas, report, demo)
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:

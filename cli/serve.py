@@ -19,19 +19,19 @@ def cmd_index(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from actstore.cluster import init_ray
     from services import api
-    from services.api import IndexReader
     from services.api.config import ServeConfig
 
     cfg = config_from_args(ServeConfig, args, "serve")
     options = dict(cfg.storage_options)
-    IndexReader(cfg.index, options)  # a missing or corrupt index fails here, as one line, before serving starts
+    # a missing or corrupt index, or a comparison it is not part of, fails here, as one line, before serving starts
+    api.create_app(cfg.index, cfg.token, options, cfg.compare)
     if cfg.ray:
         init_ray(cfg.address)
         print(f"serving {cfg.index} through Ray Serve at http://{cfg.host}:{cfg.port}/ (Ctrl-C stops)")
-        api.run_ray(cfg.index, cfg.host, cfg.port, cfg.token, options, replicas=cfg.replicas)
+        api.run_ray(cfg.index, cfg.host, cfg.port, cfg.token, options, replicas=cfg.replicas, compare=cfg.compare)
     else:
         print(f"serving {cfg.index} at http://{cfg.host}:{cfg.port}/ (Ctrl-C stops)", flush=True)
-        api.run(cfg.index, cfg.host, cfg.port, cfg.token, options, workers=cfg.workers)
+        api.run(cfg.index, cfg.host, cfg.port, cfg.token, options, workers=cfg.workers, compare=cfg.compare)
     return 0
 
 

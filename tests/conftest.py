@@ -106,3 +106,55 @@ def api_url_token(index_dir):
 
     for url in _serve(create_app(index_dir, token=SERVICE_TOKEN)):
         yield url, SERVICE_TOKEN
+
+
+# the atlas and a comparison: a second, smaller SAE over the same store ----------------------------
+
+OTHER_D_SAE, OTHER_TWINS = 64, (5, 6, 7)
+"""The second SAE's width; its decoder rows 5-7 are near-copies of row 4 (the atlas must keep them together)."""
+
+
+@pytest.fixture(scope="session")
+def atlas_index_dir(service_store):
+    """A feature index of a second random TopK SAE (d_sae 64, k 4, another seed) over the same store, with its
+    atlas (`actstore atlas`: the session's one UMAP from scratch)."""
+    import torch
+
+    from actstore.loader import Normalization
+    from actstore.store import ActivationStore
+    from sae import checkpoint
+    from sae.config import SAEConfig
+    from sae.model import SparseAutoencoder
+    from services.index import IndexConfig, build_index
+    from services.index.atlas import AtlasConfig, build_atlas
+
+    store = ActivationStore(str(service_store / "store"))
+    norm = Normalization.from_stats(store.stats("10", "patches"), "10", "patches")
+    sae = SparseAutoencoder(SAEConfig(d_in=store.layer("10").d, d_sae=OTHER_D_SAE, kind="topk", k=4, init_seed=1))
+    with torch.no_grad():
+        noise = torch.randn((len(OTHER_TWINS), sae.cfg.d_in), generator=torch.Generator().manual_seed(0))
+        sae.W_dec[list(OTHER_TWINS)] = sae.W_dec[4] + 0.02 * noise / noise.norm(dim=1, keepdim=True)
+        sae.set_decoder_norm_to_unit()
+    checkpoint.save(sae, str(service_store / "sae-b"), normalization=norm)
+    index = build_index(IndexConfig(str(service_store / "store"), str(service_store / "sae-b"),
+                                    str(service_store / "index-b"), k=8, block_patches=2000), progress=False)
+    build_atlas(AtlasConfig(str(index)), progress=False)
+    return index
+
+
+@pytest.fixture(scope="session")
+def compare_dir(index_dir, atlas_index_dir, tmp_path_factory):
+    """`actstore compare` of the two SAEs' indexes (A: index_dir, B: atlas_index_dir), by their activations."""
+    from services.compare import CompareConfig, run_compare
+
+    out = tmp_path_factory.mktemp("compare") / "ab"
+    run_compare(CompareConfig(str(index_dir), str(atlas_index_dir), str(out), k=8, min_images=2), progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def compare_url(atlas_index_dir, compare_dir):
+    """Base URL of the service over atlas_index_dir (side B) with the comparison: the other SAE is index_dir's."""
+    from services.api import create_app
+
+    yield from _serve(create_app(atlas_index_dir, compare=compare_dir))

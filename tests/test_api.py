@@ -171,8 +171,8 @@ def test_bearer_token(api_url_token):
 
 def test_openapi_schema_documents_every_route(api_url):
     schema = get(f"{api_url}/openapi.json").json()
-    assert set(schema["paths"]) == {"/healthz", "/features", "/features/{fid}", "/images/{iid}",
-                                    "/images/{iid}/features", "/stats/density-histogram"}
+    assert set(schema["paths"]) == {"/healthz", "/features", "/features/{fid}", "/features/{fid}/matches",
+                                    "/images/{iid}", "/images/{iid}/features", "/stats/density-histogram", "/atlas"}
     assert schema["paths"]["/features/{fid}"]["get"]["responses"]["200"]["content"]["application/json"]["schema"]
 
 
@@ -181,7 +181,7 @@ def test_fuzz_no_server_errors(api_url):
     every response is one the schema documents. (schemathesis' pytest plugin does not load on pytest 9.)"""
     schema = schemathesis.openapi.from_url(f"{api_url}/openapi.json")
     operations = [result.ok() for result in schema.get_all_operations()]
-    assert len(operations) == 6
+    assert len(operations) == 8
     for operation in operations:
         @given(case=operation.as_strategy())
         @settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck), database=None)

@@ -173,6 +173,11 @@ def test_feature_page_renders(api_url, feature, tmp_path):
     rows = page.by_id("feature-list").find_all("tr")[1:]  # minus the header row
     assert [int(r.attrs["data-id"]) for r in rows] == [x["id"] for x in listing["features"]]
 
+    # no atlas and no comparison on this index: the page says how to make an atlas, and has no matches panel
+    assert page.find_all("body")[0].attrs.get("data-atlas") == "absent"
+    assert "hidden" not in page.by_id("atlas-missing").attrs and "hidden" in page.by_id("atlas-map").attrs
+    assert not [n for n in page.iter() if n.attrs.get("id") == "matches"]
+
 
 def test_feature_page_screenshot(api_url, feature, tmp_path):
     f = feature
@@ -205,3 +210,61 @@ def test_token_is_sent_and_required(api_url_token, tmp_path):
     error = page.by_id("error")
     assert "hidden" not in error.attrs and "401" in error.all_text()
     assert not page.find_all("figure", "top-image")
+
+
+# ---- the atlas and the matches panel (a service over the second SAE's index, with its comparison) ----
+
+@pytest.fixture(scope="module")
+def matched(compare_url):
+    """(feature, its matches) of the served SAE: the most frequent one whose matches have top images."""
+    listing = json.loads(get(f"{compare_url}/features?sort=-freq&limit=1000"))["features"]
+    for summary in listing:
+        m = json.loads(get(f"{compare_url}/features/{summary['id']}/matches?k=6"))
+        if m["matches"] and all(x["top_images"] for x in m["matches"]):
+            return json.loads(get(f"{compare_url}/features/{summary['id']}")), m
+    pytest.fail("no feature of the test comparison has matches with top images")
+
+
+def test_atlas_and_matches_render(compare_url, matched, tmp_path):
+    f, m = matched
+    atlas = json.loads(get(f"{compare_url}/atlas"))
+    page = render(tmp_path, f"{compare_url}/#feature={f['id']}&atlas=pca")  # the state a click on the atlas sets
+    assert_feature_rendered(page, f)
+
+    assert page.find_all("body")[0].attrs.get("data-atlas") == "drawn"
+    canvas = page.by_id("atlas-map")
+    assert "hidden" not in canvas.attrs and "hidden" in page.by_id("atlas-missing").attrs
+    assert int(canvas.attrs["data-points"]) == atlas["n_features"]
+    assert int(canvas.attrs["data-dead"]) == atlas["n_dead"]
+    assert canvas.attrs["data-mode"] == "pca" and int(canvas.attrs["data-selected"]) == f["id"]
+
+    panel = page.by_id("matches")
+    assert panel.attrs.get("data-rendered") == "1" and panel.attrs["data-other"] == m["other"]["side"]
+    columns = panel.find_all("div", "match-column")
+    assert [(c.attrs["data-side"], int(c.attrs["data-feature"])) for c in columns] == \
+        [("this", f["id"])] + [("other", x["feature"]) for x in m["matches"]]
+    shown = [[t["image"] for t in f["top_images"][:6]]] + [[t["image"] for t in x["top_images"]] for x in m["matches"]]
+    for column, images in zip(columns, shown):
+        figures = column.find_all("figure", "match-image")
+        assert [int(fig.attrs["data-image"]) for fig in figures] == images
+        for fig in figures:
+            (heat,) = fig.find_all("canvas", "heatmap")
+            assert heat.attrs.get("data-drawn") == "1"
+    images = page.by_id("top-images").find_all("img") + panel.find_all("img")
+    assert len(images) == len(f["top_images"]) + sum(map(len, shown))
+    assert all(int(img.attrs.get("data-natural-width", 0)) > 0 for img in images), "an image did not load"
+
+
+def test_atlas_and_matches_screenshot(compare_url, matched, tmp_path):
+    f, _ = matched
+    png = tmp_path / "shot.png"
+    chromium(tmp_path, f"{compare_url}/#feature={f['id']}", f"--screenshot={png}", "--window-size=1400,1800")
+    ARTIFACTS.mkdir(exist_ok=True)
+    shutil.copyfile(png, ARTIFACTS / "browser-atlas-matches.png")
+
+    rgb = np.asarray(Image.open(png).convert("RGB"), dtype=np.int32)
+    colours = np.unique((rgb[..., 0] << 16) | (rgb[..., 1] << 8) | rgb[..., 2])
+    assert len(colours) > 1000, f"the screenshot is nearly blank ({len(colours)} colours)"
+    # the atlas's points: pixels near the ends of its colour scale (viridis' dark violet and yellow)
+    for end in ((68, 1, 84), (253, 231, 37)):
+        assert (np.abs(rgb - np.array(end)).max(axis=2) <= 12).sum() > 10, f"no atlas point of colour {end}"

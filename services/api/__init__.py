@@ -1,15 +1,20 @@
-"""The query service: a FastAPI app over one feature index (`actstore serve --index DIR`).
+"""The query service: a FastAPI app over one feature index (`actstore serve --index DIR [--compare CMP]`).
 
     GET /features/{id}              stats, top images with per-patch values, value bands
     GET /features?sort=&min_freq=&max_freq=&offset=&limit=     browse and filter by density
+    GET /features/{id}/matches      its best match and assigned partner in the other SAE of CMP, with
+                                    their top images (404 without --compare)
     GET /images/{id}                the image as the model saw it (JPEG), from the store's dataset
+                                    (?other=true: from the other SAE's index, with --compare)
     GET /images/{id}/features       the image's strongest features
     GET /stats/density-histogram    log10 firing frequency across features
+    GET /atlas                      UMAP and PCA of the decoder directions (from `actstore atlas`)
     GET /healthz                    liveness and the index's shape
     GET /                           the feature browser (services/static/)
 
-Modules, in the order a request meets them: `app` (create_app wires the rest), `deps` (the reader
+Modules, in the order a request meets them: `app` (create_app wires the rest), `deps` (the readers
 and the bearer-token check), `routes` (one router per resource), `reader` (the index folder, no HTTP),
+`matches` (the comparison and the other SAE's index, no HTTP),
 `geometry` (the region the model saw), `schemas` (the OpenAPI response models), `errors` (the
 project's errors as HTTP codes, in one place); `runners` serves it with uvicorn or Ray Serve, and
 `config` holds `actstore serve`'s settings.
@@ -22,7 +27,8 @@ LRU-cached.
 
 Safety: 127.0.0.1 by default; with a token, every API route needs `Authorization: Bearer <token>`
 (the page and /healthz do not); an image is read only when its store row is "ok" and its file lies
-under the dataset root that the index recorded (services.index.layout.dataset_root, symlinks resolved).
+under the dataset root that the index recorded (services.index.layout.dataset_root, symlinks resolved);
+the other SAE's images only under the dataset root of the index that the comparison recorded for it.
 """
 
 from services.api.app import TOKEN_ENV, create_app

@@ -1,4 +1,5 @@
-"""`create_app`: the service over one index folder, wired from its parts (reader, routes, error handlers)."""
+"""`create_app`: the service over one index folder (and optionally a comparison), wired from its parts (readers,
+routes, error handlers)."""
 
 from __future__ import annotations
 
@@ -12,8 +13,9 @@ from fastapi.staticfiles import StaticFiles
 
 from services.api.deps import secured
 from services.api.errors import add_error_handlers
+from services.api.matches import MatchReader
 from services.api.reader import IndexReader
-from services.api.routes import features, images, stats
+from services.api.routes import atlas, features, images, stats
 
 __all__ = ["STATIC", "TOKEN_ENV", "create_app"]
 
@@ -23,16 +25,21 @@ STATIC = Path(__file__).parents[1] / "static"
 """The feature browser's files, served at / and /static."""
 
 
-def create_app(index: str | Path, token: str | None = None, storage_options: dict[str, Any] | None = None) -> FastAPI:
-    """The service over the index folder at `index`; `token` (or $ACTSTORE_TOKEN) protects the API routes."""
+def create_app(index: str | Path, token: str | None = None, storage_options: dict[str, Any] | None = None,
+               compare: str | Path | None = None) -> FastAPI:
+    """The service over the index folder at `index`; `token` (or $ACTSTORE_TOKEN) protects the API routes.
+    `compare`: a comparison folder (from `actstore compare`) one of whose sides is this index, for the
+    features' matches in the other SAE."""
     reader = IndexReader(index, storage_options)
+    matches = MatchReader(compare, reader, storage_options) if compare else None
     token = token or os.environ.get(TOKEN_ENV) or None
     app = FastAPI(title="actstore feature service", version="1",
                   description=f"SAE features of layer {reader.meta['layer']} of {reader.meta['store']}.")
-    app.state.reader = reader
+    app.state.reader, app.state.matches = reader, matches
     add_error_handlers(app)
     api = secured(token)
-    for router in (stats.health_router(), features.router(**api), images.router(**api), stats.router(**api)):
+    for router in (stats.health_router(), features.router(**api), images.router(**api), stats.router(**api),
+                   atlas.router(**api)):
         # the routes themselves, not include_router: FastAPI matches each included router as one more
         # layer on every request (~5 us here, where a feature lookup takes ~90 us)
         app.router.routes.extend(router.routes)

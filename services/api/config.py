@@ -31,6 +31,9 @@ class ServeConfig:
     """Ray Serve replicas."""
     address: str | None = None
     """Ray cluster address for --ray (default RAY_ADDRESS, else a local Ray)."""
+    compare: str | None = None
+    """Comparison folder (from `actstore compare`) one of whose sides is this index: the page shows each feature's
+    matches in the other SAE, with that SAE's top images."""
     storage_options: Mapping[str, Any] = field(default_factory=dict)
     """fsspec options for reading the dataset's images."""
 

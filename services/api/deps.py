@@ -1,4 +1,4 @@
-"""What the routes depend on: the index reader the app holds, and the optional bearer-token check.
+"""What the routes depend on: the index reader (and comparison) the app holds, and the optional bearer-token check.
 
 The reader is read off the request (`reader_of`) rather than injected with `Depends`: FastAPI solves
 a dependency on every request (~10 us here, a tenth of a feature lookup), and the reader never changes.
@@ -14,15 +14,27 @@ from typing import Annotated, Any
 from fastapi import Depends, HTTPException, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
+from actstore.errors import NotFoundError
+from services.api.matches import MatchReader
 from services.api.reader import IndexReader
 from services.api.schemas import Error
 
-__all__ = ["BearerAuth", "reader_of", "secured"]
+__all__ = ["BearerAuth", "matches_of", "reader_of", "secured"]
+
+NO_COMPARISON = "this service has no comparison: start it with --compare DIR (a folder from `actstore compare`)"
 
 
 def reader_of(request: Request) -> IndexReader:
     """The app's reader (app.state.reader, set by create_app)."""
     return request.app.state.reader
+
+
+def matches_of(request: Request) -> MatchReader:
+    """The app's comparison (app.state.matches, from --compare); a 404 naming the flag when it has none."""
+    matches = request.app.state.matches
+    if matches is None:
+        raise NotFoundError(NO_COMPARISON)
+    return matches
 
 
 @dataclass(frozen=True)

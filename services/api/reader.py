@@ -1,7 +1,8 @@
 """The read side of one index folder, without HTTP: what every route asks of the index.
 
-`IndexReader` reads index.json and memory-maps every array at once, checked against it; images are read only
-when their store row is ok and their file lies under the dataset root the index recorded (`read_inside`).
+`IndexReader` reads index.json and memory-maps every array at once, checked against it, and the atlas when
+the index has one; images are read only when their store row is ok and their file lies under the dataset
+root the index recorded (`read_inside`).
 Failures raise the project's error family (actstore.errors); services.api.errors turns them into HTTP.
 """
 
@@ -17,12 +18,14 @@ from typing import Any
 
 import fsspec
 import numpy as np
+import orjson
 import pyarrow.parquet as pq
 
 from actstore.errors import AccessDeniedError, NotFoundError
 from actstore.extract import decode_image
 from actstore.store import ok_mask
 from services.api.geometry import model_view
+from services.index.atlas import read_atlas
 from services.index.layout import FEATURES, IMAGES, check_index, read_index_meta
 
 __all__ = ["SORTS", "IndexReader", "read_inside"]
@@ -53,6 +56,8 @@ class IndexReader:
         self.n_features, self.n_images = int(self.meta["d_sae"]), int(self.meta["n_images"])
         self.class_names: list[str] = list(self.meta.get("class_names") or [])
         self._arrays = check_index(self.path, self.meta)  # a truncated or resized array refuses to start
+        atlas = read_atlas(self.path, self.n_features)  # from `actstore atlas`, when it was run
+        self.atlas: bytes | None = None if atlas is None else orjson.dumps(atlas)  # GET /atlas's body, made once
         self._thumbs: OrderedDict[tuple[int, int], bytes] = OrderedDict()
         self._lock = Lock()
 
@@ -94,15 +99,18 @@ class IndexReader:
         """A feature's stats, its top images (at most k) with their heatmaps, and its value bands."""
         self.check_feature(fid)
         f = self.features
+        return {"id": fid, **{c: float(f[c][fid]) for c in STATS}, "n_patches_fired": int(f["n_patches_fired"][fid]),
+                "n_images_fired": int(f["n_images_fired"][fid]), "grid": self.meta["grid"],
+                "top_images": self.top_images(fid, k), "bands": self.bands(fid)}
+
+    def top_images(self, fid: int, k: int | None) -> list[dict[str, Any]]:
+        """A feature's top images (at most k, strongest first), each with the feature's value at every patch."""
         held = self.array("top_images")[fid]
         n = _held(held, k)
         images, values = held[:n].tolist(), self.array("top_values")[fid, :n].tolist()
         heat = self.array("heatmaps")[fid, :n].astype(np.float32)
-        top = [{"image": i, "value": v, **info, "heatmap": h}
-               for i, v, info, h in zip(images, values, self.image_info(images), heat)]
-        return {"id": fid, **{c: float(f[c][fid]) for c in STATS}, "n_patches_fired": int(f["n_patches_fired"][fid]),
-                "n_images_fired": int(f["n_images_fired"][fid]), "grid": self.meta["grid"],
-                "top_images": top, "bands": self.bands(fid)}
+        return [{"image": i, "value": v, **info, "heatmap": h}
+                for i, v, info, h in zip(images, values, self.image_info(images), heat)]
 
     def bands(self, fid: int) -> list[dict[str, Any]]:
         """The feature's non-empty value octaves, highest first, each with its count and sampled examples."""

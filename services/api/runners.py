@@ -11,46 +11,51 @@ from fastapi import FastAPI
 
 from actstore.errors import ConfigError
 from services.api.app import TOKEN_ENV, create_app
+from services.compare import read_comparison
 from services.index.layout import read_index_meta
 
 __all__ = ["app_from_env", "build_app", "run", "run_ray"]
 
-INDEX_ENV, OPTIONS_ENV = "ACTSTORE_INDEX", "ACTSTORE_STORAGE_OPTIONS"
-"""How `run` hands the index folder and storage options to its worker processes."""
+INDEX_ENV, OPTIONS_ENV, COMPARE_ENV = "ACTSTORE_INDEX", "ACTSTORE_STORAGE_OPTIONS", "ACTSTORE_COMPARE"
+"""How `run` hands the index folder, storage options and comparison folder to its worker processes."""
 
 
 def run(index: str, host: str = "127.0.0.1", port: int = 8000, token: str | None = None,
-        storage_options: dict[str, Any] | None = None, workers: int = 1) -> None:
-    """Serve with uvicorn (blocks). Several workers each memory-map the same index pages."""
+        storage_options: dict[str, Any] | None = None, workers: int = 1, compare: str | None = None) -> None:
+    """Serve with uvicorn (blocks). Several workers each memory-map the same index pages. `compare`: a
+    comparison folder whose side A or B is the index (create_app)."""
     import uvicorn
 
     if workers < 1:
         raise ConfigError(f"workers must be >= 1, got {workers}")
     if workers > 1:
         os.environ[INDEX_ENV], os.environ[OPTIONS_ENV] = index, orjson.dumps(storage_options or {}).decode()
+        os.environ[COMPARE_ENV] = compare or ""
         if token:
             os.environ[TOKEN_ENV] = token
         uvicorn.run("services.api.runners:app_from_env", factory=True, host=host, port=port, workers=workers,
                     log_level="warning", access_log=False)
     else:
-        uvicorn.run(create_app(index, token, storage_options), host=host, port=port, log_level="warning",
+        uvicorn.run(create_app(index, token, storage_options, compare), host=host, port=port, log_level="warning",
                     access_log=False)
 
 
 def app_from_env() -> FastAPI:
     """uvicorn's factory for worker processes: the index and options come through the environment."""
-    return create_app(os.environ[INDEX_ENV], None, orjson.loads(os.environ.get(OPTIONS_ENV, "{}")))
+    return create_app(os.environ[INDEX_ENV], None, orjson.loads(os.environ.get(OPTIONS_ENV, "{}")),
+                      os.environ.get(COMPARE_ENV) or None)
 
 
 def run_ray(index: str, host: str = "127.0.0.1", port: int = 8000, token: str | None = None,
-            storage_options: dict[str, Any] | None = None, replicas: int = 1, blocking: bool = True) -> None:
+            storage_options: dict[str, Any] | None = None, replicas: int = 1, blocking: bool = True,
+            compare: str | None = None) -> None:
     """Serve the same app through Ray Serve: replicas on the Ray cluster this process is connected to
     (else $RAY_ADDRESS's, else a new local one; see actstore.cluster.init_ray)."""
     from ray import serve
 
     from actstore.cluster import init_ray
 
-    app = _application(index, token, storage_options, replicas)
+    app = _application(index, token, storage_options, replicas, compare)
     init_ray()
     serve.start(http_options={"host": host, "port": port}, logging_config=_QUIET)
     serve.run(app, name="actstore", route_prefix="/", blocking=blocking)
@@ -58,25 +63,31 @@ def run_ray(index: str, host: str = "127.0.0.1", port: int = 8000, token: str | 
 
 def build_app(args: dict[str, Any]) -> Any:
     """Ray Serve's application builder, for a RayService's `import_path: services.api.runners:build_app`:
-    args `index` (a local folder) and optionally `storage_options`, `num_replicas`; the token comes from
-    $ACTSTORE_TOKEN, host and port from the Serve config."""
+    args `index` (a local folder) and optionally `storage_options`, `num_replicas`, `compare` (a comparison
+    folder whose side A or B is the index); the token comes from $ACTSTORE_TOKEN, host and port from the
+    Serve config."""
     if "index" not in args:
         raise ConfigError("build_app needs args.index (the index folder on the replicas' nodes)")
-    return _application(args["index"], None, args.get("storage_options"), int(args.get("num_replicas", 1)))
+    return _application(args["index"], None, args.get("storage_options"), int(args.get("num_replicas", 1)),
+                        args.get("compare"))
 
 
 _QUIET = {"enable_access_log": False, "log_level": "WARNING"}
 """Ray Serve logging: per-request log lines cost it two thirds of its throughput."""
 
 
-def _application(index: str, token: str | None, storage_options: dict[str, Any] | None, replicas: int) -> Any:
+def _application(index: str, token: str | None, storage_options: dict[str, Any] | None, replicas: int,
+                 compare: str | None = None) -> Any:
     from ray import serve
 
     index = str(Path(index).resolve())
+    compare = str(Path(compare).resolve()) if compare else None
     read_index_meta(index)  # fail here, with a one-line error, rather than in a replica
+    if compare:
+        read_comparison(compare)
 
     def build() -> FastAPI:  # a plain function: Ray Serve calls builders on each replica
-        return create_app(index, token, storage_options)
+        return create_app(index, token, storage_options, compare)
 
     deployment = serve.deployment(serve.ingress(build)(_Ingress), name="actstore-features",
                                   num_replicas=replicas, max_ongoing_requests=64, logging_config=_QUIET)

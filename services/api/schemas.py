@@ -6,10 +6,12 @@ nothing on the way out, so the models and the reader's dicts must agree (the API
 
 from __future__ import annotations
 
+from typing import Any
+
 from pydantic import BaseModel
 
-__all__ = ["Band", "BandExample", "Error", "Feature", "FeaturePage", "FeatureSummary", "Health", "Histogram",
-           "ImageFeature", "ImageFeatures", "TopImage"]
+__all__ = ["Atlas", "Band", "BandExample", "Error", "Feature", "FeatureMatches", "FeaturePage", "FeatureSummary",
+           "Health", "Histogram", "ImageFeature", "ImageFeatures", "Match", "OtherSAE", "TopImage"]
 
 
 class FeatureSummary(BaseModel):
@@ -80,6 +82,60 @@ class Health(BaseModel):
     n_images: int
     k: int
     grid: list[int]
+
+
+class Atlas(BaseModel):
+    """Per feature (column i = feature i): UMAP and PCA coordinates of its decoder direction, log10 density
+    (null: dead), dead."""
+    n_features: int
+    n_dead: int
+    n_neighbors: int
+    min_dist: float
+    seed: int
+    pca_explained: list[float]
+    id: list[int]
+    umap_x: list[float]
+    umap_y: list[float]
+    pca_x: list[float]
+    pca_y: list[float]
+    log10_density: list[float | None]
+    dead: list[bool]
+
+
+class OtherSAE(BaseModel):
+    """The compared SAE; `index` null when the comparison recorded none (matches come without images)."""
+    side: str
+    sae: str | None
+    store: str | None
+    layer: str
+    backbone: dict[str, Any]
+    d_sae: int
+    index: str | None
+
+
+class Match(BaseModel):
+    """A feature of the other SAE: the best match (`best`) and/or the assignment's partner (`assigned`);
+    mutual, jaccard_topk and max_diff are the best match's; the rest is the other index's view of it."""
+    feature: int
+    similarity: float
+    best: bool
+    assigned: bool
+    mutual: bool | None
+    jaccard_topk: float | None
+    max_diff: float | None
+    freq_patches: float | None
+    max_act: float | None
+    grid: list[int] | None
+    top_images: list[TopImage]
+
+
+class FeatureMatches(BaseModel):
+    id: int
+    side: str
+    by: str | None
+    level: str | None
+    other: OtherSAE
+    matches: list[Match]
 
 
 class Error(BaseModel):

@@ -1,14 +1,22 @@
 // Feature browser: plain JS over the services.api JSON endpoints (see services/api/routes/).
-// The URL fragment carries the state that a link should keep: #feature=ID&token=SECRET.
+// The URL fragment carries the state that a link should keep: #feature=ID&atlas=umap|pca&token=SECRET.
+// What was drawn is marked in the DOM (data-* attributes), so a DOM dump shows what the page painted.
 "use strict";
 
 const HEAT_RGB = [255, 40, 0];   // heatmap colour, painted with alpha = HEAT_MAX_ALPHA * value / max_act
 const HEAT_MAX_ALPHA = 0.8;
 const TOP_SIZE = 224;            // px of the top-image thumbnails (the heatmap grid covers them exactly)
 const BAND_SIZE = 96;            // px of the band example thumbnails
+const MATCH_SIZE = 112;          // px of the thumbnails in the matches panel
+const MATCH_K = 6;               // top images per feature in the matches panel
+const ATLAS_DEAD = "#c4c8cf";    // atlas colour of features that never fired
+const VIRIDIS = [[68, 1, 84], [59, 82, 139], [33, 145, 140], [94, 201, 98], [253, 231, 37]];  // low -> high density
 
 const $ = (sel) => document.querySelector(sel);
-const state = { token: null, featureId: null, feature: null, hist: null, offset: 0, limit: 50, total: 0, seq: 0, blobs: [] };
+const state = {
+  token: null, featureId: null, feature: null, hist: null, offset: 0, limit: 50, total: 0, seq: 0, blobs: [],
+  atlas: null, atlasMode: "umap", atlasXY: null,
+};
 
 // ---- talking to the API ---------------------------------------------------------------------
 
@@ -20,8 +28,10 @@ function headers() {
   return state.token ? { Authorization: `Bearer ${state.token}` } : {};
 }
 
-async function request(path) {
+// The response, or null for a 404 of an `optional` resource (an atlas or a comparison the service lacks).
+async function request(path, optional = false) {
   const resp = await fetch(path, { headers: headers() });
+  if (optional && resp.status === 404) return null;
   if (!resp.ok) {
     let detail = resp.statusText;
     try { detail = (await resp.json()).detail ?? detail; } catch (_) { /* not JSON */ }
@@ -30,15 +40,20 @@ async function request(path) {
   return resp;
 }
 
-const getJSON = async (path) => (await request(path)).json();
+async function getJSON(path, optional = false) {
+  const resp = await request(path, optional);
+  return resp && resp.json();
+}
 
-// Images go through fetch so that the bearer token is sent; the <img> shows a blob URL.
-async function loadImage(img, id, size) {
-  const blob = await (await request(`/images/${id}?size=${size}`)).blob();
+// Images go through fetch so that the bearer token is sent; the <img> shows a blob URL. `other`: an image
+// of the compared SAE's index. data-natural-width records that the picture really decoded.
+async function loadImage(img, id, size, other = false) {
+  const blob = await (await request(`/images/${id}?size=${size}${other ? "&other=true" : ""}`)).blob();
   const url = URL.createObjectURL(blob);
   state.blobs.push(url);
   img.src = url;
   await img.decode();
+  img.dataset.naturalWidth = img.naturalWidth;
 }
 
 function showError(err) {
@@ -163,6 +178,103 @@ async function loadHistogram() {
   } catch (err) { showError(err); }
 }
 
+// ---- atlas: the features' decoder directions in 2-D (from `actstore atlas`) -------------------------
+
+// [min, max] of the numbers ([0, 0] for none); a loop, since spreading 100k features into Math.min overflows.
+function extent(values) {
+  let lo = Infinity, hi = -Infinity;
+  for (const v of values) { lo = Math.min(lo, v); hi = Math.max(hi, v); }
+  return values.length ? [lo, hi] : [0, 0];
+}
+
+function densityColour(t) {     // t in [0, 1] along VIRIDIS
+  const x = Math.min(1, Math.max(0, t)) * (VIRIDIS.length - 1);
+  const i = Math.min(VIRIDIS.length - 2, Math.floor(x)), w = x - i;
+  const [r, g, b] = VIRIDIS[i].map((v, j) => Math.round(v + w * (VIRIDIS[i + 1][j] - v)));
+  return `rgb(${r}, ${g}, ${b})`;
+}
+
+// Draws every feature as a point of the current projection, dead ones grey under the rest, the others by
+// log10 density (denser on top), the open feature ringed; records the points' pixels for clicks.
+function drawAtlas() {
+  const canvas = $("#atlas-map"), a = state.atlas;
+  if (!a) return;
+  for (const b of document.querySelectorAll("#atlas-modes button")) {
+    b.setAttribute("aria-pressed", String(b.dataset.mode === state.atlasMode));
+  }
+  const dpr = window.devicePixelRatio || 1;
+  const W = canvas.clientWidth, H = canvas.clientHeight;
+  canvas.width = W * dpr; canvas.height = H * dpr;
+  const ctx = canvas.getContext("2d");
+  ctx.scale(dpr, dpr);
+  ctx.clearRect(0, 0, W, H);
+
+  const xs = a[`${state.atlasMode}_x`], ys = a[`${state.atlasMode}_y`], dens = a.log10_density;
+  const n = xs.length, pad = 14, legendH = 22;
+  const [[x0, x1], [y0, y1]] = [extent(xs), extent(ys)];
+  const scale = Math.min((W - 2 * pad) / (x1 - x0 || 1), (H - 2 * pad - legendH) / (y1 - y0 || 1));
+  const ox = (W - scale * (x1 - x0)) / 2, oy = (H - legendH - scale * (y1 - y0)) / 2;
+  const [lo, hi] = extent(dens.filter((d) => d !== null));
+  const radius = n > 20000 ? 1.2 : n > 2000 ? 2 : 3.5;
+  const order = [...xs.keys()].sort((i, j) => (dens[i] ?? -Infinity) - (dens[j] ?? -Infinity));
+
+  state.atlasXY = new Float32Array(2 * n);
+  let drawn = 0, dead = 0;
+  for (const i of order) {
+    const px = ox + scale * (xs[i] - x0), py = H - legendH - oy - scale * (ys[i] - y0);
+    state.atlasXY[2 * i] = px; state.atlasXY[2 * i + 1] = py;
+    ctx.fillStyle = a.dead[i] ? ATLAS_DEAD : densityColour((dens[i] - lo) / (hi - lo || 1));
+    ctx.beginPath(); ctx.arc(px, py, radius, 0, 2 * Math.PI); ctx.fill();
+    drawn += 1; dead += a.dead[i] ? 1 : 0;
+  }
+  const sel = state.featureId;
+  if (sel !== null && sel >= 0 && sel < n) {
+    ctx.strokeStyle = "#111"; ctx.lineWidth = 2;
+    ctx.beginPath(); ctx.arc(state.atlasXY[2 * sel], state.atlasXY[2 * sel + 1], radius + 4, 0, 2 * Math.PI); ctx.stroke();
+  }
+  // legend: the density scale, and grey for dead
+  const lx = pad, ly = H - 14, lw = Math.min(180, W / 3);
+  for (let k = 0; k < lw; k++) { ctx.fillStyle = densityColour(k / (lw - 1)); ctx.fillRect(lx + k, ly - 8, 1, 8); }
+  ctx.fillStyle = "#555"; ctx.font = "11px sans-serif"; ctx.textAlign = "left";
+  ctx.fillText(`log10 freq ${lo.toFixed(1)}`, lx, ly + 11);
+  ctx.textAlign = "right"; ctx.fillText(hi.toFixed(1), lx + lw, ly + 11);
+  ctx.textAlign = "left"; ctx.fillStyle = ATLAS_DEAD; ctx.fillRect(lx + lw + 16, ly - 8, 8, 8);
+  ctx.fillStyle = "#555"; ctx.fillText(`dead (${dead})`, lx + lw + 28, ly);
+
+  const what = state.atlasMode === "umap" ? `UMAP, cosine, ${a.n_neighbors} neighbours`
+    : `PCA, ${(100 * a.pca_explained[0]).toFixed(1)}% + ${(100 * a.pca_explained[1]).toFixed(1)}% of variance`;
+  $("#atlas-info").textContent = `${n.toLocaleString()} decoder directions · ${what}`;
+  Object.assign(canvas.dataset, { points: drawn, dead, mode: state.atlasMode, selected: sel ?? "" });
+}
+
+// The feature whose point is nearest to (x, y) in CSS pixels, within a few pixels; null otherwise.
+function atlasPointAt(x, y) {
+  const xy = state.atlasXY;
+  if (!xy) return null;
+  let best = null, bestD = 64;   // (8 px)^2
+  for (let i = 0; i < xy.length / 2; i++) {
+    const d = (xy[2 * i] - x) ** 2 + (xy[2 * i + 1] - y) ** 2;
+    if (d < bestD) { best = i; bestD = d; }
+  }
+  return best;
+}
+
+async function loadAtlas() {
+  try {
+    state.atlas = await getJSON("/atlas", true);
+    $("#atlas-map").hidden = !state.atlas;
+    $("#atlas-missing").hidden = Boolean(state.atlas);
+    document.body.dataset.atlas = state.atlas ? "drawn" : "absent";
+    drawAtlas();
+  } catch (err) { showError(err); }
+}
+
+function setAtlasMode(mode) {
+  const params = hashParams();
+  params.set("atlas", mode);
+  location.hash = params.toString();   // the hashchange listener redraws
+}
+
 // ---- one feature ------------------------------------------------------------------------------
 
 // Paints the patch grid (row-major, h x w) on the canvas and returns the largest alpha painted,
@@ -196,16 +308,19 @@ function statsTable(f) {
   return el("dl", { id: "stats" }, ...rows.flatMap(([k, v]) => [el("dt", {}, k), el("dd", {}, v)]));
 }
 
-function topImageFigure(f, top) {
-  const img = el("img", { alt: `image ${top.image}`, width: TOP_SIZE, height: TOP_SIZE });
+// A top image with its heatmap over it: `grid` and `maxAct` are those of the feature (and index) it belongs to.
+function imageFigure(top, { grid, maxAct, size = TOP_SIZE, cls = "top-image", other = false }) {
+  const img = el("img", { alt: `image ${top.image}`, width: size, height: size });
   const canvas = el("canvas", { class: "heatmap" });
-  drawHeatmap(canvas, top.heatmap, f.grid, f.max_act);
+  drawHeatmap(canvas, top.heatmap, grid, maxAct);
   const caption = el("figcaption", {}, el("b", {}, num(top.value)), " ",
     top.class_name ?? `label ${top.label}`);
-  const fig = el("figure", { class: "top-image", dataset: { image: top.image } },
+  const fig = el("figure", { class: cls, dataset: { image: top.image } },
     el("div", { class: "overlay" }, img, canvas), caption);
-  return { fig, loaded: loadImage(img, top.image, TOP_SIZE) };
+  return { fig, loaded: loadImage(img, top.image, size, other) };
 }
+
+const topImageFigure = (f, top) => imageFigure(top, { grid: f.grid, maxAct: f.max_act });
 
 function bandSection(band) {
   const figs = band.examples.map((ex) => {
@@ -225,13 +340,52 @@ async function openFeature(id) {
   location.hash = params.toString();   // the hashchange listener does the loading
 }
 
+// ---- matches in the other SAE (a service started with --compare) ---------------------------------
+
+// One column of the matches panel: a feature, a line about it, and its first top images with heatmaps.
+function matchColumn(title, line, tops, opts, dataset) {
+  const figs = tops.map((t) => imageFigure(t, { ...opts, size: MATCH_SIZE, cls: "match-image" }));
+  const column = el("div", { class: "match-column", dataset },
+    el("h4", {}, title), el("p", { class: "match-line" }, line),
+    el("div", { class: "match-images" }, ...figs.map((x) => x.fig)));
+  return { column, loaded: figs.map((x) => x.loaded) };
+}
+
+// This feature and its matches in the other SAE, side by side; `loaded` settles when every image decoded.
+function matchesPanel(f, m) {
+  const o = m.other, b = o.backbone ?? {};
+  const columns = [matchColumn(`This SAE: #${f.id}`, `log10 freq ${log10(f.freq_patches)}`,
+    f.top_images.slice(0, MATCH_K), { grid: f.grid, maxAct: f.max_act }, { side: "this", feature: f.id })];
+  for (const x of m.matches) {
+    const role = x.best ? (x.assigned ? "best match, also assigned" : "best match") : "assigned partner";
+    const facts = [`similarity ${x.similarity.toFixed(3)}`, ...(x.mutual ? ["mutual"] : []),
+      ...(x.jaccard_topk !== null ? [`top-k overlap ${x.jaccard_topk.toFixed(2)}`] : []),
+      ...(x.freq_patches !== null ? [`log10 freq ${log10(x.freq_patches)}`] : [])];
+    columns.push(matchColumn(`Other SAE: #${x.feature} (${role})`, facts.join(" · "), x.top_images,
+      { grid: x.grid, maxAct: x.max_act, other: true },
+      { side: "other", feature: x.feature, best: x.best ? "1" : "0", assigned: x.assigned ? "1" : "0" }));
+  }
+  const notes = [];
+  if (!m.matches.length) notes.push("No match: the comparison has no row for this feature (it never fired there).");
+  if (o.index === null) notes.push("The other SAE has no index in this comparison: its features come without images.");
+  const section = el("section", { id: "matches", dataset: { other: o.side, count: m.matches.length } },
+    el("h3", {}, "Matches in the other SAE",
+      el("small", {}, ` side ${o.side}: ${b.family ?? "?"}:${b.name ?? "?"} layer ${o.layer}, ${o.d_sae} features; ` +
+        `${m.by} similarity (${m.level} level)`)),
+    ...notes.map((text) => el("p", { class: "hint match-note" }, text)),
+    ...(m.matches.length ? [el("div", { class: "match-columns" }, ...columns.map((c) => c.column))] : []));
+  const loaded = Promise.all(columns.flatMap((c) => c.loaded)).then(() => { section.dataset.rendered = "1"; });
+  return { section, loaded };
+}
+
 async function showFeature(id) {
   const seq = ++state.seq;
   state.featureId = id;
   markSelectedRow();
+  drawAtlas();
   delete document.body.dataset.rendered;
   try {
-    const f = await getJSON(`/features/${id}`);
+    const [f, m] = await Promise.all([getJSON(`/features/${id}`), getJSON(`/features/${id}/matches?k=${MATCH_K}`, true)]);
     if (seq !== state.seq) return;            // another feature was picked meanwhile
     state.blobs.forEach((url) => URL.revokeObjectURL(url));
     state.blobs = [];
@@ -239,15 +393,17 @@ async function showFeature(id) {
     drawHistogram();
 
     const tops = f.top_images.map((t) => topImageFigure(f, t));
+    const matches = m && matchesPanel(f, m);
     $("#feature").replaceChildren(
       el("h2", {}, `Feature #${f.id}`),
       statsTable(f),
       el("h3", {}, `Top images (${f.top_images.length})`, el("small", {}, " hover an image to hide its heatmap")),
       tops.length ? el("div", { id: "top-images" }, ...tops.map((t) => t.fig))
         : el("p", { class: "hint" }, "This feature never fired: no images."),
+      ...(matches ? [matches.section] : []),
       ...(f.bands.length ? [el("h3", {}, "Activation bands"), ...f.bands.map(bandSection)] : []),
     );
-    await Promise.all(tops.map((t) => t.loaded));
+    await Promise.all([...tops.map((t) => t.loaded), ...(matches ? [matches.loaded] : [])]);
     if (seq !== state.seq) return;
     showError(null);
     document.body.dataset.rendered = `feature-${f.id}`;
@@ -265,6 +421,12 @@ function onHash() {
     state.token = token;
     loadList();
     loadHistogram();
+    loadAtlas();
+  }
+  const mode = params.get("atlas") === "pca" ? "pca" : "umap";
+  if (mode !== state.atlasMode) {
+    state.atlasMode = mode;
+    drawAtlas();
   }
   const id = params.get("feature");
   if (id !== null && Number(id) !== state.featureId) showFeature(Number(id));
@@ -285,12 +447,28 @@ function init() {
   $("#filters").addEventListener("submit", (ev) => { ev.preventDefault(); resetAndLoadList(); });
   $("#prev").addEventListener("click", () => { state.offset = Math.max(0, state.offset - state.limit); loadList(); });
   $("#next").addEventListener("click", () => { state.offset += state.limit; loadList(); });
+  for (const b of document.querySelectorAll("#atlas-modes button")) {
+    b.addEventListener("click", () => setAtlasMode(b.dataset.mode));
+  }
+  const map = $("#atlas-map");
+  map.addEventListener("click", (ev) => {
+    const id = atlasPointAt(ev.offsetX, ev.offsetY);
+    if (id !== null) openFeature(id);
+  });
+  map.addEventListener("mousemove", (ev) => {
+    const id = atlasPointAt(ev.offsetX, ev.offsetY);
+    const d = id === null ? null : state.atlas.log10_density[id];
+    map.title = id === null ? "click a point to open its feature"
+      : `#${id} · ${d === null ? "dead" : `log10 freq ${d.toFixed(2)}`}`;
+  });
   window.addEventListener("hashchange", onHash);
-  window.addEventListener("resize", drawHistogram);
+  window.addEventListener("resize", () => { drawHistogram(); drawAtlas(); });
   state.token = hashParams().get("token");
+  state.atlasMode = hashParams().get("atlas") === "pca" ? "pca" : "umap";
   loadSummary();
   loadList();
   loadHistogram();
+  loadAtlas();
   onHash();
 }
 

@@ -1,4 +1,5 @@
-"""/features: browse the SAE's features by density, and one feature's top images and value bands."""
+"""/features: browse the SAE's features by density, one feature's top images and value bands, and its matches
+in the other SAE of the comparison the service was started with (--compare)."""
 
 from __future__ import annotations
 
@@ -6,12 +7,12 @@ from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Path, Query, Request, Response
 
-from services.api.deps import reader_of
+from services.api.deps import matches_of, reader_of
 from services.api.reader import SORTS
 from services.api.routes import NOT_FOUND, json_response
-from services.api.schemas import Feature, FeaturePage
+from services.api.schemas import Feature, FeatureMatches, FeaturePage
 
-__all__ = ["list_features", "read_feature", "router"]
+__all__ = ["list_features", "read_feature", "read_feature_matches", "router"]
 
 FeatureId = Annotated[int, Path(ge=0, lt=2**31, description="feature id")]
 
@@ -31,9 +32,20 @@ async def read_feature(request: Request, fid: FeatureId,
     return json_response(reader_of(request).feature(fid, k))
 
 
+async def read_feature_matches(request: Request, fid: FeatureId,
+                               k: Annotated[int | None, Query(ge=1, le=1024)] = None) -> Response:
+    """The feature's best match in the other SAE of the comparison and, when different, its assigned partner,
+    each with the other index's top images (at most k); none for a dead feature. 404 without --compare."""
+    matches = matches_of(request)
+    reader_of(request).check_feature(fid)
+    return json_response(matches.matches(fid, k))
+
+
 def router(**options: Any) -> APIRouter:
     """The /features routes; `options` are APIRouter's (create_app passes deps.secured)."""
     r = APIRouter(prefix="/features", **options)
     r.add_api_route("", list_features, response_model=FeaturePage, responses=NOT_FOUND, name="browse")
     r.add_api_route("/{fid}", read_feature, response_model=Feature, responses=NOT_FOUND, name="feature")
+    r.add_api_route("/{fid}/matches", read_feature_matches, response_model=FeatureMatches, responses=NOT_FOUND,
+                    name="feature_matches")
     return r

@@ -1,0 +1,118 @@
+"""The report's figures, drawn with matplotlib on its Agg canvas (no display, no pyplot state): each function
+returns the PNG, its size in pixels and the numbers it drew (which the page also records)."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.ticker import LogFormatter
+
+__all__ = ["CURVES", "Plot", "curves_plot", "density_plot", "population_plot", "similarity_plot"]
+
+DPI = 100
+LIVE, DEAD = "#3b6fb6", "#999999"
+CURVES = (("loss", "loss", True), ("mse", "MSE", True), ("fvu", "FVU", False),
+          ("l0", "L0 (active latents per token)", False), ("dead_fraction", "dead fraction", False))
+"""The training curves: (metrics.jsonl key, axis label, log scale)."""
+SIMILARITY_BINS = np.round(np.linspace(-1, 1, 41), 6)
+"""Best-similarity histogram edges: 0.05 wide over [-1, 1] (Pearson and cosine both live there)."""
+
+Plot = tuple[bytes, tuple[int, int], dict[str, Any]]
+"""(PNG, (width, height) in px, the values drawn)."""
+
+
+def _figure(width: float, height: float) -> Figure:
+    return Figure(figsize=(width, height), dpi=DPI, layout="constrained")
+
+
+def _png(fig: Figure) -> tuple[bytes, tuple[int, int]]:
+    buf = io.BytesIO()
+    canvas = FigureCanvasAgg(fig)
+    canvas.print_png(buf)
+    w, h = canvas.get_width_height()
+    return buf.getvalue(), (int(w), int(h))
+
+
+def density_plot(hist: Mapping[str, Any], title: str, what: str = "patches") -> Plot:
+    """Features by log10 firing frequency (0.1-wide bins, as services.index.density_histogram makes them), the dead
+    features as a separate grey bar to the left, labelled with their count."""
+    edges, counts, dead = np.asarray(hist["edges"], float), np.asarray(hist["counts"], int), int(hist["dead"])
+    fig = _figure(6.4, 3.6)
+    ax = fig.subplots()
+    width = float(np.diff(edges).min()) if edges.size > 1 else 0.1
+    if counts.size:
+        ax.bar(edges[:-1], counts, width=np.diff(edges), align="edge", color=LIVE,
+               label=f"live: {int(counts.sum())}")
+    dead_x = (edges[0] if edges.size else 0.0) - 3 * width
+    ax.bar([dead_x], [dead], width=width * 2, align="center", color=DEAD, label=f"dead: {dead}")
+    ax.annotate(f"dead\n{dead}", (dead_x, dead), ha="center", va="bottom", fontsize=8)
+    ax.set(title=title, xlabel=f"log10 firing frequency (fraction of {what})", ylabel="features")
+    ax.margins(y=0.15)
+    ax.legend(fontsize=8)
+    png, size = _png(fig)
+    return png, size, {"edges": edges.tolist(), "counts": counts.tolist(), "dead": dead,
+                       "n_features": int(hist.get("n_features", counts.sum() + dead))}
+
+
+def population_plot(active: np.ndarray, d_sae: int, title: str) -> Plot:
+    """Tokens by the fraction of the SAE's features active on them (whole-count bins, at most 50)."""
+    top = int(active.max()) if active.size else 0
+    edges = np.unique(np.round(np.linspace(0, top + 1, min(top + 1, 50) + 1))).astype(np.int64)
+    counts = np.histogram(active, bins=edges)[0]
+    fig = _figure(6.4, 3.6)
+    ax = fig.subplots()
+    ax.bar(edges[:-1] / d_sae, counts, width=np.diff(edges) / d_sae, align="edge", color=LIVE)
+    ax.set(title=title, xlabel=f"fraction of the {d_sae} features active", ylabel="tokens")
+    png, size = _png(fig)
+    return png, size, {"edges": edges.tolist(), "counts": counts.tolist(), "d_sae": d_sae,
+                       "mean_active": float(active.mean()) if active.size else 0.0}
+
+
+def curves_plot(rows: Sequence[Mapping[str, Any]], title: str) -> Plot:
+    """Each metric of CURVES over training tokens, one line per SAE of the sweep."""
+    names = list(dict.fromkeys(r["sae"] for r in rows))
+    fig = _figure(13, 6.4)
+    axes = fig.subplots(2, 3).ravel()
+    drawn: dict[str, int] = {}
+    for name in names:
+        mine = [r for r in rows if r["sae"] == name]
+        drawn[name] = len(mine)
+        tokens = [r["tokens"] for r in mine]
+        for ax, (key, label, _) in zip(axes, CURVES):
+            ax.plot(tokens, [r.get(key, np.nan) for r in mine], marker="." if len(mine) < 30 else None, label=name)
+    for ax, (key, label, log) in zip(axes, CURVES):
+        ax.set(title=label, xlabel="training tokens", ylabel=label)
+        if log and all(r.get(key, 0) > 0 for r in rows):
+            ax.set_yscale("log")
+            ax.yaxis.set_major_formatter(LogFormatter())  # 120, not 1.2 x 10^2
+            ax.yaxis.set_minor_formatter(LogFormatter(labelOnlyBase=False))
+    legend = axes[-1]
+    legend.axis("off")
+    legend.legend(*axes[0].get_legend_handles_labels(), loc="center", title="SAE")
+    fig.suptitle(title)
+    png, size = _png(fig)
+    return png, size, {"rows": drawn, "metrics": [key for key, _, _ in CURVES]}
+
+
+def similarity_plot(best: Mapping[str, np.ndarray], labels: Mapping[str, str], title: str, by: str) -> Plot:
+    """Per side, its live features by the similarity of their best match on the other side."""
+    fig = _figure(12, 3.6)
+    axes = fig.subplots(1, len(best), sharey=True, squeeze=False)[0]
+    values: dict[str, Any] = {"edges": SIMILARITY_BINS.tolist()}
+    for ax, (side, sims) in zip(axes, best.items()):
+        finite = sims[np.isfinite(sims)]
+        counts = np.histogram(np.clip(finite, -1, 1), bins=SIMILARITY_BINS)[0]
+        ax.bar(SIMILARITY_BINS[:-1], counts, width=np.diff(SIMILARITY_BINS), align="edge", color=LIVE)
+        if finite.size:
+            ax.axvline(float(np.median(finite)), color="#c0392b", lw=1, label=f"median {np.median(finite):.3f}")
+            ax.legend(fontsize=8, loc="upper left")
+        ax.set(title=labels[side], xlabel=f"best {by}", ylabel="live features")
+        values[side] = {"counts": counts.tolist(), "undefined": int(sims.size - finite.size)}
+    fig.suptitle(title)
+    png, size = _png(fig)
+    return png, size, values
