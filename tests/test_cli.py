@@ -15,11 +15,15 @@ from cli.train import sweep_from_args
 from sae import SAEConfig
 from sae.train import TrainConfig
 from services.api.config import ServeConfig
+from services.compare import CompareConfig
 from services.index import IndexConfig
+from services.index.atlas import AtlasConfig
+from services.report import ReportConfig
 
 CONFIGS = {"extract": [ExtractConfig], "train": [TrainConfig, SAEConfig], "index": [IndexConfig],
-           "serve": [ServeConfig], "demo": [DemoConfig]}
-SKIPPED = {"sae", "d_in"}  # the sweep (TOML only), and d_in (from the store)
+           "serve": [ServeConfig], "compare": [CompareConfig], "atlas": [AtlasConfig], "report": [ReportConfig],
+           "demo": [DemoConfig]}
+SKIPPED = {"sae", "d_in", "path"}  # the sweep (TOML only), d_in (from the store), report's positional path
 RENAMED = {"kind": "sae"}
 
 
@@ -127,7 +131,8 @@ def test_every_train_flag_changes_the_config_it_runs() -> None:
             assert {k: v for k, v in got.items() if k != "sae"} == {k: v for k, v in base.items() if k != "sae"}
 
 
-@pytest.mark.parametrize("command", ["info", "verify", "extract", "train", "index", "serve", "demo"])
+@pytest.mark.parametrize("command", ["info", "verify", "extract", "train", "index", "serve", "compare", "atlas", "report",
+                                     "demo"])
 def test_help_of_every_command(command: str, capsys) -> None:
     from cli import main
 

@@ -106,13 +106,19 @@ def test_stages_through_the_cli_on_s3_leave_no_credential_behind(ray_local, s3, 
 
 def test_demo_through_the_cli(ray_local, tmp_path):
     env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}
-    out = _cli("demo", "--images", str(tmp_path / "images"), "--store", str(tmp_path / "store"),
-               "--sae-out", str(tmp_path / "run"), "--index", str(tmp_path / "index"),
-               "--model", "timm:vit_tiny_patch16_224", "--n-images", "16", "--tokens", "4096", env=env)
-    assert f"actstore serve --index {tmp_path / 'index'}" in out
+    paths = {name: str(tmp_path / name) for name in ("images", "store", "index", "store-b", "index-b", "compare")}
+    args = ["demo", "--images", paths["images"], "--store", paths["store"], "--sae-out", str(tmp_path / "run"),
+            "--index", paths["index"], "--store-b", paths["store-b"], "--sae-out-b", str(tmp_path / "run-b"),
+            "--index-b", paths["index-b"], "--compare", paths["compare"], "--report", str(tmp_path / "report.html"),
+            "--model", "timm:vit_tiny_patch16_224", "--n-images", "16", "--tokens", "4096"]
+    out = _cli(*args, env=env)
+    assert f"actstore serve --index {tmp_path / 'index'} --compare {tmp_path / 'compare'}" in out
     meta = json.loads((tmp_path / "index/index.json").read_text())
     assert meta["n_images"] == 16 and meta["sae_kind"] == "topk"
-    again = _cli("demo", "--images", str(tmp_path / "images"), "--store", str(tmp_path / "store"),
-                 "--sae-out", str(tmp_path / "run"), "--index", str(tmp_path / "index"),
-                 "--model", "timm:vit_tiny_patch16_224", "--n-images", "16", "--tokens", "4096", env=env)
+    assert (tmp_path / "index" / "atlas.parquet").is_file()
+    summary = json.loads((tmp_path / "compare" / "summary.json").read_text())
+    assert summary["b"]["backbone"] == {"family": "hf", "name": "dinov2-small"} and summary["n_images"] == 16
+    assert f"{summary['mutual']} mutual best matches" in out
+    assert 'content="actstore report"' in (tmp_path / "report.html").read_text()
+    again = _cli(*args, env=env)
     assert "generating" not in again  # a second demo reuses its images, store and run

@@ -3,7 +3,8 @@ on the accelerator), and the record of it that a store keeps.
 
 `Preprocessor` holds no weights and pickles, so decode tasks run it without loading the model;
 `Backbone.normalize` applies the rest (/255, mean, std) on the model's device. `describe()` records the
-resize and center crop as numbers, which the service uses to show the region the model saw.
+resize and center crop as numbers, which the service uses to show the region the model saw. `from_hf` builds
+the same pipeline from a transformers processor's settings, which are not torchvision transforms.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Any
 
 from PIL import Image
 from torch import Tensor
-from torchvision.transforms import Compose, Normalize, ToTensor
+from torchvision.transforms import CenterCrop, Compose, InterpolationMode, Normalize, Resize, ToTensor
 from torchvision.transforms.functional import pil_to_tensor
 
 from actstore.errors import ConfigError
@@ -50,6 +51,40 @@ class Preprocessor:
         return cls(Compose(steps[:at]), tuple(map(float, steps[-1].mean)), tuple(map(float, steps[-1].std)),
                    (int(size[0]), int(size[1])))
 
+    @classmethod
+    def from_hf(cls, processor: Any) -> Preprocessor:
+        """A transformers image or video processor (CLIPImageProcessor, SiglipImageProcessor, BitImageProcessor,
+        VJEPA2VideoProcessor, ...) as torchvision's PIL steps with its sizes and interpolation, then ToTensor and
+        its Normalize, so that it splits as `from_transform` splits and `describe()` records its resize and crop.
+
+        transformers resizes uint8 tensors with torchvision's antialiased kernels, which follow PIL's to one level
+        of 255, and floors an odd crop margin where torchvision's CenterCrop rounds it half to even (the service's
+        geometry follows torchvision): for margins of 4k + 3 pixels our crop starts one pixel later.
+        """
+        name = type(processor).__name__
+        steps: list[Any] = []
+        out = None
+        if processor.do_resize:
+            size = processor.size
+            interpolation = _interpolation(processor.resample)
+            if _field(size, "shortest_edge") and not _field(size, "longest_edge"):
+                steps.append(Resize(int(_field(size, "shortest_edge")), interpolation))
+            elif _field(size, "height") and _field(size, "width"):
+                out = (int(_field(size, "height")), int(_field(size, "width")))
+                steps.append(Resize(out, interpolation))
+            else:
+                raise ConfigError(f"{name}: resizing to {size} is not supported; use shortest_edge or height and width")
+        if processor.do_center_crop:
+            out = (int(_field(processor.crop_size, "height")), int(_field(processor.crop_size, "width")))
+            steps.append(CenterCrop(out))
+        if out is None:
+            raise ConfigError(f"{name} makes images of varying size; batches need a center crop or an exact resize")
+        if not processor.do_rescale or abs(processor.rescale_factor * 255 - 1) > 1e-6:
+            raise ConfigError(f"{name} rescales pixels by {processor.rescale_factor if processor.do_rescale else 1}; "
+                              "only /255 is supported")
+        mean, std = (processor.image_mean, processor.image_std) if processor.do_normalize else (0.0, 1.0)
+        return cls.from_transform(Compose([*steps, ToTensor(), Normalize(_rgb(mean), _rgb(std))]), out)
+
     def __call__(self, image: Image.Image) -> Tensor:
         # RGB first, as timm's and open_clip's own dataset loaders do (grayscale, CMYK, palette images)
         image = image if image.mode == "RGB" else image.convert("RGB")
@@ -70,6 +105,24 @@ class Preprocessor:
                 "resize": size, "crop": crop_size,
                 "interpolation": None if interpolation is None else str(getattr(interpolation, "value", interpolation)),
                 "steps": [_describe(t) for t in steps]}
+
+
+def _field(size: Any, key: str) -> Any:
+    """A field of a transformers size (a SizeDict, or a plain dict as in a processor's JSON)."""
+    return size.get(key) if isinstance(size, dict) else getattr(size, key, None)
+
+
+def _interpolation(resample: Any) -> InterpolationMode:
+    """A processor's resample (a PIL filter number, or torchvision's mode) as torchvision's mode; transformers
+    resizes bilinearly where it is unset."""
+    if isinstance(resample, InterpolationMode):
+        return resample
+    return InterpolationMode.BILINEAR if resample is None else InterpolationMode[Image.Resampling(int(resample)).name]
+
+
+def _rgb(value: float | Sequence[float]) -> tuple[float, ...]:
+    """A processor's mean or std: one number for all channels, or one a channel."""
+    return (float(value),) * 3 if isinstance(value, (int, float)) else tuple(float(v) for v in value)
 
 
 def _resize_size(step: Any) -> int | list[int] | None:

@@ -1,0 +1,232 @@
+"""transformers backbones (`hf:`): CLIP and SigLIP vision towers, DINOv2 (with and without registers), V-JEPA 2.
+
+A model is named by a hub id, a folder saved by save_pretrained, or a built-in config name (HF_CONFIGS);
+its layers are the encoder layers, the same tokens as `output_hidden_states=True`'s hidden_states[i + 1].
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from operator import attrgetter
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor, nn
+
+from actstore.errors import ConfigError
+from actstore.extract.hooked import HUB_WEIGHTS, Backbone, Family, ViT, checkpoint_path, seeded
+from actstore.extract.preprocess import Preprocessor
+
+if TYPE_CHECKING:
+    from actstore.extract.backbones import BackboneConfig
+
+__all__ = ["HF", "HF_CONFIGS", "HF_MODEL_TYPES"]
+
+
+class _HFEncoder(ViT):
+    """A transformers vision encoder: layer outputs are [CLS, registers, patches] sequences (tuples whose first
+    item is that sequence, for V-JEPA 2), run with the model's own input name.
+
+    V-JEPA 2 is a video model: each image becomes a clip of `frames` (= its tubelet_size) copies, which one
+    tubelet spans, so there is one temporal token per spatial patch and the tokens are the patch grid, row by row.
+    """
+
+    def __init__(self, cfg: BackboneConfig, model: nn.Module, preprocessor: Preprocessor, blocks: Sequence[nn.Module],
+                 *, frames: int, **layout: Any) -> None:
+        super().__init__(cfg, model, preprocessor, blocks, **layout)
+        self.frames = frames
+
+    def _run(self, x: Tensor) -> None:
+        if self.frames:
+            self.model(pixel_values_videos=x.unsqueeze(1).expand(-1, self.frames, -1, -1, -1), skip_predictor=True)
+        else:
+            self.model(pixel_values=x)
+
+    def _tokens(self, index: int, output: Tensor | tuple[Tensor, ...]) -> Tensor:
+        return super()._tokens(index, output[0] if isinstance(output, tuple) else output)
+
+    def metadata(self) -> dict[str, Any]:
+        """Also the transformers class and the config's non-default fields, so that random weights from a
+        folder that is gone can still be rebuilt."""
+        config = json.loads(self.model.config.to_json_string(use_diff=True))
+        config.pop("transformers_version", None)
+        return {**super().metadata(), "model_class": type(self.model).__name__, "config": config}
+
+
+@dataclass(frozen=True)
+class _HFKind:
+    """How the models of one transformers model type become a Backbone."""
+
+    model_class: str
+    """The vision model's class in transformers (by name: importing transformers takes seconds)."""
+    processor_class: str
+    """Its image (or video) processor's class, built from `processor_defaults` when the source has no processor file."""
+    blocks: str
+    """Attribute path of the encoder layers in the model."""
+    has_cls: bool
+    """Whether token 0 is a CLS token (registers, where the config has num_register_tokens, follow it)."""
+    fixed_size: str | None
+    """The config field the input size must equal (the position embeddings' size); None where the model
+    interpolates them (DINOv2)."""
+    processor_defaults: Callable[[Any], dict[str, Any]]
+    """Processor arguments for a source without a processor file, from the config: the public checkpoints'."""
+    video: bool = False
+    """Whether the model takes clips (pixel_values_videos, with `tubelet_size` frames a token)."""
+
+
+_IMAGENET_MEAN_STD = {"image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.225]}
+_CLIP = _HFKind("CLIPVisionModel", "CLIPImageProcessor", "encoder.layers", True, "image_size", lambda c: {
+    "size": {"shortest_edge": c.image_size}, "crop_size": {"height": c.image_size, "width": c.image_size}})
+_SIGLIP = _HFKind("SiglipVisionModel", "SiglipImageProcessor", "encoder.layers", False, "image_size", lambda c: {
+    "size": {"height": c.image_size, "width": c.image_size}})
+# DINOv2 checkpoints: position embeddings for 518 px, interpolated to the processor's 224 px crop
+_DINOV2 = _HFKind("Dinov2Model", "BitImageProcessor", "encoder.layer", True, None, lambda c: {
+    "size": {"shortest_edge": 256}, "crop_size": {"height": 224, "width": 224}, **_IMAGENET_MEAN_STD})
+_VJEPA2 = _HFKind("VJEPA2Model", "VJEPA2VideoProcessor", "encoder.layer", False, "crop_size",
+                  lambda c: {"crop_size": c.crop_size}, video=True)
+
+HF_MODEL_TYPES: dict[str, _HFKind] = {
+    "clip": _CLIP, "clip_vision_model": _CLIP, "siglip": _SIGLIP, "siglip_vision_model": _SIGLIP,
+    "dinov2": _DINOV2, "dinov2_with_registers": replace(_DINOV2, model_class="Dinov2WithRegistersModel"),
+    "vjepa2": _VJEPA2,
+}
+"""Supported config model types (a CLIP or SigLIP checkpoint with both towers loads its vision tower)."""
+
+_DINOV2_SIZES = {"small": (384, 12, 6), "base": (768, 12, 12), "large": (1024, 24, 16)}
+HF_CONFIGS: dict[str, tuple[str, str, dict[str, Any]]] = {
+    "clip-vit-base-patch32": ("openai/clip-vit-base-patch32", "clip_vision_model", {"patch_size": 32}),
+    "clip-vit-base-patch16": ("openai/clip-vit-base-patch16", "clip_vision_model", {"patch_size": 16}),
+    "clip-vit-large-patch14": ("openai/clip-vit-large-patch14", "clip_vision_model", {
+        "hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24, "num_attention_heads": 16,
+        "patch_size": 14}),
+    "siglip-base-patch16-224": ("google/siglip-base-patch16-224", "siglip_vision_model", {}),
+    "siglip-so400m-patch14-384": ("google/siglip-so400m-patch14-384", "siglip_vision_model", {
+        "hidden_size": 1152, "intermediate_size": 4304, "num_hidden_layers": 27, "num_attention_heads": 16,
+        "image_size": 384, "patch_size": 14}),
+    **{f"dinov2{reg}-{size}": (f"facebook/dinov2{reg}-{size}", model_type, {
+        "hidden_size": d, "num_hidden_layers": n, "num_attention_heads": heads, "image_size": 518, "patch_size": 14})
+       for reg, model_type in (("", "dinov2"), ("-with-registers", "dinov2_with_registers"))
+       for size, (d, n, heads) in _DINOV2_SIZES.items()},
+    "vjepa2-vitl-fpc64-256": ("facebook/vjepa2-vitl-fpc64-256", "vjepa2", {}),
+}
+"""Built-in `hf:` names: (public hub id, model type, the config fields that differ from the config class's defaults).
+Random weights need no download; pretrained "hub" loads the hub id (its own config, processor and weights)."""
+
+_HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
+
+
+def _hf_source(arch: str) -> tuple[str, str]:
+    """What `hf:<arch>` names: ("builtin", name), ("folder", absolute path) or ("hub", id), like transformers'
+    own rule (an existing folder wins over a hub id of the same spelling)."""
+    path = os.path.expanduser(arch)
+    if arch in HF_CONFIGS:
+        return "builtin", arch
+    if os.path.isdir(path):
+        if not os.path.isfile(os.path.join(path, "config.json")):
+            raise ConfigError(f"hf model folder {os.path.abspath(path)} has no config.json")
+        return "folder", os.path.abspath(path)
+    if _HUB_ID.fullmatch(arch) and not arch.startswith("."):
+        return "hub", arch
+    if "/" in arch or os.sep in arch or arch.startswith(("~", ".")):
+        raise ConfigError(f"hf model folder not found: {os.path.abspath(path)}")
+    raise ConfigError(f"unknown hf model {arch!r}; use a hub id (owner/name), a folder with config.json, "
+                      f"or one of: {', '.join(HF_CONFIGS)}")
+
+
+def _hf_kind(model_type: str | None, where: str) -> _HFKind:
+    if model_type not in HF_MODEL_TYPES:
+        raise ConfigError(f"{where}: unsupported model type {model_type!r}; use one of: {', '.join(HF_MODEL_TYPES)}")
+    return HF_MODEL_TYPES[model_type]
+
+
+def _hf_weights(model_cls: Any, config: Any, weights: str) -> nn.Module:
+    """from_pretrained from a hub id or folder, or with one weights file's state dict (the same loader and key
+    renaming). Float32, as the other families; a checkpoint that leaves weights missing is refused, not kept
+    partly random."""
+    from transformers.modeling_utils import load_state_dict
+
+    file = os.path.isfile(weights)
+    try:
+        kwargs = {"state_dict": load_state_dict(weights)} if file else {}
+    except Exception as e:  # torch's unpickling and safetensors' header errors share no base class
+        raise ConfigError(f"{weights} is not a weights file: {' '.join(str(e).split())[:200]}") from e
+    try:
+        model, info = model_cls.from_pretrained(None if file else weights, config=config, dtype=torch.float32,
+                                                output_loading_info=True, **kwargs)
+    except RuntimeError as e:  # mismatched shapes
+        raise ConfigError(f"{weights} does not load into {model_cls.__name__}: {' '.join(str(e).split())[:300]}") from e
+    if info["missing_keys"]:
+        missing = sorted(info["missing_keys"])
+        raise ConfigError(f"{weights} does not load into {model_cls.__name__}: {len(missing)} weights missing "
+                          f"({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''})")
+    return model
+
+
+def _hf_preprocessor(kind: _HFKind, config: Any, where: str | None) -> Preprocessor:
+    """The source's own processor file where it has one, else `kind.processor_defaults` (built-in names, folders
+    saved without one), as PIL steps + ToTensor + Normalize."""
+    import transformers
+    from transformers.utils import IMAGE_PROCESSOR_NAME, VIDEO_PROCESSOR_NAME, cached_file
+
+    names = (VIDEO_PROCESSOR_NAME, IMAGE_PROCESSOR_NAME) if kind.video else (IMAGE_PROCESSOR_NAME,)
+    if where is not None and any(cached_file(where, n, _raise_exceptions_for_missing_entries=False) for n in names):
+        auto = transformers.AutoVideoProcessor if kind.video else transformers.AutoImageProcessor
+        processor = auto.from_pretrained(where)
+    else:
+        processor = getattr(transformers, kind.processor_class)(**kind.processor_defaults(config))
+    return Preprocessor.from_hf(processor)
+
+
+class HF(Family):
+    """transformers vision models; see HF_MODEL_TYPES and HF_CONFIGS. `arch` is a hub id, a folder saved by
+    save_pretrained (config.json, optional weights and processor file) or a built-in name; `pretrained` is None
+    (seeded random weights from the config), "hub" (the hub id's or folder's own weights) or a folder or weights
+    file, all through from_pretrained."""
+
+    def check(self, arch: str, pretrained: str | None) -> None:
+        source, where = _hf_source(arch)
+        if source == "folder":
+            with open(os.path.join(where, "config.json")) as f:
+                _hf_kind(json.load(f).get("model_type"), where)
+        if pretrained and pretrained != HUB_WEIGHTS:
+            path = checkpoint_path(pretrained)
+            if path is None or not os.path.exists(path):
+                raise ConfigError(f"hf pretrained {pretrained!r}: no such folder or file; use "
+                                  f"{HUB_WEIGHTS!r} for the weights of hf:{arch}")
+
+    def load(self, cfg: BackboneConfig, path: str | None) -> Backbone:
+        import transformers
+
+        source, where = _hf_source(cfg.arch)
+        if source == "builtin" and cfg.pretrained == HUB_WEIGHTS:
+            source, where = "hub", HF_CONFIGS[cfg.arch][0]
+        try:
+            if source == "builtin":
+                _, model_type, fields = HF_CONFIGS[cfg.arch]
+                config = transformers.AutoConfig.for_model(model_type, **fields)
+            else:
+                config = transformers.AutoConfig.from_pretrained(where)
+            config = getattr(config, "vision_config", None) or config  # CLIP, SigLIP: both towers' config
+            kind = _hf_kind(config.model_type, where)
+            model_cls = getattr(transformers, kind.model_class)
+            if cfg.pretrained is None:
+                model = seeded(cfg.init_seed, model_cls, config)
+            else:
+                model = _hf_weights(model_cls, config, where if cfg.pretrained == HUB_WEIGHTS else path)
+            prep = _hf_preprocessor(kind, config, None if source == "builtin" else where)
+        except ConfigError:
+            raise
+        except (OSError, ValueError) as e:  # the hub unreachable, a repo or file missing, a bad config
+            raise ConfigError(f"{cfg.model}: {' '.join(str(e).split())[:300]}") from e
+        if kind.fixed_size and prep.image_size != (getattr(config, kind.fixed_size),) * 2:
+            raise ConfigError(f"{cfg.model}: its processor makes {prep.image_size} images, the model takes "
+                              f"{kind.fixed_size} {getattr(config, kind.fixed_size)}")
+        patch = config.patch_size if isinstance(config.patch_size, int) else config.patch_size[0]
+        n_registers = getattr(config, "num_register_tokens", 0) or 0
+        return _HFEncoder(cfg, model, prep, attrgetter(kind.blocks)(model), frames=config.tubelet_size if kind.video
+                          else 0, d=config.hidden_size, grid=[n // patch for n in prep.image_size],
+                          n_prefix=int(kind.has_cls) + n_registers, has_cls=kind.has_cls)

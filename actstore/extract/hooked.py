@@ -1,0 +1,185 @@
+"""What every backbone family shares: a frozen model whose forward returns the requested layers' tokens.
+
+`Backbone` resolves layers, hooks the chosen blocks (stopping the forward after the last one), normalizes
+uint8 images on the model's device and records what the store needs; `ViT` turns [prefix tokens, patches]
+sequences into the token layout (CLS kept, registers dropped). A `Family` (actstore.extract.backbones for
+open_clip and timm, actstore.extract.hf for transformers) checks names and creates the models.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+import torch
+from PIL import Image
+from torch import Tensor, nn
+
+from actstore.errors import ConfigError
+from actstore.extract.preprocess import Preprocessor
+from actstore.store import LayerSpec, TokenLayout
+
+if TYPE_CHECKING:
+    from actstore.extract.backbones import BackboneConfig
+
+__all__ = ["CHECKPOINT_SUFFIXES", "HUB_WEIGHTS", "Backbone", "Family", "ViT", "checkpoint_path", "seeded"]
+
+HUB_WEIGHTS = "hub"
+"""`pretrained` value that asks for the architecture's default pretrained weights (timm's, the hub id's)."""
+CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".safetensors", ".npz")
+
+
+def checkpoint_path(pretrained: str | None) -> str | None:
+    """The absolute path when `pretrained` names a local file rather than a hub tag."""
+    if not pretrained:
+        return None
+    p = os.path.expanduser(pretrained)
+    if os.sep in p or "/" in p or p.endswith(CHECKPOINT_SUFFIXES) or os.path.exists(p):
+        return os.path.abspath(p)
+    return None
+
+
+def seeded(seed: int, create: Callable[..., nn.Module], *args: Any, **kwargs: Any) -> nn.Module:
+    """Create a model under a fixed seed; the caller's RNG state is left as it was."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return create(*args, **kwargs)
+
+
+class _StopForward(Exception):
+    """Raised by the hook of the last requested block: later blocks and the head are not run."""
+
+
+class Backbone(nn.Module):
+    """A frozen vision model whose forward returns the requested layers' tokens, (B, T, d) each.
+
+    Subclasses list the hookable modules and their LayerSpecs, and turn a module's output into
+    (B, T, d) tokens; the hooks, layer resolution and normalization live here once.
+    """
+
+    def __init__(self, cfg: BackboneConfig, model: nn.Module, preprocessor: Preprocessor,
+                 blocks: Sequence[nn.Module], specs: Sequence[LayerSpec]) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.family, self.arch = cfg.family, cfg.arch
+        self.model = model.eval().requires_grad_(False)
+        self.preprocessor = preprocessor
+        self._blocks = list(blocks)
+        self._all_specs = tuple(specs)
+        self.n_blocks = len(self._blocks)
+        self._specs = tuple(self._resolve(key) for key in cfg.layers)
+        for i, spec in enumerate(self._specs):
+            if spec in self._specs[:i]:
+                raise ConfigError(f"layers {cfg.layers} name layer {spec.name} twice")
+
+    def _resolve(self, key: int | str) -> LayerSpec:
+        n = self.n_blocks
+        if isinstance(key, int) and -n <= key < n:
+            return self._all_specs[key % n]
+        for spec in self._all_specs:
+            if spec.name == key:
+                return spec
+        raise ConfigError(f"{self.cfg.model} has no layer {key!r}; use a block index in [-{n}, {n}) "
+                          f"or a name: {', '.join(s.name for s in self._all_specs)}")
+
+    def _tokens(self, index: int, output: Tensor) -> Tensor:
+        """Block `index`'s output as (B, T, d) tokens in the layer's TokenLayout."""
+        raise NotImplementedError
+
+    def _run(self, x: Tensor) -> None:
+        """Run the model on normalized images (B, 3, H, W); the hooks collect the layers."""
+        self.model(x)
+
+    def train(self, mode: bool = True) -> Backbone:
+        """Stays in eval mode: extraction never trains, and dropout/batch-norm must not change outputs."""
+        return super().train(False)
+
+    @property
+    def pil_transform(self) -> Callable[[Image.Image], Image.Image]:
+        return self.preprocessor.pil_transform
+
+    def layer_specs(self) -> tuple[LayerSpec, ...]:
+        """The requested layers, in the order of cfg.layers (= the order of forward's dict)."""
+        return self._specs
+
+    def metadata(self) -> dict[str, Any]:
+        """The store's backbone attrs: enough to reload the same model and preprocessing."""
+        path = checkpoint_path(self.cfg.pretrained)
+        return {"family": self.family, "name": self.arch, "checkpoint": path or self.cfg.pretrained,
+                "init_seed": self.cfg.init_seed, "n_blocks": self.n_blocks,
+                "preprocessing": self.preprocessor.describe()}
+
+    def normalize(self, images: Tensor) -> Tensor:
+        """uint8 (B, 3, H, W) -> model input on the model's device: /255, then the model's own mean/std."""
+        p = next(self.model.parameters())
+        x = images.to(p.device, non_blocking=True).float().div_(255)
+        mean = torch.tensor(self.preprocessor.mean, device=p.device).view(1, -1, 1, 1)
+        std = torch.tensor(self.preprocessor.std, device=p.device).view(1, -1, 1, 1)
+        return x.sub_(mean).div_(std).to(p.dtype)
+
+    @torch.no_grad()
+    def forward(self, images: Tensor) -> dict[str, Tensor]:
+        """{layer name: (B, T, d)} for the requested layers, from one forward pass with hooks."""
+        wanted = {spec.index: spec.name for spec in self._specs}
+        last = max(wanted)
+        out: dict[str, Tensor] = {}
+
+        def hook(index: int) -> Callable[..., None]:
+            def capture(module: nn.Module, args: Any, output: Tensor) -> None:
+                out[wanted[index]] = self._tokens(index, output).contiguous()
+                if index == last:
+                    raise _StopForward
+            return capture
+
+        handles = [self._blocks[i].register_forward_hook(hook(i)) for i in wanted]
+        try:
+            self._run(self.normalize(images))
+        except _StopForward:
+            pass
+        finally:
+            for h in handles:
+                h.remove()
+        return {spec.name: out[spec.name] for spec in self._specs}
+
+
+class ViT(Backbone):
+    """Transformers: block outputs are [prefix tokens (CLS, registers), patches] sequences."""
+
+    def __init__(self, cfg: BackboneConfig, model: nn.Module, preprocessor: Preprocessor,
+                 blocks: Sequence[nn.Module], *, d: int, grid: Sequence[int], n_prefix: int, has_cls: bool,
+                 batch_first: bool = True) -> None:
+        tokens = TokenLayout(cls=has_cls, grid=tuple(grid), n_registers_dropped=n_prefix - int(has_cls))
+        super().__init__(cfg, model, preprocessor, blocks,
+                         [LayerSpec(str(i), d, tokens, i) for i in range(len(blocks))])
+        self.n_prefix, self.has_cls, self.batch_first = n_prefix, has_cls, batch_first
+
+    @classmethod
+    def from_timm(cls, cfg: BackboneConfig, model: nn.Module, vit: nn.Module, preprocessor: Preprocessor) -> ViT:
+        """`vit` is a timm ViT-style model (itself, or the trunk of an open_clip TimmModel)."""
+        if not all(hasattr(vit, a) for a in ("blocks", "num_prefix_tokens", "patch_embed", "embed_dim")):
+            raise ConfigError(f"{cfg.model}: only ViT-style timm models (with .blocks and prefix tokens) "
+                              f"are supported, not {type(vit).__name__}")
+        has_cls = bool(getattr(vit, "has_class_token", getattr(vit, "cls_token", None) is not None))
+        return cls(cfg, model, preprocessor, vit.blocks, d=vit.embed_dim, grid=vit.patch_embed.grid_size,
+                   n_prefix=vit.num_prefix_tokens, has_cls=has_cls)
+
+    def _tokens(self, index: int, output: Tensor) -> Tensor:
+        x = output if self.batch_first else output.transpose(0, 1)
+        if self.n_prefix == int(self.has_cls):
+            return x
+        patches = x[:, self.n_prefix:]
+        return torch.cat([x[:, :1], patches], dim=1) if self.has_cls else patches
+
+
+class Family:
+    """One model library: checks names early, creates the model and its transform.
+
+    The libraries are imported inside the methods: importing them takes seconds, and the CLI should not wait.
+    """
+
+    def check(self, arch: str, pretrained: str | None) -> None:
+        raise NotImplementedError
+
+    def load(self, cfg: BackboneConfig, path: str | None) -> Backbone:
+        raise NotImplementedError
