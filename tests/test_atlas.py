@@ -142,9 +142,9 @@ def _expected_matches(compare_dir: Path, fid: int) -> list[tuple[int, bool, bool
     partner = int(pairs.loc[fid, "feature_a"]) if fid in pairs.index else -1
     if fid in best.index:
         out.append((int(best.loc[fid, "best_a"]), True, bool(partner == best.loc[fid, "best_a"]),
-                    float(best.loc[fid, "similarity"])))
+                    float(best.loc[fid, "pearson"])))
     if partner >= 0 and (not out or out[0][0] != partner):
-        out.append((partner, False, True, float(pairs.loc[fid, "similarity"])))
+        out.append((partner, False, True, float(pairs.loc[fid, "pearson"])))
     return out
 
 

@@ -147,13 +147,13 @@ def test_planted_shared_concepts_match_and_private_ones_do_not(planted, tmp_path
     matches = read_table(out, "matches_a.parquet").to_pandas().set_index("feature_a")
     for s in range(N_SHARED):
         row = matches.loc[fa[s]]
-        assert row.best_b == fb[s] and row.similarity > 0.9 and row.mutual, (s, row)
+        assert row.best_b == fb[s] and row.pearson > 0.9 and row.mutual, (s, row)
         assert row.jaccard_topk > 0.5
     for p in range(N_SHARED, N_SHARED + N_PRIVATE):
-        assert matches.loc[fa[p]].similarity < 0.5, p
+        assert matches.loc[fa[p]].pearson < 0.5, p
     back = read_table(out, "matches_b.parquet").to_pandas().set_index("feature_b")
     for p in range(N_SHARED, N_SHARED + N_PRIVATE):
-        assert back.loc[fb[p]].similarity < 0.5
+        assert back.loc[fb[p]].pearson < 0.5
     pairs = read_table(out, "assignment.parquet").to_pandas()
     assigned = dict(zip(pairs.feature_a, pairs.feature_b))
     assert all(assigned.get(fa[s]) == fb[s] for s in range(N_SHARED))
@@ -168,7 +168,7 @@ def test_planted_shared_concepts_match_and_private_ones_do_not(planted, tmp_path
                                       out=str(tmp_path / "patch"), level="patch"), progress=False)
     by_patch = read_table(tmp_path / "patch", "matches_a.parquet").to_pandas().set_index("feature_a")
     assert patch["n_rows"] == 1200 * 4
-    assert all(by_patch.loc[fa[s]].best_b == fb[s] and by_patch.loc[fa[s]].similarity > 0.9 for s in range(N_SHARED))
+    assert all(by_patch.loc[fa[s]].best_b == fb[s] and by_patch.loc[fa[s]].pearson > 0.9 for s in range(N_SHARED))
 
 
 def test_decoder_similarity_recovers_a_permuted_copy(planted, tmp_path):
@@ -187,7 +187,7 @@ def test_decoder_similarity_recovers_a_permuted_copy(planted, tmp_path):
     m = read_table(tmp_path / "cmp", "matches_a.parquet").to_pandas()
     inverse = torch.argsort(perm).numpy()
     np.testing.assert_array_equal(m.best_b, inverse[m.feature_a])   # copy's feature j is A's feature perm[j]
-    assert (m.similarity > 0.999).all() and m.mutual.all() and (m.jaccard_topk == 1).all()
+    assert (m.cosine > 0.999).all() and m.mutual.all() and (m.jaccard_topk == 1).all()
     assert (m.max_diff < 1e-3).all()
     pairs = read_table(tmp_path / "cmp", "assignment.parquet").to_pandas()
     np.testing.assert_array_equal(pairs.feature_b, inverse[pairs.feature_a])
@@ -225,7 +225,7 @@ def test_a_pooled_layer_compares_its_one_token_as_numpy_does(tmp_path):
     r[:, ~live_b] = -np.inf
     np.testing.assert_array_equal(m.feature_a, np.flatnonzero(live_a))
     np.testing.assert_array_equal(m.best_b, r[live_a].argmax(1))
-    np.testing.assert_allclose(m.similarity, r[live_a].max(1), atol=1e-5)
+    np.testing.assert_allclose(m.pearson, r[live_a].max(1), atol=1e-5)
 
 
 def test_refusals_name_the_problem_and_touch_nothing(planted, tmp_path):

@@ -184,7 +184,7 @@ def test_comparison_report(compare_dir, index_dir, atlas_index_dir, tmp_path):
         fired = pq.read_table(index / "features.parquet").column("n_images_fired").to_numpy()
         assert sum(values(hist)[side]["counts"]) + values(hist)[side]["undefined"] == table.num_rows \
             == summary[side]["live"] == int((fired > 0).sum())
-        sims = table.column("similarity").to_numpy()
+        sims = table.column("pearson").to_numpy()
         assert values(hist)[side]["counts"] == np.histogram(sims, bins=values(hist)["edges"])[0].tolist()
 
     pairs = page.find_all("div", "pair")

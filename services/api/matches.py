@@ -15,7 +15,7 @@ import numpy as np
 
 from actstore.errors import ConfigError, CorruptDataError, NotFoundError
 from services.api.reader import IndexReader
-from services.compare import ASSIGNMENT, MATCHES, read_comparison, read_table
+from services.compare import ASSIGNMENT, MATCHES, read_comparison, read_table, similarity_column
 
 __all__ = ["MatchReader"]
 
@@ -50,10 +50,11 @@ class MatchReader:
         best = np.full(n, -1, np.int64)
         best[rows] = table.column(f"best_{self.other_side}").to_numpy()
         stats = {}
+        column = similarity_column(self.summary)
         for name, dtype in (("similarity", np.float32), ("mutual", bool), ("jaccard_topk", np.float32),
                             ("max_diff", np.float32)):
             stats[name] = np.zeros(n, dtype)
-            stats[name][rows] = table.column(name).to_numpy()
+            stats[name][rows] = table.column(column if name == "similarity" else name).to_numpy()
         return best, stats
 
     def _assignment(self, n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -63,7 +64,7 @@ class MatchReader:
         self._check_ids(rows, n, ASSIGNMENT)
         partner, similarity = np.full(n, -1, np.int64), np.zeros(n, np.float32)
         partner[rows] = table.column(f"feature_{self.other_side}").to_numpy()
-        similarity[rows] = table.column("similarity").to_numpy()
+        similarity[rows] = table.column(similarity_column(self.summary)).to_numpy()
         return partner, similarity
 
     def _check_ids(self, rows: np.ndarray, n: int, name: str) -> None:

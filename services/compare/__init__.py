@@ -8,10 +8,10 @@ run's names (`CompareConfig`, `run_compare`) load torch and are imported on firs
 from __future__ import annotations
 
 from actstore.lazy import lazy_exports
-from services.compare.layout import (ASSIGNMENT, FORMAT, FORMAT_VERSION, MATCHES, SUMMARY, read_comparison,
-                                     read_table)
+from services.compare.layout import (ASSIGNMENT, FORMAT, FORMAT_VERSION, MATCHES, SIMILARITY, SUMMARY,
+                                     read_comparison, read_table, similarity_column)
 
 _LAZY = dict.fromkeys(("BY", "LEVELS", "CompareConfig", "run_compare"), "run")
-__all__ = sorted(["ASSIGNMENT", "FORMAT", "FORMAT_VERSION", "MATCHES", "SUMMARY", "read_comparison", "read_table",
-                  *_LAZY])
+__all__ = sorted(["ASSIGNMENT", "FORMAT", "FORMAT_VERSION", "MATCHES", "SIMILARITY", "SUMMARY", "read_comparison",
+                  "read_table", "similarity_column", *_LAZY])
 __getattr__ = lazy_exports(__name__, _LAZY)

@@ -36,7 +36,7 @@ from actstore.errors import ConfigError
 from actstore.store import ActivationStore, LayerSpec, is_local, normalize_url, ok_mask
 from sae import Normalization, SparseAutoencoder, positive_entries
 from sae import load as load_sae
-from services.compare.layout import ASSIGNMENT, FORMAT, FORMAT_VERSION, MATCHES, SUMMARY
+from services.compare.layout import ASSIGNMENT, FORMAT, FORMAT_VERSION, MATCHES, SIMILARITY, SUMMARY
 from services.compare.match import Matches, assign, best_matches, distribution, jaccard
 from services.compare.stream import MaxDiff, PairStats
 from services.index.layout import META as INDEX_META
@@ -273,19 +273,21 @@ def match_rows(rows: Rows, n_a: int, n_b: int, *, k: int, candidates: int, rows_
         diff.update(xa.to(device), xb.to(device))
     max_diff_a, max_diff_b = diff.value[:live_a.numel()], diff.value[live_a.numel():]
     top_a, top_b = stats.a.top.sets(), stats.b.top.sets()
+    column = SIMILARITY["activations" if decoders is None else "decoder"]
     tables = {"a": _matches_table("a", m.live_a, m.best_b, m.sim_a, m.mutual_a,
-                                  jaccard(top_a[m.live_a], top_b[m.best_b]), max_diff_a),
+                                  jaccard(top_a[m.live_a], top_b[m.best_b]), max_diff_a, column),
               "b": _matches_table("b", m.live_b, m.best_a, m.sim_b, m.mutual_b,
-                                  jaccard(top_b[m.live_b], top_a[m.best_a]), max_diff_b)}
+                                  jaccard(top_b[m.live_b], top_a[m.best_a]), max_diff_b, column)}
+    pairs = pairs.rename_columns(["feature_a", "feature_b", column])
     return Result(stats, m, pairs, max_diff_a, tables)
 
 
 def _matches_table(side: str, live: torch.Tensor, best: torch.Tensor, sim: torch.Tensor, mutual: torch.Tensor,
-                   jac: torch.Tensor, max_diff: torch.Tensor) -> pa.Table:
+                   jac: torch.Tensor, max_diff: torch.Tensor, column: str) -> pa.Table:
     other = "b" if side == "a" else "a"
     return pa.table({f"feature_{side}": live.cpu().numpy().astype(np.int32),
                      f"best_{other}": best.cpu().numpy().astype(np.int32),
-                     "similarity": sim.cpu().numpy().astype(np.float32), "mutual": mutual.cpu().numpy(),
+                     column: sim.cpu().numpy().astype(np.float32), "mutual": mutual.cpu().numpy(),
                      "jaccard_topk": jac.cpu().numpy(), "max_diff": max_diff.cpu().numpy().astype(np.float32)})
 
 
@@ -324,7 +326,7 @@ def run_compare(cfg: CompareConfig, progress: bool = True) -> dict[str, Any]:
                    k=cfg.k, candidates=cfg.candidates, rows_per_update=cfg.rows_per_update, device=device,
                    decoders=(a.sae.W_dec, b.sae.W_dec) if cfg.by == "decoder" else None)
     n_images = int(ok.sum())
-    assigned = r.pairs.column("similarity").to_numpy()
+    assigned = r.pairs.column(2).to_numpy()
     summary = {
         "format": FORMAT, "format_version": FORMAT_VERSION, "config": public_config(cfg),
         "by": cfg.by, "level": cfg.level, "a": a.describe(r.stats.a.fired), "b": b.describe(r.stats.b.fired),

@@ -8,7 +8,7 @@ from typing import Any
 
 from actstore.errors import ActstoreError
 from services.api.reader import IndexReader
-from services.compare.layout import MATCHES, read_comparison, read_table
+from services.compare.layout import MATCHES, read_comparison, read_table, similarity_column
 from services.report.config import ReportConfig
 from services.report.index import feature_section
 from services.report.page import Page
@@ -57,7 +57,7 @@ def comparison_report(cfg: ReportConfig, path: Path, config: dict[str, Any]) -> 
     page = Page(f"Comparison report: {path.name}", "comparison", facts, config)
 
     page.heading("Best matches")
-    best = {side: read_table(path, MATCHES[side]).column("similarity").to_numpy(zero_copy_only=False)
+    best = {side: read_table(path, MATCHES[side]).column(similarity_column(summary)).to_numpy(zero_copy_only=False)
             for side in SIDES}
     labels = {side: f"{_side_label(side, s)} -> best on {'B' if side == 'a' else 'A'}" for side, s in sides.items()}
     png, size, values = similarity_plot(best, labels, f"Each live feature's best {measure} on the other side", measure)
