@@ -26,7 +26,7 @@ wandb_project, out (a moved folder) and storage_options (rotated keys) may diffe
 Data parallelism (`num_workers > 1`) runs the same loop in Ray Train workers: each rank reads its own
 chunks, gradients are averaged with one all-reduce per SAE, every checkpoint gathers the ranks' loader
 positions to rank 0, and rank 0 logs and saves. Failures: Ray Train restarts the worker group up to
-launch.MAX_FAILURES (3) times after a worker error (a killed process, out of memory, a lost node; node
+TrainConfig.max_failures (3) times after a worker error (a killed process, out of memory, a lost node; node
 preemptions have Ray's own budget), and the restarted workers resume from checkpoint/state.json; so
 does a later `train` call with the same config. The sweep's and the run folder's checks are made
 before any worker starts; an error raised in a worker is retried like any worker error, then raised as

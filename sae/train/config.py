@@ -59,6 +59,9 @@ class TrainConfig:
     """Data-parallel workers through Ray Train (GPUs when the cluster has them)."""
     address: str | None = None
     """Ray cluster address for num_workers > 1; default RAY_ADDRESS, else a local Ray."""
+    max_failures: int = 3
+    """num_workers > 1: Ray Train restarts the worker group this many times after a worker error (a process
+    killed, out of memory, a lost node), each restart resuming from the last checkpoint; 0 fails at once."""
     storage_options: Mapping[str, Any] = field(default_factory=dict)
     """fsspec options for the store and for out."""
     tensorboard: bool = False
@@ -75,6 +78,8 @@ class TrainConfig:
         names = [s.get("name") or sae_name(s) for s in self.sae]
         if len(set(names)) != len(names):
             raise ConfigError(f"TrainConfig: SAE names collide ({names}); give each a distinct 'name'")
+        if self.max_failures < 0:
+            raise ConfigError(f"max_failures must be >= 0, got {self.max_failures}")
         for name in ("tokens", "batch_size", "log_every", "num_workers"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"TrainConfig: {name} must be >= 1, got {getattr(self, name)}")

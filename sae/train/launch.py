@@ -15,11 +15,6 @@ from sae.train.config import TrainConfig
 from sae.train.sinks import METRICS, read_metrics
 from sae.train.trainer import Trainer, check_fresh_out, read_resume_state, sweep_configs
 
-MAX_FAILURES = 3
-"""Ray Train restarts the worker group this many times after a worker error (a process killed, out of memory,
-a lost node: node preemptions have Ray's own, unlimited, budget); every restart resumes from checkpoint/state.json."""
-
-
 def _ray_worker(config: dict[str, Any]) -> None:
     import ray.train
 
@@ -41,7 +36,7 @@ def train(cfg: TrainConfig, progress: bool = True, stop_after: int | None = None
     # workers run elsewhere (other folders, other nodes): local paths are made absolute here
     cfg = replace(cfg, **{k: os.path.abspath(getattr(cfg, k)) for k in ("store", "out") if is_local(getattr(cfg, k))})
     # the sweep's and the run folder's checks here, once: a ConfigError in a worker would be retried by the
-    # failure policy
+    # failure policy (cfg.max_failures restarts; node preemptions have Ray's own, unlimited, budget)
     sweep_configs(cfg, ActivationStore(cfg.store, dict(cfg.storage_options)).layer(cfg.layer).d)
     fs, root = filesystem(cfg.out, dict(cfg.storage_options))
     state = read_resume_state(cfg, fs, root)
@@ -63,7 +58,7 @@ def train(cfg: TrainConfig, progress: bool = True, stop_after: int | None = None
             _ray_worker, train_loop_config={"cfg": asdict(cfg), "stop_at": stop_at},
             scaling_config=ray.train.ScalingConfig(num_workers=cfg.num_workers, use_gpu=gpus > 0),
             run_config=ray.train.RunConfig(name="train", storage_path=storage,
-                                           failure_config=ray.train.FailureConfig(max_failures=MAX_FAILURES)))
+                                           failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures)))
         try:
             trainer.fit()
         except Exception as e:

@@ -33,7 +33,7 @@ CHECKPOINT_FORMAT = 2
 """2: member tensors under checkpoint/step-<step>/, named by state.json; one loader position per rank."""
 _STEP_FOLDER = re.compile(r"step-\d+")
 _MAY_DIFFER = ("log_every", "checkpoint_every", "tensorboard", "wandb_project", "out", "storage_options",
-               "address")
+               "address", "max_failures")
 """Config fields a resumed run may change (the folder may have moved, its keys rotated, the cluster);
 everything else (num_workers included) must match."""
 
