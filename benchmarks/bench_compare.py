@@ -12,8 +12,9 @@ Measured, in the same run:
 - the reference: one dense float32 GEMM of the same shapes, A^T B (F x N) @ (N x F), on the same
   in-memory arrays (torch.mm).
 Peak memory is the largest resident set size above the one before the step (sampled every 10 ms), against
-the bound the comparison claims: 4 F_a F_b bytes for the matrix plus 3 staged blocks of rows_per_update
-rows per side (the staged rows, their concatenation, the shifted copy). Goal: the comparison within 2x of
+the bound the comparison claims: 4 F_a F_b bytes for the matrix, 3 staged blocks of rows_per_update rows per
+side (the staged rows, their concatenation, the shifted copy), the top-k tables (held and candidate int64
+keys) and 64 MiB for per-feature vectors and the allocator. Goal: the comparison within 2x of
 the GEMM, its peak within the bound. Also checked: the planted pairs are found (best match and Pearson > 0.9).
 
 Run: .venv/bin/python benchmarks/bench_compare.py [--quick] [--json out.json] [--reps N]
@@ -96,6 +97,7 @@ def main() -> None:
     args = parser.parse()
     f = args.features or (2048 if args.quick else 16384)
     n = args.images or (8192 if args.quick else 50_000)
+    k = 16  # top images per feature (compare's default)
     log(f"generating {n} x {f} activations for both sides ({2 * n * f * 4 / 2**30:.1f} GiB)")
     xa, xb, perm = activations(n, f, seed=0)
 
@@ -104,7 +106,7 @@ def main() -> None:
             yield xa[s:s + BLOCK], xb[s:s + BLOCK], torch.arange(s, min(n, s + BLOCK))
 
     def compare():
-        return match_rows(rows, f, f, k=16, candidates=args.candidates, rows_per_update=args.rows_per_update,
+        return match_rows(rows, f, f, k=k, candidates=args.candidates, rows_per_update=args.rows_per_update,
                           device=torch.device("cpu"))
 
     run = Run("bench_compare", args)
@@ -118,7 +120,7 @@ def main() -> None:
         ours.append((seconds, peak))
     run.stop()
     flop = 2.0 * f * f * n
-    bound = 4 * f * f + 3 * 4 * args.rows_per_update * 2 * f
+    bound = 4 * f * f + 3 * 4 * args.rows_per_update * 2 * f + 2 * 8 * 2 * k * 2 * f + (64 << 20)
     t_ref, t_ours = statistics.median(s for s, _ in ref), statistics.median(s for s, _ in ours)
     m_ref, m_ours = max(m for _, m in ref), max(m for _, m in ours)
     table = [{"step": "dense GEMM A^T B (torch.mm, reference)", "s": t_ref, "gflops": flop / t_ref / 1e9,
@@ -146,7 +148,8 @@ def main() -> None:
                  f"assignment pairs {len(pairs['feature_a'])}",
                  "peak = resident set above the step's start (the inputs are resident before both steps)"])
     print()
-    print_verdict("comparison within 2x of the GEMM", t_ours <= 2 * t_ref, f" ({t_ours / t_ref:.2f}x)")
+    scale = "; the goal is set at full size: here the GEMM is small and the per-row passes weigh more" if args.quick else ""
+    print_verdict("comparison within 2x of the GEMM", t_ours <= 2 * t_ref, f" ({t_ours / t_ref:.2f}x{scale})")
     print_verdict("comparison peak memory within its bound", m_ours <= bound, f" ({m_ours / 2**20:.0f} of {bound / 2**20:.0f} MiB)")
     print_verdict("planted pairs found", found >= 0.99, f" ({found:.1%})")
     run.finish({"features": f, "images": n, "rows_per_update": args.rows_per_update, "candidates": args.candidates,
