@@ -38,8 +38,8 @@ class DemoConfig:
     """Comparison folder (the two SAEs matched)."""
     report: str = "./stores/demo-report.html"
     """The comparison's HTML report."""
-    n_images: int = 256
-    """Generated images."""
+    n_images: int = 128
+    """Generated images (both backbones see the same ones)."""
     tokens: int = 200_000
     """SAE training patches, per backbone."""
     seed: int = 0
