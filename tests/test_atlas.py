@@ -15,9 +15,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import requests
-import schemathesis
 from fastapi.testclient import TestClient
-from hypothesis import HealthCheck, given, settings
 
 from actstore.errors import ConfigError
 from cli import main
@@ -27,6 +25,7 @@ from services.index import atlas as atlas_module
 from services.index.atlas import knn_cosine, umap_2d, unit_rows
 from services.index.layout import open_array, read_index_meta
 from conftest import OTHER_D_SAE, OTHER_TWINS
+from test_api import fuzz
 
 
 def get(url: str, **kw) -> requests.Response:
@@ -211,13 +210,4 @@ def test_serve_refuses_a_comparison_the_index_is_not_part_of(compare_dir, index_
 
 def test_fuzz_the_new_routes(compare_url):
     """schemathesis on the atlas and matches routes of a service that has both: no 5xx, responses as documented."""
-    schema = schemathesis.openapi.from_url(f"{compare_url}/openapi.json")
-    operations = [r.ok() for r in schema.get_all_operations() if r.ok().path in ("/atlas", "/features/{fid}/matches")]
-    assert len(operations) == 2
-    for operation in operations:
-        @given(case=operation.as_strategy())
-        @settings(max_examples=10, deadline=None, suppress_health_check=list(HealthCheck), database=None)
-        def check(case):
-            case.call_and_validate()
-
-        check()
+    assert fuzz(compare_url, max_examples=10, paths=("/atlas", "/features/{fid}/matches")) == 2

@@ -122,15 +122,21 @@ function resetAndLoadList() {
 
 // ---- density histogram ------------------------------------------------------------------------
 
-function drawHistogram() {
-  const canvas = $("#histogram"), hist = state.hist;
-  if (!hist) return;
+// A canvas sized to its box in device pixels, cleared, drawn in CSS pixels: {ctx, W, H}.
+function sizedCanvas(canvas) {
   const dpr = window.devicePixelRatio || 1;
   const W = canvas.clientWidth, H = canvas.clientHeight;
   canvas.width = W * dpr; canvas.height = H * dpr;
   const ctx = canvas.getContext("2d");
   ctx.scale(dpr, dpr);
   ctx.clearRect(0, 0, W, H);
+  return { ctx, W, H };
+}
+
+function drawHistogram() {
+  const canvas = $("#histogram"), hist = state.hist;
+  if (!hist) return;
+  const { ctx, W, H } = sizedCanvas(canvas);
 
   const pad = { l: 36, r: 10, t: 8, b: 22 };
   const lo = hist.edges[0], hi = hist.edges[hist.edges.length - 1];
@@ -202,12 +208,7 @@ function drawAtlas() {
   for (const b of document.querySelectorAll("#atlas-modes button")) {
     b.setAttribute("aria-pressed", String(b.dataset.mode === state.atlasMode));
   }
-  const dpr = window.devicePixelRatio || 1;
-  const W = canvas.clientWidth, H = canvas.clientHeight;
-  canvas.width = W * dpr; canvas.height = H * dpr;
-  const ctx = canvas.getContext("2d");
-  ctx.scale(dpr, dpr);
-  ctx.clearRect(0, 0, W, H);
+  const { ctx, W, H } = sizedCanvas(canvas);
 
   const xs = a[`${state.atlasMode}_x`], ys = a[`${state.atlasMode}_y`], dens = a.log10_density;
   const n = xs.length, pad = 14, legendH = 22;
