@@ -48,7 +48,7 @@ class ExtractConfig:
     images: str
     """Image folder (class subfolders give labels) or a .txt/.csv/.parquet list of URIs; local or s3://."""
     model: str
-    """Backbone, "open_clip:<arch>" or "timm:<arch>"."""
+    """Backbone, "open_clip:<arch>", "timm:<arch>" or "hf:<hub id, folder or built-in name>"."""
     out: str
     """Store URL (a path, file://..., s3://...)."""
     layers: tuple[int | str, ...] = (-2,)
