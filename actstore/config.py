@@ -71,6 +71,13 @@ def public_config(cfg: Any) -> dict[str, Any]:
     return json.loads(json.dumps({"type": type(cfg).__name__, **fields}, default=str))
 
 
+def check_at_least(cfg: Any, command: str, lows: Mapping[str, int]) -> None:
+    """A one-line ConfigError naming the first field of `cfg` below its lower bound in `lows`."""
+    for name, low in lows.items():
+        if getattr(cfg, name) < low:
+            raise ConfigError(f"{command}: {name} must be >= {low}, got {getattr(cfg, name)}")
+
+
 def config_json(cfg: Any) -> str:
     """public_config as JSON, for writing next to an output."""
     return json.dumps(public_config(cfg), indent=2, sort_keys=True)

@@ -257,3 +257,17 @@ def test_refusals_name_the_problem_and_touch_nothing(planted, tmp_path):
     assert not list(tmp_path.glob(".*.tmp"))
     assert ActivationStore(str(root / "a")).n_images == 1200  # inputs untouched
     assert pq.read_metadata(tmp_path / "cmp" / "matches_a.parquet").num_rows > 0
+
+
+def test_credentials_stay_out_of_the_comparison(planted, tmp_path):
+    """storage_options reach the stores and SAEs but no file the comparison writes, nor what it returns."""
+    root, _ = planted
+    secret, key = "s3cr3t-7f1c0ffee", "AKIA-7f1c0ffee"
+    options = {"key": key, "secret": secret}
+    summary = run_compare(CompareConfig(a=str(root / "index-a"), b=f"{root / 'run-b' / 's'}@{root / 'b'}",
+                                        out=str(tmp_path / "cmp"), storage_options=options), progress=False)
+    assert summary["config"]["storage_options"] == {"key": "<redacted>", "secret": "<redacted>"}
+    for path in (tmp_path / "cmp").iterdir():
+        data = path.read_bytes()
+        assert secret.encode() not in data and key.encode() not in data, path
+    assert secret not in json.dumps(summary) and key not in json.dumps(summary)

@@ -31,7 +31,7 @@ import pyarrow.parquet as pq
 import torch
 from tqdm.auto import tqdm
 
-from actstore.config import public_config, redact
+from actstore.config import check_at_least, public_config, redact
 from actstore.errors import ConfigError
 from actstore.store import ActivationStore, LayerSpec, is_local, normalize_url, ok_mask
 from sae import Normalization, SparseAutoencoder, positive_entries
@@ -85,9 +85,8 @@ class CompareConfig:
     """fsspec options for the stores and SAEs."""
 
     def __post_init__(self) -> None:
-        for name in ("k", "candidates", "min_images", "block_patches", "rows_per_update"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"compare: {name} must be >= 1, got {getattr(self, name)}")
+        check_at_least(self, "compare", dict.fromkeys(("k", "candidates", "min_images", "block_patches",
+                                                       "rows_per_update"), 1))
         if self.by not in BY:
             raise ConfigError(f"compare: by must be one of {', '.join(BY)}, got {self.by!r}")
         if self.level not in LEVELS:

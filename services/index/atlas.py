@@ -32,7 +32,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
-from actstore.config import public_config, redact
+from actstore.config import check_at_least, public_config, redact
 from actstore.errors import ConfigError, CorruptDataError, StoreFormatError
 from actstore.store import is_local, normalize_url
 from services.index.layout import FEATURES, read_index_meta
@@ -70,8 +70,7 @@ class AtlasConfig:
     """fsspec options for reading the SAE."""
 
     def __post_init__(self) -> None:
-        if self.n_neighbors < 2:
-            raise ConfigError(f"atlas: n_neighbors must be >= 2, got {self.n_neighbors}")
+        check_at_least(self, "atlas", {"n_neighbors": 2})
         if not 0 <= self.min_dist <= 1:
             raise ConfigError(f"atlas: min_dist must be in [0, 1], got {self.min_dist}")
         if not is_local(self.index):

@@ -40,7 +40,7 @@ import torch
 import zarr
 from tqdm.auto import tqdm
 
-from actstore.config import public_config, redact
+from actstore.config import check_at_least, public_config, redact
 from actstore.errors import ConfigError
 from actstore.store import ActivationStore, LayerSpec, is_local, normalize_url, ok_mask
 from sae import Normalization, SparseAutoencoder, positive_entries
@@ -86,9 +86,7 @@ class IndexConfig:
     """fsspec options for the store and the SAE."""
 
     def __post_init__(self) -> None:
-        for name, low in (("k", 1), ("m", 1), ("per_band", 1), ("block_patches", 1)):
-            if getattr(self, name) < low:
-                raise ConfigError(f"index: {name} must be >= {low}, got {getattr(self, name)}")
+        check_at_least(self, "index", dict.fromkeys(("k", "m", "per_band", "block_patches"), 1))
         if not is_local(self.out):
             raise ConfigError(f"index: out must be a local folder (the service memory-maps it), got {self.out}")
 

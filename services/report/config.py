@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from actstore.errors import ConfigError
+from actstore.config import check_at_least
 
 __all__ = ["ReportConfig"]
 
@@ -34,8 +34,4 @@ class ReportConfig:
     """fsspec options for the run folder, its store and `out`."""
 
     def __post_init__(self) -> None:
-        for name in ("tokens", "features", "images"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"report: {name} must be >= 1, got {getattr(self, name)}")
-        if self.seed < 0:
-            raise ConfigError(f"report: seed must be >= 0, got {self.seed}")
+        check_at_least(self, "report", {"tokens": 1, "features": 1, "images": 1, "seed": 0})
