@@ -4,7 +4,7 @@ Our layout (`save` / `load`):
 
     sae.safetensors   W_enc (d_sae, d_in), b_enc (d_sae,), W_dec (d_sae, d_in), b_dec (d_in,),
                       threshold (d_sae,)            jumprelu: the raw parameter (used as relu(threshold))
-                      batchtopk_threshold ()        batchtopk: float64, NaN until trained
+                      batchtopk_threshold ()        batchtopk, matryoshka: float64, NaN until trained
                       norm_mean (d_in,)             float32, when saved with an input normalization
     cfg.json          the SAEConfig fields (as sparsify does) plus "format", "format_version",
                       "normalization" ({"scale", "layer", "tokens"} or null: x_n = (x - norm_mean) * scale,
@@ -15,14 +15,17 @@ SAELens layout (`export_saelens`, SAELens >= 6 reads it with `SAE.load_from_disk
     sae_weights.safetensors   W_enc (d_in, d_sae) = our W_enc.T      <- the one transpose
                               W_dec (d_sae, d_in) = our W_dec
                               b_enc (d_sae,), b_dec (d_in,)
-                              threshold (d_sae,)  jumprelu: relu(threshold); batchtopk: its global
-                                                  threshold on every latent (SAELens saves BatchTopK
-                                                  SAEs as JumpReLU SAEs for inference too)
-    cfg.json                  architecture ("standard" for relu, "topk", "jumprelu" for jumprelu and
-                              batchtopk), d_in, d_sae, dtype, device, apply_b_dec_to_input (true: we
-                              encode x - b_dec), normalize_activations ("none"), reshape_activations,
-                              k and rescale_acts_by_decoder_norm (false) for topk, metadata; and the
-                              pre-6 keys activation_fn / activation_fn_kwargs ({"k": k} for topk).
+                              threshold (d_sae,)  jumprelu: relu(threshold); batchtopk, matryoshka:
+                                                  the global threshold on every latent (SAELens saves
+                                                  BatchTopK and Matryoshka BatchTopK SAEs as JumpReLU
+                                                  SAEs for inference too)
+    cfg.json                  architecture ("standard" for relu, "topk", "jumprelu" for jumprelu,
+                              batchtopk and matryoshka), d_in, d_sae, dtype, device,
+                              apply_b_dec_to_input (true: we encode x - b_dec), normalize_activations
+                              ("none"), reshape_activations, k and rescale_acts_by_decoder_norm (false)
+                              for topk, metadata (matryoshka: its group_sizes and the prefix ends as
+                              SAELens's matryoshka_widths); and the pre-6 keys activation_fn /
+                              activation_fn_kwargs ({"k": k} for topk).
 
 SAELens has no mean-subtracting input normalization, so an input normalization is folded into
 the exported weights, exactly: with x_n = (x - mean) * s, W_enc' = s * W_enc, W_dec' = W_dec / s,
@@ -53,7 +56,8 @@ FORMAT = "actstore-sae"
 FORMAT_VERSION = 1
 WEIGHTS, CONFIG = "sae.safetensors", "cfg.json"
 SAELENS_WEIGHTS = "sae_weights.safetensors"
-_SAELENS_ARCHITECTURE = {"relu": "standard", "topk": "topk", "jumprelu": "jumprelu", "batchtopk": "jumprelu"}
+_SAELENS_ARCHITECTURE = {"relu": "standard", "topk": "topk", "jumprelu": "jumprelu", "batchtopk": "jumprelu",
+                         "matryoshka": "jumprelu"}
 
 
 def save(sae: SparseAutoencoder, url: str, normalization: Normalization | None = None,
@@ -131,7 +135,7 @@ def export_saelens(sae: SparseAutoencoder, url: str, normalization: Normalizatio
     tensors = {"W_enc": W_enc.t(), "W_dec": W_dec, "b_enc": b_enc, "b_dec": b_dec}
     if cfg.kind == "jumprelu":
         tensors["threshold"] = sae.threshold.detach().double().relu()
-    elif cfg.kind == "batchtopk":
+    elif cfg.batch_topk:
         threshold = sae.batchtopk_threshold.detach()
         if torch.isnan(threshold):
             raise ConfigError("export_saelens: this BatchTopK SAE has no inference threshold yet (never trained)")
@@ -139,6 +143,9 @@ def export_saelens(sae: SparseAutoencoder, url: str, normalization: Normalizatio
     dtype = cfg.torch_dtype
     tensors = {k: t.to(dtype).contiguous().cpu() for k, t in tensors.items()}
     architecture = _SAELENS_ARCHITECTURE[cfg.kind]
+    if cfg.kind == "matryoshka":
+        metadata = {"group_sizes": list(cfg.group_sizes), "matryoshka_widths": list(cfg.prefix_ends),
+                    **(metadata or {})}
     saelens_cfg: dict[str, Any] = {
         "architecture": architecture, "d_in": cfg.d_in, "d_sae": cfg.d_sae, "dtype": cfg.dtype, "device": "cpu",
         "apply_b_dec_to_input": True, "normalize_activations": "none", "reshape_activations": "none",

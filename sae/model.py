@@ -1,7 +1,7 @@
-"""SparseAutoencoder: ReLU + L1, TopK, BatchTopK and JumpReLU SAEs behind one module.
+"""SparseAutoencoder: ReLU + L1, TopK, BatchTopK, JumpReLU and Matryoshka SAEs behind one module.
 
     pre   = (x - b_dec) @ W_enc.T + b_enc          W_enc: (d_sae, d_in), b_enc: (d_sae,)
-    f     = activation(pre)                         relu | topk | batchtopk | jumprelu
+    f     = activation(pre)                         relu | topk | batchtopk (matryoshka) | jumprelu
     x_hat = f @ W_dec + b_dec                       W_dec: (d_sae, d_in), b_dec: (d_in,)
 
 Both weight matrices hold one row per latent, so that the sparse kernels gather and scatter whole
@@ -17,6 +17,10 @@ JumpReLU trains its thresholds directly (used as relu(threshold)), not through l
 in the paper: under Adam a log parameter moves a small threshold by only ~threshold * lr per
 step (SAELens made the same change). BatchTopK, in training mode, updates its inference
 threshold on every forward/encode; model.eval() switches it to that threshold.
+
+Matryoshka (Bussmann et al. 2025) encodes exactly as BatchTopK (same threshold buffer) and only
+changes the loss: the sum over the nested prefixes j of the squared error of the reconstruction
+from latents [0, prefix_ends[j]) alone, so that the first groups learn to stand on their own.
 """
 
 from __future__ import annotations
@@ -39,13 +43,15 @@ class ForwardOutput:
     x_hat: torch.Tensor
     """(B, d_in) reconstruction, in the parameters' dtype."""
     acts: torch.Tensor | SparseActs
-    """Latents: dense (B, d_sae) for relu/jumprelu, SparseActs for topk/batchtopk."""
+    """Latents: dense (B, d_sae) for relu/jumprelu, SparseActs for topk/batchtopk/matryoshka."""
     losses: dict[str, torch.Tensor]
-    """Unweighted float32 loss terms: "mse" (squared error summed over d_in, mean over tokens),
-    plus "l1" (relu: summed activations, mean over tokens) or "l0" (jumprelu: active count, mean
-    over tokens, with a straight-through gradient for the thresholds)."""
+    """Unweighted float32 loss terms: "mse" (squared error summed over d_in, mean over tokens, of the
+    full reconstruction), plus "l1" (relu: summed activations, mean over tokens), "l0" (jumprelu:
+    active count, mean over tokens, with a straight-through gradient for the thresholds) or
+    "matryoshka" (the mse of every prefix reconstruction, summed; the last one is "mse")."""
     loss: torch.Tensor
-    """mse + sparsity_coeff * the sparsity term (topk kinds: mse alone); AuxK is separate."""
+    """mse + sparsity_coeff * the sparsity term (topk, batchtopk: mse alone; matryoshka: the
+    "matryoshka" term); AuxK is separate."""
 
 
 class SparseAutoencoder(nn.Module):
@@ -64,14 +70,16 @@ class SparseAutoencoder(nn.Module):
         self.b_dec = nn.Parameter(torch.zeros(d_in, device=device, dtype=dtype))
         if cfg.kind == "jumprelu":
             self.threshold = nn.Parameter(torch.full((d_sae,), cfg.jumprelu_init_threshold, device=device, dtype=dtype))
-        if cfg.kind == "batchtopk":
+        if cfg.batch_topk:
             # NaN until the first training batch; float64 as the moving average is slow to settle
             self.register_buffer("batchtopk_threshold", torch.tensor(float("nan"), dtype=torch.float64, device=device))
+        if cfg.kind == "matryoshka":  # derived from cfg: not saved with the weights
+            self.register_buffer("prefix_ends", torch.tensor(cfg.prefix_ends, device=device), persistent=False)
 
     # forward ----------------------------------------------------------------------------------
 
     def encode(self, x: torch.Tensor) -> torch.Tensor | SparseActs:
-        """Latents of x (B, d_in): dense (B, d_sae) for relu/jumprelu, SparseActs for topk kinds."""
+        """Latents of x (B, d_in): dense (B, d_sae) for relu/jumprelu, SparseActs for the sparse kinds."""
         return self._encode(x)[0]
 
     def decode(self, acts: torch.Tensor | SparseActs) -> torch.Tensor:
@@ -85,6 +93,11 @@ class SparseAutoencoder(nn.Module):
         (the trainer's warm-up schedule)."""
         x = x.to(self.W_enc.dtype)
         acts, l0 = self._encode(x)
+        if self.cfg.kind == "matryoshka":
+            prefixes = self.prefix_reconstructions(acts)
+            prefix_mse = (prefixes - x.float()).square().sum(-1).mean(-1)
+            losses = {"mse": prefix_mse[-1], "matryoshka": prefix_mse.sum()}
+            return ForwardOutput(prefixes[-1].to(x.dtype), acts, losses, losses["matryoshka"])
         x_hat = self.decode(acts)
         mse = (x_hat.float() - x.float()).square().sum(-1).mean()
         losses = {"mse": mse}
@@ -96,6 +109,22 @@ class SparseAutoencoder(nn.Module):
             losses["l0"] = l0.mean()
             loss = mse + (self.cfg.l0_coeff if sparsity_coeff is None else sparsity_coeff) * losses["l0"]
         return ForwardOutput(x_hat, acts, losses, loss)
+
+    def prefix_reconstructions(self, acts: SparseActs) -> torch.Tensor:
+        """(n_groups, B, d_in) float32, matryoshka: row j decodes only the latents below prefix_ends[j], + b_dec.
+
+        The entries are sorted by group (stably, so rows stay ascending within a group) into one CSR
+        of n_groups * B rows, so that a single sparse decode gives every group's partial
+        reconstruction, for the work of one decode; their cumulative sum gives the prefixes.
+        """
+        n_groups, n_tokens = self.prefix_ends.numel(), acts.n_tokens
+        group = torch.bucketize(acts.indices, self.prefix_ends, right=True)
+        order = torch.argsort(group, stable=True)
+        keys = (group * n_tokens + acts.rows())[order]
+        by_group = SparseActs(acts.values[order], acts.indices[order], csr_offsets(keys, n_groups * n_tokens),
+                              self.cfg.d_sae)
+        partials = sparse_decode(by_group, self.W_dec).float().view(n_groups, n_tokens, -1)
+        return partials.cumsum(0) + self.b_dec.float()
 
     def _encode(self, x: torch.Tensor) -> tuple[torch.Tensor | SparseActs, torch.Tensor | None]:
         x = x.to(self.W_enc.dtype)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -15,6 +16,7 @@ from sae import (KINDS, SAEConfig, SparseActs, SparseAutoencoder, export_saelens
                  geometric_median, load, read_extra, save)
 from sae import metrics
 from sae.acts import csr_offsets
+from sae.config import default_group_sizes
 
 D_IN, D_SAE, K = 24, 96, 4
 
@@ -48,6 +50,27 @@ def test_config_resolves_d_sae_and_validates(tmp_path):
     assert load_config(SAEConfig, toml, {"l0_coeff": 0.5}) == expected
 
 
+def test_matryoshka_config_groups_default_and_validate(tmp_path):
+    cfg = SAEConfig(d_in=8, kind="matryoshka", d_sae=32, group_sizes=[4, 4, 8, 16])  # lists come from JSON / TOML
+    assert cfg.group_sizes == (4, 4, 8, 16) and cfg.prefix_ends == (4, 8, 16, 32) and cfg.sparse
+    assert SAEConfig(**json.loads(json.dumps(cfg.__dict__))) == cfg  # cfg.json round trip
+    assert SAEConfig(d_in=64, kind="matryoshka", expansion=16).group_sizes == (64, 64, 128, 256, 512)
+    for d_sae in (1, 2, 3, 17, 96, 1000):
+        sizes = default_group_sizes(d_sae)
+        assert sum(sizes) == d_sae and min(sizes) >= 1
+        assert SAEConfig(d_in=4, kind="matryoshka", d_sae=d_sae, k=1).group_sizes == sizes
+    assert SAEConfig(d_in=4, kind="topk").group_sizes is None and SAEConfig(d_in=4, kind="topk").prefix_ends == ()
+    for bad in ({"group_sizes": (4, 4, 8)}, {"group_sizes": (4, 4, 8, 17)}, {"group_sizes": (0, 8, 8, 16)},
+                {"group_sizes": (-4, 12, 8, 16)}, {"group_sizes": (4.0, 4, 8, 16)}, {"group_sizes": ()},
+                {"group_sizes": 32}, {"k": 0}, {"k": 33}, {"kind": "topk", "group_sizes": (16, 16)},
+                {"kind": "batchtopk", "group_sizes": (32,)}):
+        with pytest.raises(ConfigError, match="group_sizes|k must"):
+            SAEConfig(**{"d_in": 8, "kind": "matryoshka", "d_sae": 32, **bad})
+    toml = tmp_path / "sae.toml"
+    toml.write_text('d_in = 8\nkind = "matryoshka"\nd_sae = 32\ngroup_sizes = [16, 16]\n')
+    assert load_config(SAEConfig, toml).group_sizes == (16, 16)
+
+
 # models ---------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -56,8 +79,9 @@ def test_forward_backward_every_kind(kind):
     x = data()
     out = sae(x)
     assert out.x_hat.shape == x.shape and torch.isfinite(out.loss)
-    assert set(out.losses) == {"mse", "l1"} if kind == "relu" else {"mse", "l0"} if kind == "jumprelu" else {"mse"}
-    assert isinstance(out.acts, SparseActs) == (kind in ("topk", "batchtopk"))
+    expected = {"relu": {"mse", "l1"}, "jumprelu": {"mse", "l0"}, "matryoshka": {"mse", "matryoshka"}}
+    assert set(out.losses) == expected.get(kind, {"mse"})
+    assert isinstance(out.acts, SparseActs) == (kind in ("topk", "batchtopk", "matryoshka"))
     torch.testing.assert_close(out.losses["mse"], (x - out.x_hat).square().sum(1).mean())
     out.loss.backward()
     for name, p in sae.named_parameters():
@@ -82,8 +106,9 @@ def test_topk_l0_is_k_and_batchtopk_mean_l0_is_k():
     assert sae.batchtopk_threshold.item() == pytest.approx(acts.values[acts.values > 0].min().item())
 
 
-def test_batchtopk_inference_uses_the_learned_threshold():
-    sae = make("batchtopk", batchtopk_threshold_lr=0.5)
+@pytest.mark.parametrize("kind", ["batchtopk", "matryoshka"])
+def test_batchtopk_inference_uses_the_learned_threshold(kind):
+    sae = make(kind, batchtopk_threshold_lr=0.5)
     x = data(80)
     first = sae(x[:40]).acts.values
     second = sae(x[40:]).acts.values
@@ -158,8 +183,9 @@ def test_jumprelu_ste_gradients_match_the_analytic_formula():
     assert window.any() and (grad_t != 0).any()
 
 
-def test_auxk_loss_against_a_dense_computation():
-    sae = make("topk")
+@pytest.mark.parametrize("kind", ["topk", "matryoshka"])
+def test_auxk_loss_against_a_dense_computation(kind):
+    sae = make(kind)
     x = data(32)
     out = sae(x)
     dead = torch.zeros(D_SAE, dtype=torch.bool)
@@ -184,6 +210,48 @@ def test_auxk_loss_against_a_dense_computation():
         sae.auxk_loss(x, out.x_hat, dead[:10], k_aux)
 
 
+def test_matryoshka_losses_equal_numpy():
+    """Every prefix's reconstruction error from the weights, BatchTopK selection included, in float64."""
+    sae = SparseAutoencoder(SAEConfig(d_in=8, kind="matryoshka", d_sae=32, k=3, group_sizes=(4, 4, 8, 16)))
+    g = torch.Generator().manual_seed(6)
+    with torch.no_grad():
+        for p in sae.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.3)
+    x = torch.randn(40, 8, generator=g) + 0.5
+    out = sae(x)
+    out.loss.backward()
+    X, We, be, Wd, bd = (np64(p) for p in (x, sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec))
+    pre = (X - bd) @ We.T + be
+    top = np.argsort(-pre, axis=None)[:3 * len(X)]  # k * B over the whole batch
+    acts = np.zeros_like(pre)
+    acts.flat[top] = np.maximum(pre.flat[top], 0)
+    errors, grad_W_dec = [], np.zeros_like(Wd)
+    for end in (4, 8, 16, 32):
+        residual = acts[:, :end] @ Wd[:end] + bd - X
+        errors.append((residual ** 2).sum(1).mean())
+        grad_W_dec[:end] += acts[:, :end].T @ (2 * residual / len(X))
+    assert (acts > 0).any(0)[:4].any() and (acts > 0).any(0)[16:].any()  # every prefix gets entries
+    assert out.loss.item() == pytest.approx(sum(errors), rel=1e-5)
+    assert out.losses["matryoshka"].item() == pytest.approx(sum(errors), rel=1e-5)
+    assert out.losses["mse"].item() == pytest.approx(errors[-1], rel=1e-5)
+    np.testing.assert_allclose(np64(out.x_hat), acts @ Wd + bd, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np64(sae.W_dec.grad), grad_W_dec, rtol=1e-4, atol=1e-5)
+    prefixes = sae.prefix_reconstructions(out.acts)
+    np.testing.assert_allclose(np64(prefixes[1]), acts[:, :8] @ Wd[:8] + bd, rtol=1e-5, atol=1e-5)
+
+
+def fit(sae: SparseAutoencoder, batch: Callable[[], torch.Tensor], steps: int, lr: float = 2e-2) -> None:
+    """The trainer's inner loop in brief: Adam, tangent decoder gradients, unit decoder rows."""
+    opt = torch.optim.Adam(sae.parameters(), lr=lr)
+    for _ in range(steps):
+        out = sae(batch())
+        opt.zero_grad()
+        out.loss.backward()
+        sae.remove_parallel_grad()
+        opt.step()
+        sae.set_decoder_norm_to_unit()
+
+
 def test_planted_dictionary_sanity():
     """150 steps of the intended trainer loop on k-sparse codes of a random dictionary (the trainer's tests
     own the real recovery test)."""
@@ -199,20 +267,48 @@ def test_planted_dictionary_sanity():
 
     sae = SparseAutoencoder(SAEConfig(d_in=d, kind="topk", d_sae=2 * m, k=k))
     sae.init_from_data(batch(1024))
-    opt = torch.optim.Adam(sae.parameters(), lr=2e-2)
     x0 = batch()
     fvu_start = metrics.fvu(x0, sae(x0).x_hat)
-    for _ in range(150):
-        out = sae(batch())
-        opt.zero_grad()
-        out.loss.backward()
-        sae.remove_parallel_grad()
-        opt.step()
-        sae.set_decoder_norm_to_unit()
+    fit(sae, batch, 150)
     fvu_end = metrics.fvu(x0, sae(x0).x_hat)
     assert fvu_end < 0.2 < 0.5 < fvu_start
     cos = (sae.W_dec.detach() @ atoms.t()).max(0).values  # best decoder row for each planted atom
     assert (cos > 0.9).float().mean() > 0.85
+
+
+def subset_fvu(sae: SparseAutoencoder, x: torch.Tensor, latents: torch.Tensor) -> float:
+    """FVU of x reconstructed by b_dec and the given latents alone (inference mode)."""
+    acts = sae.eval().encode(x)
+    kept = torch.isin(acts.indices, latents)
+    return metrics.fvu(x, sae.decode(SparseActs(acts.values * kept, acts.indices, acts.offsets, acts.d_sae)))
+
+
+def test_matryoshka_first_group_learns_the_frequent_atoms():
+    """Zipfian usage of planted atoms: the matryoshka loss makes the first group of 8 latents a good
+    reconstruction alone, unlike 8 random latents of the same SAE or the first 8 of a BatchTopK SAE."""
+    g = torch.Generator().manual_seed(0)
+    d, m, k = 32, 48, 3
+    atoms = torch.randn(m, d, generator=g)
+    atoms /= atoms.norm(dim=1, keepdim=True)
+    usage = 1 / torch.arange(1, m + 1)  # atom i is drawn ~1 / (i + 1) as often as atom 0
+
+    def batch(n=256):
+        drawn = torch.multinomial(usage.expand(n, m), k, generator=g)
+        return torch.zeros(n, m).scatter_(1, drawn, torch.rand(n, k, generator=g) + 0.5) @ atoms
+
+    x0 = batch(1024)
+    first = torch.arange(8)
+    fvus = {}
+    for kind, groups in (("matryoshka", (8, 8, 16, 32)), ("batchtopk", None)):
+        sae = SparseAutoencoder(SAEConfig(d_in=d, kind=kind, d_sae=64, k=k, group_sizes=groups))
+        sae.init_from_data(batch(1024))
+        fit(sae, batch, 100)
+        fvus[kind] = subset_fvu(sae, x0, first)
+        if kind == "matryoshka":
+            fvus["random"] = np.mean([subset_fvu(sae, x0, torch.randperm(64, generator=g)[:8]) for _ in range(10)])
+            fvus["all"] = subset_fvu(sae, x0, torch.arange(64))
+    assert fvus["all"] < 0.25  # seeds 0-2 gave 0.13-0.16; first group 0.51-0.57; random, BatchTopK 0.97-1.16
+    assert fvus["matryoshka"] < fvus["random"] - 0.25 and fvus["matryoshka"] < fvus["batchtopk"] - 0.25
 
 
 # metrics --------------------------------------------------------------------------------------
@@ -283,6 +379,20 @@ def test_checkpoint_round_trip(tmp_path, kind):
     assert cfg["kind"] == kind and cfg["normalization"]["scale"] == 0.37
 
 
+def test_matryoshka_checkpoint_keeps_group_sizes(tmp_path):
+    sae = SparseAutoencoder(SAEConfig(d_in=D_IN, kind="matryoshka", d_sae=D_SAE, k=K, group_sizes=(16, 16, 64)))
+    x = data(32, seed=3)
+    sae(x)  # sets the inference threshold
+    save(sae.eval(), str(tmp_path / "ckpt"))
+    assert json.loads((tmp_path / "ckpt" / "cfg.json").read_text())["group_sizes"] == [16, 16, 64]
+    loaded, _ = load(str(tmp_path / "ckpt"))
+    assert loaded.cfg == sae.cfg and loaded.cfg.group_sizes == (16, 16, 64)
+    assert torch.equal(loaded.prefix_ends, torch.tensor([16, 32, 96]))
+    expected, got = sae(x), loaded(x)
+    assert got.losses["matryoshka"].item() == expected.losses["matryoshka"].item()
+    torch.testing.assert_close(got.x_hat, expected.x_hat, rtol=0, atol=0)
+
+
 def test_checkpoint_bf16_and_errors(tmp_path):
     sae = trained("topk", dtype="bfloat16")
     save(sae, str(tmp_path / "a"))
@@ -323,9 +433,12 @@ def test_export_saelens_reproduces_our_output(tmp_path, kind):
     assert cfg["architecture"] == {"relu": "standard", "topk": "topk"}.get(kind, "jumprelu")
     assert (cfg["d_in"], cfg["d_sae"], cfg["normalize_activations"]) == (D_IN, D_SAE, "none")
     assert tensors["W_enc"].shape == (D_IN, D_SAE) and tensors["W_dec"].shape == (D_SAE, D_IN)
-    assert ("threshold" in tensors) == (kind in ("jumprelu", "batchtopk"))
+    assert ("threshold" in tensors) == (kind in ("jumprelu", "batchtopk", "matryoshka"))
     if kind == "topk":
         assert cfg["k"] == K and cfg["activation_fn_kwargs"] == {"k": K}
+    if kind == "matryoshka":
+        assert cfg["metadata"]["group_sizes"] == [6, 6, 12, 24, 48]
+        assert cfg["metadata"]["matryoshka_widths"] == [6, 12, 24, 48, 96]
     raw = data(32, seed=2) * 4 + 1  # raw backbone activations: the export folds the normalization in
     ours = norm.undo(sae(norm.apply(raw)).x_hat)
     np.testing.assert_allclose(saelens_forward(tensors, cfg, np64(raw)), np64(ours), rtol=1e-4, atol=1e-4)

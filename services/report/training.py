@@ -118,7 +118,8 @@ def sample_firing(saes: dict[str, tuple[SparseAutoencoder, Normalization | None]
 def _member_facts(run: Run, name: str, sae: SparseAutoencoder, rows: list[dict[str, Any]],
                   opts: dict[str, Any] | None) -> list[tuple[str, Any]]:
     c = sae.cfg
-    knob = {"topk": f"k {c.k}", "batchtopk": f"k {c.k}", "relu": f"L1 {c.l1_coeff:g}", "jumprelu": f"L0 {c.l0_coeff:g}"}
+    knob = {"topk": f"k {c.k}", "batchtopk": f"k {c.k}", "matryoshka": f"k {c.k}, groups {c.group_sizes}",
+            "relu": f"L1 {c.l1_coeff:g}", "jumprelu": f"L0 {c.l0_coeff:g}"}
     facts = [("SAE", f"{run.member_url(name)}: {c.kind}, {knob[c.kind]}, {c.d_in} -> {c.d_sae}"),
              ("trained tokens", read_extra(run.member_url(name), opts).get("trained_tokens", "?"))]
     last = [r for r in rows if r["sae"] == name][-1:]
