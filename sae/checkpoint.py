@@ -44,13 +44,14 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load as st_load, save as st_save
 
+from actstore.config import redact
 from actstore.errors import ConfigError, CorruptDataError, StoreFormatError, StoreNotFoundError
 from actstore.loader import Normalization
-from actstore.store import filesystem, put_bytes
+from actstore.store import ActivationStore, LayerSpec, filesystem, put_bytes
 from sae.config import SAEConfig
 from sae.model import SparseAutoencoder
 
-__all__ = ["FORMAT", "FORMAT_VERSION", "export_saelens", "load", "read_extra", "save"]
+__all__ = ["FORMAT", "FORMAT_VERSION", "export_saelens", "load", "load_on_store", "read_extra", "save"]
 
 FORMAT = "actstore-sae"
 FORMAT_VERSION = 1
@@ -115,6 +116,22 @@ def load(url: str, device: torch.device | str | None = None, storage_options: di
         normalization = Normalization(layer=norm_cfg.get("layer"), tokens=norm_cfg.get("tokens"), mean=norm_mean,
                                       scale=float(norm_cfg["scale"]))
     return sae.eval(), normalization
+
+
+def load_on_store(url: str, store: ActivationStore, layer: str | int | None = None,
+                  device: torch.device | str | None = None, storage_options: dict[str, Any] | None = None
+                  ) -> tuple[SparseAutoencoder, Normalization | None, LayerSpec]:
+    """The SAE at `url` and the layer of `store` it reads: `layer`, else the one its normalization records;
+    a layer of another width than the SAE's input is refused (another model, or another layer's SAE)."""
+    sae, norm = load(url, device, storage_options)
+    key = layer if layer is not None else (norm.layer if norm is not None else None)
+    if key is None:
+        raise ConfigError(f"{redact(url)}: the checkpoint does not say which layer it was trained on; pass its layer")
+    spec = store.layer(key)
+    if spec.d != sae.cfg.d_in:
+        raise ConfigError(f"{redact(url)} reads {sae.cfg.d_in}-wide activations; layer {spec.name} of "
+                          f"{redact(store.url)} is {spec.d} wide")
+    return sae, norm, spec
 
 
 def read_extra(url: str, storage_options: dict[str, Any] | None = None) -> dict[str, Any]:

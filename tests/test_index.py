@@ -155,7 +155,7 @@ def test_bad_inputs_are_refused_with_one_line(store, tmp_path):
         IndexConfig(store, str(tmp_path / "sae"), str(out), k=0)
     other = SparseAutoencoder(SAEConfig(d_in=D + 1, d_sae=F, kind="topk", k=2))
     checkpoint.save(other, str(tmp_path / "wide"), normalization=Normalization("3", "patches", torch.zeros(D + 1), 1.0))
-    with pytest.raises(ConfigError, match="d_in=17"):
+    with pytest.raises(ConfigError, match="reads 17-wide activations; layer 3 of"):
         build_index(IndexConfig(store, str(tmp_path / "wide"), str(tmp_path / "x")), progress=False)
     save_sae(store, str(tmp_path / "cls"), "topk", tokens="cls")
     with pytest.raises(ConfigError, match="CLS"):

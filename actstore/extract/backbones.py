@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from actstore.errors import ConfigError
 from actstore.extract.hf import HF, HF_CONFIGS, HF_MODEL_TYPES
-from actstore.extract.hooked import HUB_WEIGHTS, Backbone, Family, ViT, checkpoint_path, seeded
+from actstore.extract.hooked import HUB_WEIGHTS, Backbone, Family, Head, ViT, checkpoint_path, seeded
 from actstore.extract.preprocess import Preprocessor
 from actstore.store import LayerSpec, TokenLayout
 
@@ -97,10 +97,26 @@ class _ModifiedResNet(Backbone):
         specs = [LayerSpec(name, stage[-1].bn3.num_features, TokenLayout(cls=False, grid=(h // s, w // s)), i)
                  for i, (name, stage, s) in enumerate(zip(self.NAMES, stages, (4, 8, 16, 32)))]
         specs.append(LayerSpec("attnpool", visual.attnpool.c_proj.out_features, TokenLayout(cls=True, grid=(0, 0)), 4))
-        super().__init__(cfg, visual, preprocessor, [*stages, visual.attnpool], specs)
+        super().__init__(cfg, visual, preprocessor, [*stages, visual.attnpool], specs, _open_clip_head(visual))
 
     def _tokens(self, index: int, output: Tensor) -> Tensor:
         return output.unsqueeze(1) if output.ndim == 2 else output.flatten(2).transpose(1, 2)
+
+    def _replace(self, index: int, output: Tensor, tokens: Tensor) -> Tensor:
+        return tokens[:, 0] if output.ndim == 2 else tokens.transpose(1, 2).reshape(output.shape)
+
+
+def _open_clip_head(visual: nn.Module) -> Head:
+    """open_clip's image embedding (the tower's projected output); zero-shot logits come from the text tower."""
+    return lambda x: (visual(x), None)
+
+
+def _timm_head(model: nn.Module) -> Head:
+    """timm's pre-logits embedding and, where the model has one, its classifier's logits."""
+    def head(x: Tensor) -> tuple[Tensor, Tensor | None]:
+        embedding = model.forward_head(model.forward_features(x), pre_logits=True)
+        return embedding, model.get_classifier()(embedding) if model.num_classes else None
+    return head
 
 
 class _OpenClip(Family):
@@ -132,9 +148,9 @@ class _OpenClip(Family):
         if isinstance(visual, VisionTransformer):
             t = visual.transformer
             return ViT(cfg, visual, prep, t.resblocks, d=t.width, grid=visual.grid_size, n_prefix=1, has_cls=True,
-                        batch_first=getattr(t, "batch_first", True))
+                       batch_first=getattr(t, "batch_first", True), head=_open_clip_head(visual))
         if isinstance(visual, TimmModel):
-            return ViT.from_timm(cfg, visual, visual.trunk, prep)
+            return ViT.from_timm(cfg, visual, visual.trunk, prep, _open_clip_head(visual))
         if isinstance(visual, ModifiedResNet):
             return _ModifiedResNet(cfg, visual, prep)
         raise ConfigError(f"{cfg.model}: image tower {type(visual).__name__} is not supported")
@@ -162,12 +178,12 @@ class _Timm(Family):
             kwargs["pretrained_cfg_overlay"] = {"file": path, "custom_load": path.endswith(".npz")}
         elif cfg.pretrained not in (None, HUB_WEIGHTS):
             name = f"{cfg.arch}.{cfg.pretrained}"
-        # default head size, so that timm loads strictly (a mismatch would silently keep random weights)
+        # default head size, so that timm loads strictly (a mismatch would silently keep random weights); the
+        # classifier is kept for `outputs` (extraction stops at its last layer and never runs it)
         model = seeded(cfg.init_seed, timm.create_model, name, pretrained=cfg.pretrained is not None, **kwargs)
-        model.reset_classifier(0)
         data_cfg = resolve_data_config(model=model)
         prep = Preprocessor.from_transform(create_transform(**data_cfg, is_training=False), data_cfg["input_size"][1:])
-        return ViT.from_timm(cfg, model, model, prep)
+        return ViT.from_timm(cfg, model, model, prep, _timm_head(model))
 
 
 FAMILIES: dict[str, Family] = {"open_clip": _OpenClip(), "timm": _Timm(), "hf": HF()}

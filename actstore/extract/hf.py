@@ -24,7 +24,7 @@ from actstore.extract.preprocess import Preprocessor
 if TYPE_CHECKING:
     from actstore.extract.backbones import BackboneConfig
 
-__all__ = ["HF", "HF_CONFIGS", "HF_MODEL_TYPES"]
+__all__ = ["HF", "HF_CONFIGS", "HF_MODEL_TYPES", "hf_source"]
 
 
 class _HFEncoder(ViT):
@@ -37,17 +37,29 @@ class _HFEncoder(ViT):
 
     def __init__(self, cfg: BackboneConfig, model: nn.Module, preprocessor: Preprocessor, blocks: Sequence[nn.Module],
                  *, frames: int, **layout: Any) -> None:
-        super().__init__(cfg, model, preprocessor, blocks, **layout)
+        super().__init__(cfg, model, preprocessor, blocks, head=self._embedding, **layout)
         self.frames = frames
 
-    def _run(self, x: Tensor) -> None:
+    def _run(self, x: Tensor) -> Any:
         if self.frames:
-            self.model(pixel_values_videos=x.unsqueeze(1).expand(-1, self.frames, -1, -1, -1), skip_predictor=True)
-        else:
-            self.model(pixel_values=x)
+            return self.model(pixel_values_videos=x.unsqueeze(1).expand(-1, self.frames, -1, -1, -1),
+                              skip_predictor=True)
+        return self.model(pixel_values=x)
+
+    def _embedding(self, x: Tensor) -> tuple[Tensor, None]:
+        """The model's pooled output (CLIP, DINOv2: the final-normed CLS; SigLIP: its attention-pool head), or
+        the mean of the last tokens where it has none (V-JEPA 2, as frozen-feature evaluations pool it)."""
+        out = self._run(x)
+        pooled = getattr(out, "pooler_output", None)
+        return (pooled if pooled is not None else out.last_hidden_state.mean(1)), None
 
     def _tokens(self, index: int, output: Tensor | tuple[Tensor, ...]) -> Tensor:
         return super()._tokens(index, output[0] if isinstance(output, tuple) else output)
+
+    def _replace(self, index: int, output: Tensor | tuple[Tensor, ...], tokens: Tensor) -> Any:
+        if isinstance(output, tuple):
+            return (super()._replace(index, output[0], tokens), *output[1:])
+        return super()._replace(index, output, tokens)
 
     def metadata(self) -> dict[str, Any]:
         """Also the transformers class and the config's non-default fields, so that random weights from a
@@ -119,7 +131,7 @@ Random weights need no download; pretrained "hub" loads the hub id (its own conf
 _HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
 
 
-def _hf_source(arch: str) -> tuple[str, str]:
+def hf_source(arch: str) -> tuple[str, str]:
     """What `hf:<arch>` names: ("builtin", name), ("folder", absolute path) or ("hub", id), like transformers'
     own rule (an existing folder wins over a hub id of the same spelling)."""
     path = os.path.expanduser(arch)
@@ -188,7 +200,7 @@ class HF(Family):
     file, all through from_pretrained."""
 
     def check(self, arch: str, pretrained: str | None) -> None:
-        source, where = _hf_source(arch)
+        source, where = hf_source(arch)
         if source == "folder":
             with open(os.path.join(where, "config.json")) as f:
                 _hf_kind(json.load(f).get("model_type"), where)
@@ -201,7 +213,7 @@ class HF(Family):
     def load(self, cfg: BackboneConfig, path: str | None) -> Backbone:
         import transformers
 
-        source, where = _hf_source(cfg.arch)
+        source, where = hf_source(cfg.arch)
         if source == "builtin" and cfg.pretrained == HUB_WEIGHTS:
             source, where = "hub", HF_CONFIGS[cfg.arch][0]
         try:

@@ -9,7 +9,8 @@ open_clip and timm, actstore.extract.hf for transformers) checks names and creat
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -23,7 +24,7 @@ from actstore.store import LayerSpec, TokenLayout
 if TYPE_CHECKING:
     from actstore.extract.backbones import BackboneConfig
 
-__all__ = ["CHECKPOINT_SUFFIXES", "HUB_WEIGHTS", "Backbone", "Family", "ViT", "checkpoint_path", "seeded"]
+__all__ = ["CHECKPOINT_SUFFIXES", "HUB_WEIGHTS", "Backbone", "Family", "Head", "ViT", "checkpoint_path", "seeded"]
 
 HUB_WEIGHTS = "hub"
 """`pretrained` value that asks for the architecture's default pretrained weights (timm's, the hub id's)."""
@@ -47,6 +48,11 @@ def seeded(seed: int, create: Callable[..., nn.Module], *args: Any, **kwargs: An
         return create(*args, **kwargs)
 
 
+Head = Callable[[Tensor], tuple[Tensor, Tensor | None]]
+"""The model's own end: normalized images -> (the pooled/CLS embedding, class logits or None where the model
+has no classifier), through the whole forward pass (any intervention included)."""
+
+
 class _StopForward(Exception):
     """Raised by the hook of the last requested block: later blocks and the head are not run."""
 
@@ -54,14 +60,15 @@ class _StopForward(Exception):
 class Backbone(nn.Module):
     """A frozen vision model whose forward returns the requested layers' tokens, (B, T, d) each.
 
-    Subclasses list the hookable modules and their LayerSpecs, and turn a module's output into
-    (B, T, d) tokens; the hooks, layer resolution and normalization live here once.
+    Subclasses list the hookable modules and their LayerSpecs, turn a module's output into (B, T, d) tokens and
+    back (`_tokens`, `_replace`); the hooks, layer resolution, interventions and normalization live here once.
     """
 
     def __init__(self, cfg: BackboneConfig, model: nn.Module, preprocessor: Preprocessor,
-                 blocks: Sequence[nn.Module], specs: Sequence[LayerSpec]) -> None:
+                 blocks: Sequence[nn.Module], specs: Sequence[LayerSpec], head: Head | None = None) -> None:
         super().__init__()
         self.cfg = cfg
+        self._head = head
         self.family, self.arch = cfg.family, cfg.arch
         self.model = model.eval().requires_grad_(False)
         self.preprocessor = preprocessor
@@ -87,6 +94,11 @@ class Backbone(nn.Module):
         """Block `index`'s output as (B, T, d) tokens in the layer's TokenLayout."""
         raise NotImplementedError
 
+    def _replace(self, index: int, output: Any, tokens: Tensor) -> Any:
+        """Block `index`'s output with its layout tokens replaced by `tokens` (B, T, d): the inverse of
+        `_tokens`, leaving what the layout drops (registers) as it was."""
+        raise NotImplementedError
+
     def _run(self, x: Tensor) -> None:
         """Run the model on normalized images (B, 3, H, W); the hooks collect the layers."""
         self.model(x)
@@ -98,6 +110,10 @@ class Backbone(nn.Module):
     @property
     def pil_transform(self) -> Callable[[Image.Image], Image.Image]:
         return self.preprocessor.pil_transform
+
+    def spec(self, layer: int | str) -> LayerSpec:
+        """Any layer of the model (not only the requested ones), by block index or name."""
+        return self._resolve(layer)
 
     def layer_specs(self) -> tuple[LayerSpec, ...]:
         """The requested layers, in the order of cfg.layers (= the order of forward's dict)."""
@@ -142,27 +158,52 @@ class Backbone(nn.Module):
                 h.remove()
         return {spec.name: out[spec.name] for spec in self._specs}
 
+    @contextmanager
+    def intervene(self, layer: int | str, fn: Callable[[Tensor], Tensor]) -> Iterator[LayerSpec]:
+        """While open, every forward pass sends `layer`'s tokens (B, T, d), in the layout `forward` returns, through
+        `fn` and carries on with what it returns: the hook point extraction reads is the one written here."""
+        spec = self._resolve(layer)
+
+        def hook(module: nn.Module, args: Any, output: Any) -> Any:
+            tokens = self._tokens(spec.index, output)
+            return self._replace(spec.index, output, fn(tokens).to(tokens.dtype))
+
+        handle = self._blocks[spec.index].register_forward_hook(hook)
+        try:
+            yield spec
+        finally:
+            handle.remove()
+
+    @torch.no_grad()
+    def outputs(self, images: Tensor) -> tuple[Tensor, Tensor | None]:
+        """The model's own final output for uint8 images: (embedding, class logits or None), float32."""
+        if self._head is None:
+            raise ConfigError(f"{self.cfg.model}: its final output is not available here")
+        embedding, logits = self._head(self.normalize(images))
+        return embedding.float(), None if logits is None else logits.float()
+
 
 class ViT(Backbone):
     """Transformers: block outputs are [prefix tokens (CLS, registers), patches] sequences."""
 
     def __init__(self, cfg: BackboneConfig, model: nn.Module, preprocessor: Preprocessor,
                  blocks: Sequence[nn.Module], *, d: int, grid: Sequence[int], n_prefix: int, has_cls: bool,
-                 batch_first: bool = True) -> None:
+                 batch_first: bool = True, head: Head | None = None) -> None:
         tokens = TokenLayout(cls=has_cls, grid=tuple(grid), n_registers_dropped=n_prefix - int(has_cls))
         super().__init__(cfg, model, preprocessor, blocks,
-                         [LayerSpec(str(i), d, tokens, i) for i in range(len(blocks))])
+                         [LayerSpec(str(i), d, tokens, i) for i in range(len(blocks))], head)
         self.n_prefix, self.has_cls, self.batch_first = n_prefix, has_cls, batch_first
 
     @classmethod
-    def from_timm(cls, cfg: BackboneConfig, model: nn.Module, vit: nn.Module, preprocessor: Preprocessor) -> ViT:
+    def from_timm(cls, cfg: BackboneConfig, model: nn.Module, vit: nn.Module, preprocessor: Preprocessor,
+                  head: Head) -> ViT:
         """`vit` is a timm ViT-style model (itself, or the trunk of an open_clip TimmModel)."""
         if not all(hasattr(vit, a) for a in ("blocks", "num_prefix_tokens", "patch_embed", "embed_dim")):
             raise ConfigError(f"{cfg.model}: only ViT-style timm models (with .blocks and prefix tokens) "
                               f"are supported, not {type(vit).__name__}")
         has_cls = bool(getattr(vit, "has_class_token", getattr(vit, "cls_token", None) is not None))
         return cls(cfg, model, preprocessor, vit.blocks, d=vit.embed_dim, grid=vit.patch_embed.grid_size,
-                   n_prefix=vit.num_prefix_tokens, has_cls=has_cls)
+                   n_prefix=vit.num_prefix_tokens, has_cls=has_cls, head=head)
 
     def _tokens(self, index: int, output: Tensor) -> Tensor:
         x = output if self.batch_first else output.transpose(0, 1)
@@ -170,6 +211,13 @@ class ViT(Backbone):
             return x
         patches = x[:, self.n_prefix:]
         return torch.cat([x[:, :1], patches], dim=1) if self.has_cls else patches
+
+    def _replace(self, index: int, output: Tensor, tokens: Tensor) -> Tensor:
+        x = output if self.batch_first else output.transpose(0, 1)
+        if self.n_prefix != int(self.has_cls):  # put the registers back between CLS and the patches
+            cls = int(self.has_cls)
+            tokens = torch.cat([tokens[:, :cls], x[:, cls:self.n_prefix], tokens[:, cls:]], dim=1)
+        return tokens if self.batch_first else tokens.transpose(0, 1)
 
 
 class Family:

@@ -35,7 +35,7 @@ from actstore.config import check_at_least, public_config, redact
 from actstore.errors import ConfigError
 from actstore.store import ActivationStore, LayerSpec, is_local, normalize_url, ok_mask
 from sae import Normalization, SparseAutoencoder, positive_entries
-from sae import load as load_sae
+from sae.checkpoint import load_on_store
 from services.compare.layout import ASSIGNMENT, FORMAT, FORMAT_VERSION, MATCHES, SIMILARITY, SUMMARY
 from services.compare.match import Matches, assign, best_matches, distribution, jaccard
 from services.compare.stream import MaxDiff, PairStats
@@ -159,15 +159,8 @@ def _open_side(spec: str, name: str, cfg: CompareConfig, device: torch.device) -
         layer, index_path = None, None
     else:
         raise ConfigError(f"compare: {name}={spec!r} is neither an index folder (no {INDEX_META}) nor SAE_DIR@STORE_URL")
-    sae, norm = load_sae(sae_url, device=device, storage_options=cfg.storage_options)
     store = ActivationStore(store_url, cfg.storage_options)
-    layer = layer if layer is not None else (norm.layer if norm is not None else None)
-    if layer is None:
-        raise ConfigError(f"compare: {sae_url} does not say which layer it was trained on; give its index folder")
-    layer_spec = store.layer(layer)
-    if layer_spec.d != sae.cfg.d_in:
-        raise ConfigError(f"compare: {sae_url} has d_in={sae.cfg.d_in} but layer {layer_spec.name} of "
-                          f"{redact(store_url)} has d={layer_spec.d}")
+    sae, norm, layer_spec = load_on_store(sae_url, store, layer, device, cfg.storage_options)
     return _Side(spec, index_path, sae_url, sae, norm, store, layer_spec)
 
 

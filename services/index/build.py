@@ -44,7 +44,7 @@ from actstore.config import check_at_least, public_config, redact
 from actstore.errors import ConfigError
 from actstore.store import ActivationStore, LayerSpec, is_local, normalize_url, ok_mask
 from sae import Normalization, SparseAutoencoder, positive_entries
-from sae import load as load_sae
+from sae.checkpoint import load_on_store
 from services.index.layout import ARRAYS, FEATURES, FORMAT, FORMAT_VERSION, IMAGES, META, dataset_root
 from services.index.topn import TopTable, hash_keys, key_values, value_keys
 
@@ -193,16 +193,10 @@ class _Source:
 
 def _open_source(cfg: IndexConfig, device: torch.device) -> _Source:
     """Load the SAE and open the store, checking that the layer has patch tokens of the SAE's width."""
-    sae, norm = load_sae(cfg.sae, device=device, storage_options=cfg.storage_options)
     store = ActivationStore(cfg.store, cfg.storage_options)
-    layer_key = cfg.layer if cfg.layer is not None else (norm.layer if norm is not None else None)
-    if layer_key is None:
-        raise ConfigError(f"{cfg.sae}: the checkpoint does not say which layer it was trained on; pass layer")
-    spec = store.layer(layer_key)
+    sae, norm, spec = load_on_store(cfg.sae, store, cfg.layer, device, cfg.storage_options)
     if norm is not None and norm.tokens == "cls":
         raise ConfigError(f"{cfg.sae} was trained on CLS tokens; the index needs patch tokens (heatmaps)")
-    if spec.d != sae.cfg.d_in:
-        raise ConfigError(f"{cfg.sae}: d_in={sae.cfg.d_in} but layer {spec.name} of {cfg.store} has d={spec.d}")
     if spec.tokens.n_patches == 0:
         raise ConfigError(f"layer {spec.name} of {cfg.store} has no patch tokens to index")
     return _Source(sae, norm, store, spec)

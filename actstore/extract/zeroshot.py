@@ -1,0 +1,108 @@
+"""Zero-shot classifiers from a backbone's text tower: class prompts -> text embeddings -> logits of image embeddings.
+
+The image embedding is what `Backbone.outputs` returns (open_clip: the projected embedding; transformers: the pooled
+output, projected here by the model's own visual projection). Logits are the model's own: logit_scale.exp() times
+the cosine, plus logit_bias where the model has one (SigLIP). Pretrained weights come from the same tag, file, hub
+id or folder as the image tower's, so each image tower meets its own text tower. Random weights are seeded with the
+image tower's seed: open_clip builds both towers in one call, so they are the pair the store's random model had;
+transformers builds the full model here (its image tower is not the store's, which is as untrained).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from actstore.errors import ConfigError
+from actstore.extract.backbones import BackboneConfig
+from actstore.extract.hf import HF_CONFIGS, hf_source
+from actstore.extract.hooked import HUB_WEIGHTS, checkpoint_path, seeded
+
+__all__ = ["DEFAULT_TEMPLATE", "ZeroShot", "zero_shot_classifier"]
+
+DEFAULT_TEMPLATE = "a photo of a {}."
+"""CLIP's prompt for ImageNet-style class names."""
+
+ZeroShot = Callable[[Tensor], Tensor]
+"""(B, d) image embeddings -> (B, n_classes) logits."""
+
+
+def _head(text: Tensor, scale: Tensor, bias: Tensor | None, project: Callable[[Tensor], Tensor]) -> ZeroShot:
+    text = F.normalize(text.float(), dim=-1)
+    scale = scale.detach().float().exp()
+    bias = None if bias is None else bias.detach().float()
+
+    def logits(embedding: Tensor) -> Tensor:
+        with torch.no_grad():
+            image = F.normalize(project(embedding).float(), dim=-1)
+            out = scale * image @ text.to(image.device).T
+            return out if bias is None else out + bias.to(image.device)
+    return logits
+
+
+def _open_clip(cfg: BackboneConfig, prompts: list[str]) -> ZeroShot:
+    import open_clip
+
+    path = checkpoint_path(cfg.pretrained)
+    model = seeded(cfg.init_seed, open_clip.create_model, cfg.arch, pretrained=path or cfg.pretrained).eval()
+    try:
+        tokenizer = open_clip.get_tokenizer(cfg.arch)
+    except Exception as e:  # tokenizers of hf-hub models are downloads
+        raise ConfigError(f"{cfg.model}: its tokenizer is not available here: {' '.join(str(e).split())[:200]}") from e
+    with torch.no_grad():
+        text = model.encode_text(tokenizer(prompts))
+    return _head(text, model.logit_scale, getattr(model, "logit_bias", None), lambda e: e)
+
+
+def _hf(cfg: BackboneConfig, prompts: list[str]) -> ZeroShot:
+    import transformers
+
+    source, where = hf_source(cfg.arch)
+    if source == "builtin":
+        if cfg.pretrained != HUB_WEIGHTS:
+            raise ConfigError(f"{cfg.model} with random weights has no tokenizer here; zero-shot needs a hub id or a "
+                              "folder with the full model and its tokenizer")
+        where = HF_CONFIGS[cfg.arch][0]
+    if cfg.pretrained not in (None, HUB_WEIGHTS):
+        where = checkpoint_path(cfg.pretrained)
+        if not os.path.isdir(where):
+            raise ConfigError(f"{cfg.model}: zero-shot needs the full model as a folder, not the weights file {where}")
+    try:
+        if cfg.pretrained is None:  # random weights: the same seeded creation as the image tower's config
+            config = transformers.AutoConfig.from_pretrained(where)
+            model = seeded(cfg.init_seed, transformers.AutoModel.from_config, config)
+        else:
+            model = transformers.AutoModel.from_pretrained(where, dtype=torch.float32)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(where)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{cfg.model}: no text tower or tokenizer: {' '.join(str(e).split())[:200]}") from e
+    if not hasattr(model, "get_text_features"):
+        raise ConfigError(f"{cfg.model}: {type(model).__name__} has no text tower; zero-shot needs CLIP or SigLIP")
+    model.eval()
+    # to the model's length, as CLIP and SigLIP were trained (SigLIP's pooling depends on it); to the longest
+    # prompt where the tokenizer names no length
+    padding = "max_length" if tokenizer.model_max_length <= 4096 else "longest"
+    with torch.no_grad():
+        text = model.get_text_features(**tokenizer(prompts, padding=padding, truncation=True, return_tensors="pt"))
+    text = getattr(text, "pooler_output", text)
+    project = getattr(model, "visual_projection", None) or (lambda e: e)  # SigLIP: pooled output is the embedding
+    return _head(text, model.logit_scale, getattr(model, "logit_bias", None), project)
+
+
+def zero_shot_classifier(cfg: BackboneConfig, class_names: Sequence[str],
+                         template: str = DEFAULT_TEMPLATE) -> ZeroShot:
+    """Logits over `class_names` (prompted with `template`) for the image embeddings of `cfg`'s backbone."""
+    if not class_names:
+        raise ConfigError("zero-shot classification needs class names")
+    if "{}" not in template:
+        raise ConfigError(f"the prompt template must contain {{}} for the class name, got {template!r}")
+    prompts = [template.format(name) for name in class_names]
+    if cfg.family == "open_clip":
+        return _open_clip(cfg, prompts)
+    if cfg.family == "hf":
+        return _hf(cfg, prompts)
+    raise ConfigError(f"{cfg.model}: {cfg.family} models have no text tower for zero-shot classification")

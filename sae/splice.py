@@ -1,0 +1,155 @@
+"""Splicing: an SAE inside a backbone's forward pass, at the layer and tokens it was trained on.
+
+    with splice(backbone, sae, norm, layer="10", mode="error", edit=my_edit):
+        embedding, logits = backbone.outputs(images)
+
+The tokens go through the same hook point extraction reads (`Backbone.intervene`), as a batch (no Python per
+token), behind the checkpoint's input normalization:
+
+    x_n   = (x - mean) * scale                  the loader's transform, recorded with the SAE
+    a     = encode(x_n); a' = edit(a, token)    an edit between encode and decode (None: a' = a)
+    replace: x <- undo(decode(a'))              the model sees the reconstruction
+    error:   x <- undo(decode(a')) + (x - undo(decode(a)))
+                                                the reconstruction plus the error term: with no edit the model
+                                                sees x (to float rounding), and an edit changes only what it edits
+
+Token kinds are the loader's: "patches" (the default the trainer uses), "cls" or "all"; the others pass as
+they were. The same hook runs an ablation (`ablate`): the layer's chosen tokens set to zero or a mean.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from actstore.errors import ConfigError
+from actstore.extract.hooked import Backbone
+from actstore.loader import Normalization
+from actstore.store import TokenLayout
+from sae.acts import SparseActs
+from sae.model import SparseAutoencoder
+
+__all__ = ["MODES", "TOKENS", "Edit", "SpliceStats", "ablate", "splice", "token_positions"]
+
+MODES = ("replace", "error")
+TOKENS = ("patches", "cls", "all")
+
+Latents = Tensor | SparseActs
+Edit = Callable[[Latents, Tensor], Latents]
+"""(latents of the spliced tokens, rows ordered (image, token); (rows,) each row's token index in the layer's
+layout: 0 is CLS where the layout has one, patches follow row-major) -> the edited latents, same kind."""
+
+
+def token_positions(layout: TokenLayout, tokens: str) -> Tensor:
+    """The layout indices of one token kind, e.g. 1..196 for "patches" of a CLS + 14 x 14 layout."""
+    if tokens not in TOKENS:
+        raise ConfigError(f"tokens must be one of {', '.join(TOKENS)}, got {tokens!r}")
+    cls = int(layout.cls)
+    if tokens == "cls" and not layout.cls or tokens == "patches" and not layout.n_patches:
+        raise ConfigError(f"this layer has no {tokens} tokens (layout: CLS {layout.cls}, grid {layout.grid})")
+    start, stop = {"cls": (0, cls), "patches": (cls, layout.n_tokens), "all": (0, layout.n_tokens)}[tokens]
+    return torch.arange(start, stop)
+
+
+@dataclass
+class SpliceStats:
+    """Reconstruction of the spliced tokens, summed over every forward pass (normalized space, float64): FVU
+    over all of them (not a mean of batch FVUs) and L0."""
+
+    rows: int = 0
+    sse: float = 0.0
+    active: int = 0
+    sum_x: Tensor | None = field(default=None, repr=False)
+    sum_sq: float = 0.0
+
+    def add(self, x: Tensor, x_hat: Tensor, acts: Latents) -> None:
+        x64 = x.double()
+        self.rows += x.shape[0]
+        self.sse += float((x64 - x_hat.double()).square().sum())
+        self.sum_sq += float(x64.square().sum())
+        total = x64.sum(0)
+        self.sum_x = total if self.sum_x is None else self.sum_x + total
+        values = acts.values if isinstance(acts, SparseActs) else acts
+        self.active += int((values != 0).sum())
+
+    @property
+    def fvu(self) -> float:
+        """sum ||x - x_hat||^2 / sum ||x - mean(x)||^2 over every spliced token."""
+        if not self.rows:
+            return float("nan")
+        centered = self.sum_sq - float(self.sum_x.square().sum()) / self.rows
+        return self.sse / max(centered, 1e-300)
+
+    @property
+    def l0(self) -> float:
+        return self.active / self.rows if self.rows else float("nan")
+
+
+def _on_tokens(layout: TokenLayout, tokens: str, fn: Callable[[Tensor, Tensor], Tensor]
+               ) -> Callable[[Tensor], Tensor]:
+    """A (B, T, d) -> (B, T, d) map that sends the chosen tokens, as (B * n, d) rows with their layout index,
+    through fn and keeps the others."""
+    positions = token_positions(layout, tokens)
+
+    def apply(x: Tensor) -> Tensor:
+        b, n = x.shape[0], positions.numel()
+        pos = positions.to(x.device)
+        chosen = x[:, pos].reshape(b * n, x.shape[2])
+        new = fn(chosen, pos.repeat(b)).reshape(b, n, x.shape[2]).to(x.dtype)
+        if n == x.shape[1]:
+            return new
+        out = x.clone()
+        out[:, pos] = new
+        return out
+
+    return apply
+
+
+@contextmanager
+def splice(backbone: Backbone, sae: SparseAutoencoder, normalization: Normalization | None, *, layer: int | str,
+           tokens: str = "patches", mode: str = "error", edit: Edit | None = None,
+           stats: SpliceStats | None = None) -> Iterator[None]:
+    """While open, `backbone`'s forward passes run with `sae` spliced in at `layer` (see the module docstring);
+    `stats` collects the SAE's reconstruction of the unedited latents."""
+    if mode not in MODES:
+        raise ConfigError(f"splice mode must be one of {', '.join(MODES)}, got {mode!r}")
+    spec = backbone.spec(layer)
+    if spec.d != sae.cfg.d_in:
+        raise ConfigError(f"the SAE reads {sae.cfg.d_in}-wide activations; layer {spec.name} of "
+                          f"{backbone.cfg.model} is {spec.d} wide")
+    to_n = normalization.apply if normalization is not None else (lambda t: t)
+    undo = normalization.undo if normalization is not None else (lambda t: t)
+
+    def run(x: Tensor, pos: Tensor) -> Tensor:
+        x = x.to(sae.W_enc.dtype)
+        x_n = to_n(x)
+        acts = sae.encode(x_n)
+        x_hat_n = sae.decode(acts)
+        if stats is not None:
+            stats.add(x_n, x_hat_n, acts)
+        x_hat = undo(x_hat_n)
+        edited = x_hat if edit is None else undo(sae.decode(edit(acts, pos)))
+        return edited if mode == "replace" else edited + (x - x_hat)
+
+    sae.eval()
+    with torch.no_grad(), backbone.intervene(spec.name, _on_tokens(spec.tokens, tokens, run)):
+        yield
+
+
+@contextmanager
+def ablate(backbone: Backbone, *, layer: int | str, tokens: str = "patches", value: Tensor | None = None
+           ) -> Iterator[None]:
+    """While open, `layer`'s chosen tokens are replaced by `value` (d,) (e.g. the store's mean), or zeros."""
+    spec = backbone.spec(layer)
+    if value is not None and value.shape != (spec.d,):
+        raise ConfigError(f"ablate: value must have shape ({spec.d},), got {tuple(value.shape)}")
+
+    def run(x: Tensor, pos: Tensor) -> Tensor:
+        return torch.zeros_like(x) if value is None else value.to(x.device, x.dtype).expand_as(x)
+
+    with torch.no_grad(), backbone.intervene(spec.name, _on_tokens(spec.tokens, tokens, run)):
+        yield
