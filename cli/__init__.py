@@ -3,6 +3,7 @@
     info, verify      cli.store     what a store holds; whether every byte is intact
     extract           cli.extract   images -> backbone activations -> a store (Ray)
     train             cli.train     SAEs on a store's patches
+    evaluate          cli.evaluate  an SAE spliced into its backbone: what the model's own output keeps
     index, serve      cli.serve     an SAE's features indexed over a store, served over HTTP
     atlas             cli.atlas     a 2-D map of an indexed SAE's features (UMAP, PCA), kept in its index
     compare           cli.compare   the features of two SAEs over the same images, matched
@@ -23,9 +24,9 @@ import sys
 from collections.abc import Sequence
 
 from actstore.errors import user_error
-from cli import atlas, compare, demo, extract, report, serve, store, train
+from cli import atlas, compare, demo, evaluate, extract, report, serve, store, train
 
-GROUPS = (store, extract, train, serve, compare, atlas, report, demo)
+GROUPS = (store, extract, train, evaluate, serve, compare, atlas, report, demo)
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:

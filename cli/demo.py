@@ -1,5 +1,5 @@
-"""`actstore demo`: generated images -> two backbones' stores -> an SAE each -> feature indexes, an atlas, the
-two SAEs compared and a report: every stage once, end to end."""
+"""`actstore demo`: generated images -> two backbones' stores -> an SAE each -> feature indexes, an atlas, the first
+SAE evaluated inside its model, the two SAEs compared and a report: every stage once, end to end."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import Any
 
 from cli.args import add_command, config_from_args, flags_from
 
-STEPS = 7
+STEPS = 8
 
 
 @dataclass(frozen=True)
@@ -40,6 +40,8 @@ class DemoConfig:
     """The comparison's HTML report."""
     n_images: int = 128
     """Generated images (both backbones see the same ones)."""
+    evaluate_images: int = 32
+    """Images the first SAE is evaluated on, spliced into its backbone (four forward passes each)."""
     tokens: int = 200_000
     """SAE training patches, per backbone."""
     seed: int = 0
@@ -71,6 +73,8 @@ def run_demo(cfg: DemoConfig) -> str:
     from actstore.store import filesystem
     from actstore.testing.shapes import generate_dataset
     from cli.compare import print_summary
+    from cli.evaluate import print_result
+    from services.evaluate import EvaluateConfig, run_evaluate
     from services.compare import CompareConfig, run_compare
     from services.index.atlas import AtlasConfig, build_atlas
     from services.report import ReportConfig, write_report
@@ -82,10 +86,15 @@ def run_demo(cfg: DemoConfig) -> str:
     _backbone(cfg, 2, cfg.model, cfg.store, cfg.sae_out, cfg.index)
     build_atlas(AtlasConfig(index=cfg.index, seed=cfg.seed, overwrite=True))
     print(f"atlas (UMAP and PCA of the decoder directions) -> {cfg.index}/atlas.parquet\n")
-    _backbone(cfg, 4, cfg.model_b, cfg.store_b, cfg.sae_out_b, cfg.index_b)
-    print(f"\n[6/{STEPS}] comparing the two SAEs over the same images -> {cfg.compare}")
+    print(f"[4/{STEPS}] evaluating the SAE spliced into {cfg.model} on {cfg.evaluate_images} of the images "
+          "(clean, spliced, zero- and mean-ablated forward passes)")
+    print_result(run_evaluate(EvaluateConfig(sae=f"{cfg.sae_out}/topk", images=cfg.images,
+                                             max_images=cfg.evaluate_images)))
+    print()
+    _backbone(cfg, 5, cfg.model_b, cfg.store_b, cfg.sae_out_b, cfg.index_b)
+    print(f"\n[7/{STEPS}] comparing the two SAEs over the same images -> {cfg.compare}")
     print_summary(run_compare(CompareConfig(a=cfg.index, b=cfg.index_b, out=cfg.compare, overwrite=True)))
-    print(f"\n[7/{STEPS}] report -> {cfg.report}")
+    print(f"\n[8/{STEPS}] report -> {cfg.report}")
     write_report(ReportConfig(path=cfg.compare, out=cfg.report, overwrite=True))
     return cfg.index
 
