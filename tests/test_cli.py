@@ -16,11 +16,13 @@ from sae import SAEConfig
 from sae.train import TrainConfig
 from services.api.config import ServeConfig
 from services.compare import CompareConfig
+from services.evaluate import EvaluateConfig
 from services.index import IndexConfig
 from services.index.atlas import AtlasConfig
 from services.report import ReportConfig
 
-CONFIGS = {"extract": [ExtractConfig], "train": [TrainConfig, SAEConfig], "index": [IndexConfig],
+CONFIGS = {"extract": [ExtractConfig], "train": [TrainConfig, SAEConfig], "evaluate": [EvaluateConfig],
+           "index": [IndexConfig],
            "serve": [ServeConfig], "compare": [CompareConfig], "atlas": [AtlasConfig], "report": [ReportConfig],
            "demo": [DemoConfig]}
 SKIPPED = {"sae", "d_in", "path"}  # the sweep (TOML only), d_in (from the store), report's positional path
