@@ -8,7 +8,8 @@ Our layout (`save` / `load`):
                       norm_mean (d_in,)             float32, when saved with an input normalization
     cfg.json          the SAEConfig fields (as sparsify does) plus "format", "format_version",
                       "normalization" ({"scale", "layer", "tokens"} or null: x_n = (x - norm_mean) * scale,
-                      the loader's transform) and "extra" (the trainer's JSON, e.g. step and metrics)
+                      the loader's transform) and "extra" (the trainer's JSON: trained_tokens, and the
+                      store URL and layer it trained on, from which evaluate rebuilds the model)
 
 SAELens layout (`export_saelens`, SAELens >= 6 reads it with `SAE.load_from_disk(dir)`):
 

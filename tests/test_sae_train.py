@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -16,32 +18,45 @@ import torch
 from actstore.errors import ConfigError
 from actstore.loader import PatchLoader
 from actstore.store import LayerSpec, StoreSpec, StoreWriter, TokenLayout
-from sae.checkpoint import load
-from sae.train import TrainConfig, Trainer, train
+from sae.checkpoint import load, read_extra
+from sae.train import TrainConfig, Trainer, sae_name, train
 
 D_IN, N_ATOMS, ACTIVE, TOKENS_PER_IMAGE = 32, 64, 3, 16
 
 
-@pytest.fixture(scope="module")
-def planted(tmp_path_factory) -> tuple[str, np.ndarray]:
-    """A store of sparse combinations (3 of 64 unit atoms, weights in [1, 2]) plus noise."""
-    url = str(tmp_path_factory.mktemp("planted") / "store")
+def write_planted(url: str, d: int, n_atoms: int, n_images: int) -> np.ndarray:
+    """A store of sparse combinations (3 of n_atoms unit atoms, weights in [1, 2]) plus noise; returns the atoms."""
     rng = np.random.default_rng(0)
-    atoms = rng.standard_normal((N_ATOMS, D_IN))
+    atoms = rng.standard_normal((n_atoms, d))
     atoms /= np.linalg.norm(atoms, axis=1, keepdims=True)
-    spec = StoreSpec(n_images=500, layers=(LayerSpec("0", D_IN, TokenLayout(cls=False, grid=(4, 4)), 0),),
+    spec = StoreSpec(n_images=n_images, layers=(LayerSpec("0", d, TokenLayout(cls=False, grid=(4, 4)), 0),),
                      images_per_shard=64, images_per_chunk=16, dtype="float32", backbone={"n_blocks": 1})
     writer = StoreWriter.create(url, spec)
     for k in range(spec.n_units):
         a, b = spec.unit_range(k)
         n = (b - a) * TOKENS_PER_IMAGE
-        which = np.argsort(rng.random((n, N_ATOMS)), axis=1)[:, :ACTIVE]
-        codes = np.zeros((n, N_ATOMS))
+        which = np.argsort(rng.random((n, n_atoms)), axis=1)[:, :ACTIVE]
+        codes = np.zeros((n, n_atoms))
         np.put_along_axis(codes, which, rng.uniform(1, 2, (n, ACTIVE)), axis=1)
-        x = codes @ atoms + 0.01 * rng.standard_normal((n, D_IN))
-        writer.write_unit(k, {"0": x.reshape(b - a, TOKENS_PER_IMAGE, D_IN).astype(np.float32)})
+        x = codes @ atoms + 0.01 * rng.standard_normal((n, d))
+        writer.write_unit(k, {"0": x.reshape(b - a, TOKENS_PER_IMAGE, d).astype(np.float32)})
     writer.finalize()
-    return url, atoms
+    return atoms
+
+
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory) -> tuple[str, np.ndarray]:
+    """3 of 64 atoms in d = 32, 8,000 tokens."""
+    url = str(tmp_path_factory.mktemp("planted") / "store")
+    return url, write_planted(url, D_IN, N_ATOMS, 500)
+
+
+def mean_best_cosine(sae_dir: Path, atoms: np.ndarray) -> float:
+    """Per true atom, its closest learned decoder direction's cosine; their mean."""
+    sae, _ = load(str(sae_dir))
+    w = sae.W_dec.detach().double().numpy()
+    w /= np.linalg.norm(w, axis=1, keepdims=True)
+    return float((atoms @ w.T).max(axis=1).mean())
 
 
 def config(store: str, out: Path, **kw) -> TrainConfig:
@@ -56,13 +71,92 @@ def test_planted_dictionary_is_recovered(planted, tmp_path):
                                                         {"kind": "relu", "d_sae": 128, "l1_coeff": 1.0}))
     rows = Trainer(cfg).fit(progress=False)
     for row in rows:
-        sae, norm = load(str(tmp_path / row["sae"]))
-        assert norm is not None  # trained behind the loader's normalization, recorded with the SAE
-        w = sae.W_dec.detach().double().numpy()
-        w /= np.linalg.norm(w, axis=1, keepdims=True)
-        best = (atoms @ w.T).max(axis=1)  # per true atom, its closest learned decoder direction
-        assert best.mean() >= 0.9, (row["sae"], best.mean(), row)
+        assert load(str(tmp_path / row["sae"]))[1] is not None  # trained behind the loader's normalization
+        extra = read_extra(str(tmp_path / row["sae"]))  # what evaluate and steering rebuild the model from
+        assert (extra["store"], extra["layer"]) == (store, "0") and extra["trained_tokens"] == cfg.steps * 512
+        best = mean_best_cosine(tmp_path / row["sae"], atoms)
+        assert best >= 0.9, (row["sae"], best, row)
     assert rows[0]["l0"] == ACTIVE
+
+
+def test_a_short_cli_run_with_default_schedules_recovers_the_atoms(tmp_path, caplog):
+    """96 atoms in d = 48, 20,000 tokens: 600K tokens (585 steps) reach them with the defaults (issue: 0.58)."""
+    from cli import main
+
+    store = str(tmp_path / "store")
+    atoms = write_planted(store, 48, 96, 1250)
+    with caplog.at_level(logging.WARNING, logger="sae.train"):
+        assert main(["train", "--store", store, "--layer", "0", "--out", str(tmp_path / "run"), "--sae", "topk",
+                     "--k", "3", "--d-sae", "96", "--tokens", "600000", "--batch-size", "1024", "-q"]) == 0
+    assert not [r for r in caplog.records if r.name.startswith("sae.train")]  # the default schedules fit the run
+    assert mean_best_cosine(tmp_path / "run/topk-k3-m96", atoms) >= 0.9
+
+
+def test_default_schedules_scale_with_the_run_and_given_values_are_kept():
+    def cfg(tokens: int, **kw) -> TrainConfig:
+        return TrainConfig(store="s", out="o", tokens=tokens, batch_size=1000, **kw)
+
+    short, long = cfg(600_000), cfg(100_000_000)  # 600 and 100,000 steps
+    assert (short.lr_warmup, short.sparsity_warmup, short.dead_window, short.resample_interval) == (
+        30, 30, 60_000, 120)
+    assert (long.lr_warmup, long.sparsity_warmup, long.dead_window, long.resample_interval) == (
+        1000, 1000, 2_000_000, 2500)
+    assert cfg(4000).dead_window == 4000  # at least 4 steps' tokens
+    given = cfg(600_000, lr=1e-3, lr_warmup_steps=100, sparsity_warmup_steps=0, dead_window_tokens=5000,
+                resample_every=0)
+    assert (given.lr_warmup, given.sparsity_warmup, given.dead_window, given.resample_interval) == (100, 0, 5000, 0)
+    # lr: warm-up, constant, decay over the last lr_decay_frac; the default peak falls as 1/sqrt(d_sae)
+    assert short.peak_lr(2 ** 14) == pytest.approx(2e-4) and short.peak_lr(2 ** 12) == pytest.approx(4e-4)
+    assert given.peak_lr(2 ** 12) == 1e-3
+    assert [short.lr_at(s, 2 ** 14) / 2e-4 for s in (0, 29, 30, 479, 480, 540, 599)] == pytest.approx(
+        [1 / 30, 1, 1, 1, 1, 0.5, 1 / 120])
+    assert [given.lr_at(s, 96) for s in (0, 99, 100)] == pytest.approx([1e-5, 1e-3, 1e-3])
+    assert [short.sparsity_scale_at(s) for s in (0, 14, 29, 500)] == pytest.approx([1 / 30, 0.5, 1, 1])
+    assert given.sparsity_scale_at(0) == 1
+    warm = cfg(100_000, lr_warmup_steps=1000)  # longer than the run: lr rises until the decay takes over
+    assert max(warm.lr_at(s, 96) for s in range(100)) < warm.peak_lr(96)
+
+
+def test_schedule_values_too_long_for_the_run_are_warned_about_once(planted, tmp_path, caplog):
+    store, _ = planted
+    relu = ({"kind": "relu", "d_sae": 32},)
+    with caplog.at_level(logging.WARNING, logger="sae.train"):
+        Trainer(config(store, tmp_path / "default", tokens=512 * 12, sae=relu, dead_window_tokens=None,
+                       resample_every=None)).fit(progress=False)
+    assert not [r for r in caplog.records if r.name.startswith("sae.train")]
+    long = config(store, tmp_path / "given", tokens=512 * 12, sae=relu, lr_warmup_steps=1000,
+                  sparsity_warmup_steps=3, dead_window_tokens=1024, resample_every=12)
+    with caplog.at_level(logging.WARNING, logger="sae.train"):
+        Trainer(long).fit(progress=False)
+    fix = "; leave it unset to scale it with the run"
+    assert [r.getMessage() for r in caplog.records if r.name.startswith("sae.train")] == [
+        "lr_warmup_steps=1000 is 8333% of this 12-step run: lr reaches its peak only after it" + fix,
+        "sparsity_warmup_steps=3 is 25% of this 12-step run: the sparsity coefficient reaches its value only after it"
+        + fix,
+        "resample_every=12 is 100% of this 12-step run: no dead latent is ever resampled" + fix]
+    # only where it matters: no sparsity coefficient nor resampling for topk
+    assert [w.split("=")[0] for w in config(store, tmp_path, tokens=512 * 12, sae=({"kind": "topk"},),
+                                            sparsity_warmup_steps=1000, dead_window_tokens=1536).schedule_warnings()] \
+        == ["dead_window_tokens"]
+
+
+def test_the_config_written_at_the_start_round_trips_and_resumes(planted, tmp_path):
+    store, _ = planted
+    cfg = config(store, tmp_path, tokens=512 * 6, lr=None, dead_window_tokens=None, resample_every=None,
+                 sae=({"kind": "topk", "k": 4, "d_sae": 32, "name": "a"},))
+    Trainer(cfg).fit(progress=False, stop_after=3)
+    written = json.loads((tmp_path / "train_config.json").read_text())
+    assert written["lr"] is None and written["lr_warmup_steps"] is None
+    assert TrainConfig(**{k: v for k, v in written.items() if k != "type"}) == cfg
+    assert Trainer(cfg).fit(progress=False)[0]["step"] == 6  # resumed: the saved config equals this one
+    with pytest.raises(ConfigError, match=r"another config \(lr_warmup_steps: None there, 2 here\)"):
+        Trainer(replace(cfg, lr_warmup_steps=2)).fit(progress=False)
+
+
+def test_default_sae_names():
+    assert [sae_name(s) for s in ({"kind": "matryoshka", "k": 8, "d_sae": 64}, {"kind": "batchtopk", "expansion": 4},
+                                  {"kind": "relu", "l1_coeff": 3})] == ["matryoshka-k8-m64", "batchtopk-k32-x4",
+                                                                        "relu-l1-3-mauto"]
 
 
 def _numpy_sae_metrics(x: np.ndarray, tensors: dict[str, np.ndarray], k: int) -> dict[str, float]:

@@ -18,7 +18,7 @@ import torch.distributed as dist
 from safetensors.torch import load as st_load, save as st_save
 from tqdm.auto import tqdm
 
-from actstore.config import config_json
+from actstore.config import config_json, redact
 from actstore.errors import ConfigError
 from actstore.loader import PatchLoader
 from actstore.store import filesystem, put_bytes
@@ -67,9 +67,10 @@ def read_resume_state(cfg: TrainConfig, fs: fsspec.AbstractFileSystem, root: str
         raise ConfigError(f"{cfg.out}: was checkpointed by num_workers={saved.get('num_workers')} (each rank's "
                           f"loader position is saved), this run has num_workers={cfg.num_workers}; resume with "
                           f"num_workers={saved.get('num_workers')} or choose another --out")
-    if {k: v for k, v in saved.items() if k not in _MAY_DIFFER} != \
-            {k: v for k, v in mine.items() if k not in _MAY_DIFFER}:
-        raise ConfigError(f"{cfg.out}: holds a checkpoint of another config; choose another --out")
+    differ = sorted(k for k in saved.keys() | mine.keys() if k not in _MAY_DIFFER and saved.get(k) != mine.get(k))
+    if differ:
+        raise ConfigError(f"{cfg.out}: holds a checkpoint of another config (" + ", ".join(
+            f"{k}: {saved.get(k)!r} there, {mine.get(k)!r} here" for k in differ) + "); choose another --out")
     return state
 
 
@@ -138,7 +139,7 @@ class Trainer:
                                   world_size=world_size, normalize=cfg.normalize, drop_last=True,
                                   storage_options=opts, device=self.device,
                                   pin_memory=self.device.type == "cuda", **kwargs)
-        self.members = [_Member(name, SparseAutoencoder(sae_cfg, device=self.device), cfg.lr)
+        self.members = [_Member(name, SparseAutoencoder(sae_cfg, device=self.device), cfg.peak_lr(sae_cfg.d_sae))
                         for name, sae_cfg in sweep_configs(cfg, d_in)]
         self.k_aux = cfg.k_aux or d_in // 2
         self.step = 0
@@ -176,7 +177,8 @@ class Trainer:
         for m in self.members:
             url = self.fs.unstrip_protocol(self._path(m.name))  # with its s3:// (root has none)
             checkpoint.save(m.sae, url, normalization=self.loader.normalization,
-                            extra={"trained_tokens": self.step * self.cfg.batch_size * self.world_size},
+                            extra={"trained_tokens": self.step * self.cfg.batch_size * self.world_size,
+                                   "store": redact(self.cfg.store), "layer": self.loader.layer.name},
                             storage_options=dict(self.cfg.storage_options))
         self._remove_step_folders(keep=folder)
 
@@ -223,7 +225,7 @@ class Trainer:
     def _train_step(self, m: _Member, x: torch.Tensor) -> dict[str, Any]:
         cfg, sae = self.cfg, m.sae
         sae.train()
-        dead = m.since_fired >= cfg.dead_window_tokens
+        dead = m.since_fired >= cfg.dead_window
         scale = cfg.sparsity_scale_at(self.step)
         coeff = {"relu": sae.cfg.l1_coeff, "jumprelu": sae.cfg.l0_coeff}.get(sae.cfg.kind, 0.0) * scale
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cfg.amp and x.is_cuda):
@@ -241,7 +243,7 @@ class Trainer:
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg.grad_clip)
         for group in m.opt.param_groups:
-            group["lr"] = cfg.lr_at(self.step)
+            group["lr"] = cfg.lr_at(self.step, sae.cfg.d_sae)
         m.opt.step()
         sae.set_decoder_norm_to_unit()
         with torch.no_grad():
@@ -257,7 +259,7 @@ class Trainer:
     @torch.no_grad()
     def _resample(self, m: _Member, x: torch.Tensor, x_hat: torch.Tensor) -> int:
         """relu: point dead latents at inputs drawn in proportion to their squared error (Anthropic, 2023)."""
-        sae, dead = m.sae, (m.since_fired >= self.cfg.dead_window_tokens).nonzero().squeeze(1)
+        sae, dead = m.sae, (m.since_fired >= self.cfg.dead_window).nonzero().squeeze(1)
         if dead.numel() == 0:
             return 0
         err = (x.float() - x_hat.float()).square().sum(1)
@@ -286,9 +288,9 @@ class Trainer:
         """This step's batch metrics; dead (over the dead window) and dense (over the log interval) fractions."""
         out = result["out"]
         row = {"step": self.step, "tokens": self.step * self.cfg.batch_size * self.world_size, "sae": m.name,
-               "loss": float(result["loss"].detach()), "lr": self.cfg.lr_at(self.step - 1),
+               "loss": float(result["loss"].detach()), "lr": self.cfg.lr_at(self.step - 1, m.sae.cfg.d_sae),
                **metrics.batch_metrics(x, out.x_hat, out.acts),
-               "dead_fraction": float((m.since_fired >= self.cfg.dead_window_tokens).double().mean()),
+               "dead_fraction": float((m.since_fired >= self.cfg.dead_window).double().mean()),
                "dense_fraction": metrics.dense_fraction(m.interval_fires, m.interval_tokens),
                "tokens_per_s": self.cfg.log_every * self.cfg.batch_size * self.world_size / max(seconds, 1e-9)}
         if result["auxk"] is not None:
@@ -296,6 +298,17 @@ class Trainer:
         m.interval_fires.zero_()
         m.interval_tokens = 0
         return row
+
+    def _log_schedule(self) -> None:
+        """The schedules as resolved for this run (INFO), and a warning for each given value too long for it."""
+        cfg = self.cfg
+        lrs = ", ".join(f"{m.name} {cfg.peak_lr(m.sae.cfg.d_sae):.3g}" for m in self.members)
+        log.info("%d steps of %d tokens; lr (%s): warm-up %d steps, decay over the last %d; sparsity warm-up %d "
+                 "steps; dead after %d tokens without firing; relu resampling every %s", cfg.steps,
+                 cfg.tokens_per_step, lrs, cfg.lr_warmup, round(cfg.steps * cfg.lr_decay_frac), cfg.sparsity_warmup,
+                 cfg.dead_window, f"{cfg.resample_interval} steps" if cfg.resample_interval else "never")
+        for line in cfg.schedule_warnings():
+            log.warning(line)
 
     def fit(self, progress: bool = True, stop_after: int | None = None, *,
             stop_at: int | None = None) -> list[dict[str, Any]]:
@@ -310,6 +323,8 @@ class Trainer:
         elif self.rank == 0:  # rank 0 alone: the others would see its first writes
             check_fresh_out(cfg, self.fs, self.root)
             self._put("train_config.json", config_json(cfg).encode())
+        if self.rank == 0:
+            self._log_schedule()
         sinks = open_sinks(cfg, self.fs, self.root, self.step, self.rank)
         end = cfg.steps
         if stop_after is not None:
@@ -328,7 +343,8 @@ class Trainer:
             results = [self._train_step(m, x) for m in self.members]
             self.step += 1
             for m, r in zip(self.members, results):
-                if m.sae.cfg.kind == "relu" and cfg.resample_every and self.step % cfg.resample_every == 0:
+                if (m.sae.cfg.kind == "relu" and cfg.resample_interval and self.step % cfg.resample_interval == 0
+                        and self.step < cfg.steps):  # rows resampled at the last step would go untrained
                     self._resample(m, x, r["out"].x_hat)
             bar.update(x.shape[0] * self.world_size)
             if self.step % cfg.log_every == 0 or self.step == cfg.steps:
