@@ -11,16 +11,16 @@ from cli.args import add_command, config_from_args, flags_from
 def print_result(r: dict[str, Any]) -> None:
     """One table: each pass against the clean model, then recovered and the SAE's own FVU and L0."""
     def cell(v: float | None) -> str:
-        return f"{v:>14.4f}" if v is not None else f"{'-':>14}"
+        return f"{v:>14.4g}" if v is not None else f"{'-':>14}"
 
     head = {"model": "the model's classifier", "zeroshot": f"zero-shot over {r['n_classes']} classes",
             None: "no classes: embeddings only"}[r["head"]]
     print(f"{r['backbone']} layer {r['layer']} ({r['tokens']}), {r['sae_kind']} SAE with {r['d_sae']} latents, "
           f"{r['n_images']} images ({r['n_rejected']} rejected); classes: {head}")
-    print(f"{'':>16}{'spliced':>14}{'zero_ablation':>14}{'mean_ablation':>14}{'recovered':>14}")
+    print(f"{'':<16}{'spliced':>14}{'zero_ablation':>14}{'mean_ablation':>14}{'recovered':>14}")
     for key in ("embedding_cosine", "kl", "top1_agreement"):
         m = r[key]
-        print(f"{key:>16}" + "".join(cell(m[p]) for p in ("spliced", "zero_ablation", "mean_ablation"))
+        print(f"{key:<16}" + "".join(cell(m[p]) for p in ("spliced", "zero_ablation", "mean_ablation"))
               + cell(r["recovered"].get(key)))
     print(f"SAE on these tokens: FVU {r['fvu']:.4f}, L0 {r['l0']:.1f}")
 
