@@ -105,6 +105,8 @@ def test_default_schedules_scale_with_the_run_and_given_values_are_kept():
     given = cfg(600_000, lr=1e-3, lr_warmup_steps=100, sparsity_warmup_steps=0, dead_window_tokens=5000,
                 resample_every=0)
     assert (given.lr_warmup, given.sparsity_warmup, given.dead_window, given.resample_interval) == (100, 0, 5000, 0)
+    # resampling every 120 steps stops where the lr decay starts (step 480): later rows would go untrained
+    assert [step for step in range(1, short.steps + 1) if short.resamples_at(step)] == [120, 240, 360]
     # lr: warm-up, constant, decay over the last lr_decay_frac; the default peak falls as 1/sqrt(d_sae)
     assert short.peak_lr(2 ** 14) == pytest.approx(2e-4) and short.peak_lr(2 ** 12) == pytest.approx(4e-4)
     assert given.peak_lr(2 ** 12) == 1e-3

@@ -44,8 +44,9 @@ class TrainConfig:
     k_aux: int | None = None
     """Dead latents in the AuxK reconstruction; default d_in // 2."""
     resample_every: int | None = None
-    """relu: every this many steps (never at the last), re-initialize dead latents toward badly reconstructed
-    inputs; default a fifth of the run, at most 2500 steps; 0 never."""
+    """relu: every this many steps, until the lr decay starts (rows resampled later would go untrained and
+    wreck the reconstruction), re-initialize dead latents toward badly reconstructed inputs; default a fifth
+    of the run, at most 2500 steps; 0 never."""
     grad_clip: float = 1.0
     """Max global gradient norm per SAE (0 disables)."""
     normalize: bool = True
@@ -122,6 +123,11 @@ class TrainConfig:
     def resample_interval(self) -> int:
         """Steps between resamplings of dead relu latents (0: never)."""
         return _given_or(self.resample_every, min(2500, self.steps // 5))
+
+    def resamples_at(self, step: int) -> bool:
+        """Whether dead relu latents are resampled after `step` steps: every resample_interval, before the decay."""
+        every = self.resample_interval
+        return bool(every) and step % every == 0 and step < self.steps * (1 - self.lr_decay_frac)
 
     def peak_lr(self, d_sae: int) -> float:
         """The learning rate after warm-up of an SAE with d_sae latents."""

@@ -304,7 +304,7 @@ class Trainer:
         cfg = self.cfg
         lrs = ", ".join(f"{m.name} {cfg.peak_lr(m.sae.cfg.d_sae):.3g}" for m in self.members)
         log.info("%d steps of %d tokens; lr (%s): warm-up %d steps, decay over the last %d; sparsity warm-up %d "
-                 "steps; dead after %d tokens without firing; relu resampling every %s", cfg.steps,
+                 "steps; dead after %d tokens without firing; relu resampling every %s until the decay", cfg.steps,
                  cfg.tokens_per_step, lrs, cfg.lr_warmup, round(cfg.steps * cfg.lr_decay_frac), cfg.sparsity_warmup,
                  cfg.dead_window, f"{cfg.resample_interval} steps" if cfg.resample_interval else "never")
         for line in cfg.schedule_warnings():
@@ -343,8 +343,7 @@ class Trainer:
             results = [self._train_step(m, x) for m in self.members]
             self.step += 1
             for m, r in zip(self.members, results):
-                if (m.sae.cfg.kind == "relu" and cfg.resample_interval and self.step % cfg.resample_interval == 0
-                        and self.step < cfg.steps):  # rows resampled at the last step would go untrained
+                if m.sae.cfg.kind == "relu" and cfg.resamples_at(self.step):
                     self._resample(m, x, r["out"].x_hat)
             bar.update(x.shape[0] * self.world_size)
             if self.step % cfg.log_every == 0 or self.step == cfg.steps:
