@@ -70,8 +70,8 @@ def _flag_kwargs(hint: Any, default: Any, choices: Iterable[Any] | None) -> dict
     origin = typing.get_origin(hint) or hint
     if hint is bool:
         return {"action": argparse.BooleanOptionalAction if default is True else "store_true"}
-    if origin is tuple:
-        return {"nargs": "+", "type": layer_key, "metavar": "L"}
+    if origin is tuple:  # `--layers 8 10` and `--edit A --edit B` alike
+        return {"nargs": "+", "action": "extend", "type": layer_key, "metavar": "L"}
     if origin in (dict, Mapping):
         return {"type": json_object, "metavar": "JSON"}
     if choices is not None:

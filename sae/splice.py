@@ -9,9 +9,10 @@ token), behind the checkpoint's input normalization:
     x_n   = (x - mean) * scale                  the loader's transform, recorded with the SAE
     a     = encode(x_n); a' = edit(a, token)    an edit between encode and decode (None: a' = a)
     replace: x <- undo(decode(a'))              the model sees the reconstruction
-    error:   x <- undo(decode(a')) + (x - undo(decode(a)))
-                                                the reconstruction plus the error term: with no edit the model
-                                                sees x (to float rounding), and an edit changes only what it edits
+    error:   x <- undo(decode(a')) + (x - undo(decode(a))) = x + ((a' - a) @ W_dec) / scale
+                                                the reconstruction plus the error term, computed as the right-hand
+                                                side: with no edit the model sees x exactly, and an edit moves a
+                                                token by exactly its latents' change times the decoder
 
 Token kinds are the loader's: "patches" (the default the trainer uses), "cls" or "all"; the others pass as
 they were. The same hook runs an ablation (`ablate`): the layer's chosen tokens set to zero or a mean.
@@ -39,9 +40,10 @@ MODES = ("replace", "error")
 TOKENS = ("patches", "cls", "all")
 
 Latents = Tensor | SparseActs
-Edit = Callable[[Latents, Tensor], Latents]
-"""(latents of the spliced tokens, rows ordered (image, token); (rows,) each row's token index in the layer's
-layout: 0 is CLS where the layout has one, patches follow row-major) -> the edited latents, same kind."""
+Edit = Callable[[Tensor, Tensor], Tensor]
+"""(dense latents (rows, d_sae) of the spliced tokens, rows ordered (image, token); (rows,) each row's token index
+in the layer's layout: 0 is CLS where the layout has one, patches follow row-major) -> the edited latents (sae.edits
+builds these from feature edits)."""
 
 
 def token_positions(layout: TokenLayout, tokens: str) -> Tensor:
@@ -124,16 +126,23 @@ def splice(backbone: Backbone, sae: SparseAutoencoder, normalization: Normalizat
     to_n = normalization.apply if normalization is not None else (lambda t: t)
     undo = normalization.undo if normalization is not None else (lambda t: t)
 
+    scale = normalization.scale if normalization is not None else 1.0
+
     def run(x: Tensor, pos: Tensor) -> Tensor:
         x = x.to(sae.W_enc.dtype)
         x_n = to_n(x)
         acts = sae.encode(x_n)
-        x_hat_n = sae.decode(acts)
-        if stats is not None:
-            stats.add(x_n, x_hat_n, acts)
-        x_hat = undo(x_hat_n)
-        edited = x_hat if edit is None else undo(sae.decode(edit(acts, pos)))
-        return edited if mode == "replace" else edited + (x - x_hat)
+        if stats is not None or mode == "replace" and edit is None:
+            x_hat_n = sae.decode(acts)
+            if stats is not None:
+                stats.add(x_n, x_hat_n, acts)
+        if edit is None:
+            return undo(x_hat_n) if mode == "replace" else x
+        dense = acts.to_dense() if isinstance(acts, SparseActs) else acts
+        edited = edit(dense, pos)
+        if mode == "replace":
+            return undo(sae.decode(edited))
+        return x + ((edited - dense) @ sae.W_dec) / scale  # no bias, no mean: unedited rows move by exactly 0
 
     sae.eval()
     with torch.no_grad(), backbone.intervene(spec.name, _on_tokens(spec.tokens, tokens, run)):

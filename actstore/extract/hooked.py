@@ -135,9 +135,11 @@ class Backbone(nn.Module):
         return x.sub_(mean).div_(std).to(p.dtype)
 
     @torch.no_grad()
-    def forward(self, images: Tensor) -> dict[str, Tensor]:
-        """{layer name: (B, T, d)} for the requested layers, from one forward pass with hooks."""
-        wanted = {spec.index: spec.name for spec in self._specs}
+    def forward(self, images: Tensor, layers: Sequence[int | str] | None = None) -> dict[str, Tensor]:
+        """{layer name: (B, T, d)} for the requested layers (or `layers`, any of the model's), from one forward pass
+        with hooks."""
+        specs = self._specs if layers is None else tuple(self._resolve(key) for key in layers)
+        wanted = {spec.index: spec.name for spec in specs}
         last = max(wanted)
         out: dict[str, Tensor] = {}
 
@@ -156,7 +158,7 @@ class Backbone(nn.Module):
         finally:
             for h in handles:
                 h.remove()
-        return {spec.name: out[spec.name] for spec in self._specs}
+        return {spec.name: out[spec.name] for spec in specs}
 
     @contextmanager
     def intervene(self, layer: int | str, fn: Callable[[Tensor], Tensor]) -> Iterator[LayerSpec]:

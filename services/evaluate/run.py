@@ -25,33 +25,28 @@ FVU and L0 are the SAE's, on the same images' tokens (in its normalized input sp
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import fsspec
-import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from actstore.config import check_at_least, public_config, redact
 from actstore.errors import ConfigError
-from actstore.extract.backbones import Backbone, BackboneConfig, load_backbone
-from actstore.extract.decode import decode_image
-from actstore.extract.sources import build_manifest, read_bytes
+from actstore.extract.backbones import Backbone
+from actstore.extract.sources import build_manifest
 from actstore.extract.zeroshot import DEFAULT_TEMPLATE, ZeroShot, zero_shot_classifier
-from actstore.store import ActivationStore, filesystem, put_bytes
-from sae import Normalization, SparseAutoencoder, read_extra
-from sae.checkpoint import load_on_store
 from sae.splice import SpliceStats, ablate, splice
+from services.results import check_result_path, write_result
+from services.spliced import decode_images, load_in_model
 
 __all__ = ["FORMAT", "PASSES", "EvaluateConfig", "run_evaluate"]
 
 FORMAT = "actstore-evaluate"
 PASSES = ("spliced", "zero_ablation", "mean_ablation")
-RUN_CONFIG = "train_config.json"
 
 
 @dataclass(frozen=True)
@@ -88,56 +83,6 @@ class EvaluateConfig:
                                                                 else {})})
 
 
-@dataclass(frozen=True)
-class _Setup:
-    """The SAE and where it sits: its backbone (rebuilt from the store's record), layer, token kind and mean."""
-
-    sae: SparseAutoencoder
-    norm: Normalization | None
-    store_url: str
-    layer: str
-    tokens: str
-    backbone: Backbone
-    mean: torch.Tensor
-
-
-def _sae_record(cfg: EvaluateConfig) -> tuple[str, str | None]:
-    """(store URL, layer) the SAE was trained on: --store, else what the SAE's config records, else its run's."""
-    extra = read_extra(cfg.sae, cfg.storage_options)
-    store, layer = extra.get("store"), extra.get("layer")
-    if store is None:  # SAEs saved before the trainer recorded it: the run folder around the SAE
-        fs, root = filesystem(cfg.sae, cfg.storage_options)
-        run = root.rstrip("/").rsplit("/", 1)[0]
-        if fs.exists(f"{run}/{RUN_CONFIG}"):
-            run_cfg = json.loads(fs.cat_file(f"{run}/{RUN_CONFIG}"))
-            store, layer = run_cfg.get("store"), layer if layer is not None else run_cfg.get("layer")
-    store = cfg.store or store
-    if store is None:
-        raise ConfigError(f"{redact(cfg.sae)}: the SAE does not record its store; pass --store")
-    return store, layer
-
-
-def _setup(cfg: EvaluateConfig) -> _Setup:
-    store_url, recorded_layer = _sae_record(cfg)
-    store = ActivationStore(store_url, cfg.storage_options)
-    sae, norm, spec = load_on_store(cfg.sae, store, recorded_layer, cfg.device, cfg.storage_options)
-    meta = store.attrs.get("backbone", {})
-    family, name = meta.get("family"), meta.get("name")
-    if not family or not name or family not in ("open_clip", "timm", "hf"):
-        raise ConfigError(f"{redact(store.url)} was not extracted from a backbone we can rebuild "
-                          f"(backbone {family}:{name})")
-    backbone = load_backbone(BackboneConfig(f"{family}:{name}", layers=(spec.name,), pretrained=meta.get("checkpoint"),
-                                            init_seed=int(meta.get("init_seed", 0)))).to(cfg.device)
-    rebuilt = backbone.layer_specs()[0]
-    if (rebuilt.d, rebuilt.tokens) != (spec.d, spec.tokens):
-        raise ConfigError(f"{family}:{name} layer {spec.name} makes {rebuilt.tokens.n_tokens} tokens of width "
-                          f"{rebuilt.d}; the store recorded {spec.tokens.n_tokens} of width {spec.d}")
-    tokens = norm.tokens if norm is not None and norm.tokens else "patches"
-    mean = torch.from_numpy(store.stats(spec.name, tokens).mean.astype(np.float32))
-    store.close()
-    return _Setup(sae, norm, store.url, spec.name, tokens, backbone, mean)
-
-
 def _images(cfg: EvaluateConfig, backbone: Backbone) -> tuple[Iterator[torch.Tensor], int, list[str], list[str]]:
     """Batches of preprocessed uint8 images, the number to evaluate, the rejected ones' reasons, the class names."""
     manifest = build_manifest(cfg.images, cfg.storage_options)
@@ -146,16 +91,10 @@ def _images(cfg: EvaluateConfig, backbone: Backbone) -> tuple[Iterator[torch.Ten
 
     def batches() -> Iterator[torch.Tensor]:
         for start in range(0, len(uris), cfg.batch_size):
-            chunk = uris[start:start + cfg.batch_size]
-            pixels = []
-            for uri, data in zip(chunk, read_bytes(chunk, cfg.storage_options)):
-                decoded = decode_image(data) if isinstance(data, bytes) else None
-                if decoded is None or decoded.image is None:
-                    rejected.append(f"{uri}: {decoded.reason if decoded else data}")
-                    continue
-                pixels.append(backbone.preprocessor(decoded.image))
-            if pixels:
-                yield torch.stack(pixels)
+            pixels, bad = decode_images(backbone, uris[start:start + cfg.batch_size], cfg.storage_options)
+            rejected.extend(bad)
+            if pixels is not None:
+                yield pixels
     return batches(), len(uris), rejected, list(manifest.class_names)
 
 
@@ -198,27 +137,10 @@ def _recovered(metric: dict[str, float | None], clean: float) -> float | None:
     return (ablated - spliced) / (ablated - clean)
 
 
-def _check_out(cfg: EvaluateConfig) -> None:
-    """The JSON path is new, or an evaluate result that overwrite may replace; anything else is refused."""
-    if cfg.json is None:
-        return
-    fs, path = filesystem(cfg.json, cfg.storage_options)
-    if not fs.exists(path):
-        return
-    try:
-        ours = json.loads(fs.cat_file(path)).get("format") == FORMAT
-    except (ValueError, AttributeError):
-        ours = False
-    if not ours:
-        raise ConfigError(f"{redact(cfg.json)} exists and is not an evaluate result; refusing to replace it")
-    if not cfg.overwrite:
-        raise ConfigError(f"{redact(cfg.json)}: an evaluate result exists; pass --overwrite to replace it")
-
-
 def run_evaluate(cfg: EvaluateConfig, progress: bool = True) -> dict[str, Any]:
     """Run the four passes over the images; returns the results (also written to cfg.json when given)."""
-    _check_out(cfg)
-    s = _setup(cfg)
+    check_result_path(cfg.json, FORMAT, "an evaluate result", cfg.overwrite, cfg.storage_options)
+    s = load_in_model(cfg.sae, cfg.store, cfg.device, cfg.storage_options)
     batches, n_images, rejected, folder_classes = _images(cfg, s.backbone)
     names = _class_names(cfg, folder_classes)
     head: ZeroShot | None = None
@@ -261,6 +183,5 @@ def run_evaluate(cfg: EvaluateConfig, progress: bool = True) -> dict[str, Any]:
         "d_sae": s.sae.cfg.d_sae, "store": redact(s.store_url), "config": public_config(cfg),
     }
     if cfg.json is not None:
-        fs, path = filesystem(cfg.json, cfg.storage_options)
-        put_bytes(fs, path, json.dumps(result, indent=2).encode())
+        write_result(cfg.json, result, cfg.storage_options)
     return result

@@ -1,0 +1,178 @@
+"""`actstore steer`: what a model predicts for one image before and after editing SAE features inside it.
+
+The SAE is spliced in error mode at its layer (services.spliced rebuilds the backbone from its store), so with no
+edit the model is exactly the clean one, and an edit moves the layer's tokens by exactly its latents' change times
+the decoder (sae.edits). The same `Steerer` serves the CLI and the service's POST /steer; it holds the model, its
+heads and a lock (a splice is a hook on the shared model: one steered forward at a time).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from actstore.config import check_at_least, public_config, redact
+from actstore.errors import ConfigError
+from actstore.extract.zeroshot import DEFAULT_TEMPLATE
+from actstore.store import STATUS_OK, ActivationStore
+from sae.edits import FeatureEdit, check_edits, edit_fn, parse_edit
+from sae.splice import splice
+from services.results import check_result_path, write_result
+from services.spliced import SAEInModel, decode_images, load_in_model
+from services.steer.heads import Head, build_head
+
+__all__ = ["FORMAT", "SteerConfig", "Steerer", "run_steer"]
+
+FORMAT = "actstore-steer"
+
+
+@dataclass(frozen=True)
+class SteerConfig:
+    """One steering run: an image through the SAE's backbone, read out by a head, before and after the edits."""
+
+    sae: str
+    """SAE folder (cfg.json + sae.safetensors); its store gives the backbone, weights and layer."""
+    image: str
+    """An image of the SAE's store by index (e.g. 12), or an image file's path or URL."""
+    edit: tuple[str, ...] = ()
+    """Feature edits FEATURE:OP:VALUE[@WHERE], OP one of scale, add, set, clamp (a ceiling), WHERE all (default:
+    every token the SAE was trained on), cls, patches or comma-separated patch indices (row-major), e.g.
+    --edit 12:set:0@all --edit 40:add:2.5@3,4. None: the clean model's output."""
+    head: str = "model"
+    """What to read out: model (the backbone's classifier), zeroshot[:FILE] (class names, one per line; default the
+    store's classes), probe:DIR (from `actstore probe`: CLS classifier or segmentation) or vlm[:MODEL]."""
+    prompt: str | None = None
+    """The question for a vlm head."""
+    json: str | None = None
+    """Write the result here (an existing file is replaced only if it is a steer result and overwrite is set)."""
+    store: str | None = None
+    """The store the SAE was trained on; default the one the SAE records."""
+    template: str = DEFAULT_TEMPLATE
+    """Zero-shot prompt, {} is the class name."""
+    top: int = 5
+    """Classes listed per prediction."""
+    responses: int = 5
+    """Answers sampled from a vlm head."""
+    temperature: float = 0.7
+    """Sampling temperature of a vlm head (> 0)."""
+    seed: int = 0
+    """Seed of the vlm head's sampling: before and after sample with the same seed."""
+    max_new_tokens: int = 24
+    """Longest vlm answer, in tokens."""
+    device: str = "cpu"
+    """Where the backbone and the SAE run (e.g. "cuda")."""
+    overwrite: bool = False
+    """Replace an existing steer result at `json`."""
+    storage_options: dict[str, Any] = field(default_factory=dict)
+    """fsspec options for the SAE, the store and the image."""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "edit", tuple(str(e) for e in self.edit))
+        check_at_least(self, "steer", {"top": 1, "responses": 1, "max_new_tokens": 1})
+        if not self.temperature > 0:
+            raise ConfigError(f"steer: temperature must be > 0, got {self.temperature}")
+
+
+class Steerer:
+    """An SAE inside its backbone, ready to steer: images by store index, heads by name, one run at a time."""
+
+    def __init__(self, sae: str, store: str | None = None, device: str = "cpu",
+                 storage_options: dict[str, Any] | None = None, template: str = DEFAULT_TEMPLATE) -> None:
+        self.storage_options = dict(storage_options or {})
+        self.template = template
+        self.model: SAEInModel = load_in_model(sae, store, device, self.storage_options)
+        self.store = ActivationStore(self.model.store_url, self.storage_options)
+        self.images = self.store.images()
+        self.classes = list(self.store.attrs.get("dataset", {}).get("class_names", []))
+        self.device = device
+        self._heads: dict[str, Head] = {}
+        self._lock = threading.Lock()
+
+    @property
+    def layout(self):  # noqa: ANN201 - TokenLayout
+        return self.model.spec.tokens
+
+    def head(self, spec: str) -> Head:
+        """The head `spec` names, built once."""
+        if spec not in self._heads:
+            self._heads[spec] = build_head(spec, self.model, self.classes, self.template, self.storage_options)
+        return self._heads[spec]
+
+    def image(self, ref: int | str) -> torch.Tensor:
+        """uint8 (1, 3, H, W): the store's image `ref` (an index) or the image file at `ref`."""
+        if isinstance(ref, int) or str(ref).strip().isdigit():
+            i = int(ref)
+            if not 0 <= i < self.images.num_rows:
+                raise ConfigError(f"image {i}: the store has images 0..{self.images.num_rows - 1}")
+            if self.images.column("status")[i].as_py() != STATUS_OK:
+                raise ConfigError(f"image {i} was rejected at extraction: {self.images.column('reason')[i].as_py()}")
+            uri = self.images.column("uri")[i].as_py()
+        else:
+            uri = str(ref)
+        pixels, rejected = decode_images(self.model.backbone, [uri], self.storage_options)
+        if pixels is None:
+            raise ConfigError(f"image {redact(rejected[0])}")
+        return pixels.to(self.device)
+
+    def edits(self, specs: Sequence[str | FeatureEdit]) -> list[FeatureEdit]:
+        """Parsed and checked against the SAE's width and the layer's grid."""
+        edits = [e if isinstance(e, FeatureEdit) else parse_edit(e) for e in specs]
+        check_edits(edits, self.model.sae.cfg.d_sae, self.layout)
+        return edits
+
+    def patch_features(self, i: int, patch: int) -> list[tuple[int, float]]:
+        """(feature, activation) of the SAE on the stored token of patch `patch` of image `i`, strongest first."""
+        layout = self.layout
+        if not 0 <= i < self.images.num_rows:
+            raise ConfigError(f"image {i}: the store has images 0..{self.images.num_rows - 1}")
+        if not 0 <= patch < layout.n_patches:
+            raise ConfigError(f"patch {patch}: the grid is {layout.grid[0]} x {layout.grid[1]} "
+                              f"(patches 0..{layout.n_patches - 1})")
+        token = self.store.read(self.model.layer, i, i + 1)[0, int(layout.cls) + patch].float()[None]
+        m = self.model
+        with torch.no_grad():
+            x = m.norm.apply(token) if m.norm is not None else token
+            acts = m.sae.encode(x.to(self.device, m.sae.W_enc.dtype))
+            dense = (acts.to_dense() if hasattr(acts, "to_dense") else acts)[0].cpu()
+        active = torch.nonzero(dense > 0).flatten()
+        order = dense[active].argsort(descending=True)
+        return [(int(f), float(dense[f])) for f in active[order]]
+
+    def steer(self, images: torch.Tensor, edits: Sequence[FeatureEdit], head: Head, **options: Any
+              ) -> dict[str, Any]:
+        """{"before": ..., "after": ...} of `head` on `images`, the clean model and the model with `edits`."""
+        m = self.model
+        with self._lock:
+            before = head.predict(images, **options)
+            if not edits:
+                return {"before": before, "after": before}
+            with splice(m.backbone, m.sae, m.norm, layer=m.layer, tokens="all", mode="error",
+                        edit=edit_fn(edits, self.layout, m.tokens)):
+                after = head.predict(images, **options)
+        return {"before": before, "after": after}
+
+
+def run_steer(cfg: SteerConfig) -> dict[str, Any]:
+    """Steer one image; returns the result (also written to cfg.json when given)."""
+    check_result_path(cfg.json, FORMAT, "a steer result", cfg.overwrite, cfg.storage_options)
+    steerer = Steerer(cfg.sae, cfg.store, cfg.device, cfg.storage_options, cfg.template)
+    edits = steerer.edits(cfg.edit)
+    head = steerer.head(cfg.head)
+    images = steerer.image(cfg.image)
+    started = time.perf_counter()
+    out = steerer.steer(images, edits, head, top=cfg.top, prompt=cfg.prompt, n=cfg.responses,
+                        temperature=cfg.temperature, seed=cfg.seed, max_new_tokens=cfg.max_new_tokens)
+    m = steerer.model
+    result = {"format": FORMAT, "image": cfg.image if not cfg.image.strip().isdigit() else int(cfg.image),
+              "head": head.name, "kind": head.kind, "classes": head.classes, "edits": [str(e) for e in edits],
+              **out, "prompt": cfg.prompt, "seconds": time.perf_counter() - started,
+              "backbone": m.backbone.cfg.model, "layer": m.layer, "tokens": m.tokens, "grid": list(steerer.layout.grid),
+              "d_sae": m.sae.cfg.d_sae, "store": redact(m.store_url), "config": public_config(cfg)}
+    if cfg.json is not None:
+        write_result(cfg.json, result, cfg.storage_options)
+    return result
