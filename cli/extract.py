@@ -13,8 +13,10 @@ def cmd_extract(args: argparse.Namespace) -> int:
 
     r = run_extract(config_from_args(ExtractConfig, args, "extract"), progress=not args.quiet)
     state = "complete" if r.complete else f"partial ({r.units_skipped + r.units_written}/{r.units_total} units)"
+    unmasked = f", {r.n_unmasked} without a mask" if r.n_unmasked else ""
     print(f"{r.url}: {state}; {r.units_written} units written ({r.images_written} images, {r.n_rejected} "
-          f"rejected), {r.units_skipped} already done; {r.images_per_second:.1f} images/s over {r.seconds:.1f} s")
+          f"rejected{unmasked}), {r.units_skipped} already done; {r.images_per_second:.1f} images/s over "
+          f"{r.seconds:.1f} s")
     return 0
 
 

@@ -3,9 +3,10 @@
 One row of the pipeline is one work unit (= one shard's image range), so
 Ray's retries, reordering and batching never split or mix units:
 
-    units to do -> decode   (CPU tasks: fetch bytes, decode, model's PIL transform -> uint8)
+    units to do -> decode   (CPU tasks: fetch bytes, decode, model's PIL transform -> uint8;
+                             with --masks, the masks' per-patch labels)
                 -> forward  (actor pool, GPUs when present: normalize, hooked forward,
-                             convert to the store's dtype, overflow checked)
+                             convert to the store's dtype, overflow checked; labels passed through)
                 -> write    (CPU tasks: StoreWriter.write_unit, record last)
 
 A unit written twice gives the same bytes, so retries are harmless, and a
@@ -31,6 +32,7 @@ from actstore.extract.preprocess import Preprocessor
 from actstore.cluster import init_ray, refuse_local_paths_on_a_cluster
 from actstore.config import config_json
 from actstore.extract.decode import DEFAULT_MAX_PIXELS, decode_image
+from actstore.extract.masks import MaskLabeler, mask_classes, mask_uris
 from actstore.errors import ConfigError, user_error
 from actstore.extract.sources import build_manifest, read_bytes
 from actstore.store import (CODECS, DEFAULT_CODEC, DEFAULT_DTYPE, DTYPES, STATUS_OK, STATUS_REJECTED, StoreSpec,
@@ -82,6 +84,10 @@ class ExtractConfig:
     """Delete an existing store at `out` with a different spec instead of refusing."""
     max_units: int | None = None
     """Stop after this many units (the store stays partial; rerun to finish)."""
+    masks: str | None = None
+    """Folder of segmentation masks mirroring the images' paths (<masks>/<relative path>.png, single-channel class
+    indices, 255 = ignore; <masks>/classes.txt names them): each patch's majority class goes into the store's
+    labels array; images without a mask get 255. Read with image_storage_options."""
 
     def __post_init__(self) -> None:
         if isinstance(self.layers, (int, str)):
@@ -113,6 +119,8 @@ class ExtractResult:
     n_rejected: int
     seconds: float
     complete: bool
+    n_unmasked: int = 0
+    """Images written without a mask file (their patches are labelled 255); 0 without masks."""
 
     @property
     def images_per_second(self) -> float:
@@ -120,10 +128,15 @@ class ExtractResult:
 
 
 def _decode_unit(batch: dict[str, np.ndarray], preprocessor: Preprocessor, max_pixels: int,
-                 storage_options: Mapping[str, Any]) -> dict[str, np.ndarray]:
-    """Fetch and decode one unit's images to uint8 (n, 3, H, W); bad images become rejected rows."""
+                 storage_options: Mapping[str, Any], labeler: MaskLabeler | None = None) -> dict[str, np.ndarray]:
+    """Fetch and decode one unit's images to uint8 (n, 3, H, W); bad images become rejected rows. With a
+    labeler, also the unit's per-patch labels from its masks (n, n_patches) and how many images had none."""
     uris = json.loads(batch["uris"][0])
     blobs = read_bytes(uris, dict(storage_options))
+    if labeler is not None:
+        masks = json.loads(batch["masks"][0])
+        mask_blobs = read_bytes(masks, dict(storage_options))
+        labels, n_unmasked = labeler.unlabeled(len(uris)), 0
     pixels = np.zeros((len(uris), 3, *preprocessor.image_size), np.uint8)
     rows: dict[str, list[Any]] = {"uri": uris, "label": json.loads(batch["labels"][0]), "width": [], "height": [],
                                   "status": [], "reason": []}
@@ -136,9 +149,16 @@ def _decode_unit(batch: dict[str, np.ndarray], preprocessor: Preprocessor, max_p
             w, h, status, reason = img.width, img.height, img.status, img.reason
             if img.image is not None:
                 pixels[i] = preprocessor(img.image).numpy()
+                if labeler is not None and isinstance(mask_blobs[i], Exception):
+                    n_unmasked += 1  # no mask file: its patches keep IGNORE
+                elif labeler is not None:
+                    labels[i] = labeler(mask_blobs[i], (w, h), masks[i])
         for key, value in zip(("width", "height", "status", "reason"), (w, h, status, reason)):
             rows[key].append(value)
-    return {"unit": batch["unit"], "pixels": pixels[None], "meta": np.array([json.dumps(rows)])}
+    out = {"unit": batch["unit"], "pixels": pixels[None], "meta": np.array([json.dumps(rows)])}
+    if labeler is not None:
+        out.update(patch_labels=labels[None], n_unmasked=np.array([n_unmasked]))
+    return out
 
 
 class _Forward:
@@ -169,7 +189,9 @@ class _Forward:
         for s in self.specs:  # a unit whose images were all rejected
             if outs[s.name] is None:
                 outs[s.name] = to_storage(torch.zeros(len(pixels), s.tokens.n_tokens, s.d), self.dtype, s.name)
-        return {"unit": batch["unit"], "meta": batch["meta"], **{f"acts:{n}": a[None] for n, a in outs.items()}}
+        passed = {k: batch[k] for k in ("patch_labels", "n_unmasked") if k in batch}  # decode's, for the writer
+        return {"unit": batch["unit"], "meta": batch["meta"], **passed,
+                **{f"acts:{n}": a[None] for n, a in outs.items()}}
 
 
 def _write_unit(batch: dict[str, np.ndarray], writer: StoreWriter) -> dict[str, np.ndarray]:
@@ -178,9 +200,11 @@ def _write_unit(batch: dict[str, np.ndarray], writer: StoreWriter) -> dict[str, 
     acts = {key.split(":", 1)[1]: value[0] for key, value in batch.items() if key.startswith("acts:")}
     import ray
 
-    writer.write_unit(unit, acts, images=rows, node=ray.get_runtime_context().get_node_id())
+    labels = batch["patch_labels"][0] if "patch_labels" in batch else None
+    writer.write_unit(unit, acts, images=rows, labels=labels, node=ray.get_runtime_context().get_node_id())
     n_rejected = sum(s != STATUS_OK for s in rows["status"])
-    return {"unit": batch["unit"], "n": np.array([len(rows["uri"])]), "n_rejected": np.array([n_rejected])}
+    return {"unit": batch["unit"], "n": np.array([len(rows["uri"])]), "n_rejected": np.array([n_rejected]),
+            "n_unmasked": batch.get("n_unmasked", np.array([0]))}
 
 
 def run_extract(cfg: ExtractConfig, progress: bool = True) -> ExtractResult:
@@ -188,11 +212,20 @@ def run_extract(cfg: ExtractConfig, progress: bool = True) -> ExtractResult:
     started = time.perf_counter()
     manifest = build_manifest(cfg.images, dict(cfg.image_storage_options))
     backbone = load_backbone(cfg.backbone)  # on the driver: layer specs, transforms, metadata
-    spec = StoreSpec(n_images=len(manifest), layers=backbone.layer_specs(), dtype=cfg.dtype, codec=cfg.codec,
-                     images_per_shard=cfg.images_per_shard, backbone=backbone.metadata(),
-                     dataset={"source": manifest.source, "fingerprint": manifest.fingerprint,
-                              "class_names": list(manifest.class_names)})
-    refuse_local_paths_on_a_cluster(cfg.address, images=cfg.images, out=cfg.out)
+    layers = backbone.layer_specs()
+    dataset = {"source": manifest.source, "fingerprint": manifest.fingerprint,
+               "class_names": list(manifest.class_names)}
+    labeler, masks = None, []
+    if cfg.masks is not None:
+        options = dict(cfg.image_storage_options)
+        masks = mask_uris(manifest.uris, cfg.images, cfg.masks, options)
+        labeler = MaskLabeler.create(backbone.preprocessor, layers[0].tokens.grid)
+        dataset["mask_classes"] = mask_classes(cfg.masks, options)
+    spec = StoreSpec(n_images=len(manifest), layers=layers, dtype=cfg.dtype, codec=cfg.codec,
+                     images_per_shard=cfg.images_per_shard, backbone=backbone.metadata(), dataset=dataset,
+                     has_labels=labeler is not None)
+    refuse_local_paths_on_a_cluster(cfg.address, images=cfg.images, out=cfg.out,
+                                    **({} if cfg.masks is None else {"masks": cfg.masks}))
     writer = StoreWriter.create(cfg.out, spec, dict(cfg.storage_options), overwrite=cfg.overwrite)
     fs, root = filesystem(writer.url, writer.storage_options)
     put_bytes(fs, f"{root}/{CONFIG_KEY}", config_json(cfg).encode())
@@ -205,30 +238,33 @@ def run_extract(cfg: ExtractConfig, progress: bool = True) -> ExtractResult:
     for k in todo:
         a, b = spec.unit_range(k)
         units.append({"unit": k, "uris": json.dumps(manifest.uris[a:b]),
-                      "labels": json.dumps([int(v) for v in manifest.labels[a:b]])})
+                      "labels": json.dumps([int(v) for v in manifest.labels[a:b]]),
+                      **({"masks": json.dumps(masks[a:b])} if labeler is not None else {})})
     preprocessor = backbone.preprocessor
     del backbone
-    n_rejected = 0
+    n_rejected = n_unmasked = 0
     if units:
-        n_rejected = _run(_pipeline(cfg, units, preprocessor, writer), n_todo, progress)
+        n_rejected, n_unmasked = _run(_pipeline(cfg, units, preprocessor, labeler, writer), n_todo, progress)
     complete = len(writer.units_done()) == spec.n_units
     if complete:
         writer.finalize()
     return ExtractResult(url=writer.url, n_images=spec.n_images, units_total=spec.n_units,
                          units_written=len(todo), units_skipped=len(done), images_written=n_todo,
-                         n_rejected=n_rejected, seconds=time.perf_counter() - started, complete=complete)
+                         n_rejected=n_rejected, seconds=time.perf_counter() - started, complete=complete,
+                         n_unmasked=n_unmasked)
 
 
-def _run(ds: Any, n_images: int, progress: bool) -> int:
-    """Iterate the pipeline to its end; returns the rejected images. A worker's error is raised as the
-    project's error (user_error), once Ray Data's actors are gone: Ray Data releases them by reference
+def _run(ds: Any, n_images: int, progress: bool) -> tuple[int, int]:
+    """Iterate the pipeline to its end; returns the rejected and the unmasked images. A worker's error is raised
+    as the project's error (user_error), once Ray Data's actors are gone: Ray Data releases them by reference
     counting, and the failure's traceback would hold them (and their CPUs) until a garbage collection."""
-    n_rejected, error = 0, None
+    n_rejected, n_unmasked, error = 0, 0, None
     try:
         with tqdm(total=n_images, desc="extract", unit="img", disable=not progress) as bar:
             for out in ds.iter_batches(batch_size=None, batch_format="numpy"):
                 bar.update(int(out["n"].sum()))
                 n_rejected += int(out["n_rejected"].sum())
+                n_unmasked += int(out["n_unmasked"].sum())
     except Exception as e:
         error = user_error(e)
         if error is None:
@@ -238,11 +274,11 @@ def _run(ds: Any, n_images: int, progress: bool) -> int:
         del ds
         gc.collect()
         raise error
-    return n_rejected
+    return n_rejected, n_unmasked
 
 
 def _pipeline(cfg: ExtractConfig, units: list[dict[str, Any]], preprocessor: Preprocessor,
-              writer: StoreWriter) -> Any:
+              labeler: MaskLabeler | None, writer: StoreWriter) -> Any:
     """The Ray Data dataset: one row per unit, decode tasks -> forward actors -> write tasks."""
     import ray
 
@@ -264,7 +300,7 @@ def _pipeline(cfg: ExtractConfig, units: list[dict[str, Any]], preprocessor: Pre
     unit_bytes = cfg.images_per_shard * 3 * preprocessor.image_size[0] * preprocessor.image_size[1]
     ds = ds.map_batches(_decode_unit, batch_size=1, batch_format="numpy", memory=2 * unit_bytes,
                         fn_kwargs={"preprocessor": preprocessor, "max_pixels": cfg.max_pixels,
-                                   "storage_options": dict(cfg.image_storage_options)})
+                                   "storage_options": dict(cfg.image_storage_options), "labeler": labeler})
     # Ray Data restarts forward actors and retries their tasks (at least once; units are idempotent)
     ds = ds.map_batches(_Forward, batch_size=1, batch_format="numpy",
                         compute=pool, num_gpus=1 if gpus else 0, num_cpus=1,

@@ -9,6 +9,7 @@ the same pipeline from a transformers processor's settings, which are not torchv
 
 from __future__ import annotations
 
+import copy
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -22,6 +23,9 @@ from torchvision.transforms.functional import pil_to_tensor
 from actstore.errors import ConfigError
 
 __all__ = ["Preprocessor"]
+
+_MODE_STEPS = ("MaybeConvertMode", "_convert_to_rgb")
+"""PIL steps that only convert the colour mode (open_clip's): a mask of class indices skips them."""
 
 
 @dataclass(frozen=True)
@@ -89,6 +93,24 @@ class Preprocessor:
         # RGB first, as timm's and open_clip's own dataset loaders do (grayscale, CMYK, palette images)
         image = image if image.mode == "RGB" else image.convert("RGB")
         return pil_to_tensor(self.pil_transform(image))
+
+    def mask_transform(self) -> Callable[[Image.Image], Image.Image]:
+        """The PIL steps' geometry for segmentation masks, so that mask pixels land where the image's do: each
+        resize copied with NEAREST (class indices must not blend), crops as they are, colour-mode steps left out.
+        ConfigError for a step that is none of these (its effect on a mask is unknown)."""
+        steps = []
+        for step in getattr(self.pil_transform, "transforms", [self.pil_transform]):
+            name = getattr(step, "__name__", type(step).__name__)
+            if name in _MODE_STEPS:
+                continue
+            if "Resize" in name and hasattr(step, "interpolation"):
+                step = copy.copy(step)
+                step.interpolation = InterpolationMode.NEAREST
+            elif "Crop" not in name:
+                raise ConfigError(f"masks: the model's image step {_describe(step)} is not a resize, crop or "
+                                  "mode conversion; cannot apply it to masks")
+            steps.append(step)
+        return Compose(steps)
 
     def describe(self) -> dict[str, Any]:
         """JSON-ready record of the pipeline for the store's backbone attrs. `resize` (an int: the shorter side,

@@ -10,6 +10,12 @@ Layout, ImageNet-style so that actstore.extract.sources.build_manifest reads it:
 
     <out>/<shape>/<i:06d>.png    image i (i = generation index)
     <out>/factors.parquet        one row per image, in manifest order
+    <masks>/<shape>/<i:06d>.png  optional segmentation mask of image i: single-channel PNG, 0 = background,
+                                 1 + label = the shape (SEG_CLASSES names each value)
+    <masks>/classes.txt          SEG_CLASSES, one a line (line k names value k)
+
+The masks folder lies outside the image folder (inside it, it would be one more class to
+build_manifest), mirroring the images' relative paths, as `actstore extract --masks` reads them.
 
 Image i's factors depend on (seed, i) only, so a smaller dataset is a subset
 of a larger one with the same seed. Shapes cycle (image i has shape
@@ -32,16 +38,19 @@ from PIL import Image, ImageDraw
 
 from actstore.errors import ConfigError
 
-__all__ = ["BACKGROUNDS", "COLORS", "SHAPES", "TEXTURES", "GeneratedDataset", "generate_dataset"]
+__all__ = ["BACKGROUNDS", "COLORS", "SEG_CLASSES", "SHAPES", "TEXTURES", "GeneratedDataset", "generate_dataset"]
 
 SHAPES = ("circle", "cross", "hexagon", "square", "star", "triangle")
 """The classes, in sorted order: label k is SHAPES[k], as build_manifest numbers class folders."""
+SEG_CLASSES = ("background", *SHAPES)
+"""What each mask value means: value 0 is the background, value 1 + k is SHAPES[k]."""
 COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (240, 210, 40),
           "magenta": (210, 50, 200), "cyan": (40, 200, 210), "orange": (245, 140, 30), "purple": (120, 50, 170)}
 BACKGROUNDS = {"white": (255, 255, 255), "black": (0, 0, 0), "gray": (128, 128, 128), "beige": (225, 210, 175)}
 TEXTURES = ("solid", "stripes", "dots", "checker")
 _SHADE = 0.45  # textures alternate the colour with this darker version of it
 _WRITE_BATCH = 256  # files per fs.pipe call: concurrent PUTs on object stores
+_CLASSES_FILE = "classes.txt"
 
 
 @dataclass(frozen=True)
@@ -69,28 +78,54 @@ class GeneratedDataset:
 
 
 def generate_dataset(out: str, n_images: int, seed: int = 0, image_size: int = 96,
-                     storage_options: dict[str, Any] | None = None, overwrite: bool = False) -> GeneratedDataset:
-    """Write n_images shape images and their factors under `out`; refuses a non-empty `out` unless overwrite."""
+                     storage_options: dict[str, Any] | None = None, overwrite: bool = False,
+                     masks: str | None = None) -> GeneratedDataset:
+    """Write n_images shape images and their factors under `out`, and their segmentation masks under `masks`
+    when given (a folder outside `out`); refuses a non-empty `out` or `masks` unless overwrite."""
     if n_images < 1 or image_size < 32:
         raise ConfigError(f"shapes: need n_images >= 1 and image_size >= 32, got {n_images} and {image_size}")
     fs, root = fsspec.core.url_to_fs(str(out), **(storage_options or {}))
     root = root.rstrip("/")
-    if fs.isdir(root) and (names := {n.rstrip("/").rsplit("/", 1)[-1] for n in fs.ls(root, detail=False)}):
-        if not names <= {*SHAPES, "factors.parquet"}:
-            raise ConfigError(f"{out}: exists and is not a generated shapes dataset; refusing to replace it")
-        if not overwrite:
-            raise ConfigError(f"{out}: exists and is not empty; pass overwrite=True to replace it")
-        fs.rm(root, recursive=True)
+    folders = [(out, fs, root, {*SHAPES, "factors.parquet"})]
+    if masks is not None:
+        mfs, mroot = fsspec.core.url_to_fs(str(masks), **(storage_options or {}))
+        mroot = mroot.rstrip("/")
+        if mfs.protocol == fs.protocol and (f"{mroot}/".startswith(f"{root}/") or f"{root}/".startswith(f"{mroot}/")):
+            raise ConfigError(f"{masks}: the masks folder and the image folder {out} must not contain each other")
+        folders.append((masks, mfs, mroot, {*SHAPES, _CLASSES_FILE}))
+    for given, ffs, froot, ours in folders:  # check both before replacing either
+        _refuse(given, ffs, froot, ours, overwrite)
+    for _, ffs, froot, _ in folders:
+        if ffs.isdir(froot):
+            ffs.rm(froot, recursive=True)
     rows = sorted((_factors(seed, i, image_size) for i in range(n_images)), key=lambda r: r["path"])
     for shape in sorted({r["shape"] for r in rows}):
         fs.makedirs(f"{root}/{shape}", exist_ok=True)
+        if masks is not None:
+            mfs.makedirs(f"{mroot}/{shape}", exist_ok=True)
     patterns = _patterns(image_size)
     for start in range(0, n_images, _WRITE_BATCH):
         batch = rows[start:start + _WRITE_BATCH]
-        fs.pipe({f"{root}/{r['path']}": _png(_render(r, image_size, patterns)) for r in batch})
+        insides = [_inside(r, image_size) for r in batch]
+        fs.pipe({f"{root}/{r['path']}": _png(_render(r, inside, patterns)) for r, inside in zip(batch, insides)})
+        if masks is not None:
+            mfs.pipe({f"{mroot}/{r['path']}": _png(inside.astype(np.uint8) * np.uint8(1 + r["label"]))
+                      for r, inside in zip(batch, insides)})
+    if masks is not None:
+        mfs.pipe_file(f"{mroot}/{_CLASSES_FILE}", "".join(f"{name}\n" for name in SEG_CLASSES).encode())
     factors = pa.Table.from_pylist(rows)
     pq.write_table(factors, f"{root}/factors.parquet", filesystem=fs)  # last: its presence means complete
     return GeneratedDataset(str(out), seed, image_size, factors)
+
+
+def _refuse(given: str, fs: fsspec.AbstractFileSystem, root: str, ours: set[str], overwrite: bool) -> None:
+    """ConfigError for a non-empty folder: always when it holds names this generator does not write, else
+    unless overwrite."""
+    if fs.isdir(root) and (names := {n.rstrip("/").rsplit("/", 1)[-1] for n in fs.ls(root, detail=False)}):
+        if not names <= ours:
+            raise ConfigError(f"{given}: exists and is not a generated shapes dataset; refusing to replace it")
+        if not overwrite:
+            raise ConfigError(f"{given}: exists and is not empty; pass overwrite=True to replace it")
 
 
 def _factors(seed: int, i: int, image_size: int) -> dict[str, Any]:
@@ -108,8 +143,8 @@ def _factors(seed: int, i: int, image_size: int) -> dict[str, Any]:
             **dict(zip(("background_r", "background_g", "background_b"), BACKGROUNDS[background]))}
 
 
-def _render(f: dict[str, Any], image_size: int, patterns: dict[str, np.ndarray]) -> np.ndarray:
-    """(image_size, image_size, 3) uint8: the textured shape over the background."""
+def _inside(f: dict[str, Any], image_size: int) -> np.ndarray:
+    """Boolean (image_size, image_size): the shape's pixels, in the image and in its mask alike."""
     mask = Image.new("L", (image_size, image_size), 0)
     draw = ImageDraw.Draw(mask)
     x, y, r = f["x"], f["y"], f["size"]
@@ -117,10 +152,14 @@ def _render(f: dict[str, Any], image_size: int, patterns: dict[str, np.ndarray])
         draw.ellipse((x - r, y - r, x + r, y + r), fill=255)
     else:
         draw.polygon(_outline(f["shape"], x, y, r), fill=255)
-    inside = np.asarray(mask) > 0
+    return np.asarray(mask) > 0
+
+
+def _render(f: dict[str, Any], inside: np.ndarray, patterns: dict[str, np.ndarray]) -> np.ndarray:
+    """(image_size, image_size, 3) uint8: the textured shape (`inside`) over the background."""
     on = patterns[f["texture"]]
     color = np.array(COLORS[f["color"]], dtype=np.uint8)
-    pixels = np.empty((image_size, image_size, 3), dtype=np.uint8)
+    pixels = np.empty((*inside.shape, 3), dtype=np.uint8)
     pixels[...] = BACKGROUNDS[f["background"]]
     pixels[inside & on] = color
     pixels[inside & ~on] = (color * _SHADE).astype(np.uint8)
