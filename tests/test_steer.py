@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from actstore.errors import ConfigError
+from actstore.errors import ConfigError, NotFoundError
 from cli import main
 from sae import checkpoint
 from sae.edits import FeatureEdit, apply_edits, edit_fn, parse_edit
@@ -176,7 +176,7 @@ def test_cli_steer_bad_edits_are_one_line(service_store: Path, index_dir, capsys
 
 
 def test_steer_errors(steerer: Steerer, service_store: Path) -> None:
-    with pytest.raises(ConfigError, match="the store has images 0..47"):
+    with pytest.raises(NotFoundError, match="the store has images 0..47"):
         steerer.image(48)
     with pytest.raises(ConfigError, match="expected model, zeroshot"):
         steerer.head("linear")

@@ -34,6 +34,11 @@ class ServeConfig:
     compare: str | None = None
     """Comparison folder (from `actstore compare`) one of whose sides is this index: the page shows each feature's
     matches in the other SAE, with that SAE's top images."""
+    steer: tuple[str, ...] = ()
+    """Heads the steering dashboards and POST /steer may read out: model, zeroshot[:FILE], probe:DIR, vlm (the index's
+    SAE is spliced into its store's backbone, loaded on the first steering request); none: no steering."""
+    steer_timeout: float = 30.0
+    """Seconds a steering request may take (503 past it)."""
     storage_options: Mapping[str, Any] = field(default_factory=dict)
     """fsspec options for reading the dataset's images."""
 
@@ -41,5 +46,8 @@ class ServeConfig:
         for name in ("workers", "replicas"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        object.__setattr__(self, "steer", tuple(self.steer))
+        if not self.steer_timeout > 0:
+            raise ConfigError(f"steer_timeout must be > 0, got {self.steer_timeout}")
         if not 0 <= self.port < 65536:
             raise ConfigError(f"port must be in [0, 65536), got {self.port}")

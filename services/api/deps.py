@@ -17,9 +17,10 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from actstore.errors import NotFoundError
 from services.api.matches import MatchReader
 from services.api.reader import IndexReader
+from services.api.steering import NO_STEERING, Steering
 from services.api.schemas import Error
 
-__all__ = ["BearerAuth", "matches_of", "reader_of", "secured"]
+__all__ = ["BearerAuth", "matches_of", "reader_of", "secured", "steering_of"]
 
 NO_COMPARISON = "this service has no comparison: start it with --compare DIR (a folder from `actstore compare`)"
 
@@ -35,6 +36,14 @@ def matches_of(request: Request) -> MatchReader:
     if matches is None:
         raise NotFoundError(NO_COMPARISON)
     return matches
+
+
+def steering_of(request: Request) -> Steering:
+    """The app's steering (app.state.steering, from --steer); a 404 naming the flag when it has none."""
+    steering = request.app.state.steering
+    if steering is None:
+        raise NotFoundError(NO_STEERING)
+    return steering
 
 
 @dataclass(frozen=True)

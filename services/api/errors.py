@@ -2,6 +2,8 @@
 
     NotFoundError, StoreNotFoundError   404   no such feature or image, or its file is not there
     AccessDeniedError                   403   the image lies outside the dataset the index recorded
+    ConfigError                         422   a request the model cannot run (a feature or patch out of range...)
+    SteeringTimeout                     503   a steering request ran past the service's time bound
     CorruptDataError                    500   stored bytes are damaged; the detail names the object
     RequestValidationError              422   one line: where, and what is wrong
     anything else                       500   {"detail": "internal error ..."}; the traceback goes to the log
@@ -16,12 +18,13 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
-from actstore.errors import AccessDeniedError, CorruptDataError, NotFoundError, StoreNotFoundError
+from actstore.errors import AccessDeniedError, ConfigError, CorruptDataError, NotFoundError, StoreNotFoundError
+from services.api.steering import SteeringTimeout
 
 __all__ = ["STATUS", "add_error_handlers"]
 
 STATUS: dict[type[Exception], int] = {NotFoundError: 404, StoreNotFoundError: 404, AccessDeniedError: 403,
-                                      CorruptDataError: 500}
+                                      ConfigError: 422, SteeringTimeout: 503, CorruptDataError: 500}
 """HTTP status of each error the service translates; anything else is a bug (500, with its traceback logged)."""
 
 

@@ -6,12 +6,13 @@ nothing on the way out, so the models and the reader's dicts must agree (the API
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict, Field
 
-__all__ = ["Atlas", "Band", "BandExample", "Error", "Feature", "FeatureMatches", "FeaturePage", "FeatureSummary",
-           "Health", "Histogram", "ImageFeature", "ImageFeatures", "Match", "OtherSAE", "TopImage"]
+__all__ = ["Atlas", "Band", "BandExample", "EditIn", "Error", "Feature", "FeatureMatches", "FeaturePage",
+           "FeatureSummary", "Health", "Histogram", "ImageFeature", "ImageFeatures", "Match", "OtherSAE",
+           "PatchFeatures", "Prediction", "SteerHeads", "SteerRequest", "SteerResult", "TopImage"]
 
 
 class FeatureSummary(BaseModel):
@@ -140,3 +141,81 @@ class FeatureMatches(BaseModel):
 
 class Error(BaseModel):
     detail: str
+
+
+# steering: the one request body the service parses (bounded here; sae.edits checks features and patches) ------
+
+MAX_EDITS, MAX_PROMPT, MAX_VALUE = 64, 1000, 1e6
+"""At most 64 edits and a 1000-character prompt per request; |value| <= 1e6 (as sae.edits.MAX_VALUE)."""
+
+
+class EditIn(BaseModel):
+    """One feature edit (sae.edits.FeatureEdit): `op` with `value` on the tokens `where` names."""
+
+    model_config = ConfigDict(extra="forbid")
+    feature: int = Field(ge=0, lt=2**31)
+    op: Literal["scale", "add", "set", "clamp"]
+    value: float = Field(ge=-MAX_VALUE, le=MAX_VALUE, allow_inf_nan=False)
+    where: Literal["all", "cls", "patches"] | Annotated[list[Annotated[int, Field(ge=0, lt=2**20)]],
+                                                        Field(min_length=1, max_length=4096)] = "all"
+
+
+class SteerRequest(BaseModel):
+    """An image of the served store, the edits, the head to read out (GET /steer/heads lists them)."""
+
+    model_config = ConfigDict(extra="forbid")
+    image: int = Field(ge=0, lt=2**31)
+    head: str = Field("model", min_length=1, max_length=200)
+    edits: list[EditIn] = Field(default_factory=list, max_length=MAX_EDITS)
+    prompt: str | None = Field(None, max_length=MAX_PROMPT)
+    responses: int = Field(5, ge=1, le=10)
+    temperature: float = Field(0.7, gt=0, le=5, allow_inf_nan=False)
+    seed: int = Field(0, ge=0, lt=2**31)
+    max_new_tokens: int = Field(24, ge=1, le=128)
+
+
+class Prediction(BaseModel):
+    top5: list[list[float]] | None = None
+    """[[class index, probability], ...], most probable first (class and segmentation heads)."""
+    mask: list[list[int]] | None = None
+    """The grid of per-patch labels (segmentation heads)."""
+    responses: list[str] | None = None
+    """Sampled answers (vlm heads)."""
+
+
+class SteerResult(BaseModel):
+    image: int
+    head: str
+    kind: str
+    classes: list[str]
+    edits: list[str]
+    before: Prediction
+    after: Prediction
+
+
+class SteerHead(BaseModel):
+    name: str
+    kind: str
+    classes: list[str]
+
+
+class SteerHeads(BaseModel):
+    heads: list[SteerHead]
+    grid: list[int]
+    cls: bool
+    d_sae: int
+    layer: str
+    tokens: str
+    max_edits: int
+    timeout_s: float
+
+
+class PatchFeature(BaseModel):
+    feature: int
+    value: float
+
+
+class PatchFeatures(BaseModel):
+    image: int
+    patch: int
+    features: list[PatchFeature]

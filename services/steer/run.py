@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from actstore.config import check_at_least, public_config, redact
-from actstore.errors import ConfigError
+from actstore.errors import ConfigError, NotFoundError
 from actstore.extract.zeroshot import DEFAULT_TEMPLATE
 from actstore.store import STATUS_OK, ActivationStore
 from sae.edits import FeatureEdit, check_edits, edit_fn, parse_edit
@@ -108,9 +108,9 @@ class Steerer:
         if isinstance(ref, int) or str(ref).strip().isdigit():
             i = int(ref)
             if not 0 <= i < self.images.num_rows:
-                raise ConfigError(f"image {i}: the store has images 0..{self.images.num_rows - 1}")
+                raise NotFoundError(f"image {i}: the store has images 0..{self.images.num_rows - 1}")
             if self.images.column("status")[i].as_py() != STATUS_OK:
-                raise ConfigError(f"image {i} was rejected at extraction: {self.images.column('reason')[i].as_py()}")
+                raise NotFoundError(f"image {i} was rejected at extraction: {self.images.column('reason')[i].as_py()}")
             uri = self.images.column("uri")[i].as_py()
         else:
             uri = str(ref)
@@ -129,7 +129,7 @@ class Steerer:
         """(feature, activation) of the SAE on the stored token of patch `patch` of image `i`, strongest first."""
         layout = self.layout
         if not 0 <= i < self.images.num_rows:
-            raise ConfigError(f"image {i}: the store has images 0..{self.images.num_rows - 1}")
+            raise NotFoundError(f"image {i}: the store has images 0..{self.images.num_rows - 1}")
         if not 0 <= patch < layout.n_patches:
             raise ConfigError(f"patch {patch}: the grid is {layout.grid[0]} x {layout.grid[1]} "
                               f"(patches 0..{layout.n_patches - 1})")
