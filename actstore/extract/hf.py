@@ -1,7 +1,10 @@
-"""transformers backbones (`hf:`): CLIP and SigLIP vision towers, DINOv2 (with and without registers), V-JEPA 2.
+"""transformers backbones (`hf:`): CLIP and SigLIP vision towers, DINOv2 (with and without registers), V-JEPA 2,
+and the vision tower of a LLaVA-style vision-language model (HF_VLM_TYPES).
 
 A model is named by a hub id, a folder saved by save_pretrained, or a built-in config name (HF_CONFIGS);
 its layers are the encoder layers, the same tokens as `output_hidden_states=True`'s hidden_states[i + 1].
+A VLM's Backbone is its vision tower, the very module inside the whole model it keeps (`vlm`), so that an
+intervention on the tower's layers acts on the VLM's answers too (actstore.extract.vlm generates them).
 """
 
 from __future__ import annotations
@@ -9,7 +12,8 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from operator import attrgetter
 from typing import TYPE_CHECKING, Any
@@ -20,11 +24,12 @@ from torch import Tensor, nn
 from actstore.errors import ConfigError
 from actstore.extract.hooked import HUB_WEIGHTS, Backbone, Family, ViT, checkpoint_path, seeded
 from actstore.extract.preprocess import Preprocessor
+from actstore.store import LayerSpec
 
 if TYPE_CHECKING:
     from actstore.extract.backbones import BackboneConfig
 
-__all__ = ["HF", "HF_CONFIGS", "HF_MODEL_TYPES", "hf_source"]
+__all__ = ["HF", "HF_CONFIGS", "HF_MODEL_TYPES", "HF_VLM_TYPES", "hf_source"]
 
 
 class _HFEncoder(ViT):
@@ -61,12 +66,93 @@ class _HFEncoder(ViT):
             return (super()._replace(index, output[0], tokens), *output[1:])
         return super()._replace(index, output, tokens)
 
+    @property
+    def _whole(self) -> nn.Module:
+        """The model the weights are drawn and loaded with (a VLM's vision tower: the VLM)."""
+        return self.model
+
     def metadata(self) -> dict[str, Any]:
         """Also the transformers class and the config's non-default fields, so that random weights from a
         folder that is gone can still be rebuilt."""
-        config = json.loads(self.model.config.to_json_string(use_diff=True))
+        config = json.loads(self._whole.config.to_json_string(use_diff=True))
         config.pop("transformers_version", None)
-        return {**super().metadata(), "model_class": type(self.model).__name__, "config": config}
+        return {**super().metadata(), "model_class": type(self._whole).__name__, "config": config}
+
+
+class _HFVisionTower(_HFEncoder):
+    """The vision tower of a vision-language model: `model` is the tower inside `vlm` (the same module objects,
+    so hooks on its layers act on the VLM's own forward passes); `processor` is the source's whole processor
+    (tokenizer, chat template), None where it has none.
+
+    `vlm` is kept out of the registered submodules: moving the Backbone to an accelerator for extraction moves
+    the tower only (its parameters are the VLM's own); actstore.extract.vlm moves the rest when it generates.
+    """
+
+    def __init__(self, cfg: BackboneConfig, vlm: nn.Module, tower: nn.Module, processor: Any,
+                 preprocessor: Preprocessor, blocks: Sequence[nn.Module], **layout: Any) -> None:
+        super().__init__(cfg, tower, preprocessor, blocks, frames=0, **layout)
+        object.__setattr__(self, "_vlm", vlm.eval().requires_grad_(False))
+        self.processor = processor
+
+    @property
+    def vlm(self) -> nn.Module:
+        """The whole vision-language model, for generation."""
+        return self._vlm
+
+    @property
+    def _whole(self) -> nn.Module:
+        """The model the weights are drawn and loaded with (a VLM's vision tower: the VLM)."""
+        return self.model
+
+    def metadata(self) -> dict[str, Any]:
+        """Also the transformers class and the config's non-default fields, so that random weights from a
+        folder that is gone can still be rebuilt."""
+        config = json.loads(self._whole.config.to_json_string(use_diff=True))
+        config.pop("transformers_version", None)
+        return {**super().metadata(), "model_class": type(self._whole).__name__, "config": config}
+
+
+class _HFVisionTower(_HFEncoder):
+    """The vision tower of a vision-language model: `model` is the tower inside `vlm` (the same module objects,
+    so hooks on its layers act on the VLM's own forward passes); `processor` is the source's whole processor
+    (tokenizer, chat template), None where it has none.
+
+    `vlm` is kept out of the registered submodules: moving the Backbone to an accelerator for extraction moves
+    the tower only (its parameters are the VLM's own); actstore.extract.vlm moves the rest when it generates.
+    """
+
+    def __init__(self, cfg: BackboneConfig, vlm: nn.Module, tower: nn.Module, processor: Any,
+                 preprocessor: Preprocessor, blocks: Sequence[nn.Module], **layout: Any) -> None:
+        super().__init__(cfg, tower, preprocessor, blocks, frames=0, **layout)
+        object.__setattr__(self, "_vlm", vlm.eval().requires_grad_(False))
+        self.processor = processor
+
+    @property
+    def vlm(self) -> nn.Module:
+        """The whole vision-language model, for generation."""
+        return self._vlm
+
+    @contextmanager
+    def intervene(self, layer: int | str, fn: Callable[[Tensor], Tensor]) -> Iterator[LayerSpec]:
+        """Backbone.intervene, with the hook put before the layer's other hooks: transformers records
+        hidden_states (from which LLaVA takes its image features) by forward hooks on these layers, installed at
+        the first forward that asks for them, and a hook appended after those would change the next layer's
+        input but not the features the VLM reads. Interventions nested on one layer so run innermost first."""
+        spec = self._resolve(layer)
+
+        def hook(module: nn.Module, args: Any, output: Any) -> Any:
+            tokens = self._tokens(spec.index, output)
+            return self._replace(spec.index, output, fn(tokens).to(tokens.dtype))
+
+        handle = self._blocks[spec.index].register_forward_hook(hook, prepend=True)
+        try:
+            yield spec
+        finally:
+            handle.remove()
+
+    @property
+    def _whole(self) -> nn.Module:
+        return self._vlm
 
 
 @dataclass(frozen=True)
@@ -107,6 +193,11 @@ HF_MODEL_TYPES: dict[str, _HFKind] = {
     "vjepa2": _VJEPA2,
 }
 """Supported config model types (a CLIP or SigLIP checkpoint with both towers loads its vision tower)."""
+
+HF_VLM_TYPES: dict[str, tuple[str, str]] = {"llava": ("LlavaForConditionalGeneration", "model.vision_tower")}
+"""Vision-language model types whose vision tower (CLIP or SigLIP) is the Backbone: (the whole model's class, the
+attribute path of its tower). The whole model is kept beside it for generation (actstore.extract.vlm)."""
+_VLM_TOWERS = ("clip_vision_model", "siglip_vision_model")
 
 _DINOV2_SIZES = {"small": (384, 12, 6), "base": (768, 12, 12), "large": (1024, 24, 16)}
 HF_CONFIGS: dict[str, tuple[str, str, dict[str, Any]]] = {
@@ -151,8 +242,14 @@ def hf_source(arch: str) -> tuple[str, str]:
 
 def _hf_kind(model_type: str | None, where: str) -> _HFKind:
     if model_type not in HF_MODEL_TYPES:
-        raise ConfigError(f"{where}: unsupported model type {model_type!r}; use one of: {', '.join(HF_MODEL_TYPES)}")
+        raise ConfigError(f"{where}: unsupported model type {model_type!r}; use one of: "
+                          f"{', '.join([*HF_MODEL_TYPES, *HF_VLM_TYPES])}")
     return HF_MODEL_TYPES[model_type]
+
+
+def _vlm_tower(model_type: str, vision_type: str | None, where: str) -> None:
+    if vision_type not in _VLM_TOWERS:
+        raise ConfigError(f"{where}: the vision tower of a {model_type} must be CLIP or SigLIP, not {vision_type}")
 
 
 def _hf_weights(model_cls: Any, config: Any, weights: str) -> nn.Module:
@@ -178,32 +275,45 @@ def _hf_weights(model_cls: Any, config: Any, weights: str) -> nn.Module:
     return model
 
 
-def _hf_preprocessor(kind: _HFKind, config: Any, where: str | None) -> Preprocessor:
-    """The source's own processor file where it has one, else `kind.processor_defaults` (built-in names, folders
-    saved without one), as PIL steps + ToTensor + Normalize."""
+def _hf_processors(kind: _HFKind, config: Any, where: str | None, vlm: bool) -> tuple[Any, Preprocessor]:
+    """(a VLM's whole processor (tokenizer, chat template), None for vision models and sources without one; the
+    Preprocessor). The image steps are the source's own processor file's where it has one (a VLM's: its whole
+    processor's image processor), else `kind.processor_defaults` (built-in names, folders saved without one), as
+    PIL steps + ToTensor + Normalize."""
     import transformers
-    from transformers.utils import IMAGE_PROCESSOR_NAME, VIDEO_PROCESSOR_NAME, cached_file
+    from transformers.utils import IMAGE_PROCESSOR_NAME, PROCESSOR_NAME, VIDEO_PROCESSOR_NAME, cached_file
 
-    names = (VIDEO_PROCESSOR_NAME, IMAGE_PROCESSOR_NAME) if kind.video else (IMAGE_PROCESSOR_NAME,)
-    if where is not None and any(cached_file(where, n, _raise_exceptions_for_missing_entries=False) for n in names):
-        auto = transformers.AutoVideoProcessor if kind.video else transformers.AutoImageProcessor
-        processor = auto.from_pretrained(where)
+    names = (VIDEO_PROCESSOR_NAME, IMAGE_PROCESSOR_NAME) if kind.video else (IMAGE_PROCESSOR_NAME, PROCESSOR_NAME)
+    whole = None
+    if where is None or not any(cached_file(where, n, _raise_exceptions_for_missing_entries=False) for n in names):
+        image = getattr(transformers, kind.processor_class)(**kind.processor_defaults(config))
+    elif vlm:
+        whole = transformers.AutoProcessor.from_pretrained(where)
+        image = getattr(whole, "image_processor", whole)
     else:
-        processor = getattr(transformers, kind.processor_class)(**kind.processor_defaults(config))
-    return Preprocessor.from_hf(processor)
+        auto = transformers.AutoVideoProcessor if kind.video else transformers.AutoImageProcessor
+        image = auto.from_pretrained(where)
+    if getattr(image, "do_pad", False):
+        raise ConfigError(f"{where}: its {type(image).__name__} pads images to a square; that is not supported")
+    return (whole if hasattr(whole, "tokenizer") else None), Preprocessor.from_hf(image)
 
 
 class HF(Family):
-    """transformers vision models; see HF_MODEL_TYPES and HF_CONFIGS. `arch` is a hub id, a folder saved by
-    save_pretrained (config.json, optional weights and processor file) or a built-in name; `pretrained` is None
-    (seeded random weights from the config), "hub" (the hub id's or folder's own weights) or a folder or weights
-    file, all through from_pretrained."""
+    """transformers vision models; see HF_MODEL_TYPES, HF_VLM_TYPES and HF_CONFIGS. `arch` is a hub id, a folder
+    saved by save_pretrained (config.json, optional weights and processor file) or a built-in name; `pretrained`
+    is None (seeded random weights from the config: a VLM's drawn whole, so that its tower's are the same again),
+    "hub" (the hub id's or folder's own weights) or a folder or weights file, all through from_pretrained."""
 
     def check(self, arch: str, pretrained: str | None) -> None:
         source, where = hf_source(arch)
         if source == "folder":
             with open(os.path.join(where, "config.json")) as f:
-                _hf_kind(json.load(f).get("model_type"), where)
+                config = json.load(f)
+            model_type, vision = config.get("model_type"), config.get("vision_config") or {}
+            if model_type not in HF_VLM_TYPES:
+                _hf_kind(model_type, where)
+            elif "model_type" in vision:  # else the config class's default tower (LLaVA's: CLIP)
+                _vlm_tower(model_type, vision["model_type"], where)
         if pretrained and pretrained != HUB_WEIGHTS:
             path = checkpoint_path(pretrained)
             if path is None or not os.path.exists(path):
@@ -222,23 +332,30 @@ class HF(Family):
                 config = transformers.AutoConfig.for_model(model_type, **fields)
             else:
                 config = transformers.AutoConfig.from_pretrained(where)
-            config = getattr(config, "vision_config", None) or config  # CLIP, SigLIP: both towers' config
-            kind = _hf_kind(config.model_type, where)
-            model_cls = getattr(transformers, kind.model_class)
+            vlm = HF_VLM_TYPES.get(config.model_type)
+            vision = getattr(config, "vision_config", None) or config  # CLIP, SigLIP: both towers; a VLM
+            kind = _hf_kind(vision.model_type, where)
+            if vlm:
+                _vlm_tower(config.model_type, vision.model_type, where)
+            model_cls, whole = getattr(transformers, vlm[0] if vlm else kind.model_class), config if vlm else vision
             if cfg.pretrained is None:
-                model = seeded(cfg.init_seed, model_cls, config)
+                model = seeded(cfg.init_seed, model_cls, whole)
             else:
-                model = _hf_weights(model_cls, config, where if cfg.pretrained == HUB_WEIGHTS else path)
-            prep = _hf_preprocessor(kind, config, None if source == "builtin" else where)
+                model = _hf_weights(model_cls, whole, where if cfg.pretrained == HUB_WEIGHTS else path)
+            processor, prep = _hf_processors(kind, vision, None if source == "builtin" else where, vlm is not None)
         except ConfigError:
             raise
         except (OSError, ValueError) as e:  # the hub unreachable, a repo or file missing, a bad config
             raise ConfigError(f"{cfg.model}: {' '.join(str(e).split())[:300]}") from e
-        if kind.fixed_size and prep.image_size != (getattr(config, kind.fixed_size),) * 2:
+        if kind.fixed_size and prep.image_size != (getattr(vision, kind.fixed_size),) * 2:
             raise ConfigError(f"{cfg.model}: its processor makes {prep.image_size} images, the model takes "
-                              f"{kind.fixed_size} {getattr(config, kind.fixed_size)}")
-        patch = config.patch_size if isinstance(config.patch_size, int) else config.patch_size[0]
-        n_registers = getattr(config, "num_register_tokens", 0) or 0
-        return _HFEncoder(cfg, model, prep, attrgetter(kind.blocks)(model), frames=config.tubelet_size if kind.video
-                          else 0, d=config.hidden_size, grid=[n // patch for n in prep.image_size],
-                          n_prefix=int(kind.has_cls) + n_registers, has_cls=kind.has_cls)
+                              f"{kind.fixed_size} {getattr(vision, kind.fixed_size)}")
+        patch = vision.patch_size if isinstance(vision.patch_size, int) else vision.patch_size[0]
+        n_registers = getattr(vision, "num_register_tokens", 0) or 0
+        layout = {"d": vision.hidden_size, "grid": [n // patch for n in prep.image_size],
+                  "n_prefix": int(kind.has_cls) + n_registers, "has_cls": kind.has_cls}
+        if vlm:
+            tower = attrgetter(vlm[1])(model)
+            return _HFVisionTower(cfg, model, tower, processor, prep, attrgetter(kind.blocks)(tower), **layout)
+        return _HFEncoder(cfg, model, prep, attrgetter(kind.blocks)(model),
+                          frames=vision.tubelet_size if kind.video else 0, **layout)

@@ -163,14 +163,17 @@ class Backbone(nn.Module):
     @contextmanager
     def intervene(self, layer: int | str, fn: Callable[[Tensor], Tensor]) -> Iterator[LayerSpec]:
         """While open, every forward pass sends `layer`'s tokens (B, T, d), in the layout `forward` returns, through
-        `fn` and carries on with what it returns: the hook point extraction reads is the one written here."""
+        `fn` and carries on with what it returns: the hook point extraction reads is the one written here. The hook
+        goes before the layer's other hooks, so whatever reads the layer's output sees the change: transformers
+        records hidden_states (from which LLaVA takes its image features) by forward hooks on these layers. Two
+        interventions nested on one layer run innermost first."""
         spec = self._resolve(layer)
 
         def hook(module: nn.Module, args: Any, output: Any) -> Any:
             tokens = self._tokens(spec.index, output)
             return self._replace(spec.index, output, fn(tokens).to(tokens.dtype))
 
-        handle = self._blocks[spec.index].register_forward_hook(hook)
+        handle = self._blocks[spec.index].register_forward_hook(hook, prepend=True)
         try:
             yield spec
         finally:

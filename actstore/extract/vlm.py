@@ -1,0 +1,74 @@
+"""A vision-language model's answers to a prompt about an image, sampled through the Backbone's own modules.
+
+An `hf:` LLaVA backbone (actstore.extract.hf) is the VLM's vision tower and keeps the whole VLM (`backbone.vlm`);
+the tower inside it is the very module the Backbone hooks, so whatever is open on one of its layers (an
+intervention, an SAE spliced in) acts on the answers:
+
+    clean = responses(backbone, image, "What is in the picture?")
+    with splice(backbone, sae, norm, layer=-2, edit=edit):
+        steered = responses(backbone, image, "What is in the picture?")
+
+The image goes in as `backbone.normalize(images)`, the pixels extraction and splicing see; the prompt is written
+with the source's processor (its chat template where it has one) and the answers are sampled by the VLM's own
+`generate` (its generation config, with sampling on at the given temperature).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from actstore.errors import ConfigError
+from actstore.extract.hooked import Backbone
+
+__all__ = ["FALLBACK_PROMPT", "responses"]
+
+FALLBACK_PROMPT = "USER: {image}\n{prompt} ASSISTANT:"
+"""llava-1.5's conversation format, for a processor without a chat template ({image}: its image token)."""
+
+
+def _check(backbone: Backbone, images: Tensor, prompt: str, n: int, temperature: float, max_new_tokens: int) -> None:
+    if getattr(backbone, "vlm", None) is None:
+        raise ConfigError(f"{backbone.cfg.model} is not a vision-language model; responses need an hf: LLaVA")
+    if backbone.processor is None:
+        raise ConfigError(f"{backbone.cfg.model} has no processor (tokenizer) to write the prompt with")
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise ConfigError("the prompt is empty")
+    if not temperature > 0:
+        raise ConfigError(f"temperature must be > 0, got {temperature}")
+    for name, value in (("n", n), ("max_new_tokens", max_new_tokens)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"{name} must be an integer >= 1, got {value!r}")
+    size = tuple(backbone.preprocessor.image_size)
+    if images.dtype != torch.uint8 or tuple(images.shape) != (1, 3, *size):
+        raise ConfigError(f"images must be one uint8 (1, 3, {size[0]}, {size[1]}) image as the backbone's "
+                          f"preprocessor makes it, got {images.dtype} {tuple(images.shape)}")
+
+
+def responses(backbone: Backbone, images: Tensor, prompt: str, *, n: int = 5, temperature: float = 0.7, seed: int = 0,
+              max_new_tokens: int = 24) -> list[str]:
+    """The VLM's `n` sampled answers to `prompt` about the image (uint8 (1, 3, H, W), as `backbone.preprocessor`
+    makes it), without the prompt and special tokens. The same seed gives the same answers (the caller's RNG is
+    left as it was); the interventions open on `backbone` act on them."""
+    _check(backbone, images, prompt, n, temperature, max_new_tokens)
+    processor, vlm = backbone.processor, backbone.vlm
+    if processor.chat_template:
+        text = processor.apply_chat_template(
+            [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}],
+            add_generation_prompt=True)
+    else:
+        text = FALLBACK_PROMPT.format(image=processor.image_token, prompt=prompt)
+    # the processor expands the image token to one per image feature; its own pixels are not used
+    tokens = processor(images=images[0].cpu(), text=text, return_tensors="pt")
+    device = next(backbone.model.parameters()).device
+    vlm.to(device)
+    tokenizer, config = processor.tokenizer, vlm.generation_config
+    pad = {} if config.pad_token_id is not None else {
+        "pad_token_id": tokenizer.eos_token_id if tokenizer.pad_token_id is None else tokenizer.pad_token_id}
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        out = vlm.generate(input_ids=tokens["input_ids"].to(device), attention_mask=tokens["attention_mask"].to(device),
+                           pixel_values=backbone.normalize(images), do_sample=True, temperature=float(temperature),
+                           max_new_tokens=max_new_tokens, num_return_sequences=n, **pad)
+    answers = processor.batch_decode(out[:, tokens["input_ids"].shape[1]:], skip_special_tokens=True)
+    return [a.strip() for a in answers]

@@ -1,0 +1,246 @@
+"""A LLaVA as an `hf:` backbone: its layers are the vision tower's own hidden states (random weights rebuilt from the
+record, or the folder's), its pixels are the VLM processor's, its answers are the VLM's samples (the same for a
+seed), and an intervention on the tower's layers acts on them (zeroing changes them, the identity does not)."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import transformers
+from PIL import Image
+
+from actstore.errors import ConfigError
+from actstore.extract import ExtractConfig, run_extract
+from actstore.extract.backbones import Backbone, BackboneConfig, load_backbone
+from actstore.extract.vlm import FALLBACK_PROMPT, responses
+from actstore.store import ActivationStore
+from actstore.testing.shapes import generate_dataset
+from actstore.testing.tiny_vlm import write_tiny_llava
+
+PROMPT = "What is in the picture?"
+FEATURE_LAYER = -2
+"""The layer the tiny LLaVAs read their image features from (vision_feature_layer)."""
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory) -> dict[str, str]:
+    return {vision: write_tiny_llava(str(tmp_path_factory.mktemp(vision)), seed=3, vision=vision)
+            for vision in ("clip", "siglip")}
+
+
+def image(backbone: Backbone, seed: int = 0, size: tuple[int, int] = (45, 60)) -> torch.Tensor:
+    """One random PIL image through the backbone's preprocessor: uint8 (1, 3, H, W)."""
+    rng = np.random.default_rng(seed)
+    return backbone.preprocessor(Image.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8)))[None]
+
+
+def first_token_logits(backbone: Backbone, x: torch.Tensor) -> torch.Tensor:
+    """The VLM's next-token logits after the fallback prompt: one forward pass of the whole model."""
+    processor = backbone.processor
+    tokens = processor(images=x[0], text=FALLBACK_PROMPT.format(image=processor.image_token, prompt=PROMPT),
+                       return_tensors="pt")
+    with torch.no_grad():
+        return backbone.vlm(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"],
+                            pixel_values=backbone.normalize(x)).logits[0, -1]
+
+
+@pytest.mark.parametrize("vision", ["clip", "siglip"])
+def test_tokens_are_the_vision_towers_hidden_states(vision: str, folders: dict[str, str]) -> None:
+    folder = folders[vision]
+    saved = transformers.LlavaForConditionalGeneration.from_pretrained(folder).eval()
+    cls = vision == "clip"
+    for pretrained in (folder, "hub"):  # the folder's own weights, by path and by "hub"
+        backbone = load_backbone(BackboneConfig(f"hf:{folder}", layers=(-1, 0), pretrained=pretrained))
+        assert backbone.vlm.model.vision_tower is backbone.model
+        specs = backbone.layer_specs()
+        assert [(s.name, s.d, s.tokens.cls, s.tokens.grid) for s in specs] == [("2", 32, cls, (4, 4)),
+                                                                               ("0", 32, cls, (4, 4))]
+        x = torch.cat([image(backbone, 0), image(backbone, 1, (70, 50))])
+        out = backbone(x)
+        with torch.no_grad():
+            ref = saved.model.vision_tower(pixel_values=backbone.normalize(x), output_hidden_states=True)
+        assert len(ref.hidden_states) == 4 and out["2"].shape == (2, 16 + cls, 32)
+        assert torch.equal(out["2"], ref.hidden_states[3]) and torch.equal(out["0"], ref.hidden_states[1])
+        # the head: the tower's pooled output (CLIP: its final norm of CLS), no class logits
+        embedding, logits = backbone.outputs(x)
+        assert logits is None
+        torch.testing.assert_close(embedding, ref.pooler_output, rtol=0, atol=1e-6)
+        if cls:
+            torch.testing.assert_close(embedding, saved.model.vision_tower.post_layernorm(out["2"][:, 0]),
+                                       rtol=0, atol=1e-6)
+
+
+def test_random_weights_are_rebuilt_from_the_record(folders: dict[str, str]) -> None:
+    rng_before = torch.get_rng_state()
+    model = f"hf:{folders['clip']}"
+    a, b, c = (load_backbone(BackboneConfig(model, layers=(FEATURE_LAYER,), init_seed=s)) for s in (5, 5, 6))
+    assert torch.equal(torch.get_rng_state(), rng_before), "loading must not move the caller's RNG"
+    x = image(a)
+    out = a(x)["1"]
+    assert torch.equal(out, b(x)["1"]) and not torch.equal(out, c(x)["1"])
+    # independent: the whole VLM drawn from its config under the same seed, then the tower's hidden states
+    torch.manual_seed(5)
+    drawn = transformers.LlavaForConditionalGeneration(transformers.LlavaConfig.from_pretrained(folders["clip"]))
+    with torch.no_grad():
+        ref = drawn.eval().model.vision_tower(pixel_values=a.normalize(x), output_hidden_states=True)
+    assert torch.equal(out, ref.hidden_states[2])
+    # the store's record rebuilds the same model (the tiny folder's weights are themselves drawn from seed 3)
+    meta = a.metadata()
+    assert meta["model_class"] == "LlavaForConditionalGeneration" and meta["init_seed"] == 5
+    assert meta["config"]["vision_config"]["model_type"] == "clip_vision_model"
+    assert meta["config"]["text_config"]["model_type"] == "llama"
+    again = load_backbone(BackboneConfig(f"hf:{meta['name']}", layers=(FEATURE_LAYER,), pretrained=meta["checkpoint"],
+                                         init_seed=meta["init_seed"]))
+    assert torch.equal(again(x)["1"], out)
+    seeded_3 = load_backbone(BackboneConfig(model, layers=(FEATURE_LAYER,), init_seed=3))
+    assert torch.equal(seeded_3(x)["1"], load_backbone(BackboneConfig(model, layers=(FEATURE_LAYER,),
+                                                                      pretrained="hub"))(x)["1"])
+
+
+@pytest.mark.parametrize("vision", ["clip", "siglip"])
+def test_pixels_are_the_vlm_processors(vision: str, folders: dict[str, str]) -> None:
+    backbone = load_backbone(BackboneConfig(f"hf:{folders[vision]}", layers=(0,)))
+    rng = np.random.default_rng(4)
+    for size in ((40, 50), (61, 61), (97, 150)):
+        im = Image.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8))
+        ours = backbone.normalize(backbone.preprocessor(im)[None])
+        theirs = backbone.processor(images=backbone.pil_transform(im), text=backbone.processor.image_token,
+                                    return_tensors="pt")["pixel_values"]
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("vision", ["clip", "siglip"])
+def test_responses_are_seeded_samples_and_interventions_act_on_them(vision: str, folders: dict[str, str]) -> None:
+    backbone = load_backbone(BackboneConfig(f"hf:{folders[vision]}", layers=(FEATURE_LAYER,)))
+    x = image(backbone)
+    rng_before = torch.get_rng_state()
+    clean = responses(backbone, x, PROMPT, n=4, max_new_tokens=8)
+    assert torch.equal(torch.get_rng_state(), rng_before), "sampling must not move the caller's RNG"
+    assert len(clean) == 4 and all(isinstance(a, str) and a for a in clean)
+    assert responses(backbone, x, PROMPT, n=4, max_new_tokens=8) == clean
+    assert responses(backbone, x, PROMPT, n=4, max_new_tokens=8, seed=1) != clean
+    assert len(set(clean)) > 1, "the samples of one call differ"
+    assert responses(backbone, x, PROMPT, n=4, max_new_tokens=8, temperature=0.05) != clean
+
+    # interventions on the layer the VLM reads its features from, opened after transformers' own hooks on it
+    logits = first_token_logits(backbone, x)
+    with backbone.intervene(FEATURE_LAYER, lambda t: t):
+        assert torch.equal(first_token_logits(backbone, x), logits)
+        assert responses(backbone, x, PROMPT, n=4, max_new_tokens=8) == clean
+    seen = []
+    with backbone.intervene(FEATURE_LAYER, lambda t: seen.append(t.shape) or t * 0):
+        assert not torch.allclose(first_token_logits(backbone, x), logits, rtol=0, atol=1e-3)
+        zeroed = responses(backbone, x, PROMPT, n=4, max_new_tokens=8)
+    # the tower ran for the logits and again inside generate, on the image's tokens (CLS kept for CLIP)
+    assert len(seen) >= 2 and {s[1:] for s in seen} == {(16 + (vision == "clip"), 32)}
+    assert zeroed != clean
+    # an earlier layer reaches the features through the later ones
+    with backbone.intervene(0, lambda t: t * 0):
+        assert not torch.allclose(first_token_logits(backbone, x), logits, rtol=0, atol=1e-3)
+    assert torch.equal(first_token_logits(backbone, x), logits), "closed interventions leave no trace"
+
+
+def test_fallback_prompt_without_a_chat_template(folders: dict[str, str], tmp_path: Path) -> None:
+    """The tiny folder's template writes llava-1.5's format, which is the fallback: without the template file the
+    answers are the same."""
+    bare = tmp_path / "bare"
+    shutil.copytree(folders["clip"], bare)
+    (bare / "chat_template.jinja").unlink()
+    templated = load_backbone(BackboneConfig(f"hf:{folders['clip']}", layers=(FEATURE_LAYER,)))
+    fallback = load_backbone(BackboneConfig(f"hf:{bare}", layers=(FEATURE_LAYER,)))
+    assert templated.processor.chat_template and not fallback.processor.chat_template
+    x = image(templated)
+    assert responses(fallback, x, PROMPT, n=3, max_new_tokens=6) == responses(templated, x, PROMPT, n=3,
+                                                                                max_new_tokens=6)
+
+
+def test_errors_are_one_line(folders: dict[str, str], tmp_path: Path) -> None:
+    backbone = load_backbone(BackboneConfig(f"hf:{folders['clip']}", layers=(FEATURE_LAYER,)))
+    x = image(backbone)
+    transformers.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                  image_size=32, patch_size=8).save_pretrained(tmp_path / "clip")
+    clip = load_backbone(BackboneConfig(f"hf:{tmp_path / 'clip'}", layers=(0,)))
+    # a LLaVA folder with its config only: extraction works (CLIP's processor defaults), answers need a tokenizer
+    (tmp_path / "config").mkdir()
+    shutil.copy(Path(folders["clip"]) / "config.json", tmp_path / "config")
+    bare = load_backbone(BackboneConfig(f"hf:{tmp_path / 'config'}", layers=(FEATURE_LAYER,)))
+    assert bare(x)["1"].shape == (1, 17, 32)
+    cases = [
+        (lambda: responses(clip, x, PROMPT), r"hf:.*clip is not a vision-language model"),
+        (lambda: responses(bare, x, PROMPT), r"has no processor \(tokenizer\) to write the prompt with"),
+        (lambda: responses(backbone, x, "  "), r"the prompt is empty"),
+        (lambda: responses(backbone, x, PROMPT, temperature=0), r"temperature must be > 0, got 0"),
+        (lambda: responses(backbone, x, PROMPT, n=0), r"n must be an integer >= 1, got 0"),
+        (lambda: responses(backbone, x, PROMPT, max_new_tokens=0), r"max_new_tokens must be an integer >= 1"),
+        (lambda: responses(backbone, x.float(), PROMPT), r"images must be one uint8 \(1, 3, 32, 32\) image"),
+        (lambda: responses(backbone, torch.cat([x, x]), PROMPT), r"got torch.uint8 \(2, 3, 32, 32\)"),
+    ]
+    # a LLaVA whose vision tower is not CLIP or SigLIP
+    config = transformers.LlavaConfig.from_pretrained(folders["clip"])
+    config.vision_config = transformers.Dinov2Config(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                                     image_size=32, patch_size=8)
+    config.save_pretrained(tmp_path / "dino")
+    cases.append((lambda: load_backbone(BackboneConfig(f"hf:{tmp_path / 'dino'}")),
+                  r"the vision tower of a llava must be CLIP or SigLIP, not dinov2"))
+    for call, message in cases:
+        with pytest.raises(ConfigError, match=message) as e:
+            call()
+        assert "\n" not in str(e.value)
+
+
+@pytest.fixture(scope="module")
+def vlm_store(ray_local, folders: dict[str, str], tmp_path_factory) -> tuple[Path, object]:
+    """4 generated images through the tiny CLIP LLaVA's tower (float32), its feature layer."""
+    tmp_path = tmp_path_factory.mktemp("vlm-store")
+    generate_dataset(str(tmp_path / "images"), 4, seed=2, image_size=64)
+    result = run_extract(ExtractConfig(images=str(tmp_path / "images"), model=f"hf:{folders['clip']}",
+                                       out=str(tmp_path / "store"), layers=(FEATURE_LAYER,), batch_size=4,
+                                       images_per_shard=4, dtype="float32"), progress=False)
+    return tmp_path, result
+
+
+def test_extraction_into_a_store(vlm_store, folders: dict[str, str]) -> None:
+    tmp_path, result = vlm_store
+    model = f"hf:{folders['clip']}"
+    assert result.complete and result.images_written == 4
+    store = ActivationStore(str(tmp_path / "store"))
+    record = store.spec.backbone
+    assert (record["family"], record["model_class"], record["init_seed"]) == ("hf", "LlavaForConditionalGeneration", 0)
+    assert store.spec.layers[0].tokens.cls and store.spec.layers[0].tokens.grid == (4, 4)
+    backbone = load_backbone(BackboneConfig(model, layers=(FEATURE_LAYER,)))
+    uris = store.images().column("uri").to_pylist()
+    x = torch.stack([backbone.preprocessor(Image.open(u)) for u in uris])
+    torch.testing.assert_close(torch.from_numpy(np.asarray(store.read("1", 0, 4))), backbone(x)["1"],
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_steering_the_vlm_through_an_sae(vlm_store, folders: dict[str, str]) -> None:
+    """`actstore steer --head vlm`: no edit gives the VLM's own answers; strong edits in the tower change them."""
+    from actstore.loader import Normalization
+    from sae import SAEConfig, SparseAutoencoder, checkpoint
+    from services.steer import SteerConfig, run_steer
+
+    tmp_path, _ = vlm_store
+    store = ActivationStore(str(tmp_path / "store"))
+    layer = store.spec.layers[0]
+    norm = Normalization.from_stats(store.stats(layer.name, "patches"), layer.name, "patches")
+    sae = SparseAutoencoder(SAEConfig(d_in=layer.d, d_sae=64, kind="topk", k=4, init_seed=1))
+    checkpoint.save(sae, str(tmp_path / "sae"), normalization=norm,
+                    extra={"store": str(tmp_path / "store"), "layer": layer.name})
+    base = dict(sae=str(tmp_path / "sae"), image="1", head=f"vlm:{folders['clip']}", prompt=PROMPT, max_new_tokens=6)
+    clean = run_steer(SteerConfig(**base))
+    assert clean["kind"] == "vlm" and len(clean["before"]["responses"]) == 5
+    assert clean["after"] == clean["before"]
+    backbone = load_backbone(BackboneConfig(f"hf:{folders['clip']}", layers=(FEATURE_LAYER,)))
+    x = backbone.preprocessor(Image.open(store.images().column("uri")[1].as_py()))[None]
+    assert clean["before"]["responses"] == responses(backbone, x, PROMPT, max_new_tokens=6)  # the VLM's own
+    steered = run_steer(SteerConfig(**base, edit=tuple(f"{f}:add:30@all" for f in range(8))))
+    assert steered["before"] == clean["before"] and steered["after"] != steered["before"]
+    with pytest.raises(ConfigError, match="needs a prompt"):
+        run_steer(SteerConfig(**{**base, "prompt": None}))
+    with pytest.raises(ConfigError, match="a vlm head runs that same model"):
+        run_steer(SteerConfig(**{**base, "head": "vlm:llava-hf/llava-1.5-7b-hf"}))
