@@ -4,9 +4,11 @@
     extract           cli.extract   images -> backbone activations -> a store (Ray)
     train             cli.train     SAEs on a store's patches
     evaluate          cli.evaluate  an SAE spliced into its backbone: what the model's own output keeps
+    steer             cli.steer     SAE features edited inside the model: its predictions before and after
     index, serve      cli.serve     an SAE's features indexed over a store, served over HTTP
     atlas             cli.atlas     a 2-D map of an indexed SAE's features (UMAP, PCA), kept in its index
     compare           cli.compare   the features of two SAEs over the same images, matched
+    probe             cli.probe     a linear probe on a layer's tokens (image or patch labels), held-out metrics
     report            cli.report    an HTML page on a training run, an index or a comparison (matplotlib)
     demo              cli.demo      all of the above on generated images
 
@@ -24,9 +26,9 @@ import sys
 from collections.abc import Sequence
 
 from actstore.errors import user_error
-from cli import atlas, compare, demo, evaluate, extract, report, serve, store, train
+from cli import atlas, compare, demo, evaluate, extract, probe, report, serve, steer, store, train
 
-GROUPS = (store, extract, train, evaluate, serve, compare, atlas, report, demo)
+GROUPS = (store, extract, train, evaluate, steer, serve, compare, atlas, probe, report, demo)
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:

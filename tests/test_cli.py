@@ -19,12 +19,14 @@ from services.compare import CompareConfig
 from services.evaluate import EvaluateConfig
 from services.index import IndexConfig
 from services.index.atlas import AtlasConfig
+from services.probe import ProbeConfig
 from services.report import ReportConfig
+from services.steer import SteerConfig
 
 CONFIGS = {"extract": [ExtractConfig], "train": [TrainConfig, SAEConfig], "evaluate": [EvaluateConfig],
            "index": [IndexConfig],
            "serve": [ServeConfig], "compare": [CompareConfig], "atlas": [AtlasConfig], "report": [ReportConfig],
-           "demo": [DemoConfig]}
+           "demo": [DemoConfig], "probe": [ProbeConfig], "steer": [SteerConfig]}
 SKIPPED = {"sae", "d_in", "path"}  # the sweep (TOML only), d_in (from the store), report's positional path
 RENAMED = {"kind": "sae"}
 
@@ -134,7 +136,7 @@ def test_every_train_flag_changes_the_config_it_runs() -> None:
 
 
 @pytest.mark.parametrize("command", ["info", "verify", "extract", "train", "index", "serve", "compare", "atlas", "report",
-                                     "demo"])
+                                     "demo", "probe", "steer"])
 def test_help_of_every_command(command: str, capsys) -> None:
     from cli import main
 
