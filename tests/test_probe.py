@@ -312,3 +312,17 @@ def test_real_tokens_carry_colour_and_background(service_store: Path, tmp_path: 
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "no column 'colour'" in err and err.count("\n") == 1
     assert not (tmp_path / "bad").exists()
+
+
+def test_pool_mean_reads_the_patches_mean_and_cls_needs_a_cls_token(store: str, tmp_path: Path) -> None:
+    meta = train_probe(ProbeConfig(store, "cls", str(tmp_path / "m"), layer="4", pool="mean"), progress=False)
+    probe = load_probe(str(tmp_path / "m"))
+    assert meta["pool"] == probe.pool == "mean"
+    x = stored(store, "4")
+    np.testing.assert_allclose(probe.logits(torch.from_numpy(x)).numpy(),
+                               numpy_logits(tmp_path / "m", x[:, 1:].mean(1)), rtol=1e-5, atol=1e-4)
+    with pytest.raises(ConfigError, match="no CLS token"):
+        train_probe(ProbeConfig(store, "cls", str(tmp_path / "c"), layer="5", pool="cls"), progress=False)
+    with pytest.raises(ConfigError, match="--pool is for cls probes"):
+        ProbeConfig(store, "seg", str(tmp_path / "s"), pool="mean")
+    assert not (tmp_path / "c").exists()

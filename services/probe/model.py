@@ -24,7 +24,7 @@ from actstore.config import redact
 from actstore.errors import ConfigError, CorruptDataError, StoreFormatError, StoreNotFoundError
 from actstore.store import TokenLayout, filesystem
 
-__all__ = ["FORMAT", "FORMAT_VERSION", "META", "TASKS", "WEIGHTS", "Probe", "load_probe", "probe_inputs",
+__all__ = ["FORMAT", "FORMAT_VERSION", "META", "POOLS", "TASKS", "WEIGHTS", "Probe", "load_probe", "probe_inputs",
            "read_probe_meta", "standardize"]
 
 FORMAT = "actstore-probe"
@@ -34,14 +34,21 @@ TASKS = ("cls", "seg")
 TENSORS = ("weight", "bias", "mean", "std")
 
 
-def probe_inputs(tokens: torch.Tensor, layout: TokenLayout, task: str) -> torch.Tensor:
-    """A layer's raw tokens (B, T, d) as the probe reads them, in float32: cls -> (B, d), the CLS token or, where
-    the layer has none, the mean of the patches; seg -> (B, n_patches, d), the patch tokens."""
+POOLS = ("cls", "mean")
+
+
+def probe_inputs(tokens: torch.Tensor, layout: TokenLayout, task: str, pool: str | None = None) -> torch.Tensor:
+    """A layer's raw tokens (B, T, d) as the probe reads them, in float32: cls -> (B, d), the CLS token (pool "cls",
+    the default where the layer has one) or the mean of the patches (pool "mean"); seg -> (B, n_patches, d), the
+    patch tokens."""
     x = tokens.to(torch.float32)
     first = int(layout.cls)
     if task == "seg":
         return x[:, first:first + layout.n_patches]
-    return x[:, 0] if layout.cls else x[:, first:first + layout.n_patches].mean(1)
+    pool = pool or ("cls" if layout.cls else "mean")
+    if pool == "cls" and not layout.cls:
+        raise ConfigError("pool cls: this layer has no CLS token; use pool mean")
+    return x[:, 0] if pool == "cls" else x[:, first:first + layout.n_patches].mean(1)
 
 
 def standardize(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
@@ -63,13 +70,8 @@ class Probe:
     mean: torch.Tensor
     std: torch.Tensor
     metrics: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def pool(self) -> str | None:
-        """How a cls probe makes one row of an image's tokens ("cls" or "mean"); None for seg (every patch)."""
-        if self.task == "seg":
-            return None
-        return "cls" if self.layout.cls else "mean"
+    pool: str | None = None
+    """How a cls probe makes one row of an image's tokens: "cls" or "mean" (of the patches); None for seg."""
 
     @property
     def d(self) -> int:
@@ -92,7 +94,7 @@ class Probe:
                               f"(cls={self.layout.cls}, grid {self.layout.grid[0]}x{self.layout.grid[1]}), "
                               f"got {tuple(tokens.shape)}")
         dev = tokens.device
-        x = standardize(probe_inputs(tokens, self.layout, self.task), self.mean.to(dev), self.std.to(dev))
+        x = standardize(probe_inputs(tokens, self.layout, self.task, self.pool), self.mean.to(dev), self.std.to(dev))
         return x @ self.weight.to(dev).T + self.bias.to(dev)
 
 
@@ -130,6 +132,9 @@ def load_probe(path: str, storage_options: dict[str, Any] | None = None) -> Prob
     if shapes != {"weight": (len(names), d), "bias": (len(names),), "mean": (d,), "std": (d,)}:
         raise StoreFormatError(f"{redact(path)}: {WEIGHTS} holds {shapes}, {META} says {len(names)} classes "
                                f"of width {d}")
+    pool = meta.get("pool")
+    if task == "cls" and pool not in POOLS:
+        raise StoreFormatError(f"{redact(path)}/{META}: pool must be one of {', '.join(POOLS)}, got {pool!r}")
     return Probe(task=task, layer=layer, layout=layout, class_names=names, ignore_index=ignore_index,
-                 metrics=dict(meta.get("metrics", {})),
+                 metrics=dict(meta.get("metrics", {})), pool=pool if task == "cls" else None,
                  **{name: tensors[name].to(torch.float32) for name in TENSORS})

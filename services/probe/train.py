@@ -33,7 +33,8 @@ from tqdm.auto import tqdm
 from actstore.config import check_at_least, public_config, redact
 from actstore.errors import ConfigError
 from actstore.store import ActivationStore, LayerSpec, filesystem, ok_mask, put_bytes
-from services.probe.model import FORMAT, FORMAT_VERSION, META, TASKS, WEIGHTS, Probe, probe_inputs, read_probe_meta
+from services.probe.model import (FORMAT, FORMAT_VERSION, META, POOLS, TASKS, WEIGHTS, Probe, probe_inputs,
+                                  read_probe_meta)
 
 __all__ = ["ProbeConfig", "split_rows", "train_probe"]
 
@@ -54,6 +55,9 @@ class ProbeConfig:
     """Probe folder (probe.safetensors, then probe.json), local or any fsspec URL."""
     layer: str | int | None = None
     """Store layer (name or block index); default the store's first."""
+    pool: str | None = field(default=None, metadata={"choices": POOLS})
+    """cls only: the image's row, its CLS token ("cls", the default where the layer has one) or the mean of its
+    patches ("mean": what patch edits reach directly)."""
     labels: str | None = None
     """cls only: a table (.parquet or .csv) with one row per store image, in store order, whose label_column
     replaces the store's image labels."""
@@ -85,6 +89,10 @@ class ProbeConfig:
     def __post_init__(self) -> None:
         if self.task not in TASKS:
             raise ConfigError(f"probe: task must be one of {', '.join(TASKS)}, got {self.task!r}")
+        if self.pool is not None and self.pool not in POOLS:
+            raise ConfigError(f"probe: pool must be one of {', '.join(POOLS)}, got {self.pool!r}")
+        if self.task == "seg" and self.pool is not None:
+            raise ConfigError("probe: --pool is for cls probes; seg probes read every patch")
         if self.task == "seg" and self.labels is not None:
             raise ConfigError("probe: --labels is for cls probes; seg probes use the store's per-patch labels")
         if not 0 < self.holdout < 1:
@@ -200,7 +208,7 @@ def _gather(store: ActivationStore, spec: LayerSpec, cfg: ProbeConfig, train: np
     pos = 0
     for start, x in _blocks(store, spec, cfg, "probe: training rows", progress):
         keep = torch.from_numpy(train[start:start + x.shape[0]])
-        rows = probe_inputs(x, spec.tokens, cfg.task).reshape(x.shape[0], keep.shape[1], spec.d)[keep]
+        rows = probe_inputs(x, spec.tokens, cfg.task, _pool(cfg, spec)).reshape(x.shape[0], keep.shape[1], spec.d)[keep]
         x_train[pos:pos + rows.shape[0]] = rows
         pos += rows.shape[0]
     return x_train
@@ -281,6 +289,14 @@ def _write(cfg: ProbeConfig, probe: Probe, meta: dict[str, Any]) -> None:
     put_bytes(fs, f"{root}/{META}", json.dumps(meta, indent=1).encode())
 
 
+def _pool(cfg: ProbeConfig, spec: LayerSpec) -> str | None:
+    if cfg.task == "seg":
+        return None
+    if cfg.pool == "cls" and not spec.tokens.cls:
+        raise ConfigError(f"probe: layer {spec.name} has no CLS token; use --pool mean")
+    return cfg.pool or ("cls" if spec.tokens.cls else "mean")
+
+
 def train_probe(cfg: ProbeConfig, progress: bool = True) -> dict[str, Any]:
     """Train the probe, measure it on the held-out images and write its folder; returns probe.json's content."""
     _check_out(cfg)
@@ -296,7 +312,8 @@ def train_probe(cfg: ProbeConfig, progress: bool = True) -> dict[str, Any]:
         weight, bias = _fit(x, y, len(names), cfg)
         del x
         probe = Probe(task=cfg.task, layer=spec.name, layout=spec.tokens, class_names=tuple(names),
-                      ignore_index=cfg.ignore_index, weight=weight, bias=bias, mean=mean, std=std)
+                      ignore_index=cfg.ignore_index, weight=weight, bias=bias, mean=mean, std=std,
+                      pool=_pool(cfg, spec))
         confusion = _confusion(store, spec, cfg, probe, targets, test, progress)
         backbone = store.attrs.get("backbone", {})
         meta = {
