@@ -158,3 +158,32 @@ def compare_url(atlas_index_dir, compare_dir):
     from services.api import create_app
 
     yield from _serve(create_app(atlas_index_dir, compare=compare_dir))
+
+
+# steering: shapes with masks -> open_clip ViT-S/32 layers 10 and 11 -> a trained SAE on 10, probes on 11 -------
+
+@pytest.fixture(scope="session")
+def steer_setup(ray_local, tmp_path_factory):
+    """96 generated shapes (with masks, seed 5, 64 px) through a random-weight open_clip ViT-S/32 (its text tower makes
+    zero-shot work offline; a 7 x 7 grid) at layers 10 and 11, a TopK SAE (d_sae 512, k 8) on 10, and on 11 a
+    segmentation probe and a colour probe on the mean of the patches (which patch edits reach through the residual
+    stream; a CLS probe sees them only through one attention block) (services.steer.setup)."""
+    from actstore.testing.shapes import generate_dataset
+    from services.steer.setup import build_steering
+
+    root = tmp_path_factory.mktemp("steer")
+    generate_dataset(str(root / "images"), 96, seed=5, image_size=64, masks=str(root / "masks"))
+    s = build_steering(root, str(root / "images"), str(root / "masks"),
+                       probes={"color": {"labels": str(root / "images" / "factors.parquet"), "label_column": "color",
+                                         "pool": "mean"}})
+    return {"root": root, "store": s.store, "sae": s.sae, "index": s.index, "seg": s.seg, "color": s.probes["color"]}
+
+
+@pytest.fixture(scope="session")
+def steer_url(steer_setup):
+    """The service over steer_setup's index, steering through the segmentation and colour probes and zero-shot
+    over the shape names (heads "probe:seg", "probe:color", "zeroshot")."""
+    from services.api import create_app
+
+    heads = (f"probe:{steer_setup['seg']}", f"probe:{steer_setup['color']}", "zeroshot")
+    yield from _serve(create_app(steer_setup["index"], steer_heads=heads))
