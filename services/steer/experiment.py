@@ -58,7 +58,8 @@ def top_features(score: torch.Tensor, m: int) -> list[int]:
 
 @dataclass(frozen=True)
 class ClassRow:
-    """One class of the segmentation experiment (IoU of the class itself, mIoU over every class present)."""
+    """One class of the segmentation experiment (IoU of the class itself, mIoU over the classes in the labels of the
+    images that contain it)."""
 
     name: str
     label: int
@@ -134,8 +135,8 @@ def segmentation_suppression(steerer: Steerer, head: SegHead, *, n_features: int
             conf["random"] = conf["random"] + sum(_confusion(predict(d), true, n_classes, ignore_index)
                                                   for d in draws) / n_random
         iou = {k: _iou(v) for k, v in conf.items()}
+        truth = conf["clean"].sum(1) > 0  # mIoU over the classes in these images' labels (the same for every run)
         rows.append(ClassRow(head.classes[c], c, len(images), int((labels[images] == c).sum()), top,
                              float(iou["clean"][c]), float(iou["top"][c]), float(iou["random"][c]),
-                             float(np.nanmean(iou["clean"])), float(np.nanmean(iou["top"])),
-                             float(np.nanmean(iou["random"]))))
+                             *(float(np.nan_to_num(iou[k][truth]).mean()) for k in ("clean", "top", "random"))))
     return rows
