@@ -21,8 +21,12 @@ chromium:
 		SUDO=$$([ "$$(id -u)" -eq 0 ] || echo sudo); \
 		$$SUDO apt-get update -qq && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; }
 
+# Two pytest-xdist workers: much of the suite waits on processes (Ray workers importing torch, Ray Train, the
+# cluster's nodes), so the other worker's tests use that time. A file's tests stay on one worker, and so do the
+# files on the service fixtures (tests/conftest.py), longest first; PYTEST_WORKERS=0: serially.
+PYTEST_WORKERS ?= 2
 test: $(VENV)/.installed chromium
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS)
 
 clean:
 	rm -rf stores data .pytest_cache

@@ -1,1 +1,3 @@
-"""What is built on a store and an SAE: the feature index (`index`) and the HTTP query service (`api`, `static`)."""
+"""What is built on a store and an SAE: the SAE back in its model (`spliced`; `evaluate`, `steer`), linear probes
+(`probe`), the feature index (`index`), comparisons (`compare`), reports (`report`) and the HTTP query service
+(`api`, `static`)."""

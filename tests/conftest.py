@@ -2,11 +2,54 @@
 
 from __future__ import annotations
 
+import re
 import uuid
+from functools import cache
+from pathlib import Path
 
 import pytest
 
 from actstore.testing.s3 import MotoS3
+
+
+# pytest-xdist (`make test`: -n 2 --dist loadfile --no-loadscope-reorder) ---------------------------------
+
+GROUPS = {"steering": re.compile(r"\b(steer_setup|steer_url)\b"),
+          "service": re.compile(r"\b(service_store|index_dir|atlas_index_dir|compare_dir|api_url|api_url_token|"
+                                r"compare_url)\b")}
+"""Files on these session fixtures (found in their source) run on one worker, so that each is built once."""
+LONG_FIRST = ("test_cluster.py", "service", "test_sae_train.py", "steering", "test_pipeline_cli.py")
+"""Groups of minutes, handed out first: started last, one would keep its worker busy while the other idles."""
+
+
+@cache
+def _group(path: Path) -> str:
+    """A test file's group, which one worker runs: the first of GROUPS whose fixtures its source names (xdist's
+    controller sees test ids only), so they are built once; else the file, so that its module fixtures are."""
+    text = path.read_text()
+    return next((name for name, fixtures in GROUPS.items() if fixtures.search(text)), path.name)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object | None:
+    """--dist loadfile, with each group's files as one file. (--dist loadgroup cannot do it: xdist 3.8 renames
+    grouped tests through an attribute that pytest 9 no longer reads.)"""
+    if config.getvalue("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ServiceAsOneFile(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return _group(config.rootpath / nodeid.split("::", 1)[0])
+
+    return ServiceAsOneFile(config, log)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """On an xdist worker: the long groups first (the controller hands groups out in this order)."""
+    if hasattr(config, "workerinput"):
+        rank = {group: i for i, group in enumerate(LONG_FIRST)}
+        items.sort(key=lambda item: rank.get(_group(item.path), len(LONG_FIRST)))
 
 
 @pytest.fixture(scope="session")

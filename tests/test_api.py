@@ -22,6 +22,7 @@ from PIL import Image
 
 from actstore.errors import CorruptDataError
 from actstore.extract.backbones import BackboneConfig, load_backbone
+from cli import main
 from services.api import create_app, model_view
 from services.index.layout import open_array, read_index_meta
 
@@ -247,7 +248,8 @@ def test_ray_serve_gives_the_same_answers(ray_local, api_url, index_dir):
         serve.shutdown()
 
 
-def test_index_cli_and_its_errors(service_store, tmp_path):
+def test_index_cli_and_its_errors(service_store, tmp_path, capsys):
+    """The command as a process once; the refusal in this process (another process would import torch again)."""
     out = tmp_path / "idx"
     r = subprocess.run([sys.executable, "-m", "cli", "index", "--store", str(service_store / "store"),
                         "--sae", str(service_store / "sae"), "--out", str(out), "--k", "3", "-q"],
@@ -255,10 +257,10 @@ def test_index_cli_and_its_errors(service_store, tmp_path):
     assert r.returncode == 0, r.stderr
     assert f"actstore serve --index {out}" in r.stdout
     assert json.loads((out / "index.json").read_text())["k"] == 3
-    again = subprocess.run([sys.executable, "-m", "cli", "index", "--store", str(service_store / "store"),
-                            "--sae", str(service_store / "sae"), "--out", str(out), "-q"],
-                           capture_output=True, text=True, timeout=300)
-    assert again.returncode == 1 and again.stderr.startswith("error: ") and "--overwrite" in again.stderr
+    assert main(["index", "--store", str(service_store / "store"), "--sae", str(service_store / "sae"),
+                 "--out", str(out), "-q"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "--overwrite" in err
 
 
 @pytest.mark.parametrize("damage", ["truncated array", "resized array", "short table"])

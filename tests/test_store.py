@@ -19,6 +19,7 @@ from actstore.errors import (ConfigError, CorruptDataError, DtypeOverflowError, 
 from actstore.store import (CODECS, DTYPES, ActivationStore, LayerSpec, StoreSpec, StoreWriter, TokenLayout,
                             verify_store)
 from actstore.testing.synthetic import vit_like_activations
+from cli import main
 
 ACTSTORE = str(Path(sys.executable).parent / "actstore")  # the installed console script
 N, GRID, D = 45, (2, 3), 24  # 45 images: the last shard and the last chunk are partial
@@ -274,7 +275,7 @@ def _chunk_offset(shard_file: Path, inner: int, chunks_per_shard: int) -> tuple[
     return int(index[inner, 0]), int(index[inner, 1])
 
 
-def test_corrupted_chunk_is_named_and_never_returned(tmp_path):
+def test_corrupted_chunk_is_named_and_never_returned(tmp_path, capsys):
     spec = make_spec("float16", "blosc-lz4")
     url = tmp_path / "s"
     write_all(str(url), spec, make_acts(spec))
@@ -299,10 +300,8 @@ def test_corrupted_chunk_is_named_and_never_returned(tmp_path):
     with pytest.raises(ValueError, match="checksum"):  # plain zarr refuses it too
         zarr.open_group(str(url), mode="r")["layers/5/acts"][24:28]
 
-    cli = subprocess.run([ACTSTORE, "verify", "-q", str(url)],
-                         capture_output=True, text=True)
-    assert cli.returncode == 1
-    assert "BAD  layers/5/acts/c/1/0/0 inner chunk 2" in cli.stdout
+    assert main(["verify", "-q", str(url)]) == 1
+    assert "BAD  layers/5/acts/c/1/0/0 inner chunk 2" in capsys.readouterr().out
 
 
 def test_corrupted_shard_index_and_swapped_shards_are_named(tmp_path):
@@ -417,15 +416,18 @@ def test_spec_validation():
         auto.layer(-1)
 
 
-def test_cli_info_and_errors(tmp_path):
+def test_cli_info_and_errors(tmp_path, capsys):
+    """info and verify in this process (each run of the installed script imports torch: seconds); the script
+    itself once, for its exit status and its one-line error."""
     spec = make_spec()
     url = str(tmp_path / "s")
     write_all(url, spec, make_acts(spec))
-    out = subprocess.run([ACTSTORE, "info", url], capture_output=True, text=True, check=True).stdout
+    assert main(["info", url]) == 0
+    out = capsys.readouterr().out
     assert "complete (3/3 units done)" in out
     assert "45 x 7 x 32" in out and "float16, blosc-lz4, 4 images/chunk, 16 images/shard" in out
-    info = json.loads(subprocess.run([ACTSTORE, "info", "--json", url], capture_output=True, text=True,
-                                     check=True).stdout)
+    assert main(["info", "--json", url]) == 0
+    info = json.loads(capsys.readouterr().out)
     on_disk = sum(f.stat().st_size for f in (tmp_path / "s").rglob("*") if f.is_file())
     assert info["bytes_stored"] == on_disk
     assert info["bytes_logical"] == N * 7 * (D + D + 8) * 2
@@ -433,5 +435,5 @@ def test_cli_info_and_errors(tmp_path):
     assert bad.returncode == 1
     assert bad.stderr.strip().count("\n") == 0 and bad.stderr.startswith("error: ")
     assert "Traceback" not in bad.stderr
-    ok = subprocess.run([ACTSTORE, "verify", "-q", url], capture_output=True, text=True)
-    assert ok.returncode == 0 and ok.stdout.startswith("OK: 3/3 units")
+    assert main(["verify", "-q", url]) == 0
+    assert capsys.readouterr().out.startswith("OK: 3/3 units")

@@ -26,6 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 import uuid
 from pathlib import Path
 from typing import Any
@@ -73,6 +74,10 @@ class LocalCluster:
         """The address `ray job submit --address` takes."""
         return f"http://127.0.0.1:{self.state['dashboard_port']}"
 
+    def alive_nodes(self) -> int:
+        """Alive nodes, as the dashboard's node summary (from the GCS) counts them."""
+        return sum(n["raylet"].get("state") == "ALIVE" for n in self._api("/nodes?view=summary")["data"]["summary"])
+
     # lifecycle ----------------------------------------------------------------------------
     def up(self) -> LocalCluster:
         """Start everything (refused when this state dir already has a running cluster); down() on failure."""
@@ -105,11 +110,11 @@ class LocalCluster:
                          "--dashboard-host", "127.0.0.1", "--dashboard-port", str(self.state["dashboard_port"]),
                          "--resources", '{"node_head": 1}', *common, *_agent_ports()], env, "head")
             self._wait_nodes(1)
+            self._wait_jobs()  # first: a node joining a head still starting its dashboard may time out
             if self.nodes == 2:
                 self._spawn([ray, "start", "--address", self.env()["RAY_ADDRESS"], "--resources",
                              '{"node_worker": 1}', *common, *_agent_ports()], env, "worker")
                 self._wait_nodes(2)
-            self._wait_jobs()
         except BaseException:
             self.down()
             raise
@@ -120,8 +125,7 @@ class LocalCluster:
         state_file = self.dir / STATE
         if not self.state and state_file.exists():
             self.state = json.loads(state_file.read_text())
-        for pid in reversed(self.state.get("pids", [])):
-            _stop_group(pid)
+        _stop_groups(self.state.get("pids", []))
         if self.state.get("ray_temp"):
             shutil.rmtree(self.state["ray_temp"], ignore_errors=True)
         for name in (STATE, TOKEN):
@@ -160,31 +164,47 @@ class LocalCluster:
             time.sleep(0.1)
         raise RuntimeError(f"moto server did not start; see {self.dir / 's3.log'}")
 
+    def _api(self, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
+        """The dashboard's HTTP API with the token: a GET, or a POST of `body`. The waits below poll it
+        rather than a `ray` command or a driver, each of which imports Ray (seconds per try)."""
+        request = urllib.request.Request(
+            self.dashboard + path, data=None if body is None else json.dumps(body).encode(),
+            headers={"Authorization": f"Bearer {(self.dir / TOKEN).read_text()}", "Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=10) as r:
+            return json.loads(r.read())
+
     def _wait_nodes(self, n: int) -> None:
-        """Until `ray status` (with the token) counts n alive nodes."""
-        env = {**os.environ, **self.env()}
+        """Until the dashboard (with the token) counts n alive nodes."""
         deadline = time.monotonic() + self.timeout
-        code = "import ray; ray.init(); print(sum(x['Alive'] for x in ray.nodes()))"
         while time.monotonic() < deadline:
-            r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
-            if r.returncode == 0 and r.stdout.strip().splitlines()[-1:] == [str(n)]:
-                return
-            time.sleep(1)
+            try:
+                if self.alive_nodes() == n:
+                    return
+            except (OSError, ValueError, KeyError):  # the dashboard not up yet, or not answering in full
+                pass
+            time.sleep(0.5)
         raise RuntimeError(f"Ray: {n} node(s) not up after {self.timeout:.0f} s; see the logs in {self.dir}")
 
     def _wait_jobs(self) -> None:
-        """Until a job submitted to the dashboard runs: its HTTP server answers before the head's job agent
-        has registered ("No available agent to submit job")."""
-        env = {**os.environ, **self.env()}
-        ray = str(Path(sys.executable).parent / "ray")
+        """Until a job submitted to the dashboard succeeds: its HTTP server answers before the head's job
+        agent has registered ("No available agent to submit job")."""
         deadline = time.monotonic() + self.timeout
+        last = ""
         while time.monotonic() < deadline:
-            r = subprocess.run([ray, "job", "submit", "--", "true"], env=env, capture_output=True, text=True,
-                               timeout=120)
-            if r.returncode == 0:
-                return
-            time.sleep(1)
-        raise RuntimeError(f"Ray job submission not ready at {self.dashboard}: {r.stderr.strip()[-300:]}")
+            try:
+                job = self._api("/api/jobs/", {"entrypoint": "true"})["submission_id"]
+                while time.monotonic() < deadline:
+                    status = self._api(f"/api/jobs/{job}")["status"]
+                    if status == "SUCCEEDED":
+                        return
+                    if status in ("FAILED", "STOPPED"):
+                        break
+                    time.sleep(0.2)
+                last = f"a job {status}"
+            except (OSError, ValueError, KeyError) as e:
+                last = str(e)
+            time.sleep(0.5)
+        raise RuntimeError(f"Ray job submission not ready at {self.dashboard}: {last[-300:]}")
 
 
 def _agent_ports() -> list[str]:
@@ -194,23 +214,36 @@ def _agent_ports() -> list[str]:
                              "--runtime-env-agent-port", "--metrics-export-port") for arg in (flag, str(free_port()))]
 
 
-def _stop_group(pid: int, grace: float = 15.0) -> None:
-    """SIGTERM the process group led by `pid` (started with start_new_session), SIGKILL what is left."""
+def _stop_groups(pids: list[int], grace: float = 5.0) -> None:
+    """SIGTERM the process groups led by `pids` (started with start_new_session) together, SIGKILL what is
+    left after `grace` seconds, and return once they are gone. The grace is short: a head node's group
+    outlives SIGTERM by more than 15 s (its `ray start --block` waits on its children), so a longer one
+    only delays the same SIGKILL."""
+    live = pids
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 10.0)):
+        for pid in live:
+            try:
+                os.killpg(pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + wait
+        while live and time.monotonic() < deadline:
+            time.sleep(0.1)
+            live = [pid for pid in live if _group_exists(pid)]
+
+
+def _group_exists(pid: int) -> bool:
+    """Whether a process of the group is left; its leader is reaped first when it is a child of this process
+    (up() and down() in one process), as a zombie leader would count."""
     try:
-        os.killpg(pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
-    deadline = time.monotonic() + grace
-    while time.monotonic() < deadline:
-        try:
-            os.killpg(pid, 0)
-        except ProcessLookupError:
-            return
-        time.sleep(0.2)
-    try:
-        os.killpg(pid, signal.SIGKILL)
-    except ProcessLookupError:
+        os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
         pass
+    try:
+        os.killpg(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
 
 
 def main(argv: list[str] | None = None) -> int:
