@@ -15,7 +15,7 @@ from cli import main
 from sae import checkpoint
 from sae.edits import FeatureEdit, apply_edits, edit_fn, parse_edit
 from sae.splice import splice
-from services.steer import SteerConfig, Steerer
+from services.steer import SteerConfig, Steerer, run_steer
 
 LAYER = "10"
 
@@ -163,6 +163,17 @@ def test_cli_steer_writes_before_and_after(service_store: Path, index_dir, tmp_p
     foreign.write_text('{"mine": 1}')
     assert main([*args[:-1], str(foreign), "--overwrite"]) == 1
     assert "not a steer result" in capsys.readouterr().err and foreign.read_text() == '{"mine": 1}'
+
+
+def test_an_image_file_steers_like_its_store_index(steerer: Steerer, service_store: Path) -> None:
+    path = steerer.images.column("uri")[2].as_py()
+    edits = ["17:add:40@all"]
+    base = dict(sae=str(service_store / "sae"), store=str(service_store / "store"), edit=edits)
+    by_path, by_index = run_steer(SteerConfig(image=path, **base)), run_steer(SteerConfig(image="2", **base))
+    assert by_path["image"] == path and by_index["image"] == 2
+    assert by_path["before"] == by_index["before"] and by_path["after"] == by_index["after"]
+    with pytest.raises(ConfigError, match="No such file"):
+        run_steer(SteerConfig(image=str(service_store / "nope.png"), **base))
 
 
 @pytest.mark.parametrize("edit, words", [("9999:set:0", "the SAE has 256 features"),
