@@ -1,5 +1,6 @@
 // Feature browser: plain JS over the services.api JSON endpoints (see services/api/routes/).
-// The URL fragment carries the state that a link should keep: #feature=ID&atlas=umap|pca&token=SECRET.
+// The URL fragment carries the state that a link should keep: #feature=ID&atlas=umap|pca&token=SECRET;
+// #steer?... is the steering page (steer.js, loaded first).
 // What was drawn is marked in the DOM (data-* attributes), so a DOM dump shows what the page painted.
 "use strict";
 
@@ -21,7 +22,8 @@ const state = {
 // ---- talking to the API ---------------------------------------------------------------------
 
 function hashParams() {
-  return new URLSearchParams(location.hash.slice(1));
+  const hash = location.hash.slice(1);
+  return new URLSearchParams(hash.startsWith("steer") ? hash.slice(hash.indexOf("?") + 1) : hash);
 }
 
 function headers() {
@@ -424,6 +426,7 @@ function onHash() {
     loadHistogram();
     loadAtlas();
   }
+  if (steerRoute(params)) return;
   const mode = params.get("atlas") === "pca" ? "pca" : "umap";
   if (mode !== state.atlasMode) {
     state.atlasMode = mode;
