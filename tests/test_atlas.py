@@ -89,9 +89,12 @@ def test_exact_cosine_neighbours_in_blocks(monkeypatch):
     assert (idx[:, 0] == np.arange(37)).all() and (dist[:, 0] == 0).all()
     assert idx[4, 1] == 5 and idx[5, 1] == 4
     for i in range(37):
-        want = np.argsort(np.where(np.arange(37) == i, -1, full[i]), kind="stable")[:6]
-        assert set(idx[i]) == set(want), i
-        np.testing.assert_allclose(dist[i, 1:], np.sort(full[i, want])[1:], atol=1e-6)
+        # rows 4 and 5 are at the same distance from every row: either may take a last slot, so the check is that
+        # idx[i] holds 6 distinct rows at the 6 smallest brute-force distances
+        want = np.sort(np.where(np.arange(37) == i, -1, full[i]))[:6]
+        assert len(set(idx[i])) == 6, i
+        np.testing.assert_allclose(np.sort(full[i, idx[i]])[1:], want[1:], atol=1e-6, err_msg=str(i))
+        np.testing.assert_allclose(dist[i, 1:], want[1:], atol=1e-6, err_msg=str(i))
 
 
 def test_cli_same_seed_same_map_and_only_its_own_file(atlas_index_dir, tmp_path, capsys):
