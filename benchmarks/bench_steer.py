@@ -67,7 +67,7 @@ def free_port() -> int:
 def steer_ms(index: str, seg: str, n_images: int, n: int, features: list[int]) -> list[float]:
     """POST /steer latencies (ms) against a separate `actstore serve` process."""
     port = free_port()
-    cmd = [sys.executable, "-m", "cli", "serve", "--index", index, "--port", str(port), "--workers", "1",
+    cmd = [sys.executable, "-m", "actstore_cli", "serve", "--index", index, "--port", str(port), "--workers", "1",
            "--steer", f"probe:{seg}"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     url = f"http://127.0.0.1:{port}"

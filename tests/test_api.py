@@ -22,7 +22,7 @@ from PIL import Image
 
 from actstore.errors import CorruptDataError
 from actstore.extract.backbones import BackboneConfig, load_backbone
-from cli import main
+from actstore_cli import main
 from services.api import create_app, model_view
 from services.index.layout import open_array, read_index_meta
 
@@ -208,7 +208,7 @@ def _free_port() -> int:
 def test_cli_serve_starts_fast_and_reads_the_token_from_the_environment(index_dir, tmp_path):
     port = _free_port()
     env = {**os.environ, "ACTSTORE_TOKEN": "from-env"}
-    cmd = [sys.executable, "-m", "cli", "serve", "--index", str(index_dir), "--port", str(port)]
+    cmd = [sys.executable, "-m", "actstore_cli", "serve", "--index", str(index_dir), "--port", str(port)]
     t0 = time.monotonic()
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
@@ -226,7 +226,7 @@ def test_cli_serve_starts_fast_and_reads_the_token_from_the_environment(index_di
     finally:
         proc.terminate()
         proc.wait(10)
-    bad = subprocess.run([sys.executable, "-m", "cli", "serve", "--index", str(tmp_path)],
+    bad = subprocess.run([sys.executable, "-m", "actstore_cli", "serve", "--index", str(tmp_path)],
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode == 1 and bad.stderr.strip().count("\n") == 0
     assert bad.stderr.startswith("error: ") and "not a feature index" in bad.stderr
@@ -251,7 +251,7 @@ def test_ray_serve_gives_the_same_answers(ray_local, api_url, index_dir):
 def test_index_cli_and_its_errors(service_store, tmp_path, capsys):
     """The command as a process once; the refusal in this process (another process would import torch again)."""
     out = tmp_path / "idx"
-    r = subprocess.run([sys.executable, "-m", "cli", "index", "--store", str(service_store / "store"),
+    r = subprocess.run([sys.executable, "-m", "actstore_cli", "index", "--store", str(service_store / "store"),
                         "--sae", str(service_store / "sae"), "--out", str(out), "--k", "3", "-q"],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
@@ -282,7 +282,7 @@ def test_a_damaged_index_is_refused_at_start_up(index_dir, tmp_path, damage):
         table = pq.read_table(bad / "features.parquet")
         pq.write_table(table.slice(0, 10), bad / "features.parquet")
         named = "features.parquet"
-    r = subprocess.run([sys.executable, "-m", "cli", "serve", "--index", str(bad)], capture_output=True, text=True,
+    r = subprocess.run([sys.executable, "-m", "actstore_cli", "serve", "--index", str(bad)], capture_output=True, text=True,
                        timeout=60)
     assert r.returncode == 1 and r.stderr.count("\n") == 1 and r.stderr.startswith("error: "), r.stderr
     assert named in r.stderr, r.stderr

@@ -18,7 +18,7 @@ import requests
 from fastapi.testclient import TestClient
 
 from actstore.errors import ConfigError
-from cli import main
+from actstore_cli import main
 from services.api import create_app
 from services.api.schemas import Atlas, FeatureMatches
 from services.index import atlas as atlas_module

@@ -8,10 +8,10 @@ import pytest
 
 from actstore.errors import ConfigError
 from actstore.extract import ExtractConfig
-from cli import build_parser
-from cli.args import config_from_args, field_docs
-from cli.demo import DemoConfig
-from cli.train import sweep_from_args
+from actstore_cli import build_parser
+from actstore_cli.args import config_from_args, field_docs
+from actstore_cli.demo import DemoConfig
+from actstore_cli.train import sweep_from_args
 from sae import SAEConfig
 from sae.train import TrainConfig
 from services.api.config import ServeConfig
@@ -115,7 +115,7 @@ def _other_value(action) -> list[str]:
 
 def test_every_train_flag_changes_the_config_it_runs() -> None:
     from actstore.config import public_config
-    from cli.train import train_config
+    from actstore_cli.train import train_config
 
     base_args = ["train", "--store", "s", "--out", "o"]
     actions = [a for a in _actions("train").values() if a.option_strings and a.dest not in
@@ -138,7 +138,7 @@ def test_every_train_flag_changes_the_config_it_runs() -> None:
 @pytest.mark.parametrize("command", ["info", "verify", "extract", "train", "index", "serve", "compare", "atlas", "report",
                                      "demo", "probe", "steer"])
 def test_help_of_every_command(command: str, capsys) -> None:
-    from cli import main
+    from actstore_cli import main
 
     with pytest.raises(SystemExit) as e:
         main([command, "--help"])

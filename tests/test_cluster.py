@@ -58,7 +58,7 @@ def _job(cluster: LocalCluster, *command: str) -> str:
 def test_extract_train_index_serve_on_a_two_node_cluster(cluster, tmp_path, monkeypatch):
     from actstore.store import ActivationStore, verify_store
     from actstore.testing.shapes import generate_dataset
-    from cli import main
+    from actstore_cli import main
     from sae.checkpoint import load
     from services.api import create_app
 

@@ -16,7 +16,7 @@ import sae
 from actstore.errors import ConfigError
 from actstore.store import ActivationStore, LayerSpec, StoreSpec, StoreWriter, TokenLayout
 from actstore.testing.synthetic import write_planted_pair
-from cli import main
+from actstore_cli import main
 from sae.config import SAEConfig
 from sae.model import SparseAutoencoder
 from sae.train import TrainConfig, train

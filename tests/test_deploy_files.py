@@ -394,7 +394,7 @@ def test_ray_and_python_versions_agree_everywhere() -> None:
 
 @pytest.mark.parametrize("manifest", ["rayjob-extract.yaml", "rayjob-train.yaml"])
 def test_rayjob_entrypoints_parse_with_our_cli(manifest: str) -> None:
-    from cli import build_parser
+    from actstore_cli import build_parser
 
     argv = shlex.split(_docs(K8S / manifest)[0]["spec"]["entrypoint"])
     assert argv[0] == "actstore"

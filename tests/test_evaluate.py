@@ -17,7 +17,7 @@ from actstore.extract.backbones import BackboneConfig, load_backbone
 from actstore.extract.zeroshot import zero_shot_classifier
 from actstore.loader import Normalization
 from actstore.store import ActivationStore
-from cli import main
+from actstore_cli import main
 from sae import SAEConfig, SparseAutoencoder, checkpoint, metrics
 from services.evaluate import EvaluateConfig, run_evaluate
 from test_splice import exact_sae

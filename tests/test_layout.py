@@ -1,6 +1,6 @@
 """The tree reads as the data flow: imports only run downstream, and only through public names.
 
-    actstore (store, extract, loader)  ->  sae  ->  services  ->  cli (the `actstore` command)
+    actstore (store, extract, loader)  ->  sae  ->  services  ->  actstore_cli (the `actstore` command)
 
 A package may import its own private (`_`) modules and any public name upstream of it; the test and
 demo generators (`actstore.testing`) are imported by no production module but the demo command.
@@ -15,10 +15,10 @@ from pathlib import Path, PurePosixPath
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-ORDER = ("actstore", "sae", "services", "cli")
+ORDER = ("actstore", "sae", "services", "actstore_cli")
 """Packages in data-flow order: each may import those before it, never those after."""
 GENERATORS = "actstore.testing"
-MAY_USE_GENERATORS = {"cli/demo.py"}
+MAY_USE_GENERATORS = {"actstore_cli/demo.py"}
 
 
 def _imports(rel: PurePosixPath, source: str) -> list[tuple[int, str]]:
@@ -87,4 +87,4 @@ def test_the_rules_catch_what_they_forbid() -> None:
         "sae/kernels/__init__.py:4 imports the test/demo generators (actstore.testing.shapes.generate_dataset)",
     ]
     assert violations(PurePosixPath("actstore/store/_writer.py"), "from actstore.store._io import put_bytes\n") == []
-    assert violations(PurePosixPath("cli/demo.py"), "from actstore.testing.shapes import generate_dataset\n") == []
+    assert violations(PurePosixPath("actstore_cli/demo.py"), "from actstore.testing.shapes import generate_dataset\n") == []

@@ -18,7 +18,7 @@ from actstore.extract.backbones import BackboneConfig, load_backbone
 from actstore.extract.masks import MaskLabeler, patch_majority
 from actstore.store import ActivationStore
 from actstore.testing.shapes import SEG_CLASSES, SHAPES, generate_dataset
-from cli import main
+from actstore_cli import main
 
 MODEL, LAYER = "timm:vit_tiny_patch16_224", "10"
 GRID, PATCH = 14, 16  # vit_tiny_patch16_224: 224 / 16

@@ -1,6 +1,6 @@
 """The `actstore` command, stage after stage: on S3 (moto) with one-off credentials, and the demo.
 
-extract -> train (two Ray Train workers) -> index run through the command's entry point (cli.main) in
+extract -> train (two Ray Train workers) -> index run through the command's entry point (actstore_cli.main) in
 this process, on the session's Ray, and serve as a subprocess of the installed console script: a
 subprocess per stage would import torch and start Ray workers for its own job again (tens of seconds,
 nothing more tested). Afterwards the credentials appear in no object, file, output or log that any
@@ -23,7 +23,7 @@ import pytest
 
 from actstore.config import REDACTED
 from actstore.testing.cluster import free_port
-from cli import main
+from actstore_cli import main
 
 ACTSTORE = str(Path(sys.executable).parent / "actstore")
 SAE = "topk-k8-m64"

@@ -18,8 +18,8 @@ from safetensors.numpy import load_file
 from actstore.config import REDACTED, public_config
 from actstore.errors import ConfigError
 from actstore.store import ActivationStore, LayerSpec, StoreSpec, StoreWriter, TokenLayout, filesystem
-from cli import build_parser, main
-from cli.args import field_docs
+from actstore_cli import build_parser, main
+from actstore_cli.args import field_docs
 from services.probe import Probe, ProbeConfig, load_probe, split_rows, train_probe
 
 N, GRID, D, N_CLASSES = 160, (3, 3), 32, 4

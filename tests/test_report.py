@@ -230,7 +230,7 @@ def test_out_is_replaced_only_when_ours_and_asked(index_dir, tmp_path):
 
 
 def test_cli_names_what_it_expected(tmp_path, capsys):
-    from cli import main
+    from actstore_cli import main
 
     (tmp_path / "notes.txt").write_text("x")
     assert main(["report", str(tmp_path), "--out", str(tmp_path / "r.html")]) == 1
@@ -241,8 +241,8 @@ def test_cli_names_what_it_expected(tmp_path, capsys):
 
 
 def test_help_lists_every_option(capsys):
-    from cli import main
-    from cli.args import field_docs
+    from actstore_cli import main
+    from actstore_cli.args import field_docs
 
     with pytest.raises(SystemExit) as e:
         main(["report", "--help"])

@@ -81,7 +81,7 @@ def test_planted_dictionary_is_recovered(planted, tmp_path):
 
 def test_a_short_cli_run_with_default_schedules_recovers_the_atoms(tmp_path, caplog):
     """96 atoms in d = 48, 20,000 tokens: 600K tokens (585 steps) reach them with the defaults (issue: 0.58)."""
-    from cli import main
+    from actstore_cli import main
 
     store = str(tmp_path / "store")
     atoms = write_planted(store, 48, 96, 1250)

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from actstore.errors import ConfigError, NotFoundError
-from cli import main
+from actstore_cli import main
 from sae import checkpoint
 from sae.edits import FeatureEdit, apply_edits, edit_fn, parse_edit
 from sae.splice import splice

@@ -19,7 +19,7 @@ from actstore.errors import (ConfigError, CorruptDataError, DtypeOverflowError, 
 from actstore.store import (CODECS, DTYPES, ActivationStore, LayerSpec, StoreSpec, StoreWriter, TokenLayout,
                             verify_store)
 from actstore.testing.synthetic import vit_like_activations
-from cli import main
+from actstore_cli import main
 
 ACTSTORE = str(Path(sys.executable).parent / "actstore")  # the installed console script
 N, GRID, D = 45, (2, 3), 24  # 45 images: the last shard and the last chunk are partial

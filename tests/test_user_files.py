@@ -10,7 +10,7 @@ from actstore.errors import ConfigError, StoreFormatError
 from actstore.store import ActivationStore, LayerSpec, StoreSpec, StoreWriter, TokenLayout
 from actstore.testing.shapes import generate_dataset
 from actstore.testing.synthetic import write_synthetic_store
-from cli import main
+from actstore_cli import main
 from sae.train import TrainConfig, Trainer
 from services.index import IndexConfig, build_index
 

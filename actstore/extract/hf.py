@@ -12,8 +12,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from operator import attrgetter
 from typing import TYPE_CHECKING, Any
@@ -24,7 +23,6 @@ from torch import Tensor, nn
 from actstore.errors import ConfigError
 from actstore.extract.hooked import HUB_WEIGHTS, Backbone, Family, ViT, checkpoint_path, seeded
 from actstore.extract.preprocess import Preprocessor
-from actstore.store import LayerSpec
 
 if TYPE_CHECKING:
     from actstore.extract.backbones import BackboneConfig
@@ -98,57 +96,6 @@ class _HFVisionTower(_HFEncoder):
     def vlm(self) -> nn.Module:
         """The whole vision-language model, for generation."""
         return self._vlm
-
-    @property
-    def _whole(self) -> nn.Module:
-        """The model the weights are drawn and loaded with (a VLM's vision tower: the VLM)."""
-        return self.model
-
-    def metadata(self) -> dict[str, Any]:
-        """Also the transformers class and the config's non-default fields, so that random weights from a
-        folder that is gone can still be rebuilt."""
-        config = json.loads(self._whole.config.to_json_string(use_diff=True))
-        config.pop("transformers_version", None)
-        return {**super().metadata(), "model_class": type(self._whole).__name__, "config": config}
-
-
-class _HFVisionTower(_HFEncoder):
-    """The vision tower of a vision-language model: `model` is the tower inside `vlm` (the same module objects,
-    so hooks on its layers act on the VLM's own forward passes); `processor` is the source's whole processor
-    (tokenizer, chat template), None where it has none.
-
-    `vlm` is kept out of the registered submodules: moving the Backbone to an accelerator for extraction moves
-    the tower only (its parameters are the VLM's own); actstore.extract.vlm moves the rest when it generates.
-    """
-
-    def __init__(self, cfg: BackboneConfig, vlm: nn.Module, tower: nn.Module, processor: Any,
-                 preprocessor: Preprocessor, blocks: Sequence[nn.Module], **layout: Any) -> None:
-        super().__init__(cfg, tower, preprocessor, blocks, frames=0, **layout)
-        object.__setattr__(self, "_vlm", vlm.eval().requires_grad_(False))
-        self.processor = processor
-
-    @property
-    def vlm(self) -> nn.Module:
-        """The whole vision-language model, for generation."""
-        return self._vlm
-
-    @contextmanager
-    def intervene(self, layer: int | str, fn: Callable[[Tensor], Tensor]) -> Iterator[LayerSpec]:
-        """Backbone.intervene, with the hook put before the layer's other hooks: transformers records
-        hidden_states (from which LLaVA takes its image features) by forward hooks on these layers, installed at
-        the first forward that asks for them, and a hook appended after those would change the next layer's
-        input but not the features the VLM reads. Interventions nested on one layer so run innermost first."""
-        spec = self._resolve(layer)
-
-        def hook(module: nn.Module, args: Any, output: Any) -> Any:
-            tokens = self._tokens(spec.index, output)
-            return self._replace(spec.index, output, fn(tokens).to(tokens.dtype))
-
-        handle = self._blocks[spec.index].register_forward_hook(hook, prepend=True)
-        try:
-            yield spec
-        finally:
-            handle.remove()
 
     @property
     def _whole(self) -> nn.Module:

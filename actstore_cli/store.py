@@ -6,7 +6,7 @@ import argparse
 import json
 from typing import Any
 
-from cli.args import Command, add_command, add_quiet, json_object
+from actstore_cli.args import Command, add_command, add_quiet, json_object
 
 
 def human(n: float) -> str:

@@ -7,7 +7,7 @@ import argparse
 from dataclasses import dataclass
 from typing import Any
 
-from cli.args import add_command, config_from_args, flags_from
+from actstore_cli.args import add_command, config_from_args, flags_from
 
 STEPS = 8
 
@@ -51,7 +51,7 @@ class DemoConfig:
 def _backbone(cfg: DemoConfig, step: int, model: str, store: str, sae_out: str, index: str) -> None:
     """Extract one backbone (layer -2), train a TopK SAE on its patches and index it."""
     from actstore.extract import ExtractConfig, run_extract
-    from cli.store import print_info
+    from actstore_cli.store import print_info
     from sae.train import TrainConfig, train
     from services.index import IndexConfig, build_index
 
@@ -72,8 +72,8 @@ def run_demo(cfg: DemoConfig) -> str:
     """Run every stage and print what each did; returns the first index folder."""
     from actstore.store import filesystem
     from actstore.testing.shapes import generate_dataset
-    from cli.compare import print_summary
-    from cli.evaluate import print_result
+    from actstore_cli.compare import print_summary
+    from actstore_cli.evaluate import print_result
     from services.evaluate import EvaluateConfig, run_evaluate
     from services.compare import CompareConfig, run_compare
     from services.index.atlas import AtlasConfig, build_atlas
@@ -109,5 +109,5 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def register(sub: Any, chosen: str | None) -> None:
     add_command(sub, "demo", "Images -> two backbones' stores -> SAEs -> indexes, atlas, comparison, report; "
-                "prints the serve command.", flags_from("cli.demo:DemoConfig", cmd_demo, config_file=False,
+                "prints the serve command.", flags_from("actstore_cli.demo:DemoConfig", cmd_demo, config_file=False,
                                                         quiet=False), chosen)

@@ -6,7 +6,7 @@ import argparse
 import dataclasses
 from typing import Any
 
-from cli.args import Command, add_command, add_config_file, add_config_flags, add_quiet, config_from_args
+from actstore_cli.args import Command, add_command, add_config_file, add_config_flags, add_quiet, config_from_args
 
 SAE_FLAGS = {"kind": "sae"}
 """SAEConfig fields whose flag has another name (`--sae KIND`)."""

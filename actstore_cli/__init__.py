@@ -1,18 +1,18 @@
 """The `actstore` command: one subcommand per stage, on top of every package (the only code that imports them all).
 
-    info, verify      cli.store     what a store holds; whether every byte is intact
-    extract           cli.extract   images -> backbone activations -> a store (Ray)
-    train             cli.train     SAEs on a store's patches
-    evaluate          cli.evaluate  an SAE spliced into its backbone: what the model's own output keeps
-    steer             cli.steer     SAE features edited inside the model: its predictions before and after
-    index, serve      cli.serve     an SAE's features indexed over a store, served over HTTP
-    atlas             cli.atlas     a 2-D map of an indexed SAE's features (UMAP, PCA), kept in its index
-    compare           cli.compare   the features of two SAEs over the same images, matched
-    probe             cli.probe     a linear probe on a layer's tokens (image or patch labels), held-out metrics
-    report            cli.report    an HTML page on a training run, an index or a comparison (matplotlib)
-    demo              cli.demo      all of the above on generated images
+    info, verify      actstore_cli.store     what a store holds; whether every byte is intact
+    extract           actstore_cli.extract   images -> backbone activations -> a store (Ray)
+    train             actstore_cli.train     SAEs on a store's patches
+    evaluate          actstore_cli.evaluate  an SAE spliced into its backbone: what the model's own output keeps
+    steer             actstore_cli.steer     SAE features edited inside the model: its predictions before and after
+    index, serve      actstore_cli.serve     an SAE's features indexed over a store, served over HTTP
+    atlas             actstore_cli.atlas     a 2-D map of an indexed SAE's features (UMAP, PCA), kept in its index
+    compare           actstore_cli.compare   the features of two SAEs over the same images, matched
+    probe             actstore_cli.probe     a linear probe on a layer's tokens (image or patch labels), held-out metrics
+    report            actstore_cli.report    an HTML page on a training run, an index or a comparison (matplotlib)
+    demo              actstore_cli.demo      all of the above on generated images
 
-Flags, help texts and defaults come from the stages' config dataclasses (cli.args). Errors of the
+Flags, help texts and defaults come from the stages' config dataclasses (actstore_cli.args). Errors of the
 project's own family, raised here or inside a Ray worker, and storage failures (credentials, access,
 bucket, endpoint) print as one line (`error: ...`) and exit 1; anything else is a bug and keeps its
 traceback.
@@ -26,7 +26,7 @@ import sys
 from collections.abc import Sequence
 
 from actstore.errors import user_error
-from cli import atlas, compare, demo, evaluate, extract, probe, report, serve, steer, store, train
+from actstore_cli import atlas, compare, demo, evaluate, extract, probe, report, serve, steer, store, train
 
 GROUPS = (store, extract, train, evaluate, steer, serve, compare, atlas, probe, report, demo)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from cli.args import (
+from actstore_cli.args import (
     Command,
     add_command,
     add_config_file,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from cli.args import add_command, config_from_args, flags_from
+from actstore_cli.args import add_command, config_from_args, flags_from
 
 
 def _side(r: dict[str, Any], side: str) -> list[str]:
