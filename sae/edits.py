@@ -10,8 +10,8 @@ Ops, on the feature's activation a of each chosen token:
 
 Where: "all" (default: every token of the kind the SAE was trained on, i.e. all patches for a patch SAE), "cls",
 "patches", or patch indices (0 is the top-left patch, row-major, whatever precedes the patches in the layout).
-Spliced in error mode, an edit moves a token by exactly (a' - a) @ W_dec, de-normalized: what is not edited stays
-as it was, bit for bit.
+Spliced (sae.splice), an edit moves a token by exactly the sum over the edited features of (a'_f - a_f) W_dec[f],
+de-normalized and computed from those features alone: what is not edited stays as it was, bit for bit.
 """
 
 from __future__ import annotations
@@ -25,9 +25,9 @@ from torch import Tensor
 
 from actstore.errors import ConfigError
 from actstore.store import TokenLayout
-from sae.splice import Edit
 
-__all__ = ["MAX_VALUE", "OPS", "WHERE", "FeatureEdit", "apply_edits", "check_edits", "edit_fn", "parse_edit"]
+__all__ = ["MAX_VALUE", "OPS", "WHERE", "FeatureEdit", "FeatureEdits", "apply_edits", "check_edits", "edit_fn",
+           "parse_edit"]
 
 OPS = ("scale", "add", "set", "clamp")
 WHERE = ("all", "cls", "patches")
@@ -103,7 +103,7 @@ def _rows(where: str | tuple[int, ...], positions: Tensor, layout: TokenLayout, 
     """(rows,) bool: which spliced tokens (by layout index) an edit applies to."""
     cls = int(layout.cls)
     if where == "all":
-        where = {"patches": "patches", "cls": "cls", "all": "all"}[trained]
+        where = trained
     if where == "all":
         return torch.ones_like(positions, dtype=torch.bool)
     if where == "cls":
@@ -115,21 +115,37 @@ def _rows(where: str | tuple[int, ...], positions: Tensor, layout: TokenLayout, 
 
 
 def apply_edits(latents: Tensor, positions: Tensor, edits: Sequence[FeatureEdit], layout: TokenLayout,
-                trained: str = "patches") -> Tensor:
-    """The edited copy of dense latents (rows, d_sae), rows at layout indices `positions`; edits apply in order.
-    `trained`: the token kind the SAE was trained on, which "all" means."""
+                trained: str = "patches", features: Sequence[int] | None = None) -> Tensor:
+    """The edited copy of latents (rows, n), rows at layout indices `positions`; edits apply in order. Column j holds
+    feature `features[j]` (default: feature j, all of an SAE's latents). `trained`: the token kind the SAE was
+    trained on, which "all" means."""
+    column = {f: j for j, f in enumerate(features)} if features is not None else None
     out = latents.clone()
     for e in edits:
         rows = _rows(e.where, positions, layout, trained)
-        a = out[rows, e.feature]
-        out[rows, e.feature] = {"scale": lambda: a * e.value, "add": lambda: a + e.value,
-                                "set": lambda: torch.full_like(a, e.value),
-                                "clamp": lambda: a.clamp(max=e.value)}[e.op]()
+        j = e.feature if column is None else column[e.feature]
+        a = out[rows, j]
+        out[rows, j] = {"scale": lambda: a * e.value, "add": lambda: a + e.value,
+                        "set": lambda: torch.full_like(a, e.value), "clamp": lambda: a.clamp(max=e.value)}[e.op]()
     return out
 
 
-def edit_fn(edits: Sequence[FeatureEdit], layout: TokenLayout, trained: str = "patches") -> Edit:
-    """sae.splice's `edit` for these edits (dense latents in, dense latents out)."""
-    def edit(latents: Tensor, positions: Tensor) -> Tensor:
-        return apply_edits(latents, positions, edits, layout, trained)
-    return edit
+@dataclass(frozen=True)
+class FeatureEdits:
+    """sae.splice's `edit` for a list of feature edits: it sees and returns only the edited features' latents."""
+
+    edits: tuple[FeatureEdit, ...]
+    layout: TokenLayout
+    trained: str = "patches"
+
+    @property
+    def features(self) -> tuple[int, ...]:
+        return tuple(sorted({e.feature for e in self.edits}))
+
+    def __call__(self, values: Tensor, positions: Tensor) -> Tensor:
+        return apply_edits(values, positions, self.edits, self.layout, self.trained, self.features)
+
+
+def edit_fn(edits: Sequence[FeatureEdit], layout: TokenLayout, trained: str = "patches") -> FeatureEdits | None:
+    """sae.splice's `edit` for these edits (None for no edit: the clean model)."""
+    return FeatureEdits(tuple(edits), layout, trained) if edits else None

@@ -1,6 +1,6 @@
 """Splicing: an SAE inside a backbone's forward pass, at the layer and tokens it was trained on.
 
-    with splice(backbone, sae, norm, layer="10", mode="error", edit=my_edit):
+    with splice(backbone, sae, norm, layer="10", mode="error", edit=edit_fn(edits, layout)):
         embedding, logits = backbone.outputs(images)
 
 The tokens go through the same hook point extraction reads (`Backbone.intervene`), as a batch (no Python per
@@ -8,11 +8,14 @@ token), behind the checkpoint's input normalization:
 
     x_n   = (x - mean) * scale                  the loader's transform, recorded with the SAE
     a     = encode(x_n); a' = edit(a, token)    an edit between encode and decode (None: a' = a)
-    replace: x <- undo(decode(a'))              the model sees the reconstruction
-    error:   x <- undo(decode(a')) + (x - undo(decode(a))) = x + ((a' - a) @ W_dec) / scale
-                                                the reconstruction plus the error term, computed as the right-hand
-                                                side: with no edit the model sees x exactly, and an edit moves a
-                                                token by exactly its latents' change times the decoder
+    delta = sum_f (a'_f - a_f) W_dec[f] / scale over the edited features f only, in the SAE's dtype
+    replace: x <- undo(decode(a)) + delta       the model sees the reconstruction (plus the edit)
+    error:   x <- x + delta                     = undo(decode(a')) + (x - undo(decode(a))): the reconstruction
+                                                plus the error term, computed as the left-hand side
+
+So in error mode with no edit the hook hands the tokens back untouched and the forward is bitwise the clean one
+(whatever the SAE's dtype), tokens no edit reaches keep their bits, and an edit costs (edited tokens x edited
+features x d) whatever the SAE's width: the latents are never densified for it.
 
 Token kinds are the loader's: "patches" (the default the trainer uses), "cls" or "all"; the others pass as
 they were. The same hook runs an ablation (`ablate`): the layer's chosen tokens set to zero or a mean.
@@ -20,9 +23,10 @@ they were. The same hook runs an ablation (`ablate`): the layer's chosen tokens 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 from torch import Tensor
@@ -34,16 +38,26 @@ from actstore.store import TokenLayout
 from sae.acts import SparseActs
 from sae.model import SparseAutoencoder
 
-__all__ = ["MODES", "TOKENS", "Edit", "SpliceStats", "ablate", "splice", "token_positions"]
+__all__ = ["MODES", "TOKENS", "Edit", "SpliceStats", "ablate", "edit_delta", "latent_values", "splice",
+           "token_positions"]
 
 MODES = ("replace", "error")
 TOKENS = ("patches", "cls", "all")
 
 Latents = Tensor | SparseActs
-Edit = Callable[[Tensor, Tensor], Tensor]
-"""(dense latents (rows, d_sae) of the spliced tokens, rows ordered (image, token); (rows,) each row's token index
-in the layer's layout: 0 is CLS where the layout has one, patches follow row-major) -> the edited latents (sae.edits
-builds these from feature edits)."""
+
+
+class Edit(Protocol):
+    """What an edit does between encode and decode (sae.edits.FeatureEdits builds one from feature edits)."""
+
+    @property
+    def features(self) -> Sequence[int]:
+        """The latents it may change; the others are neither read nor touched."""
+
+    def __call__(self, values: Tensor, positions: Tensor) -> Tensor:
+        """(rows, len(features)) those latents on the spliced tokens, rows ordered (image, token); (rows,) each
+        row's token index in the layer's layout (0 is CLS where the layout has one, patches follow row-major) ->
+        their edited values."""
 
 
 def token_positions(layout: TokenLayout, tokens: str) -> Tensor:
@@ -101,7 +115,10 @@ def _on_tokens(layout: TokenLayout, tokens: str, fn: Callable[[Tensor, Tensor], 
         b, n = x.shape[0], positions.numel()
         pos = positions.to(x.device)
         chosen = x[:, pos].reshape(b * n, x.shape[2])
-        new = fn(chosen, pos.repeat(b)).reshape(b, n, x.shape[2]).to(x.dtype)
+        new = fn(chosen, pos.repeat(b))
+        if new is chosen:  # unchanged: hand the layer's own tensor back (Backbone.intervene then keeps its output)
+            return x
+        new = new.reshape(b, n, x.shape[2]).to(x.dtype)
         if n == x.shape[1]:
             return new
         out = x.clone()
@@ -109,6 +126,28 @@ def _on_tokens(layout: TokenLayout, tokens: str, fn: Callable[[Tensor, Tensor], 
         return out
 
     return apply
+
+
+def latent_values(acts: Latents, features: Tensor) -> Tensor:
+    """(rows, len(features)) the latents `features` (distinct) of every row, zeros where inactive, in the
+    latents' dtype: a gather from dense latents, a match over the active entries of sparse ones (no dense row)."""
+    if not isinstance(acts, SparseActs):
+        return acts[:, features]
+    entry, column = (acts.indices.unsqueeze(1) == features).nonzero(as_tuple=True)
+    out = acts.values.new_zeros(acts.n_tokens, features.numel())
+    out[acts.rows()[entry], column] = acts.values[entry]
+    return out
+
+
+def edit_delta(sae: SparseAutoencoder, acts: Latents, edit: Edit, positions: Tensor, scale: float
+               ) -> tuple[Tensor, Tensor]:
+    """(rows the edit changes, their change (n, d) in the SAE's dtype): sum over the edited features of
+    (a'_f - a_f) W_dec[f] / scale, from those features' latents alone."""
+    features = torch.as_tensor(list(edit.features), dtype=torch.long, device=sae.W_dec.device)
+    before = latent_values(acts, features)
+    change = edit(before, positions) - before
+    rows = change.ne(0).any(1).nonzero().squeeze(1)
+    return rows, (change[rows] @ sae.W_dec[features]) / scale
 
 
 @contextmanager
@@ -123,26 +162,32 @@ def splice(backbone: Backbone, sae: SparseAutoencoder, normalization: Normalizat
     if spec.d != sae.cfg.d_in:
         raise ConfigError(f"the SAE reads {sae.cfg.d_in}-wide activations; layer {spec.name} of "
                           f"{backbone.cfg.model} is {spec.d} wide")
+    if edit is not None and not edit.features:
+        edit = None
     to_n = normalization.apply if normalization is not None else (lambda t: t)
     undo = normalization.undo if normalization is not None else (lambda t: t)
-
     scale = normalization.scale if normalization is not None else 1.0
 
     def run(x: Tensor, pos: Tensor) -> Tensor:
-        x = x.to(sae.W_enc.dtype)
-        x_n = to_n(x)
+        if mode == "error" and edit is None and stats is None:
+            return x  # nothing to compute: the clean tokens, bit for bit
+        x_n = to_n(x.to(sae.W_enc.dtype))
         acts = sae.encode(x_n)
-        if stats is not None or mode == "replace" and edit is None:
+        out = x
+        if stats is not None or mode == "replace":
             x_hat_n = sae.decode(acts)
             if stats is not None:
                 stats.add(x_n, x_hat_n, acts)
+            if mode == "replace":
+                out = undo(x_hat_n).to(x.dtype)
         if edit is None:
-            return undo(x_hat_n) if mode == "replace" else x
-        dense = acts.to_dense() if isinstance(acts, SparseActs) else acts
-        edited = edit(dense, pos)
-        if mode == "replace":
-            return undo(sae.decode(edited))
-        return x + ((edited - dense) @ sae.W_dec) / scale  # no bias, no mean: unedited rows move by exactly 0
+            return out
+        rows, delta = edit_delta(sae, acts, edit, pos, scale)
+        if not rows.numel():
+            return out
+        out = out.clone()
+        out[rows] += delta.to(out.dtype)
+        return out
 
     sae.eval()
     with torch.no_grad(), backbone.intervene(spec.name, _on_tokens(spec.tokens, tokens, run)):

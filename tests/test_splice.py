@@ -17,7 +17,8 @@ from actstore.extract.backbones import Backbone, BackboneConfig, load_backbone
 from actstore.loader import Normalization
 from actstore.store import TokenLayout
 from sae import SAEConfig, SparseAutoencoder
-from sae.splice import SpliceStats, ablate, splice, token_positions
+from sae.edits import FeatureEdit, FeatureEdits, edit_fn
+from sae.splice import SpliceStats, ablate, edit_delta, splice, token_positions
 
 TINY_DINO = {"hidden_size": 32, "num_hidden_layers": 3, "num_attention_heads": 2, "mlp_ratio": 2, "image_size": 32,
              "patch_size": 8, "num_register_tokens": 2}
@@ -87,14 +88,19 @@ def test_error_mode_without_edit_is_the_clean_forward(backbones: dict[str, Backb
     torch.testing.assert_close(seen[0], library_tokens(backbone, family, x, spec.index), rtol=0, atol=0)
     assert (clean_logits is not None) == (family == "timm")  # timm's classifier; the others have none of their own
 
-    sae = SparseAutoencoder(SAEConfig(d_in=spec.d, d_sae=4 * spec.d, kind="topk", k=4, init_seed=3))
     norm = random_norm(spec.d)
-    for tokens in ("patches", "all"):
-        with splice(backbone, sae, norm, layer=spec.name, tokens=tokens, mode="error"):
-            emb, logits = backbone.outputs(x)
-        torch.testing.assert_close(emb, clean_emb, rtol=1e-4, atol=1e-4)
-        if logits is not None:
-            torch.testing.assert_close(logits, clean_logits, rtol=1e-4, atol=1e-4)
+    for dtype in ("float32", "bfloat16"):
+        sae = SparseAutoencoder(SAEConfig(d_in=spec.d, d_sae=4 * spec.d, kind="topk", k=4, init_seed=3, dtype=dtype))
+        layout = spec.tokens
+        for tokens in ("patches", "all"):
+            # no edit, and an edit that changes no latent (scale by 1): bitwise the clean model
+            for edit in (None, edit_fn([FeatureEdit(0, "scale", 1.0), FeatureEdit(1, "add", 0.0)], layout)):
+                with splice(backbone, sae, norm, layer=spec.name, tokens=tokens, mode="error", edit=edit):
+                    emb, logits = backbone.outputs(x)
+                assert torch.equal(emb, clean_emb), (dtype, tokens, edit)
+                if logits is not None:
+                    assert torch.equal(logits, clean_logits)
+        sae = SparseAutoencoder(SAEConfig(d_in=spec.d, d_sae=4 * spec.d, kind="topk", k=4, init_seed=3))
     with splice(backbone, sae, norm, layer=spec.name, mode="replace"):
         replaced, _ = backbone.outputs(x)
     assert (replaced - clean_emb).abs().max() > 1e-2  # the hook is live: a random SAE's reconstruction is not x
@@ -126,20 +132,21 @@ def test_exact_sae_changes_nothing_and_zero_decoder_is_zero_ablation(backbones: 
     assert (ablated - clean).abs().max() > 1e-2
 
 
-def test_edit_sees_the_spliced_tokens_and_changes_only_them(backbones: dict[str, Backbone]) -> None:
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_an_edit_moves_only_its_tokens_by_exactly_its_decoder_rows(backbones: dict[str, Backbone], dtype: str) -> None:
     backbone = backbones["hf"]  # CLS, 2 registers (not stored), a 4 x 4 grid
     spec = backbone.layer_specs()[0]
     x = images(backbone)
-    sae = SparseAutoencoder(SAEConfig(d_in=spec.d, d_sae=64, kind="relu", init_seed=2))
-    positions, after = [], {}
+    sae = SparseAutoencoder(SAEConfig(d_in=spec.d, d_sae=64, kind="relu", init_seed=2, dtype=dtype))
+    seen, after = [], {}
     index = spec.index + 1  # the next block's input is this block's output
 
-    def edit(acts: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        positions.append(pos)
-        out = acts.clone()
-        out[pos == 3] += 1.0  # one patch, every latent
-        return out
+    class Spy(FeatureEdits):
+        def __call__(self, values: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+            seen.append((values, positions))
+            return super().__call__(values, positions)
 
+    edit = Spy((FeatureEdit(7, "add", 1.0, (2,)), FeatureEdit(3, "scale", 1.0)), spec.tokens)
     hook = backbone.model.encoder.layer[index].register_forward_pre_hook(lambda m, a: after.update(x=a[0].clone()))
     try:
         backbone.outputs(x)
@@ -148,15 +155,42 @@ def test_edit_sees_the_spliced_tokens_and_changes_only_them(backbones: dict[str,
             backbone.outputs(x)
     finally:
         hook.remove()
-    assert torch.equal(positions[0], token_positions(spec.tokens, "patches").repeat(2))
-    assert torch.equal(positions[0][:16], torch.arange(1, 17))
-    delta = (after["x"] - clean).abs().amax(-1)  # (B, 1 + 2 registers + 16 patches)
-    # only the edited patch moved (token 3 of the layout = patch 2 = sequence position 1 + 2 + 2), by W_dec's sum
-    moved = torch.zeros_like(delta, dtype=torch.bool)
+    values, positions = seen[0]
+    assert values.shape == (2 * 16, 2) and values.dtype == sae.W_dec.dtype  # the edited features' latents only
+    assert torch.equal(positions, token_positions(spec.tokens, "patches").repeat(2))
+    # only patch 2 moved (layout token 3 = sequence position 1 + 2 registers + 2), by exactly (a' - a) W_dec[7] in the
+    # SAE's dtype, added to the untouched tokens; every other token (CLS, registers, patches) keeps its bits
+    moved = torch.zeros(clean.shape[:2], dtype=torch.bool)
     moved[:, 5] = True
-    assert (delta[moved] > 1e-3).all() and (delta[~moved] < 1e-5).all()
-    torch.testing.assert_close(after["x"][:, 5] - clean[:, 5], sae.W_dec.detach().sum(0).expand(2, -1),
-                               rtol=1e-4, atol=1e-5)
+    assert torch.equal(after["x"][~moved], clean[~moved])
+    with torch.no_grad():
+        a = sae.encode(backbone(x)[spec.name][:, 3].to(sae.W_dec.dtype))[:, 7]
+        change = ((a + 1.0) - a).unsqueeze(1) * sae.W_dec[7]
+    assert torch.equal(after["x"][:, 5], clean[:, 5] + change.float())
+
+
+def test_an_edit_costs_the_edited_features_not_the_sae_width() -> None:
+    """Two edits on a 65,536-wide SAE: the change is computed from the edited latents alone (the old dense path
+    allocated (tokens x d_sae) three times: 400 MB here)."""
+    layout = TokenLayout(cls=True, grid=(14, 14))
+    x, positions = torch.randn(2 * 197, 192), torch.arange(197).repeat(2)
+    edit = edit_fn([FeatureEdit(5, "add", 2.0), FeatureEdit(9, "set", 0.0, (3, 4))], layout)
+    allocated = {}
+    for d_sae in (4096, 65536):
+        sae = SparseAutoencoder(SAEConfig(d_in=192, d_sae=d_sae, kind="topk", k=32))
+        with torch.no_grad():
+            acts = sae.encode(x)
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+                rows, delta = edit_delta(sae, acts, edit, positions, 1.0)
+        allocated[d_sae] = sum(max(e.self_cpu_memory_usage, 0) for e in prof.events())
+        assert rows.numel() == 2 * 196 and delta.shape == (2 * 196, 192)
+        dense = acts.to_dense()  # the independent computation
+        change = torch.zeros_like(dense)
+        change[:, 5] = 2.0
+        change[torch.isin(positions, torch.tensor([4, 5])), 9] = -dense[torch.isin(positions, torch.tensor([4, 5])), 9]
+        change[positions == 0] = 0  # a patch SAE: "all" is every patch, never the CLS
+        torch.testing.assert_close(delta, (change @ sae.W_dec)[rows], rtol=1e-5, atol=1e-5)
+    assert allocated[65536] < 4 << 20 and allocated[65536] < 1.5 * allocated[4096], allocated
 
 
 def test_splice_errors(backbones: dict[str, Backbone]) -> None:

@@ -166,12 +166,14 @@ class Backbone(nn.Module):
         `fn` and carries on with what it returns: the hook point extraction reads is the one written here. The hook
         goes before the layer's other hooks, so whatever reads the layer's output sees the change: transformers
         records hidden_states (from which LLaVA takes its image features) by forward hooks on these layers. Two
-        interventions nested on one layer run innermost first."""
+        interventions nested on one layer run innermost first. An `fn` that returns its argument itself leaves the
+        layer's output as it was (the very tensor, so the rest of the forward is bitwise the clean one)."""
         spec = self._resolve(layer)
 
         def hook(module: nn.Module, args: Any, output: Any) -> Any:
             tokens = self._tokens(spec.index, output)
-            return self._replace(spec.index, output, fn(tokens).to(tokens.dtype))
+            new = fn(tokens)
+            return None if new is tokens else self._replace(spec.index, output, new.to(tokens.dtype))
 
         handle = self._blocks[spec.index].register_forward_hook(hook, prepend=True)
         try:
