@@ -3,17 +3,23 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test install chromium clean
+.PHONY: demo test install docs chromium clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -e '.[dev,docs]'
 	touch $@
 
 install: $(VENV)/.installed
 
 demo: $(VENV)/.installed
 	$(VENV)/bin/actstore demo
+
+# The reference in docs/ (mkdocs.yml): --strict fails on a link to a missing page or heading and on a page left out
+# of nav; .ci/check_links.py checks the README's links and docs/'s links to repository files. Offline; into site/.
+docs: $(VENV)/.installed
+	$(PY) -m mkdocs build --strict
+	$(PY) .ci/check_links.py
 
 # tests/test_browser.py renders the feature browser in headless Chromium (Debian's package).
 chromium:
@@ -25,8 +31,8 @@ chromium:
 # cluster's nodes), so the other worker's tests use that time. A file's tests stay on one worker, and so do the
 # files on the service fixtures (tests/conftest.py), longest first; PYTEST_WORKERS=0: serially.
 PYTEST_WORKERS ?= 2
-test: $(VENV)/.installed chromium
+test: $(VENV)/.installed docs chromium
 	$(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS)
 
 clean:
-	rm -rf stores data .pytest_cache
+	rm -rf stores data .pytest_cache site
