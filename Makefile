@@ -2,15 +2,27 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
+# The exact versions installed (pyproject.toml keeps the supported ranges); `make lock` re-resolves it.
+LOCK := constraints.txt
 
-.PHONY: demo test install docs chromium clean
+.PHONY: demo test install docs lock chromium clean
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml $(LOCK)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q -e '.[dev,docs]'
+	$(PY) -m pip install -q -c $(LOCK) -e '.[dev,docs]'
 	touch $@
 
 install: $(VENV)/.installed
+
+# The newest versions pyproject.toml's ranges allow, resolved in a throwaway venv and frozen into the lock (its
+# comment lines kept; the project's own editable line left out). Then `make test`, and commit both files.
+lock:
+	rm -rf .lock-venv
+	$(PYTHON) -m venv .lock-venv
+	.lock-venv/bin/python -m pip install -q -e '.[dev,docs]'
+	{ grep '^#' $(LOCK); .lock-venv/bin/python -m pip freeze --exclude-editable; } > $(LOCK).new
+	mv $(LOCK).new $(LOCK)
+	rm -rf .lock-venv
 
 demo: $(VENV)/.installed
 	$(VENV)/bin/actstore demo
