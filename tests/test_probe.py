@@ -226,7 +226,7 @@ def test_bad_input_is_one_line_and_touches_nothing(store: str, plain_store: str,
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "probe.json").write_text('{"format": "something else"}')
     for name in ("foreign", "file", "other"):
-        with pytest.raises(ConfigError, match="is not a probe folder"):
+        with pytest.raises(ConfigError, match="is not a probe; refusing"):
             train_probe(ProbeConfig(store, "cls", str(tmp_path / name), overwrite=True), progress=False)
     assert (tmp_path / "foreign" / "notes.txt").read_text() == "mine" and (tmp_path / "file").read_text() == "mine"
     assert sorted(p.name for p in (tmp_path / "foreign").iterdir()) == ["notes.txt"]

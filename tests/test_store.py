@@ -360,7 +360,7 @@ def test_paths_that_are_not_stores(tmp_path):
         ActivationStore(str(tmp_path / "plain"))
     (tmp_path / "user").mkdir()
     (tmp_path / "user" / "notes.txt").write_text("keep me")
-    with pytest.raises(StoreFormatError, match="refusing to overwrite"):
+    with pytest.raises(ConfigError, match="is not an activation store; refusing to replace it"):
         StoreWriter.create(str(tmp_path / "user"), make_spec())
     assert (tmp_path / "user" / "notes.txt").read_text() == "keep me"
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from actstore.errors import ConfigError, StoreFormatError
+from actstore.errors import ConfigError
 from actstore.store import ActivationStore, LayerSpec, StoreSpec, StoreWriter, TokenLayout
 from actstore.testing.shapes import generate_dataset
 from actstore.testing.synthetic import write_synthetic_store
@@ -35,7 +35,7 @@ def _spec() -> StoreSpec:
 
 
 def test_store_overwrite_replaces_a_store_only(thesis, tmp_path):
-    with pytest.raises(StoreFormatError, match="not an activation store"):
+    with pytest.raises(ConfigError, match="not an activation store"):
         StoreWriter.create(str(thesis), _spec(), overwrite=True)
     assert _intact(thesis)
     url = str(tmp_path / "store")

@@ -23,7 +23,9 @@ import pyarrow.parquet as pq
 import torch
 import zarr
 
+from actstore.config import redact
 from actstore.errors import ConfigError, IncompleteStoreError, StoreFormatError, StoreNotFoundError
+from actstore.outputs import check_output
 from actstore.store import _layout as L
 from actstore.store._encoding import from_storage, to_storage, zarr_compressors
 from actstore.store._images import STATUS_OK, ok_mask, unit_table
@@ -71,13 +73,12 @@ class StoreWriter:
             if existing is not None:
                 found = {k: v for k, v in existing.items() if k not in ("complete", "summary")}
                 if json.dumps(found, sort_keys=True) != _spec_json(spec):
-                    raise StoreFormatError(f"{url}: a store with a different spec exists; "
-                                           "choose another output or overwrite it")
+                    raise StoreFormatError(f"{redact(url)}: a store with a different spec is already there; pass "
+                                           "--overwrite to replace it, or choose another --out")
                 return cls(url, storage_options)
-        fs, root = filesystem(url, storage_options)
-        if fs.exists(root):
-            if fs.ls(root, detail=False) and not (overwrite and _is_store(url, storage_options)):
-                raise StoreFormatError(f"{url}: exists and is not an activation store; refusing to overwrite it")
+        if check_output(url, "an activation store", lambda fs, root: _is_store(url, storage_options), overwrite,
+                        storage_options):
+            fs, root = filesystem(url, storage_options)
             fs.rm(root, recursive=True)
         group = zarr.open_group(zarr_store(url, storage_options, read_only=False), mode="w",
                                 attributes={ATTRS_KEY: {**spec.to_attrs(), "complete": False}})

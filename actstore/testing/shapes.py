@@ -37,6 +37,7 @@ import pyarrow.parquet as pq
 from PIL import Image, ImageDraw
 
 from actstore.errors import ConfigError
+from actstore.outputs import Recognizer, check_output
 
 __all__ = ["BACKGROUNDS", "COLORS", "SEG_CLASSES", "SHAPES", "TEXTURES", "GeneratedDataset", "generate_dataset"]
 
@@ -93,10 +94,11 @@ def generate_dataset(out: str, n_images: int, seed: int = 0, image_size: int = 9
         if mfs.protocol == fs.protocol and (f"{mroot}/".startswith(f"{root}/") or f"{root}/".startswith(f"{mroot}/")):
             raise ConfigError(f"{masks}: the masks folder and the image folder {out} must not contain each other")
         folders.append((masks, mfs, mroot, {*SHAPES, _CLASSES_FILE}))
-    for given, ffs, froot, ours in folders:  # check both before replacing either
-        _refuse(given, ffs, froot, ours, overwrite)
-    for _, ffs, froot, _ in folders:
-        if ffs.isdir(froot):
+    replace = [check_output(given, "a generated shapes dataset", _holding_only(ours), overwrite, storage_options,
+                            flag="overwrite=True", option="folder")
+               for given, _, _, ours in folders]  # both checked before either is replaced
+    for (_, ffs, froot, _), ours in zip(folders, replace):
+        if ours:
             ffs.rm(froot, recursive=True)
     rows = sorted((_factors(seed, i, image_size) for i in range(n_images)), key=lambda r: r["path"])
     for shape in sorted({r["shape"] for r in rows}):
@@ -118,14 +120,10 @@ def generate_dataset(out: str, n_images: int, seed: int = 0, image_size: int = 9
     return GeneratedDataset(str(out), seed, image_size, factors)
 
 
-def _refuse(given: str, fs: fsspec.AbstractFileSystem, root: str, ours: set[str], overwrite: bool) -> None:
-    """ConfigError for a non-empty folder: always when it holds names this generator does not write, else
-    unless overwrite."""
-    if fs.isdir(root) and (names := {n.rstrip("/").rsplit("/", 1)[-1] for n in fs.ls(root, detail=False)}):
-        if not names <= ours:
-            raise ConfigError(f"{given}: exists and is not a generated shapes dataset; refusing to replace it")
-        if not overwrite:
-            raise ConfigError(f"{given}: exists and is not empty; pass overwrite=True to replace it")
+def _holding_only(names: set[str]) -> Recognizer:
+    """A folder whose entries all have names this generator writes."""
+    return lambda fs, root: fs.isdir(root) and {n.rstrip("/").rsplit("/", 1)[-1]
+                                                for n in fs.ls(root, detail=False)} <= names
 
 
 def _factors(seed: int, i: int, image_size: int) -> dict[str, Any]:

@@ -41,7 +41,7 @@ def train(cfg: TrainConfig, progress: bool = True, stop_after: int | None = None
     fs, root = filesystem(cfg.out, dict(cfg.storage_options))
     state = read_resume_state(cfg, fs, root)
     if state is None:
-        check_fresh_out(cfg, fs, root)
+        check_fresh_out(cfg)
     stop_at = None if stop_after is None else (state["step"] if state else 0) + stop_after
 
     import ray  # imported here: Ray takes seconds to import and single-process runs never need it

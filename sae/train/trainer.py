@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from actstore.config import config_json, redact
 from actstore.errors import ConfigError
 from actstore.loader import PatchLoader
+from actstore.outputs import check_output, marked_by
 from actstore.store import filesystem, put_bytes
 from sae import SAEConfig, SparseAutoencoder, checkpoint, metrics
 from sae.train.config import TrainConfig, sae_name
@@ -74,11 +75,10 @@ def read_resume_state(cfg: TrainConfig, fs: fsspec.AbstractFileSystem, root: str
     return state
 
 
-def check_fresh_out(cfg: TrainConfig, fs: fsspec.AbstractFileSystem, root: str) -> None:
-    """A fresh run writes into an empty (or missing) folder, or a run folder (train_config.json) of its own."""
-    if fs.exists(root) and fs.ls(root, detail=False) and not fs.exists(f"{root}/train_config.json"):
-        raise ConfigError(f"{cfg.out}: exists and is not a training run folder (no train_config.json); "
-                          "choose another --out")
+def check_fresh_out(cfg: TrainConfig) -> None:
+    """A fresh run writes into an empty (or missing) folder, or a run folder (train_config.json) of its own
+    (overwrite=True: nothing is removed, the run writes its files over a run's that never checkpointed)."""
+    check_output(cfg.out, "a training run folder", marked_by("train_config.json"), True, dict(cfg.storage_options))
 
 
 class _Member:
@@ -321,7 +321,7 @@ class Trainer:
         if state is not None:
             self._resume(state)
         elif self.rank == 0:  # rank 0 alone: the others would see its first writes
-            check_fresh_out(cfg, self.fs, self.root)
+            check_fresh_out(cfg)
             self._put("train_config.json", config_json(cfg).encode())
         if self.rank == 0:
             self._log_schedule()

@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 
 from actstore.config import check_at_least, public_config, redact
 from actstore.errors import ConfigError
+from actstore.outputs import check_output, marked_by
 from actstore.store import ActivationStore, LayerSpec, is_local, normalize_url, ok_mask
 from sae import Normalization, SparseAutoencoder, positive_entries
 from sae.checkpoint import load_on_store
@@ -296,20 +297,22 @@ def _top_matches(r: Result, n_images: int, cfg: CompareConfig) -> list[dict[str,
              "max_diff": float(max_diff_a[i])} for i in idx.tolist()]
 
 
-def _check_out(out: Path, overwrite: bool) -> None:
-    if (out / SUMMARY).is_file():
-        if not overwrite:
-            raise ConfigError(f"{out}: a comparison is already there (pass --overwrite to replace it)")
-        return
-    if out.exists() and not (out.is_dir() and not any(out.iterdir())):
-        raise ConfigError(f"{out}: exists and is not a comparison (no {SUMMARY}); refusing to replace it, "
-                          "choose another --out")
-
-
 def run_compare(cfg: CompareConfig, progress: bool = True) -> dict[str, Any]:
     """Run both passes and write the comparison folder; returns its summary (also in summary.json)."""
     out = Path(normalize_url(cfg.out))
-    _check_out(out, cfg.overwrite)
+    check_output(out, "a comparison", marked_by(SUMMARY), cfg.overwrite)
+    tmp = out.with_name(f".{out.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    summary = _compare(cfg, tmp, progress)
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)  # a reader never sees half a comparison
+    return summary
+
+
+def _compare(cfg: CompareConfig, tmp: Path, progress: bool) -> dict[str, Any]:
+    """Both passes, writing the comparison into the folder `tmp`; returns the summary."""
     device = torch.device(cfg.device)
     a, b = _open_side(cfg.a, "a", cfg, device), _open_side(cfg.b, "b", cfg, device)
     ok = _common_images(a, b)
@@ -328,16 +331,10 @@ def run_compare(cfg: CompareConfig, progress: bool = True) -> dict[str, Any]:
         "assignment": {"pairs": int(assigned.size), "mean": float(assigned.mean()) if assigned.size else None},
         "top_matches": _top_matches(r, n_images, cfg),
     }
-    tmp = out.with_name(f".{out.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     for side, table in r.tables.items():
         pq.write_table(table, tmp / MATCHES[side])
     pq.write_table(r.pairs, tmp / ASSIGNMENT)
     (tmp / SUMMARY).write_text(json.dumps(summary, indent=1))
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)  # a reader never sees half a comparison
     for s in (a, b):
         s.store.close()
     return summary

@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 
 from actstore.config import check_at_least, public_config, redact
 from actstore.errors import ConfigError, CorruptDataError, StoreFormatError
+from actstore.outputs import check_output
 from actstore.store import is_local, normalize_url
 from services.index.layout import FEATURES, read_index_meta
 
@@ -128,8 +129,7 @@ def build_atlas(cfg: AtlasConfig, progress: bool = True) -> Path:
     index = Path(normalize_url(cfg.index))
     meta = read_index_meta(index)
     out = index / ATLAS
-    if out.exists() and not cfg.overwrite:
-        raise ConfigError(f"{out}: an atlas is already there (pass overwrite=True / --overwrite to replace it)")
+    check_output(out, "an atlas", lambda fs, path: fs.isfile(path), cfg.overwrite, file=True, option="--index")
     if int(meta["d_sae"]) < MIN_FEATURES:
         raise ConfigError(f"{index}: an atlas needs at least {MIN_FEATURES} features, the SAE has {meta['d_sae']}")
     sae_url = cfg.sae or meta["sae"]

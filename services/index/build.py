@@ -42,6 +42,7 @@ from tqdm.auto import tqdm
 
 from actstore.config import check_at_least, public_config, redact
 from actstore.errors import ConfigError
+from actstore.outputs import check_output, marked_by
 from actstore.store import ActivationStore, LayerSpec, is_local, normalize_url, ok_mask
 from sae import Normalization, SparseAutoencoder, positive_entries
 from sae.checkpoint import load_on_store
@@ -244,11 +245,18 @@ def _index_meta(cfg: IndexConfig, src: _Source, uris: list[str], ok: torch.Tenso
 def build_index(cfg: IndexConfig, progress: bool = True) -> Path:
     """Run the pass and write the index folder; returns its path."""
     out = Path(normalize_url(cfg.out))
-    if (out / META).exists() and not cfg.overwrite:
-        raise ConfigError(f"{out}: an index is already there (pass overwrite=True / --overwrite to replace it)")
-    if out.exists() and not (out / META).is_file() and not (out.is_dir() and not any(out.iterdir())):
-        raise ConfigError(f"{out}: exists and is not a feature index (no {META}); refusing to replace it, "
-                          "choose another --out")
+    check_output(out, "a feature index", marked_by(META), cfg.overwrite)
+    tmp = out.with_name(f".{out.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    _build(cfg, tmp, progress)
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)  # a reader never sees half an index
+    return out
+
+
+def _build(cfg: IndexConfig, tmp: Path, progress: bool) -> None:
+    """The pass, writing the index into the folder `tmp`."""
     device = torch.device(cfg.device)
     src = _open_source(cfg, device)
     n_images, n_patches = src.store.n_images, src.spec.tokens.n_patches
@@ -256,8 +264,6 @@ def build_index(cfg: IndexConfig, progress: bool = True) -> Path:
     ok = torch.from_numpy(ok_mask(table))
     acc = _Accumulators.empty(src.sae.cfg.d_sae, n_patches, cfg, device)
     # the per-image arrays grow with the dataset: written straight into the index's files, not held
-    tmp = out.with_name(f".{out.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
     group = zarr.open_group(tmp / ARRAYS, mode="w")
     image_top = (_file_array(group, "image_features", (n_images, cfg.m), np.int32, -1),
                  _file_array(group, "image_values", (n_images, cfg.m), np.float32, 0))
@@ -268,10 +274,6 @@ def build_index(cfg: IndexConfig, progress: bool = True) -> Path:
     features = acc.features(int(ok.sum()), n_patches)
     meta = _index_meta(cfg, src, table.column("uri").to_pylist(), ok, features.column("freq_patches").to_numpy())
     _write(tmp, group, meta, features, table.select(["index", "uri", "label", "status"]), acc.arrays())
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)  # a reader never sees half an index
-    return out
 
 
 def density_histogram(freq: np.ndarray) -> dict[str, Any]:

@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 
 from actstore.config import check_at_least, public_config, redact
 from actstore.errors import ConfigError
+from actstore.outputs import check_output
 from actstore.store import ActivationStore, LayerSpec, filesystem, ok_mask, put_bytes
 from services.probe.model import (FORMAT, FORMAT_VERSION, META, POOLS, TASKS, WEIGHTS, Probe, probe_inputs,
                                   read_probe_meta)
@@ -263,20 +264,16 @@ def _metrics(confusion: np.ndarray, majority: int, task: str, names: list[str]) 
 # the folder ----------------------------------------------------------------------------------------
 
 def _check_out(cfg: ProbeConfig) -> None:
-    """`out` is new, empty, or a probe folder that overwrite may replace (or one left without its probe.json by
-    an interrupted run); anything else is refused and left untouched."""
+    """`out` is new, empty, or a probe folder that overwrite may replace (one left without its probe.json by an
+    interrupted run holds no probe: a rerun needs no overwrite); anything else is refused, untouched."""
     fs, root = filesystem(cfg.out, cfg.storage_options)
-    if not fs.exists(root):
-        return
-    shown = redact(cfg.out)
-    if not fs.isdir(root):
-        raise ConfigError(f"{shown} exists and is not a probe folder; refusing to replace it, choose another --out")
-    names = {p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(root, detail=False)}
-    ours = read_probe_meta(cfg.out, cfg.storage_options) is not None
-    if not names <= {META, WEIGHTS} or META in names and not ours:
-        raise ConfigError(f"{shown} exists and is not a probe folder; refusing to replace it, choose another --out")
-    if ours and not cfg.overwrite:
-        raise ConfigError(f"{shown}: a probe is already there; pass --overwrite to replace it")
+    complete = fs.isdir(root) and read_probe_meta(cfg.out, cfg.storage_options) is not None
+
+    def is_probe_folder(fs: fsspec.AbstractFileSystem, root: str) -> bool:
+        names = {p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(root, detail=False)} if fs.isdir(root) else {""}
+        return names <= {META, WEIGHTS} and (complete or META not in names)
+
+    check_output(cfg.out, "a probe", is_probe_folder, cfg.overwrite or not complete, cfg.storage_options)
 
 
 def _write(cfg: ProbeConfig, probe: Probe, meta: dict[str, Any]) -> None:

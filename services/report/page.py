@@ -16,7 +16,9 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from actstore.errors import ConfigError
+import fsspec
+
+from actstore.outputs import check_output
 from actstore.store import filesystem, put_bytes
 
 __all__ = ["GENERATOR", "MARKER", "Page", "Tile", "check_out", "data_uri", "tiles", "write_page"]
@@ -138,17 +140,15 @@ def _data(data: dict[str, Any]) -> str:
 def check_out(url: str, overwrite: bool, storage_options: dict[str, Any] | None = None) -> None:
     """`url` may be written: nothing is there, or a report of ours and `overwrite`; else a one-line ConfigError.
     Checked before the work starts, so a refused run costs nothing."""
-    fs, path = filesystem(url, storage_options)
-    if not fs.exists(path):
-        return
-    ours = False
-    if fs.isfile(path):
-        with fs.open(path, "rb") as f:
-            ours = MARKER.encode() in f.read(_HEAD_BYTES)
-    if not ours:
-        raise ConfigError(f"{url}: exists and is not an actstore report; refusing to replace it, choose another --out")
-    if not overwrite:
-        raise ConfigError(f"{url}: a report is already there (pass --overwrite to replace it)")
+    check_output(url, "an actstore report", _is_report, overwrite, storage_options, file=True)
+
+
+def _is_report(fs: fsspec.AbstractFileSystem, path: str) -> bool:
+    """A file with our MARKER in its head."""
+    if not fs.isfile(path):
+        return False
+    with fs.open(path, "rb") as f:
+        return MARKER.encode() in f.read(_HEAD_BYTES)
 
 
 def write_page(page: Page, url: str, overwrite: bool, storage_options: dict[str, Any] | None = None) -> None:
