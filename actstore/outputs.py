@@ -1,15 +1,26 @@
-"""Outputs: what a command may write over.
+"""Outputs: what a command may write over, and a folder that appears whole.
 
 Every command that writes (extract, train, index, atlas, compare, probe, report, evaluate/steer --json, the
 shapes generator) asks `check_output` before it starts: the path is free (missing, or an empty folder), or it
 holds an output of the command's own kind, which is replaced only when overwrite was asked; anything else is
 refused with one line and never touched. `ours` is the command's recognizer, (filesystem, path) -> bool,
 e.g. `marked_by("index.json")`.
+
+Folder outputs built locally go through `staged_folder`: the work happens in a temporary sibling whose name
+is unique to the run (`.<name>.tmp-<pid>-<random>`), so two runs writing the same output never clear each
+other's work; a failed run removes its own temporary folder only; a finished one is renamed into place, and
+an old output of ours is moved aside and removed only when overwrite was asked (checked again at that
+moment: another run may have finished first). A reader never sees half an output.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import errno
+import os
+import shutil
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -19,10 +30,14 @@ from actstore.config import redact
 from actstore.errors import ConfigError
 from actstore.store import normalize_url
 
-__all__ = ["Recognizer", "check_output", "marked_by"]
+__all__ = ["Recognizer", "check_output", "marked_by", "staged_folder", "temp_sibling"]
 
 Recognizer = Callable[[fsspec.AbstractFileSystem, str], bool]
 """Whether the existing, non-empty path on the filesystem is an output of the kind asked for."""
+
+_TAKEN = frozenset({errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR, errno.EISDIR})
+"""What rename says when the target is something other than nothing or an empty folder."""
+_SWAP_TRIES = 8
 
 
 def marked_by(name: str) -> Recognizer:
@@ -49,3 +64,52 @@ def check_output(url: str | Path, what: str, ours: Recognizer, overwrite: bool,
     if not overwrite:
         raise ConfigError(f"{shown}: {what} is already there; pass {flag} to replace it")
     return True
+
+
+def temp_sibling(path: str | Path, tag: str = "tmp") -> Path:
+    """A hidden name beside `path` that no other run uses: `.<name>.<tag>-<pid>-<random>`."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.{tag}-{os.getpid()}-{uuid.uuid4().hex[:12]}")
+
+
+@contextmanager
+def staged_folder(out: str | Path, what: str, ours: Recognizer, overwrite: bool) -> Iterator[Path]:
+    """Build the local folder output `out` in a temporary sibling of this run's (yielded, created empty), then
+    rename it into place; refused before any work (check_output) and again at the rename. On an error the
+    temporary folder is removed, and nothing else."""
+    out = Path(normalize_url(str(out)))
+    check_output(out, what, ours, overwrite)
+    tmp = temp_sibling(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+        _swap_in(tmp, out, what, ours, overwrite)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _swap_in(tmp: Path, out: Path, what: str, ours: Recognizer, overwrite: bool) -> None:
+    """Rename `tmp` to `out`: at once where `out` is missing or an empty folder; else, when `out` is (still)
+    ours and overwrite was asked, after moving it aside (removed once the new one is in place)."""
+    aside: list[Path] = []
+    try:
+        for _ in range(_SWAP_TRIES):
+            try:
+                os.rename(tmp, out)
+                return
+            except OSError as e:
+                if e.errno not in _TAKEN:
+                    raise
+            if check_output(out, what, ours, overwrite):  # else it became free meanwhile: try again
+                old = temp_sibling(out, "old")
+                try:
+                    os.rename(out, old)
+                    aside.append(old)
+                except FileNotFoundError:  # another run moved it first
+                    pass
+        raise ConfigError(f"{redact(str(out))}: other runs kept writing it; nothing replaced, try again")
+    finally:
+        for old in aside:
+            shutil.rmtree(old, ignore_errors=True)

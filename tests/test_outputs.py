@@ -1,14 +1,15 @@
-"""actstore.outputs: the one output guard (what a command may replace)."""
+"""actstore.outputs: the one output guard (what a command may replace) and folders that appear whole."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import fsspec
 import pytest
 
 from actstore.errors import ConfigError
-from actstore.outputs import check_output, marked_by
+from actstore.outputs import check_output, marked_by, staged_folder
 
 OURS = marked_by("done.json")
 
@@ -22,6 +23,10 @@ def _ours(folder: Path, text: str = "old") -> Path:
     (folder / "data").write_text(text)
     (folder / "done.json").write_text("{}")
     return folder
+
+
+def _hidden(parent: Path) -> list[str]:
+    return sorted(p.name for p in parent.iterdir() if p.name.startswith("."))
 
 
 def test_guard_free_ours_and_foreign(tmp_path):
@@ -67,3 +72,53 @@ def test_guard_on_s3(s3, s3_url):
     fs.pipe_file(f"{s3_url}/mine/x.txt".removeprefix("s3://"), b"mine")
     with pytest.raises(ConfigError, match="is not a thing"):
         _check(f"{s3_url}/mine", True, storage_options=opts)
+
+
+def test_staged_folder_builds_beside_and_swaps_in(tmp_path):
+    out = tmp_path / "out"
+    theirs = tmp_path / f".out.tmp-{os.getpid() + 1}-0123456789ab"  # another run's work in progress
+    theirs.mkdir()
+    (theirs / "half").write_text("theirs")
+    with staged_folder(out, "a thing", OURS, False) as tmp:
+        assert tmp.parent == out.parent and tmp.name.startswith(f".out.tmp-{os.getpid()}-") and tmp.is_dir()
+        _ours(tmp, "first")
+        assert not out.exists()  # nothing at out until the work is whole
+    assert (out / "data").read_text() == "first"
+    # a failing run removes its own temporary folder only; the output stays as it was
+    with pytest.raises(RuntimeError, match="boom"):
+        with staged_folder(out, "a thing", OURS, True) as tmp:
+            _ours(tmp, "second")
+            raise RuntimeError("boom")
+    assert (out / "data").read_text() == "first"
+    # replaced only when asked
+    with pytest.raises(ConfigError, match="already there"):
+        with staged_folder(out, "a thing", OURS, False):
+            pass
+    with staged_folder(out, "a thing", OURS, True) as tmp:
+        _ours(tmp, "third")
+    assert (out / "data").read_text() == "third"
+    assert _hidden(tmp_path) == [theirs.name] and (theirs / "half").read_text() == "theirs"
+
+
+def test_staged_folder_rechecks_at_the_swap(tmp_path):
+    """What appeared at out while this run worked (another run's output, someone's folder) decides again."""
+    out = tmp_path / "out"
+    with pytest.raises(ConfigError, match="already there"):
+        with staged_folder(out, "a thing", OURS, False) as tmp:
+            _ours(tmp, "mine")
+            _ours(out, "the other run's")  # another run finished first
+    assert (out / "data").read_text() == "the other run's"
+    with staged_folder(out / "x", "a thing", OURS, False) as tmp:  # parents are made
+        _ours(tmp)
+    mine = tmp_path / "mine"
+    with pytest.raises(ConfigError, match="is not a thing; refusing"):
+        with staged_folder(mine, "a thing", OURS, True) as tmp:
+            _ours(tmp)
+            mine.mkdir()
+            (mine / "todo.txt").write_text("keep me")
+    assert [p.name for p in mine.iterdir()] == ["todo.txt"]
+    with staged_folder(out, "a thing", OURS, True) as tmp:
+        _ours(tmp, "mine")
+        _ours(out, "the other run's, again")
+    assert (out / "data").read_text() == "mine"
+    assert _hidden(tmp_path) == [] and _hidden(out) == []

@@ -2,17 +2,24 @@
 
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-from actstore.errors import ConfigError
+from actstore.errors import ConfigError, StoreNotFoundError
+from actstore.loader import Normalization
 from actstore.store import ActivationStore, LayerSpec, StoreSpec, StoreWriter, TokenLayout
 from actstore.testing.shapes import generate_dataset
 from actstore.testing.synthetic import write_synthetic_store
 from actstore_cli import main
+from sae import SparseAutoencoder, checkpoint
+from sae.config import SAEConfig
 from sae.train import TrainConfig, Trainer
 from services.index import IndexConfig, build_index
+from services.index.layout import open_array, read_index_meta
 
 
 @pytest.fixture
@@ -49,6 +56,49 @@ def test_index_replaces_an_index_only(thesis):
     with pytest.raises(ConfigError, match="not a feature index"):
         build_index(IndexConfig(store="unused", sae="unused", out=str(thesis), overwrite=True))
     assert _intact(thesis)
+
+
+def _index_inputs(tmp_path: Path) -> tuple[str, str]:
+    """A small store and a random TopK SAE on it."""
+    store, sae = str(tmp_path / "store"), str(tmp_path / "sae")
+    write_synthetic_store(store, 24, grid=(2, 2), d=8, progress=False, images_per_shard=8)
+    norm = Normalization.from_stats(ActivationStore(store).stats("10", "patches"), "10", "patches")
+    checkpoint.save(SparseAutoencoder(SAEConfig(d_in=8, d_sae=16, kind="topk", k=2)), sae, normalization=norm,
+                    extra=checkpoint.origin(ActivationStore(store), "10"))
+    return store, sae
+
+
+def _index_arrays(index: Path) -> dict[str, np.ndarray]:
+    meta = read_index_meta(index)
+    assert meta["n_images"] == 24 and meta["d_sae"] == 16
+    return {name: np.asarray(open_array(index, name)) for name in ("top_images", "top_values", "image_features")}
+
+
+def test_index_runs_to_one_output_keep_each_others_work(tmp_path):
+    """Each run builds in a temporary sibling of its own: two runs at once never clear each other's work, and
+    what lands at --out is one whole index."""
+    store, sae = _index_inputs(tmp_path)
+    want = _index_arrays(build_index(IndexConfig(store, sae, str(tmp_path / "reference"), k=2), progress=False))
+    out = tmp_path / "index"
+    theirs = tmp_path / f".index.tmp-{os.getpid() + 1}-0123456789ab"  # another run, still at work
+    theirs.mkdir()
+    (theirs / "index.json").write_text("half")
+    with pytest.raises(StoreNotFoundError):  # a failing run takes its own temporary folder away, nothing else
+        build_index(IndexConfig(str(tmp_path / "missing"), sae, str(out), k=2), progress=False)
+    for overwrite in (False, True):  # two runs at once: without overwrite one is refused, with it both finish
+        with ThreadPoolExecutor(2) as pool:
+            runs = [pool.submit(build_index, IndexConfig(store, sae, str(out), k=2, overwrite=overwrite), False)
+                    for _ in range(2)]
+        errors = [run.exception() for run in runs]
+        if overwrite:
+            assert errors == [None, None]
+        else:
+            assert sum(e is None for e in errors) == 1 and all(isinstance(e, ConfigError) and "already there" in str(e)
+                                                               for e in errors if e is not None)
+        got = _index_arrays(out)
+        assert all(np.array_equal(got[name], want[name]) for name in want)
+        assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == [theirs.name]
+        assert (theirs / "index.json").read_text() == "half"
 
 
 def test_generated_images_replace_generated_images_only(thesis, tmp_path):

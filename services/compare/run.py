@@ -19,7 +19,6 @@ e.g. two seeds); pass 1 still runs for liveness, top-k overlap and max_diff.
 from __future__ import annotations
 
 import json
-import shutil
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,7 +32,7 @@ from tqdm.auto import tqdm
 
 from actstore.config import check_at_least, public_config, redact
 from actstore.errors import ConfigError
-from actstore.outputs import check_output, marked_by
+from actstore.outputs import marked_by, staged_folder
 from actstore.store import ActivationStore, LayerSpec, is_local, normalize_url, ok_mask
 from sae import Normalization, SparseAutoencoder, positive_entries
 from sae.checkpoint import load_on_store
@@ -299,15 +298,8 @@ def _top_matches(r: Result, n_images: int, cfg: CompareConfig) -> list[dict[str,
 
 def run_compare(cfg: CompareConfig, progress: bool = True) -> dict[str, Any]:
     """Run both passes and write the comparison folder; returns its summary (also in summary.json)."""
-    out = Path(normalize_url(cfg.out))
-    check_output(out, "a comparison", marked_by(SUMMARY), cfg.overwrite)
-    tmp = out.with_name(f".{out.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    summary = _compare(cfg, tmp, progress)
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)  # a reader never sees half a comparison
+    with staged_folder(cfg.out, "a comparison", marked_by(SUMMARY), cfg.overwrite) as tmp:
+        summary = _compare(cfg, tmp, progress)
     return summary
 
 

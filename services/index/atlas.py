@@ -10,7 +10,7 @@
     PCA     the two leading principal components of the unit directions (numpy SVD), each axis signed so
             that its largest loading is positive.
 
-and writes `atlas.parquet` into the index folder (through a temporary sibling and a rename), one row per
+and writes `atlas.parquet` into the index folder (whole, through a temporary file and a rename), one row per
 feature: id, umap_x, umap_y, pca_x, pca_y, log10_density (log10 of features.parquet's freq_patches; null
 for a feature that never fired), dead. The parquet's key-value metadata (key "actstore") holds the format,
 the config, the SAE and PCA's explained variance ratios. Nothing else in the folder is touched.
@@ -21,7 +21,6 @@ the config, the SAE and PCA's explained variance ratios. Nothing else in the fol
 from __future__ import annotations
 
 import json
-import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,7 +34,7 @@ from tqdm.auto import tqdm
 from actstore.config import check_at_least, public_config, redact
 from actstore.errors import ConfigError, CorruptDataError, StoreFormatError
 from actstore.outputs import check_output
-from actstore.store import is_local, normalize_url
+from actstore.store import filesystem, is_local, normalize_url, put_bytes
 from services.index.layout import FEATURES, read_index_meta
 
 __all__ = ["ATLAS", "AtlasConfig", "build_atlas", "knn_cosine", "pca_2d", "read_atlas"]
@@ -156,9 +155,9 @@ def build_atlas(cfg: AtlasConfig, progress: bool = True) -> Path:
     info = {"format": FORMAT, "format_version": FORMAT_VERSION, "config": public_config(cfg), "sae": redact(sae_url),
             "n_neighbors": n_neighbors, "pca_explained": [float(e) for e in explained]}
     table = table.replace_schema_metadata({META_KEY: json.dumps(info).encode()})
-    tmp = out.with_name(f".{ATLAS}.tmp")
-    pq.write_table(table, tmp)
-    os.replace(tmp, out)  # a reader never sees half an atlas
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink)
+    put_bytes(*filesystem(str(out), None), sink.getvalue().to_pybytes())  # whole: a reader never sees half of it
     return out
 
 

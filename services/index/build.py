@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,7 +41,7 @@ from tqdm.auto import tqdm
 
 from actstore.config import check_at_least, public_config, redact
 from actstore.errors import ConfigError
-from actstore.outputs import check_output, marked_by
+from actstore.outputs import marked_by, staged_folder
 from actstore.store import ActivationStore, LayerSpec, is_local, normalize_url, ok_mask
 from sae import Normalization, SparseAutoencoder, positive_entries
 from sae.checkpoint import load_on_store
@@ -243,15 +242,11 @@ def _index_meta(cfg: IndexConfig, src: _Source, uris: list[str], ok: torch.Tenso
 
 
 def build_index(cfg: IndexConfig, progress: bool = True) -> Path:
-    """Run the pass and write the index folder; returns its path."""
+    """Run the pass and write the index folder (built in a temporary sibling of this run's and renamed into
+    place: a reader never sees half an index, two runs never clear each other's work); returns its path."""
     out = Path(normalize_url(cfg.out))
-    check_output(out, "a feature index", marked_by(META), cfg.overwrite)
-    tmp = out.with_name(f".{out.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    _build(cfg, tmp, progress)
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)  # a reader never sees half an index
+    with staged_folder(out, "a feature index", marked_by(META), cfg.overwrite) as tmp:
+        _build(cfg, tmp, progress)
     return out
 
 
