@@ -23,6 +23,16 @@ def print_result(r: dict[str, Any]) -> None:
         print(f"{key:<16}" + "".join(cell(m[p]) for p in ("spliced", "zero_ablation", "mean_ablation"))
               + cell(r["recovered"].get(key)))
     print(f"SAE on these tokens: FVU {r['fvu']:.4f}, L0 {r['l0']:.1f}")
+    print(fidelity_line(r["fidelity"]))
+
+
+def fidelity_line(f: dict[str, Any]) -> str:
+    """How the rebuilt backbone compared with its store (services.spliced.Fidelity), for the printed output."""
+    if not f["checked"]:
+        return ("fidelity check SKIPPED (--no-fidelity-check): the rebuilt backbone was not compared with the "
+                "store's activations, so these numbers may come from another model")
+    return (f"fidelity check: the rebuilt backbone makes the stored activations of images {f['images']} "
+            f"(largest difference {f['max_abs_diff']:.3g}, within {f['tolerance']})")
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:

@@ -40,7 +40,7 @@ import torch
 from actstore.errors import ActstoreError
 from actstore.store import ActivationStore
 from actstore.testing.synthetic import write_synthetic_store
-from sae import Normalization, SAEConfig, SparseAutoencoder, load, save
+from sae import Normalization, SAEConfig, SparseAutoencoder, checkpoint, load, save
 from services.index import IndexConfig, build_index
 from _common import Parser, Run, log, machine, outcome, print_notes, print_table  # benchmarks/ is sys.path[0]
 
@@ -80,9 +80,10 @@ def make_data(work: Path, n_images: int, d: int) -> tuple[Path, Path]:
     write_synthetic_store(str(store_url), n_images, grid=(14, 14), d=d, progress=False)
     with ActivationStore(str(store_url)) as store:
         norm = Normalization.from_stats(store.stats(LAYER, "patches"), LAYER, "patches")
+        origin = checkpoint.origin(store, LAYER)
     torch.manual_seed(0)
     sae = SparseAutoencoder(SAEConfig(d_in=d, d_sae=D_SAE, kind="topk", k=K))
-    save(sae, str(sae_dir), normalization=norm)
+    save(sae, str(sae_dir), normalization=norm, extra=origin)
     return store_url, sae_dir
 
 

@@ -9,7 +9,8 @@ Our layout (`save` / `load`):
     cfg.json          the SAEConfig fields (as sparsify does) plus "format", "format_version",
                       "normalization" ({"scale", "layer", "tokens"} or null: x_n = (x - norm_mean) * scale,
                       the loader's transform) and "extra" (the trainer's JSON: trained_tokens, and the
-                      store URL and layer it trained on, from which evaluate rebuilds the model)
+                      SAE's origin (`origin`): the store URL, layer and token kind it trained on and the
+                      identity of the model that made that store, which `load_on_store` checks)
 
 SAELens layout (`export_saelens`, SAELens >= 6 reads it with `SAE.load_from_disk(dir)`):
 
@@ -46,13 +47,15 @@ from safetensors import SafetensorError
 from safetensors.torch import load as st_load, save as st_save
 
 from actstore.config import redact
-from actstore.errors import ConfigError, CorruptDataError, StoreFormatError, StoreNotFoundError
+from actstore.errors import ActstoreError, ConfigError, CorruptDataError, StoreFormatError, StoreNotFoundError
 from actstore.loader import Normalization
-from actstore.store import ActivationStore, LayerSpec, filesystem, put_bytes
+from actstore.store import (ActivationStore, LayerSpec, describe_model, filesystem, identity_differences,
+                            model_identity, put_bytes)
 from sae.config import SAEConfig
 from sae.model import SparseAutoencoder
 
-__all__ = ["FORMAT", "FORMAT_VERSION", "export_saelens", "load", "load_on_store", "read_extra", "save"]
+__all__ = ["FORMAT", "FORMAT_VERSION", "check_origin", "export_saelens", "load", "load_on_store", "origin",
+           "read_extra", "save"]
 
 FORMAT = "actstore-sae"
 FORMAT_VERSION = 1
@@ -84,6 +87,12 @@ def save(sae: SparseAutoencoder, url: str, normalization: Normalization | None =
 def load(url: str, device: torch.device | str | None = None, storage_options: dict[str, Any] | None = None
          ) -> tuple[SparseAutoencoder, Normalization | None]:
     """The SAE saved at `url` (in eval mode) and the input normalization it was trained behind, if any."""
+    sae, normalization, _ = _load(url, device, storage_options)
+    return sae, normalization
+
+
+def _load(url: str, device: torch.device | str | None, storage_options: dict[str, Any] | None
+          ) -> tuple[SparseAutoencoder, Normalization | None, dict[str, Any]]:
     fs, root = filesystem(str(url), storage_options)
     raw_cfg = _get(fs, root, CONFIG)
     try:
@@ -94,7 +103,8 @@ def load(url: str, device: torch.device | str | None = None, storage_options: di
         raise StoreFormatError(f"{url}: {CONFIG} is not an {FORMAT} v{FORMAT_VERSION} checkpoint "
                                f"(format={cfg_dict.get('format')!r}, version={cfg_dict.get('format_version')!r})")
     norm_cfg = cfg_dict.pop("normalization")
-    for key in ("format", "format_version", "extra"):
+    extra = cfg_dict.pop("extra") or {}
+    for key in ("format", "format_version"):
         cfg_dict.pop(key)
     try:
         cfg = SAEConfig(**cfg_dict)
@@ -116,19 +126,58 @@ def load(url: str, device: torch.device | str | None = None, storage_options: di
             raise StoreFormatError(f"{url}: {CONFIG} has a normalization but {WEIGHTS} has no norm_mean")
         normalization = Normalization(layer=norm_cfg.get("layer"), tokens=norm_cfg.get("tokens"), mean=norm_mean,
                                       scale=float(norm_cfg["scale"]))
-    return sae.eval(), normalization
+    return sae.eval(), normalization, extra
+
+
+def origin(store: ActivationStore, layer: str | int, tokens: str = "patches") -> dict[str, Any]:
+    """What an SAE trained on `layer` of `store` records (in its cfg.json's extra) so that it can be checked wherever
+    it is used: the store (redacted URL), the layer, the token kind and the identity of the store's model."""
+    return {"store": redact(store.url), "layer": store.layer(layer).name, "tokens": tokens,
+            "backbone": model_identity(store.attrs.get("backbone", {}))}
+
+
+def check_origin(url: str, extra: dict[str, Any], store: ActivationStore, spec: LayerSpec,
+                 storage_options: dict[str, Any] | None = None) -> None:
+    """Refuse, with one line naming both sides, the SAE at `url` (whose cfg.json extra is `extra`) on layer `spec` of
+    `store` unless it was trained on that layer of the same model (any dataset). SAEs saved before they recorded the
+    model's identity are checked through the store they record."""
+    recorded, layer = extra.get("backbone"), extra.get("layer")
+    if recorded is None and extra.get("store"):
+        trained_on = extra["store"]
+        try:
+            attrs = (store.attrs if trained_on == redact(store.url) else
+                     ActivationStore(trained_on, storage_options).attrs)
+        except (ActstoreError, OSError) as e:
+            raise ConfigError(f"{redact(url)} records its store {trained_on} but not its model, and that store "
+                              f"cannot be read ({type(e).__name__}); cannot check it against {redact(store.url)}"
+                              ) from None
+        recorded = model_identity(attrs.get("backbone", {}))
+    if recorded is None:
+        raise ConfigError(f"{redact(url)} does not record the model and layer it was trained on, so it cannot be "
+                          f"checked against {redact(store.url)}; SAEs from `actstore train` record them (library "
+                          "code: save with extra=sae.checkpoint.origin(store, layer))")
+    here = model_identity(store.attrs.get("backbone", {}))
+    differ = identity_differences(recorded, here)
+    if differ:
+        raise ConfigError(f"{redact(url)} was trained on layer {layer} of {describe_model(recorded)}; "
+                          f"{redact(store.url)} holds {describe_model(here)} ({'; '.join(differ)}): not the same model")
+    if layer is not None and str(layer) != spec.name:
+        raise ConfigError(f"{redact(url)} was trained on layer {layer} of {describe_model(recorded)}; asked to read "
+                          f"layer {spec.name} of {redact(store.url)}")
 
 
 def load_on_store(url: str, store: ActivationStore, layer: str | int | None = None,
                   device: torch.device | str | None = None, storage_options: dict[str, Any] | None = None
                   ) -> tuple[SparseAutoencoder, Normalization | None, LayerSpec]:
-    """The SAE at `url` and the layer of `store` it reads: `layer`, else the one its normalization records;
-    a layer of another width than the SAE's input is refused (another model, or another layer's SAE)."""
-    sae, norm = load(url, device, storage_options)
-    key = layer if layer is not None else (norm.layer if norm is not None else None)
+    """The SAE at `url` and the layer of `store` it reads: `layer`, else the one it records; an SAE trained on
+    another model or layer (check_origin) or of another width is refused."""
+    sae, norm, extra = _load(url, device, storage_options)
+    key = next((k for k in (layer, extra.get("layer"), norm.layer if norm is not None else None) if k is not None),
+               None)
     if key is None:
         raise ConfigError(f"{redact(url)}: the checkpoint does not say which layer it was trained on; pass its layer")
     spec = store.layer(key)
+    check_origin(url, extra, store, spec, storage_options)
     if spec.d != sae.cfg.d_in:
         raise ConfigError(f"{redact(url)} reads {sae.cfg.d_in}-wide activations; layer {spec.name} of "
                           f"{redact(store.url)} is {spec.d} wide")

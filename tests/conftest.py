@@ -109,7 +109,7 @@ def index_dir(service_store):
     store = ActivationStore(str(service_store / "store"))
     norm = Normalization.from_stats(store.stats("10", "patches"), "10", "patches")
     sae = SparseAutoencoder(SAEConfig(d_in=store.layer("10").d, d_sae=SERVICE_D_SAE, kind="topk", k=SERVICE_K))
-    checkpoint.save(sae, str(service_store / "sae"), normalization=norm)
+    checkpoint.save(sae, str(service_store / "sae"), normalization=norm, extra=checkpoint.origin(store, "10"))
     return build_index(IndexConfig(str(service_store / "store"), str(service_store / "sae"),
                                    str(service_store / "index"), k=8, block_patches=2000), progress=False)
 
@@ -178,7 +178,7 @@ def atlas_index_dir(service_store):
         noise = torch.randn((len(OTHER_TWINS), sae.cfg.d_in), generator=torch.Generator().manual_seed(0))
         sae.W_dec[list(OTHER_TWINS)] = sae.W_dec[4] + 0.02 * noise / noise.norm(dim=1, keepdim=True)
         sae.set_decoder_norm_to_unit()
-    checkpoint.save(sae, str(service_store / "sae-b"), normalization=norm)
+    checkpoint.save(sae, str(service_store / "sae-b"), normalization=norm, extra=checkpoint.origin(store, "10"))
     index = build_index(IndexConfig(str(service_store / "store"), str(service_store / "sae-b"),
                                     str(service_store / "index-b"), k=8, block_patches=2000), progress=False)
     build_atlas(AtlasConfig(str(index)), progress=False)

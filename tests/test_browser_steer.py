@@ -306,7 +306,7 @@ def vlm_steer_url(ray_local, tmp_path_factory):
     layer = store.layers[0].name
     norm = Normalization.from_stats(store.stats(layer, "patches"), layer, "patches")
     sae = SparseAutoencoder(SAEConfig(d_in=store.layer(layer).d, d_sae=64, kind="topk", k=4))
-    checkpoint.save(sae, str(root / "sae"), normalization=norm)
+    checkpoint.save(sae, str(root / "sae"), normalization=norm, extra=checkpoint.origin(store, layer))
     index = build_index(IndexConfig(str(root / "store"), str(root / "sae"), str(root / "index"), k=4), progress=False)
     yield from _serve(create_app(index, steer_heads=("vlm",)))
 

@@ -181,7 +181,7 @@ def test_decoder_similarity_recovers_a_permuted_copy(planted, tmp_path):
         for name in ("W_enc", "b_enc", "W_dec"):
             getattr(copy, name).copy_(getattr(model, name)[perm])
         copy.b_dec.copy_(model.b_dec)
-    sae.save(copy, str(tmp_path / "perm"), normalization=norm)
+    sae.save(copy, str(tmp_path / "perm"), normalization=norm, extra=sae.read_extra(str(root / "run-a" / "s")))
     summary = run_compare(CompareConfig(a=f"{root / 'run-a' / 's'}@{root / 'a'}", b=f"{tmp_path / 'perm'}@{root / 'a'}",
                                         out=str(tmp_path / "cmp"), by="decoder"), progress=False)
     m = read_table(tmp_path / "cmp", "matches_a.parquet").to_pandas()
@@ -215,7 +215,8 @@ def test_a_pooled_layer_compares_its_one_token_as_numpy_does(tmp_path):
         model = SparseAutoencoder(SAEConfig(d_in=d, d_sae=20, kind="relu", init_seed=seed))
         with torch.no_grad():
             model.b_enc.fill_(0.1)
-        sae.save(model, str(tmp_path / f"sae{seed}"), normalization=norm)
+        sae.save(model, str(tmp_path / f"sae{seed}"), normalization=norm,
+                 extra=sae.checkpoint.origin(ActivationStore(str(tmp_path / "store")), "attnpool", "cls"))
         acts.append(model.encode(torch.from_numpy(x[:, 0])).detach().numpy())
     run_compare(CompareConfig(a=f"{tmp_path / 'sae0'}@{tmp_path / 'store'}", b=f"{tmp_path / 'sae1'}@{tmp_path / 'store'}",
                               out=str(tmp_path / "cmp")), progress=False)
@@ -238,7 +239,8 @@ def test_refusals_name_the_problem_and_touch_nothing(planted, tmp_path):
     # same images, another grid: image level works, patch level is refused
     write_planted_pair(str(other / "grid"), str(other / "grid-b"), n_images=1200, seed=0, grid=(1, 2))
     model = SparseAutoencoder(SAEConfig(d_in=24, d_sae=16, kind="topk", k=2))
-    sae.save(model, str(other / "sae"), normalization=sae.Normalization("0", "patches", torch.zeros(24), 1.0))
+    sae.save(model, str(other / "sae"), normalization=sae.Normalization("0", "patches", torch.zeros(24), 1.0),
+             extra=sae.checkpoint.origin(ActivationStore(str(other / "grid")), "0"))
     with pytest.raises(ConfigError, match="same patch grid; A's layer 0 is 2x2, B's layer 0 is 1x2"):
         run_compare(CompareConfig(a=a, b=f"{other / 'sae'}@{other / 'grid'}", out=str(tmp_path / "x"), level="patch"))
     with pytest.raises(ConfigError, match="neither an index folder"):

@@ -49,7 +49,7 @@ def save_sae(store: str, path: str, kind: str, seed: int = 0, tokens: str = "pat
     with torch.no_grad():  # spread the biases so features differ in density
         sae.b_enc.copy_(torch.linspace(-1.5, 0.5, F))
         sae.b_enc[0] = -1e3  # a dead feature
-    checkpoint.save(sae, path, normalization=norm)
+    checkpoint.save(sae, path, normalization=norm, extra=checkpoint.origin(s, "3", tokens))
     return sae
 
 
@@ -154,7 +154,8 @@ def test_bad_inputs_are_refused_with_one_line(store, tmp_path):
     with pytest.raises(ConfigError, match="k must be"):
         IndexConfig(store, str(tmp_path / "sae"), str(out), k=0)
     other = SparseAutoencoder(SAEConfig(d_in=D + 1, d_sae=F, kind="topk", k=2))
-    checkpoint.save(other, str(tmp_path / "wide"), normalization=Normalization("3", "patches", torch.zeros(D + 1), 1.0))
+    checkpoint.save(other, str(tmp_path / "wide"), normalization=Normalization("3", "patches", torch.zeros(D + 1), 1.0),
+                    extra=checkpoint.origin(ActivationStore(store), "3"))
     with pytest.raises(ConfigError, match="reads 17-wide activations; layer 3 of"):
         build_index(IndexConfig(store, str(tmp_path / "wide"), str(tmp_path / "x")), progress=False)
     save_sae(store, str(tmp_path / "cls"), "topk", tokens="cls")

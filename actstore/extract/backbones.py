@@ -147,13 +147,22 @@ class _OpenClip(Family):
         prep = Preprocessor.from_transform(transform, visual.image_size)
         if isinstance(visual, VisionTransformer):
             t = visual.transformer
-            return ViT(cfg, visual, prep, t.resblocks, d=t.width, grid=visual.grid_size, n_prefix=1, has_cls=True,
-                       batch_first=getattr(t, "batch_first", True), head=_open_clip_head(visual))
-        if isinstance(visual, TimmModel):
-            return ViT.from_timm(cfg, visual, visual.trunk, prep, _open_clip_head(visual))
-        if isinstance(visual, ModifiedResNet):
-            return _ModifiedResNet(cfg, visual, prep)
-        raise ConfigError(f"{cfg.model}: image tower {type(visual).__name__} is not supported")
+            backbone: Backbone = ViT(cfg, visual, prep, t.resblocks, d=t.width, grid=visual.grid_size, n_prefix=1,
+                                     has_cls=True, batch_first=getattr(t, "batch_first", True),
+                                     head=_open_clip_head(visual))
+        elif isinstance(visual, TimmModel):
+            backbone = ViT.from_timm(cfg, visual, visual.trunk, prep, _open_clip_head(visual))
+        elif isinstance(visual, ModifiedResNet):
+            backbone = _ModifiedResNet(cfg, visual, prep)
+        else:
+            raise ConfigError(f"{cfg.model}: image tower {type(visual).__name__} is not supported")
+        if cfg.arch.startswith("hf-hub:"):
+            backbone.hub_weights = {"hub_id": cfg.arch.removeprefix("hf-hub:")}
+        elif cfg.pretrained and path is None:
+            source = open_clip.get_pretrained_cfg(cfg.arch, cfg.pretrained)
+            backbone.hub_weights = {"tag": cfg.pretrained, "hub_id": source.get("hf_hub", "").rstrip("/"),
+                                    "url": source.get("url")}
+        return backbone
 
 
 class _Timm(Family):
@@ -183,7 +192,12 @@ class _Timm(Family):
         model = seeded(cfg.init_seed, timm.create_model, name, pretrained=cfg.pretrained is not None, **kwargs)
         data_cfg = resolve_data_config(model=model)
         prep = Preprocessor.from_transform(create_transform(**data_cfg, is_training=False), data_cfg["input_size"][1:])
-        return ViT.from_timm(cfg, model, model, prep, _timm_head(model))
+        backbone = ViT.from_timm(cfg, model, model, prep, _timm_head(model))
+        if cfg.pretrained is not None and path is None:  # "hub" resolves to the architecture's default tag today
+            source = model.pretrained_cfg
+            backbone.hub_weights = {"tag": source.get("tag"), "hub_id": source.get("hf_hub_id"),
+                                    "url": source.get("url")}
+        return backbone
 
 
 FAMILIES: dict[str, Family] = {"open_clip": _OpenClip(), "timm": _Timm(), "hf": HF()}

@@ -199,10 +199,11 @@ def _vlm_tower(model_type: str, vision_type: str | None, where: str) -> None:
         raise ConfigError(f"{where}: the vision tower of a {model_type} must be CLIP or SigLIP, not {vision_type}")
 
 
-def _hf_weights(model_cls: Any, config: Any, weights: str) -> nn.Module:
+def _hf_weights(model_cls: Any, config: Any, weights: str, dtype: torch.dtype | str = torch.float32) -> nn.Module:
     """from_pretrained from a hub id or folder, or with one weights file's state dict (the same loader and key
-    renaming). Float32, as the other families; a checkpoint that leaves weights missing is refused, not kept
-    partly random."""
+    renaming), in `dtype`: float32 as the other families, "auto" (the checkpoint's own: its config's torch_dtype,
+    else its tensors') for a VLM, whose language model in float32 would double its memory; a checkpoint that leaves
+    weights missing is refused, not kept partly random."""
     from transformers.modeling_utils import load_state_dict
 
     file = os.path.isfile(weights)
@@ -211,7 +212,7 @@ def _hf_weights(model_cls: Any, config: Any, weights: str) -> nn.Module:
     except Exception as e:  # torch's unpickling and safetensors' header errors share no base class
         raise ConfigError(f"{weights} is not a weights file: {' '.join(str(e).split())[:200]}") from e
     try:
-        model, info = model_cls.from_pretrained(None if file else weights, config=config, dtype=torch.float32,
+        model, info = model_cls.from_pretrained(None if file else weights, config=config, dtype=dtype,
                                                 output_loading_info=True, **kwargs)
     except RuntimeError as e:  # mismatched shapes
         raise ConfigError(f"{weights} does not load into {model_cls.__name__}: {' '.join(str(e).split())[:300]}") from e
@@ -288,7 +289,8 @@ class HF(Family):
             if cfg.pretrained is None:
                 model = seeded(cfg.init_seed, model_cls, whole)
             else:
-                model = _hf_weights(model_cls, whole, where if cfg.pretrained == HUB_WEIGHTS else path)
+                model = _hf_weights(model_cls, whole, where if cfg.pretrained == HUB_WEIGHTS else path,
+                                    "auto" if vlm else torch.float32)
             processor, prep = _hf_processors(kind, vision, None if source == "builtin" else where, vlm is not None)
         except ConfigError:
             raise
@@ -303,6 +305,12 @@ class HF(Family):
                   "n_prefix": int(kind.has_cls) + n_registers, "has_cls": kind.has_cls}
         if vlm:
             tower = attrgetter(vlm[1])(model)
-            return _HFVisionTower(cfg, model, tower, processor, prep, attrgetter(kind.blocks)(tower), **layout)
-        return _HFEncoder(cfg, model, prep, attrgetter(kind.blocks)(model),
-                          frames=vision.tubelet_size if kind.video else 0, **layout)
+            backbone: _HFEncoder = _HFVisionTower(cfg, model, tower, processor, prep, attrgetter(kind.blocks)(tower),
+                                                  **layout)
+        else:
+            backbone = _HFEncoder(cfg, model, prep, attrgetter(kind.blocks)(model),
+                                  frames=vision.tubelet_size if kind.video else 0, **layout)
+        if cfg.pretrained == HUB_WEIGHTS:  # the hub id's weights (its revision) or the folder's own files
+            backbone.hub_weights = ({"folder": where} if source == "folder" else
+                                    {"hub_id": where, "revision": getattr(model.config, "_commit_hash", None)})
+        return backbone

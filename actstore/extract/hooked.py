@@ -8,8 +8,10 @@ open_clip and timm, actstore.extract.hf for transformers) checks names and creat
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Callable, Iterator, Sequence
+from importlib import metadata as importlib_metadata
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
@@ -24,7 +26,8 @@ from actstore.store import LayerSpec, TokenLayout
 if TYPE_CHECKING:
     from actstore.extract.backbones import BackboneConfig
 
-__all__ = ["CHECKPOINT_SUFFIXES", "HUB_WEIGHTS", "Backbone", "Family", "Head", "ViT", "checkpoint_path", "seeded"]
+__all__ = ["CHECKPOINT_SUFFIXES", "HUB_WEIGHTS", "LIBRARIES", "Backbone", "Family", "Head", "ViT", "checkpoint_path",
+           "file_sha256", "library_versions", "seeded"]
 
 HUB_WEIGHTS = "hub"
 """`pretrained` value that asks for the architecture's default pretrained weights (timm's, the hub id's)."""
@@ -39,6 +42,48 @@ def checkpoint_path(pretrained: str | None) -> str | None:
     if os.sep in p or "/" in p or p.endswith(CHECKPOINT_SUFFIXES) or os.path.exists(p):
         return os.path.abspath(p)
     return None
+
+
+LIBRARIES = ("torch", "torchvision", "timm", "open_clip_torch", "transformers", "actstore")
+"""The distributions whose versions a store records: what built the model and its preprocessing."""
+
+
+def library_versions() -> dict[str, str | None]:
+    versions: dict[str, str | None] = {}
+    for name in LIBRARIES:
+        try:
+            versions[name] = importlib_metadata.version(name)
+        except importlib_metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def file_sha256(path: str) -> str:
+    """sha256 of a checkpoint file, or of a model folder's weight files (names and bytes, in name order)."""
+    digest = hashlib.sha256()
+    if os.path.isdir(path):
+        names = sorted(n for n in os.listdir(path) if n.endswith(CHECKPOINT_SUFFIXES))
+        files = [os.path.join(path, n) for n in names]
+    else:
+        names, files = [], [path]
+    for name, file in zip(names or [""] * len(files), files):
+        digest.update(name.encode())
+        with open(file, "rb") as f:
+            while block := f.read(1 << 24):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def _cached_revision(repo_id: str) -> str | None:
+    """The commit of `repo_id`'s main branch in the local Hugging Face cache (what a download resolved to)."""
+    try:
+        from huggingface_hub.constants import HF_HUB_CACHE
+
+        ref = os.path.join(HF_HUB_CACHE, f"models--{repo_id.replace('/', '--')}", "refs", "main")
+        with open(ref) as f:
+            return f.read().strip() or None
+    except (ImportError, OSError):
+        return None
 
 
 def seeded(seed: int, create: Callable[..., nn.Module], *args: Any, **kwargs: Any) -> nn.Module:
@@ -63,6 +108,10 @@ class Backbone(nn.Module):
     Subclasses list the hookable modules and their LayerSpecs, turn a module's output into (B, T, d) tokens and
     back (`_tokens`, `_replace`); the hooks, layer resolution, interventions and normalization live here once.
     """
+
+    hub_weights: dict[str, Any] = {}
+    """What a tag or "hub" resolved to, set by the family at load time: timm's tag and hub id, open_clip's hub id or
+    URL, transformers' revision, or the model folder the weights came from (see `resolved_weights`)."""
 
     def __init__(self, cfg: BackboneConfig, model: nn.Module, preprocessor: Preprocessor,
                  blocks: Sequence[nn.Module], specs: Sequence[LayerSpec], head: Head | None = None) -> None:
@@ -120,11 +169,28 @@ class Backbone(nn.Module):
         return self._specs
 
     def metadata(self) -> dict[str, Any]:
-        """The store's backbone attrs: enough to reload the same model and preprocessing."""
+        """The store's backbone attrs: enough to reload the same model and preprocessing, what its weights resolved
+        to and the library versions that built it (actstore.store's model identity)."""
         path = checkpoint_path(self.cfg.pretrained)
         return {"family": self.family, "name": self.arch, "checkpoint": path or self.cfg.pretrained,
                 "init_seed": self.cfg.init_seed, "n_blocks": self.n_blocks,
-                "preprocessing": self.preprocessor.describe()}
+                "preprocessing": self.preprocessor.describe(), "weights": self.resolved_weights(),
+                "versions": library_versions()}
+
+    def resolved_weights(self) -> dict[str, Any]:
+        """{} for random weights; {"sha256"} of a checkpoint file (or folder); for a tag or "hub", what it resolved
+        to (timm's tag, the hub id and the revision of the cached download)."""
+        if self.cfg.pretrained is None:
+            return {}
+        path = checkpoint_path(self.cfg.pretrained) or self.hub_weights.get("folder")
+        if path is not None:
+            return {"sha256": file_sha256(path)}
+        resolved = {k: v for k, v in self.hub_weights.items() if v}
+        if resolved.get("hub_id") and not resolved.get("revision"):
+            revision = _cached_revision(resolved["hub_id"])
+            if revision:
+                resolved["revision"] = revision
+        return resolved
 
     def normalize(self, images: Tensor) -> Tensor:
         """uint8 (B, 3, H, W) -> model input on the model's device: /255, then the model's own mean/std."""

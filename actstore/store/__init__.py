@@ -6,9 +6,10 @@ DESIGN.md, "The store".
 
 The other stages use only the names below: the URL helpers (`filesystem`,
 `put_bytes`, `is_local`, `normalize_url`), the storage dtype (`to_storage`,
-`from_storage`, `torch_dtype`), the images table (`ok_mask`, the statuses) and
-the object keys that tools check (`unit_record_key`). The `_` modules are
-private.
+`from_storage`, `torch_dtype`), the images table (`ok_mask`, the statuses),
+the object keys that tools check (`unit_record_key`) and the identity of the
+model a store records (`model_identity`, `identity_differences`,
+`describe_model`). The `_` modules are private.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ _LAZY = {
     **dict.fromkeys(("filesystem", "put_bytes"), "_io"),
     **dict.fromkeys(("is_local", "normalize_url"), "_url"),
     "unit_record_key": "_layout",
+    **dict.fromkeys(("describe_model", "identity_differences", "model_identity"), "_identity"),
     "ActivationStore": "_reader",
     **dict.fromkeys(("CODECS", "DEFAULT_CODEC", "DEFAULT_DTYPE", "DTYPES", "FORMAT_VERSION", "LayerSpec", "StoreSpec",
                      "TokenLayout"), "_spec"),

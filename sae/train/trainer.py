@@ -18,7 +18,7 @@ import torch.distributed as dist
 from safetensors.torch import load as st_load, save as st_save
 from tqdm.auto import tqdm
 
-from actstore.config import config_json, redact
+from actstore.config import config_json
 from actstore.errors import ConfigError
 from actstore.loader import PatchLoader
 from actstore.outputs import check_output, marked_by
@@ -178,7 +178,8 @@ class Trainer:
             url = self.fs.unstrip_protocol(self._path(m.name))  # with its s3:// (root has none)
             checkpoint.save(m.sae, url, normalization=self.loader.normalization,
                             extra={"trained_tokens": self.step * self.cfg.batch_size * self.world_size,
-                                   "store": redact(self.cfg.store), "layer": self.loader.layer.name},
+                                   **checkpoint.origin(self.loader.store, self.loader.layer.name,
+                                                       self.loader.config.tokens)},
                             storage_options=dict(self.cfg.storage_options))
         self._remove_step_folders(keep=folder)
 

@@ -73,6 +73,9 @@ class EvaluateConfig:
     """Evaluate only the first this many images of the source."""
     device: str = "cpu"
     """Where the backbone and the SAE run (e.g. "cuda")."""
+    fidelity_check: bool = True
+    """Run a few of the store's images through the rebuilt backbone first and refuse to go on unless it makes the
+    stored activations (--no-fidelity-check skips it; the result then says so)."""
     overwrite: bool = False
     """Replace an existing evaluate result at `json`."""
     storage_options: dict[str, Any] = field(default_factory=dict)
@@ -140,7 +143,7 @@ def _recovered(metric: dict[str, float | None], clean: float) -> float | None:
 def run_evaluate(cfg: EvaluateConfig, progress: bool = True) -> dict[str, Any]:
     """Run the four passes over the images; returns the results (also written to cfg.json when given)."""
     check_result_path(cfg.json, FORMAT, "an evaluate result", cfg.overwrite, cfg.storage_options)
-    s = load_in_model(cfg.sae, cfg.store, cfg.device, cfg.storage_options)
+    s = load_in_model(cfg.sae, cfg.store, cfg.device, cfg.storage_options, cfg.fidelity_check)
     batches, n_images, rejected, folder_classes = _images(cfg, s.backbone)
     names = _class_names(cfg, folder_classes)
     head: ZeroShot | None = None
@@ -180,7 +183,8 @@ def run_evaluate(cfg: EvaluateConfig, progress: bool = True) -> dict[str, Any]:
         "recovered": {"embedding_cosine": _recovered(cosine, 1.0), "kl": _recovered(kl, 0.0)},
         "head": head_name, "n_classes": len(names) if head_name == "zeroshot" else None,
         "backbone": s.backbone.cfg.model, "layer": s.layer, "tokens": s.tokens, "sae_kind": s.sae.cfg.kind,
-        "d_sae": s.sae.cfg.d_sae, "store": redact(s.store_url), "config": public_config(cfg),
+        "d_sae": s.sae.cfg.d_sae, "store": redact(s.store_url), "fidelity": s.fidelity.to_dict(),
+        "config": public_config(cfg),
     }
     if cfg.json is not None:
         write_result(cfg.json, result, cfg.storage_options)
