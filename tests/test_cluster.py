@@ -33,7 +33,7 @@ def cluster(tmp_path_factory):
     try:
         yield c
     finally:
-        pids = list(c.state["pids"])
+        pids = [p["pid"] for p in c.state["processes"]]
         subprocess.run(["bash", "deploy/local/down.sh"], env={**os.environ, "STATE_DIR": str(state)}, timeout=120,
                        cwd=Path(__file__).parents[1])
         for pid in pids:  # every process group it started is gone

@@ -4,7 +4,9 @@
 a second node joining it, and moto's S3 server, each as its own process group, Ray's files in a
 temp dir of its own; `down()` stops exactly those groups, by the pids recorded in
 `<state_dir>/cluster.json` (never by name: `ray stop` would stop every Ray process of the user), and
-removes that temp dir. Ray 2.60 authenticates with a token: a fresh one is
+removes that temp dir. Each pid is recorded with its process's start time and command line, and a group
+is signalled only while its leader still matches both: after a reboot (or once a process has ended) the
+pid can be someone else's, and that one is skipped with a one-line warning naming it. Ray 2.60 authenticates with a token: a fresh one is
 written to `<state_dir>/auth_token` and every process gets RAY_AUTH_MODE=token and
 RAY_AUTH_TOKEN_PATH. The nodes also get the S3 endpoint and its (dummy) credentials in their
 environment, so jobs read and write s3:// URLs with no storage options. `env()` is what a shell
@@ -17,6 +19,7 @@ exports to use the cluster: deploy/local/up.sh prints it.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
@@ -31,7 +34,11 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import psutil
+
 from actstore.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 BUCKET = "actstore"
 """The bucket up() creates."""
@@ -40,6 +47,9 @@ TOKEN = "auth_token"
 OWN_FILES = frozenset({STATE, TOKEN, "head.log", "worker.log", "s3.log"})
 """What a cluster leaves in its state folder: a folder holding anything else is not one of ours."""
 _RUNNING = re.compile(rb"Running on http://127\.0\.0\.1:(\d+)")
+START_TOLERANCE = 1.0
+"""Seconds two readings of one process's start time may differ by (Linux derives it from the boot time, which
+it rereads and may round differently); a reused pid's process starts later than that."""
 
 
 def free_port() -> int:
@@ -93,7 +103,7 @@ class LocalCluster:
         token.chmod(0o600)
         # Ray's own files in a temp dir of this cluster's: `ray start` records the cluster it started in
         # <temp dir>/ray_current_cluster, which a later plain ray.init() would join (even once stopped)
-        self.state = {"pids": [], "gcs_port": free_port(), "dashboard_port": free_port(),
+        self.state = {"processes": [], "gcs_port": free_port(), "dashboard_port": free_port(),
                       "ray_temp": tempfile.mkdtemp(prefix="ray-actstore-", dir="/tmp")}
         try:
             self._start_s3()
@@ -125,7 +135,10 @@ class LocalCluster:
         state_file = self.dir / STATE
         if not self.state and state_file.exists():
             self.state = json.loads(state_file.read_text())
-        _stop_groups(self.state.get("pids", []))
+        for pid in self.state.get("pids", []):  # a state file of an older actstore: nothing to check them by
+            log.warning("cluster down: pid %d not signalled: no start time or command line recorded; stop it "
+                        "yourself if it is still the cluster's", pid)
+        _stop_groups([p["pid"] for p in self.state.get("processes", []) if _still_ours(p)])
         if self.state.get("ray_temp"):
             shutil.rmtree(self.state["ray_temp"], ignore_errors=True)
         for name in (STATE, TOKEN):
@@ -142,7 +155,7 @@ class LocalCluster:
     def _spawn(self, cmd: list[str], env: dict[str, str], name: str) -> subprocess.Popen:
         log = open(self.dir / f"{name}.log", "wb")
         proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        self.state["pids"].append(proc.pid)
+        self.state["processes"].append(_record(proc.pid))  # Popen returns once the command is exec'd
         (self.dir / STATE).write_text(json.dumps(self.state))  # recorded at once: down() finds it whatever happens
         return proc
 
@@ -212,6 +225,42 @@ def _agent_ports() -> list[str]:
     machine (a second node, a local ray.init()), and a head without its agent takes no jobs."""
     return [arg for flag in ("--dashboard-agent-listen-port", "--dashboard-agent-grpc-port",
                              "--runtime-env-agent-port", "--metrics-export-port") for arg in (flag, str(free_port()))]
+
+
+def _record(pid: int) -> dict[str, Any]:
+    """What identifies a process beyond its pid: its start time and command line."""
+    p = psutil.Process(pid)
+    deadline = time.monotonic() + 5.0
+    while True:
+        try:
+            cmdline = p.cmdline()
+        except psutil.ZombieProcess:  # it has already ended (a command that failed at once): its start time says it
+            cmdline = []
+            break
+        if cmdline or time.monotonic() > deadline:
+            break
+        time.sleep(0.01)  # in the middle of its exec a process shows no command line yet
+    return {"pid": pid, "started": p.create_time(), "cmdline": cmdline}
+
+
+def _still_ours(record: dict[str, Any]) -> bool:
+    """Whether the process `record` names still runs as recorded (a zombie has no command line left: its start
+    time says it); else a warning naming the pid, and it is not signalled."""
+    pid = record["pid"]
+    try:
+        p = psutil.Process(pid)
+        if abs(p.create_time() - record["started"]) > START_TOLERANCE:
+            why = "another process has this pid now (it started at another time)"
+        elif p.status() != psutil.STATUS_ZOMBIE and p.cmdline() != record["cmdline"]:
+            why = f"another process has this pid now ({' '.join(p.cmdline())[:80]!r})"
+        else:
+            return True
+    except psutil.NoSuchProcess:
+        why = "it is not running" + (f" (processes of its group are: see `ps -g {pid}`)" if _group_exists(pid) else "")
+    except psutil.AccessDenied:
+        why = "another user's process has this pid now"
+    log.warning("cluster down: pid %d not signalled: %s; recorded as %r", pid, why, " ".join(record["cmdline"])[:80])
+    return False
 
 
 def _stop_groups(pids: list[int], grace: float = 5.0) -> None:
