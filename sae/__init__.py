@@ -9,6 +9,7 @@ input `Normalization` it records, the sparse latents); the trainer (sae.train) b
     (out.loss + aux_coeff * sae.auxk_loss(x, out.x_hat, dead_mask, k_aux)).backward()
     sae.remove_parallel_grad(); optimizer.step(); sae.set_decoder_norm_to_unit()
     save(sae, "runs/x/sae", normalization=loader.normalization, extra={"step": step})
+    TokenEncoder(sae, norm, spec).block(x)       # a store's block of tokens through the SAE, as every stage does
 """
 
 from actstore.loader import Normalization
@@ -16,6 +17,7 @@ from sae.acts import SparseActs, csr_rows, positive_entries
 from sae.checkpoint import export_saelens, load, read_extra, save
 from sae.config import KINDS, SAEConfig
 from sae.model import ForwardOutput, SparseAutoencoder, geometric_median
+from sae.tokens import TokenEncoder
 
-__all__ = ["KINDS", "ForwardOutput", "Normalization", "SAEConfig", "SparseActs", "SparseAutoencoder", "csr_rows",
-           "export_saelens", "geometric_median", "load", "positive_entries", "read_extra", "save"]
+__all__ = ["KINDS", "ForwardOutput", "Normalization", "SAEConfig", "SparseActs", "SparseAutoencoder", "TokenEncoder",
+           "csr_rows", "export_saelens", "geometric_median", "load", "positive_entries", "read_extra", "save"]

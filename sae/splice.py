@@ -37,14 +37,12 @@ from actstore.loader import Normalization
 from actstore.store import TokenLayout
 from sae.acts import SparseActs
 from sae.model import SparseAutoencoder
+from sae.tokens import TOKENS, Latents, TokenEncoder, token_positions
 
 __all__ = ["MODES", "TOKENS", "Edit", "SpliceStats", "ablate", "edit_delta", "latent_values", "splice",
            "token_positions"]
 
 MODES = ("replace", "error")
-TOKENS = ("patches", "cls", "all")
-
-Latents = Tensor | SparseActs
 
 
 class Edit(Protocol):
@@ -58,17 +56,6 @@ class Edit(Protocol):
         """(rows, len(features)) those latents on the spliced tokens, rows ordered (image, token); (rows,) each
         row's token index in the layer's layout (0 is CLS where the layout has one, patches follow row-major) ->
         their edited values."""
-
-
-def token_positions(layout: TokenLayout, tokens: str) -> Tensor:
-    """The layout indices of one token kind, e.g. 1..196 for "patches" of a CLS + 14 x 14 layout."""
-    if tokens not in TOKENS:
-        raise ConfigError(f"tokens must be one of {', '.join(TOKENS)}, got {tokens!r}")
-    cls = int(layout.cls)
-    if tokens == "cls" and not layout.cls or tokens == "patches" and not layout.n_patches:
-        raise ConfigError(f"this layer has no {tokens} tokens (layout: CLS {layout.cls}, grid {layout.grid})")
-    start, stop = {"cls": (0, cls), "patches": (cls, layout.n_tokens), "all": (0, layout.n_tokens)}[tokens]
-    return torch.arange(start, stop)
 
 
 @dataclass
@@ -164,14 +151,14 @@ def splice(backbone: Backbone, sae: SparseAutoencoder, normalization: Normalizat
                           f"{backbone.cfg.model} is {spec.d} wide")
     if edit is not None and not edit.features:
         edit = None
-    to_n = normalization.apply if normalization is not None else (lambda t: t)
+    encoder = TokenEncoder(sae, normalization, spec, tokens)
     undo = normalization.undo if normalization is not None else (lambda t: t)
     scale = normalization.scale if normalization is not None else 1.0
 
     def run(x: Tensor, pos: Tensor) -> Tensor:
         if mode == "error" and edit is None and stats is None:
             return x  # nothing to compute: the clean tokens, bit for bit
-        x_n = to_n(x.to(sae.W_enc.dtype))
+        x_n = encoder.prepare(x)
         acts = sae.encode(x_n)
         out = x
         if stats is not None or mode == "replace":
@@ -179,7 +166,7 @@ def splice(backbone: Backbone, sae: SparseAutoencoder, normalization: Normalizat
             if stats is not None:
                 stats.add(x_n, x_hat_n, acts)
             if mode == "replace":
-                out = undo(x_hat_n).to(x.dtype)
+                out = undo(x_hat_n.float()).to(x.dtype)
         if edit is None:
             return out
         rows, delta = edit_delta(sae, acts, edit, pos, scale)

@@ -26,7 +26,7 @@ from actstore.extract.decode import decode_image
 from actstore.extract.hooked import library_versions
 from actstore.extract.sources import read_bytes
 from actstore.store import STATUS_OK, ActivationStore, LayerSpec, filesystem
-from sae import Normalization, SparseAutoencoder, read_extra
+from sae import Normalization, SparseAutoencoder, TokenEncoder, read_extra
 from sae.checkpoint import load_on_store
 
 __all__ = ["FIDELITY_IMAGES", "RUN_CONFIG", "Fidelity", "SAEInModel", "check_fidelity", "decode_images",
@@ -74,6 +74,10 @@ class SAEInModel:
     @property
     def layer(self) -> str:
         return self.spec.name
+
+    def encoder(self, tokens: str = "patches") -> TokenEncoder:
+        """The layer's stored tokens of one kind through the SAE (the same inputs as inside the model)."""
+        return TokenEncoder(self.sae, self.norm, self.spec, tokens)
 
 
 def sae_record(sae: str, store: str | None = None, storage_options: dict[str, Any] | None = None

@@ -34,7 +34,7 @@ from actstore.config import check_at_least, public_config, redact
 from actstore.errors import ConfigError
 from actstore.outputs import marked_by, staged_folder
 from actstore.store import ActivationStore, LayerSpec, is_local, normalize_url, ok_mask
-from sae import Normalization, SparseAutoencoder, positive_entries
+from sae import SparseAutoencoder, TokenEncoder, positive_entries
 from sae.checkpoint import load_on_store
 from services.compare.layout import ASSIGNMENT, FORMAT, FORMAT_VERSION, MATCHES, SIMILARITY, SUMMARY
 from services.compare.match import Matches, assign, best_matches, distribution, jaccard
@@ -99,42 +99,35 @@ class CompareConfig:
 
 @dataclass(frozen=True)
 class _Side:
-    """One side opened: its SAE (and input normalization), its store and layer, and where they came from."""
+    """One side opened: its store, its tokens through its SAE (TokenEncoder), and where they came from."""
 
     source: str
     index: str | None
     sae_url: str
-    sae: SparseAutoencoder
-    norm: Normalization | None
+    encoder: TokenEncoder
+    """On the layer the SAE was trained on: its patches (image value = max over patches) or its CLS / pooled token."""
     store: ActivationStore
-    spec: LayerSpec
+
+    @property
+    def sae(self) -> SparseAutoencoder:
+        return self.encoder.sae
+
+    @property
+    def spec(self) -> LayerSpec:
+        return self.encoder.spec
 
     @property
     def tokens(self) -> str:
-        """"patches" (image value = max over patches) or "cls" (the CLS / pooled token)."""
-        if (self.norm is not None and self.norm.tokens == "cls") or self.spec.tokens.n_patches == 0:
-            return "cls"
-        return "patches"
+        return self.encoder.tokens
 
     def rows(self, x: torch.Tensor, level: str, device: torch.device) -> torch.Tensor:
         """A block's activations (n_img, T, d) -> dense latents: (n_img, F) at image level, (n_img * P, F)
         at patch level."""
-        n_img, layout = x.shape[0], self.spec.tokens
-        if self.tokens == "cls":
-            tok = x[:, 0]
-        else:
-            first = int(layout.cls)
-            tok = x[:, first:first + layout.n_patches].reshape(-1, x.shape[-1])
-        tok = tok.to(device=device, dtype=torch.float32)
-        if self.norm is not None:
-            tok = self.norm.apply(tok)
-        rows, feats, vals = positive_entries(self.sae.encode(tok))
+        rows, feats, vals = positive_entries(self.encoder.block(x))
         d_sae = self.sae.cfg.d_sae
+        n_rows = x.shape[0] * self.encoder.per_image
         if level == "image" and self.tokens == "patches":
-            rows = rows // layout.n_patches
-            n_rows = n_img
-        else:
-            n_rows = tok.shape[0]
+            rows, n_rows = rows // self.spec.tokens.n_patches, x.shape[0]
         dense = torch.zeros(n_rows * d_sae, device=device)
         return dense.scatter_reduce_(0, rows * d_sae + feats, vals, reduce="amax").view(n_rows, d_sae)
 
@@ -161,7 +154,8 @@ def _open_side(spec: str, name: str, cfg: CompareConfig, device: torch.device) -
         raise ConfigError(f"compare: {name}={spec!r} is neither an index folder (no {INDEX_META}) nor SAE_DIR@STORE_URL")
     store = ActivationStore(store_url, cfg.storage_options)
     sae, norm, layer_spec = load_on_store(sae_url, store, layer, device, cfg.storage_options)
-    return _Side(spec, index_path, sae_url, sae, norm, store, layer_spec)
+    cls = norm is not None and norm.tokens == "cls" or layer_spec.tokens.n_patches == 0
+    return _Side(spec, index_path, sae_url, TokenEncoder(sae, norm, layer_spec, "cls" if cls else "patches"), store)
 
 
 def _common_images(a: _Side, b: _Side) -> np.ndarray:

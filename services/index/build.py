@@ -43,7 +43,7 @@ from actstore.config import check_at_least, public_config, redact
 from actstore.errors import ConfigError
 from actstore.outputs import marked_by, staged_folder
 from actstore.store import ActivationStore, LayerSpec, is_local, normalize_url, ok_mask
-from sae import Normalization, SparseAutoencoder, positive_entries
+from sae import SparseAutoencoder, TokenEncoder, positive_entries
 from sae.checkpoint import load_on_store
 from services.index.layout import ARRAYS, FEATURES, FORMAT, FORMAT_VERSION, IMAGES, META, dataset_root
 from services.index.topn import TopTable, hash_keys, key_values, value_keys
@@ -183,12 +183,18 @@ def _fold(acc: _Accumulators, start: int, n_img: int, rows: torch.Tensor, feats:
 
 @dataclass(frozen=True)
 class _Source:
-    """What the pass reads: the SAE, its input normalization, the store and the layer it was trained on."""
+    """What the pass reads: the store, and its patch tokens through the SAE (the layer it was trained on)."""
 
-    sae: SparseAutoencoder
-    norm: Normalization | None
+    encoder: TokenEncoder
     store: ActivationStore
-    spec: LayerSpec
+
+    @property
+    def sae(self) -> SparseAutoencoder:
+        return self.encoder.sae
+
+    @property
+    def spec(self) -> LayerSpec:
+        return self.encoder.spec
 
 
 def _open_source(cfg: IndexConfig, device: torch.device) -> _Source:
@@ -199,14 +205,14 @@ def _open_source(cfg: IndexConfig, device: torch.device) -> _Source:
         raise ConfigError(f"{cfg.sae} was trained on CLS tokens; the index needs patch tokens (heatmaps)")
     if spec.tokens.n_patches == 0:
         raise ConfigError(f"layer {spec.name} of {cfg.store} has no patch tokens to index")
-    return _Source(sae, norm, store, spec)
+    return _Source(TokenEncoder(sae, norm, spec, "patches"), store)
 
 
 def _run_pass(src: _Source, cfg: IndexConfig, ok: torch.Tensor, acc: _Accumulators,
               image_top: tuple[np.ndarray, np.ndarray], progress: bool) -> None:
     """Encode every patch, block by block in store order, and fold the latents of ok images into acc."""
     spec, store, device = src.spec, src.store, acc.act_max.device
-    n_patches, first = spec.tokens.n_patches, int(spec.tokens.cls)
+    n_patches = spec.tokens.n_patches
     per_chunk = store.spec.images_per_chunk
     images_per_block = per_chunk * max(1, cfg.block_patches // (n_patches * per_chunk))
     bar = tqdm(total=store.n_images * n_patches, desc="index", unit="patch", unit_scale=True, disable=not progress)
@@ -214,10 +220,7 @@ def _run_pass(src: _Source, cfg: IndexConfig, ok: torch.Tensor, acc: _Accumulato
         for start, x in store.blocks(spec.name, images_per_block):
             n_img = x.shape[0]
             block_ok = ok[start:start + n_img]
-            x = x[:, first:first + n_patches].reshape(-1, spec.d).to(device=device, dtype=torch.float32)
-            if src.norm is not None:
-                x = src.norm.apply(x)
-            rows, feats, vals = positive_entries(src.sae.encode(x))
+            rows, feats, vals = positive_entries(src.encoder.block(x))
             keep = block_ok.to(device)[rows // n_patches]
             _fold(acc, start, n_img, rows[keep], feats[keep], vals[keep], n_patches, src.sae.cfg.d_sae, cfg.m,
                   cfg.seed, image_top)

@@ -32,15 +32,12 @@ def patch_latents(steerer: Steerer, block_images: int = 64) -> torch.Tensor:
     """(n_images, n_patches, d_sae) dense latents of the SAE on every stored patch token of its layer (zeros for
     rejected images)."""
     m, layout = steerer.model, steerer.layout
-    first = int(layout.cls)
+    encoder = m.encoder("patches")
     out = torch.zeros(steerer.images.num_rows, layout.n_patches, m.sae.cfg.d_sae)
-    with torch.no_grad():
-        for start, block in steerer.store.blocks(m.layer, block_images):
-            x = block[:, first:first + layout.n_patches].float().reshape(-1, block.shape[-1])
-            x = m.norm.apply(x) if m.norm is not None else x
-            acts = m.sae.encode(x.to(steerer.device, m.sae.W_enc.dtype))
-            dense = acts.to_dense() if hasattr(acts, "to_dense") else acts
-            out[start:start + block.shape[0]] = dense.float().cpu().reshape(block.shape[0], layout.n_patches, -1)
+    for start, block in steerer.store.blocks(m.layer, block_images):
+        acts = encoder.block(block)
+        dense = acts.to_dense() if hasattr(acts, "to_dense") else acts
+        out[start:start + block.shape[0]] = dense.float().cpu().reshape(block.shape[0], layout.n_patches, -1)
     return out
 
 

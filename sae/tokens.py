@@ -1,0 +1,78 @@
+"""A store's tokens through an SAE, the one way every stage does it (the index, the comparison, splicing, steering).
+
+    enc = TokenEncoder(sae, norm, spec, tokens="patches")
+    acts = enc.block(x)              # x (images, layer tokens, d) as the store reads it -> latents, rows (image, token)
+    acts = enc.encode(tokens)        # tokens (n, d) in any dtype and device -> latents
+
+The order is the trainer's: the tokens go to the SAE's device as float32, the input normalization (the loader's
+transform) is applied in float32, and only then are they cast to the SAE's dtype and encoded. A bfloat16 SAE thus
+sees the same inputs in training, in the index and inside the model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from actstore.errors import ConfigError
+from actstore.loader import Normalization
+from actstore.store import LayerSpec, TokenLayout
+from sae.acts import SparseActs
+from sae.model import SparseAutoencoder
+
+__all__ = ["TOKENS", "Latents", "TokenEncoder", "token_positions"]
+
+TOKENS = ("patches", "cls", "all")
+Latents = Tensor | SparseActs
+
+
+def token_positions(layout: TokenLayout, tokens: str) -> Tensor:
+    """The layout indices of one token kind, e.g. 1..196 for "patches" of a CLS + 14 x 14 layout."""
+    if tokens not in TOKENS:
+        raise ConfigError(f"tokens must be one of {', '.join(TOKENS)}, got {tokens!r}")
+    cls = int(layout.cls)
+    if tokens == "cls" and not layout.cls or tokens == "patches" and not layout.n_patches:
+        raise ConfigError(f"this layer has no {tokens} tokens (layout: CLS {layout.cls}, grid {layout.grid})")
+    start, stop = {"cls": (0, cls), "patches": (cls, layout.n_tokens), "all": (0, layout.n_tokens)}[tokens]
+    return torch.arange(start, stop)
+
+
+@dataclass(frozen=True)
+class TokenEncoder:
+    """An SAE behind its input normalization, on one layer's tokens of one kind (see the module docstring)."""
+
+    sae: SparseAutoencoder
+    norm: Normalization | None
+    spec: LayerSpec
+    tokens: str = "patches"
+    """The token kind `block` encodes: "patches", "cls" or "all"."""
+
+    def __post_init__(self) -> None:
+        token_positions(self.spec.tokens, self.tokens)  # refuse a kind the layer lacks, once
+
+    @property
+    def per_image(self) -> int:
+        """Rows `block` makes per image."""
+        return int(token_positions(self.spec.tokens, self.tokens).numel())
+
+    def prepare(self, x: Tensor) -> Tensor:
+        """Tokens (n, d) -> the SAE's input: on its device, normalized in float32, in its dtype."""
+        p = self.sae.W_enc
+        x = x.to(device=p.device, dtype=torch.float32)
+        if self.norm is not None:
+            x = self.norm.apply(x)
+        return x.to(p.dtype)
+
+    def encode(self, x: Tensor) -> Latents:
+        """Tokens (n, d) -> latents (dense for relu/jumprelu, SparseActs for the topk kinds)."""
+        with torch.no_grad():
+            return self.sae.encode(self.prepare(x))
+
+    def block(self, x: Tensor) -> Latents:
+        """A block as the store reads it (images, the layer's tokens, d) -> the latents of its tokens of this kind,
+        rows ordered (image, token)."""
+        first, n = {"patches": (int(self.spec.tokens.cls), self.spec.tokens.n_patches),
+                    "cls": (0, 1), "all": (0, self.spec.tokens.n_tokens)}[self.tokens]
+        return self.encode(x[:, first:first + n].reshape(-1, x.shape[-1]))
