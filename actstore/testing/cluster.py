@@ -6,9 +6,9 @@ temp dir of its own; `down()` stops exactly those groups, by the pids recorded i
 `<state_dir>/cluster.json` (never by name: `ray stop` would stop every Ray process of the user), and
 removes that temp dir. Each pid is recorded with its process's start time and command line, and a group
 is signalled only while its leader still matches both: after a reboot (or once a process has ended) the
-pid can be someone else's, and that one is skipped with a one-line warning naming it. Ray 2.60 authenticates with a token: a fresh one is
-written to `<state_dir>/auth_token` and every process gets RAY_AUTH_MODE=token and
-RAY_AUTH_TOKEN_PATH. The nodes also get the S3 endpoint and its (dummy) credentials in their
+pid can be someone else's, and that one is skipped with a one-line warning naming it. Ray 2.60
+authenticates with a token: a fresh one is written to `<state_dir>/auth_token` and every process gets
+RAY_AUTH_MODE=token and RAY_AUTH_TOKEN_PATH. The nodes also get the S3 endpoint and its (dummy) credentials in their
 environment, so jobs read and write s3:// URLs with no storage options. `env()` is what a shell
 exports to use the cluster: deploy/local/up.sh prints it.
 
