@@ -52,9 +52,17 @@ def test_cli_evaluate_equals_the_sae_on_the_stored_activations(paths: dict[str, 
         assert all(v is not None and np.isfinite(v) for v in r[key].values())
     assert all(0 <= v <= 1 for v in r["top1_agreement"].values())
     assert all(v >= 0 for v in r["kl"].values())
+    assert r["fidelity"]["checked"] and r["fidelity"]["max_abs_diff"] < 0.05
+
+    # independent: timm's model with our own forward hooks, not the splice code: each pass's metrics and recovered
+    expected = independent_passes(paths, 24)
+    for key in ("embedding_cosine", "kl", "top1_agreement"):
+        for p in ("spliced", "mean_ablation", "zero_ablation"):
+            assert r[key][p] == pytest.approx(expected[key][p], rel=1e-3, abs=1e-5), (key, p)
     for key, clean in (("embedding_cosine", 1.0), ("kl", 0.0)):
-        m = r[key]
-        assert r["recovered"][key] == pytest.approx((m["mean_ablation"] - m["spliced"]) / (m["mean_ablation"] - clean))
+        m = expected[key]
+        assert r["recovered"][key] == pytest.approx((m["mean_ablation"] - m["spliced"]) / (m["mean_ablation"] - clean),
+                                                    rel=1e-3)
 
     # independent: the same SAE on the store's activations of the same images (the store is float16)
     sae, norm = checkpoint.load(paths["sae"])
@@ -77,6 +85,47 @@ def test_cli_evaluate_equals_the_sae_on_the_stored_activations(paths: dict[str, 
                  "--json", str(foreign), "--overwrite", "-q"]) == 1
     assert "is not an evaluate result; refusing" in capsys.readouterr().err
     assert foreign.read_text() == '{"mine": 1}'
+
+
+def independent_passes(paths: dict[str, str], n: int) -> dict[str, dict[str, float]]:
+    """evaluate's three passes recomputed from timm's own model (seeded as the store's record says) with plain forward
+    hooks on block 10's patch tokens: the SAE's reconstruction, zeros, the store's patch mean."""
+    import timm
+
+    from actstore.extract.sources import build_manifest
+    from services.spliced import decode_images
+
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False).eval()
+    sae, norm = checkpoint.load(paths["sae"])
+    store = ActivationStore(paths["store"])
+    mean = torch.from_numpy(store.stats(LAYER, "patches").mean.astype(np.float32))
+    uris = build_manifest(paths["images"]).uris[:n]
+    pixels, _ = decode_images(load_backbone(BackboneConfig("timm:vit_tiny_patch16_224")), uris)
+    cfg = model.pretrained_cfg
+    x = (pixels.float() / 255 - torch.tensor(cfg["mean"]).view(1, 3, 1, 1)) / torch.tensor(cfg["std"]).view(1, 3, 1, 1)
+    replace = {"spliced": lambda t: norm.undo(sae.decode(sae.encode(norm.apply(t.flatten(0, 1))))).view_as(t),
+               "zero_ablation": torch.zeros_like, "mean_ablation": lambda t: mean.expand_as(t)}
+
+    def run(fn=None):
+        hook = None if fn is None else model.blocks[int(LAYER)].register_forward_hook(
+            lambda m, a, out: torch.cat([out[:, :1], fn(out[:, 1:])], 1))
+        with torch.no_grad():
+            emb = model.forward_head(model.forward_features(x), pre_logits=True)
+            logits = model.get_classifier()(emb)
+        if hook is not None:
+            hook.remove()
+        return emb.double(), logits.double()
+
+    clean_emb, clean_logits = run()
+    out: dict[str, dict[str, float]] = {"embedding_cosine": {}, "kl": {}, "top1_agreement": {}}
+    for name, fn in replace.items():
+        emb, logits = run(fn)
+        p, q = clean_logits.log_softmax(-1), logits.log_softmax(-1)
+        out["embedding_cosine"][name] = float(F.cosine_similarity(clean_emb, emb, dim=-1).mean())
+        out["kl"][name] = float((p.exp() * (p - q)).sum(-1).mean())
+        out["top1_agreement"][name] = float((clean_logits.argmax(-1) == logits.argmax(-1)).double().mean())
+    return out
 
 
 def test_exact_sae_recovers_everything_and_zero_decoder_is_zero_ablation(paths: dict[str, str], tmp_path: Path
