@@ -11,6 +11,10 @@ Ray's retries, reordering and batching never split or mix units:
 
 A unit written twice gives the same bytes, so retries are harmless, and a
 rerun of the same command skips units that already have their record.
+
+Ray records the operators' arguments (Ray Data's dataset metadata: the dashboard, export events under the
+session's logs), walking dicts and showing other objects by str(): the images' storage options (credentials)
+go to the decode tasks as an object-store reference (ray.put), read back with ray.get, never as a dict.
 """
 
 from __future__ import annotations
@@ -128,14 +132,18 @@ class ExtractResult:
 
 
 def _decode_unit(batch: dict[str, np.ndarray], preprocessor: Preprocessor, max_pixels: int,
-                 storage_options: Mapping[str, Any], labeler: MaskLabeler | None = None) -> dict[str, np.ndarray]:
+                 storage_options: Any, labeler: MaskLabeler | None = None) -> dict[str, np.ndarray]:
     """Fetch and decode one unit's images to uint8 (n, 3, H, W); bad images become rejected rows. With a
-    labeler, also the unit's per-patch labels from its masks (n, n_patches) and how many images had none."""
+    labeler, also the unit's per-patch labels from its masks (n, n_patches) and how many images had none.
+    `storage_options`: an object-store reference to the images' options (see the top)."""
+    import ray
+
+    options = ray.get(storage_options)
     uris = json.loads(batch["uris"][0])
-    blobs = read_bytes(uris, dict(storage_options))
+    blobs = read_bytes(uris, options)
     if labeler is not None:
         masks = json.loads(batch["masks"][0])
-        mask_blobs = read_bytes(masks, dict(storage_options))
+        mask_blobs = read_bytes(masks, options)
         labels, n_unmasked = labeler.unlabeled(len(uris)), 0
     pixels = np.zeros((len(uris), 3, *preprocessor.image_size), np.uint8)
     rows: dict[str, list[Any]] = {"uri": uris, "label": json.loads(batch["labels"][0]), "width": [], "height": [],
@@ -300,7 +308,7 @@ def _pipeline(cfg: ExtractConfig, units: list[dict[str, Any]], preprocessor: Pre
     unit_bytes = cfg.images_per_shard * 3 * preprocessor.image_size[0] * preprocessor.image_size[1]
     ds = ds.map_batches(_decode_unit, batch_size=1, batch_format="numpy", memory=2 * unit_bytes,
                         fn_kwargs={"preprocessor": preprocessor, "max_pixels": cfg.max_pixels,
-                                   "storage_options": dict(cfg.image_storage_options), "labeler": labeler})
+                                   "storage_options": ray.put(dict(cfg.image_storage_options)), "labeler": labeler})
     # Ray Data restarts forward actors and retries their tasks (at least once; units are idempotent)
     ds = ds.map_batches(_Forward, batch_size=1, batch_format="numpy",
                         compute=pool, num_gpus=1 if gpus else 0, num_cpus=1,

@@ -1,4 +1,13 @@
-"""Running a TrainConfig: in this process, or data-parallel in Ray Train workers (one Trainer per rank)."""
+"""Running a TrainConfig: in this process, or data-parallel in Ray Train workers (one Trainer per rank).
+
+Credentials stay out of Ray's records. Ray Train keeps the train loop config as the run's state (the
+dashboard's Train view, export events under the session's logs; the controller's creation arguments sit in
+the GCS), so the loop config holds the run's config redacted (public_config, for people to read) and the
+config itself travels as an object-store reference (ray.put) that each worker reads back with ray.get: its
+storage_options, and any user:password@ in its URLs, enter no record. The value stays in the object store's
+memory while the run holds the reference (Ray writes an object to disk only to spill it from a full store).
+Environment variables for the workers (runtime_env env_vars) would not do: the dashboard shows runtime_env.
+"""
 
 from __future__ import annotations
 
@@ -9,19 +18,22 @@ from dataclasses import asdict, replace
 from typing import Any
 
 from actstore.cluster import init_ray, refuse_local_paths_on_a_cluster
+from actstore.config import public_config
 from actstore.errors import user_error
 from actstore.store import ActivationStore, filesystem, is_local
 from sae.train.config import TrainConfig
 from sae.train.sinks import METRICS, read_metrics
 from sae.train.trainer import Trainer, check_fresh_out, read_resume_state, sweep_configs
 
+
 def _ray_worker(config: dict[str, Any]) -> None:
+    import ray
     import ray.train
 
     ctx = ray.train.get_context()
     rank = ctx.get_world_rank()
-    Trainer(TrainConfig(**config["cfg"]), rank, ctx.get_world_size()).fit(progress=rank == 0,
-                                                                          stop_at=config["stop_at"])
+    Trainer(TrainConfig(**ray.get(config["cfg"])), rank, ctx.get_world_size()).fit(progress=rank == 0,
+                                                                                   stop_at=config["stop_at"])
 
 
 def train(cfg: TrainConfig, progress: bool = True, stop_after: int | None = None) -> list[dict[str, Any]]:
@@ -54,8 +66,10 @@ def train(cfg: TrainConfig, progress: bool = True, stop_after: int | None = None
     # this node (the controller runs here), never into `out` or the working directory; removed afterwards
     storage = tempfile.mkdtemp(prefix="actstore-raytrain-")
     try:
+        # Ray records the loop config: the config goes by reference, for people only redacted (see the top)
+        loop_config = {"config": public_config(cfg), "cfg": ray.put(asdict(cfg)), "stop_at": stop_at}
         trainer = TorchTrainer(
-            _ray_worker, train_loop_config={"cfg": asdict(cfg), "stop_at": stop_at},
+            _ray_worker, train_loop_config=loop_config,
             scaling_config=ray.train.ScalingConfig(num_workers=cfg.num_workers, use_gpu=gpus > 0),
             run_config=ray.train.RunConfig(name="train", storage_path=storage,
                                            failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures)))
