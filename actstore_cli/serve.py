@@ -24,16 +24,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
     cfg = config_from_args(ServeConfig, args, "serve")
     options = dict(cfg.storage_options)
     # a missing or corrupt index, or a comparison it is not part of, fails here, as one line, before serving starts
-    api.create_app(cfg.index, cfg.token, options, cfg.compare, cfg.steer, cfg.steer_timeout)
+    steer = cfg.steer_options()
+    api.create_app(cfg.index, cfg.token, options, cfg.compare, cfg.steer, steer)
     if cfg.ray:
         init_ray(cfg.address)
         print(f"serving {cfg.index} through Ray Serve at http://{cfg.host}:{cfg.port}/ (Ctrl-C stops)")
         api.run_ray(cfg.index, cfg.host, cfg.port, cfg.token, options, replicas=cfg.replicas, compare=cfg.compare,
-                    steer=cfg.steer, steer_timeout=cfg.steer_timeout)
+                    steer=cfg.steer, steer_options=steer)
     else:
         print(f"serving {cfg.index} at http://{cfg.host}:{cfg.port}/ (Ctrl-C stops)", flush=True)
         api.run(cfg.index, cfg.host, cfg.port, cfg.token, options, workers=cfg.workers, compare=cfg.compare,
-                steer=cfg.steer, steer_timeout=cfg.steer_timeout)
+                steer=cfg.steer, steer_options=steer)
     return 0
 
 

@@ -34,7 +34,8 @@ def get(url: str, **kw) -> requests.Response:
 def test_health_browse_and_histogram(api_url, index_dir):
     meta = read_index_meta(index_dir)
     assert get(f"{api_url}/healthz").json() == {"status": "ok", "n_features": meta["d_sae"],
-                                                 "n_images": meta["n_images"], "k": 8, "grid": [14, 14]}
+                                                 "n_images": meta["n_images"], "k": 8, "grid": [14, 14],
+                                                 "steering": None}
     feats = pq.read_table(index_dir / "features.parquet").to_pydict()
     freq = np.array(feats["freq_patches"])
     lo, hi = np.quantile(freq[freq > 0], [0.2, 0.8])
@@ -168,6 +169,32 @@ def test_bearer_token(api_url_token):
     ok = {"Authorization": f"Bearer {token}"}
     assert get(f"{url}/features/0", headers=ok).status_code == 200
     assert get(f"{url}/images/0", headers=ok).status_code == 200
+
+
+def test_docs_are_behind_the_token(api_url_token, index_dir, tmp_path):
+    """With a token, the schema and the docs pages need it too (they name the store and every route); the store's
+    URL is shown without its credentials."""
+    url, token = api_url_token
+    for path in ("/openapi.json", "/docs", "/redoc"):
+        r = get(url + path)
+        assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer", path
+        assert r.json() == {"detail": "missing or wrong bearer token"}
+        assert get(url + path, headers={"Authorization": "Bearer wrong"}).status_code == 401
+    ok = {"Authorization": f"Bearer {token}"}
+    schema = get(f"{url}/openapi.json", headers=ok).json()
+    assert "/features/{fid}" in schema["paths"] and "HTTPBearer" in schema["components"]["securitySchemes"]
+    for path in ("/docs", "/redoc"):
+        r = get(url + path, headers=ok)
+        assert r.status_code == 200 and "/openapi.json" in r.text, path
+    from fastapi.testclient import TestClient
+
+    copy = tmp_path / "index"
+    shutil.copytree(index_dir, copy)
+    meta = json.loads((copy / "index.json").read_text())
+    meta["store"] = "s3://reader:pa55word@bucket/stores/demo"
+    (copy / "index.json").write_text(json.dumps(meta))
+    description = TestClient(create_app(copy)).get("/openapi.json").json()["info"]["description"]
+    assert "pa55word" not in description and "bucket/stores/demo" in description
 
 
 def test_openapi_schema_documents_every_route(api_url):

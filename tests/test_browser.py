@@ -3,6 +3,8 @@
 Chromium's command line does all the driving: `--dump-dom` gives the DOM after the page's scripts ran,
 `--screenshot` a PNG. The page marks what it drew (body[data-rendered], canvas.heatmap[data-drawn],
 [data-max-alpha]) so the DOM says whether the heatmaps were really painted; the screenshot shows it too.
+Where a test must type (the bearer token's form), a harness page on the same origin runs the page in a frame,
+types, and reports what the page did: its DOM, every URL it was at, every link in it and every URL it fetched.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import subprocess
 import urllib.request
 from html.parser import HTMLParser
 from pathlib import Path
+from urllib.parse import urlencode
 
 import numpy as np
 import pytest
@@ -100,6 +103,60 @@ class DOM(HTMLParser):
 
 def render(tmp_path: Path, url: str) -> Node:
     return DOM(chromium(tmp_path, url, "--dump-dom")).root
+
+
+HARNESS = """<!doctype html><meta charset="utf-8"><title>harness</title><pre id="report"></pre><script>
+"use strict";
+// ?page=URL in a frame; &stored=T: sessionStorage's token before it loads; &type=T: typed into the token form when
+// it shows; &done=SELECTOR: what marks the end. Reports the frame's DOM, every URL the frame was at, every href and
+// src in its DOM, and every URL it fetched.
+(async () => {
+  const q = new URLSearchParams(location.search), seen = new Set(), frame = document.createElement("iframe");
+  if (q.has("stored")) sessionStorage.setItem("actstore-token", q.get("stored"));
+  const look = () => { try { seen.add(frame.contentWindow.location.href); } catch (_) { /* not loaded */ } };
+  frame.addEventListener("load", () => { look(); frame.contentWindow.addEventListener("hashchange", look); });
+  Object.assign(frame, { width: 1400, height: 1000, src: q.get("page") });
+  document.body.append(frame);
+  const doc = () => frame.contentDocument;
+  let typed = false, done = false;
+  for (let i = 0; i < 400 && !done; i++) {
+    await new Promise((resolve) => setTimeout(resolve, 25));
+    look();
+    const form = doc()?.querySelector("#auth");
+    if (q.has("type") && !typed && form && !form.hidden) {
+      doc().querySelector("#auth-token").value = q.get("type");
+      form.requestSubmit();
+      typed = true;
+    }
+    done = Boolean(doc()?.querySelector(q.get("done")));
+  }
+  const links = [...doc().querySelectorAll("[href], [src]")].map((n) => n.getAttribute("href") ?? n.getAttribute("src"));
+  const fetched = frame.contentWindow.performance.getEntriesByType("resource").map((e) => e.name);
+  document.querySelector("#report").textContent = JSON.stringify(
+    { done, typed, urls: [...seen], links, fetched, html: doc().documentElement.outerHTML });
+})();
+</script>"""
+
+
+def add_harness(app) -> None:
+    """GET /test-harness on `app`: HARNESS (a test's page, on the service's origin, so it shares sessionStorage)."""
+    from fastapi.responses import HTMLResponse
+
+    app.add_api_route("/test-harness", lambda: HTMLResponse(HARNESS), include_in_schema=False)
+
+
+def run_harness(tmp_path: Path, url: str, **params: str) -> dict:
+    """HARNESS's report on `url`'s service (params: page, done, and optionally stored, type)."""
+    report = json.loads(render(tmp_path, f"{url}/test-harness?{urlencode(params)}").by_id("report").all_text())
+    assert report["done"], f"the page never showed {params['done']}"
+    report["page"] = DOM(report["html"]).root
+    return report
+
+
+def assert_token_kept_out_of_urls(report: dict, token: str) -> None:
+    """No URL the page was at, links to or fetched holds the token."""
+    for kind in ("urls", "links", "fetched"):
+        assert report[kind] and not [u for u in report[kind] if token in u], (kind, report[kind])
 
 
 def heat_pixels(img: Image.Image) -> int:
@@ -200,16 +257,35 @@ def test_feature_page_screenshot(api_url, feature, tmp_path):
     assert heat_pixels(shot) > own + cell / 2, "no heatmap visible in the screenshot"
 
 
-def test_token_is_sent_and_required(api_url_token, tmp_path):
-    url, token = api_url_token
-    fid = json.loads(get(f"{url}/features?sort=-freq&limit=1", token))["features"][0]["id"]
-    f = json.loads(get(f"{url}/features/{fid}", token))
-    assert_feature_rendered(render(tmp_path, f"{url}/#feature={fid}&token={token}"), f)
+def test_token_is_entered_once_and_kept_out_of_urls(index_dir, feature, tmp_path):
+    """A service with a token: the page asks for it in a form, sends it with every request once typed (the feature
+    renders) and keeps it in the tab's sessionStorage, never in a URL; a wrong one shows the 401 and asks again;
+    a token left in an old link's fragment is taken out of the address and not used."""
+    from conftest import SERVICE_TOKEN as TOKEN, _serve
+    from services.api import create_app
 
-    page = render(tmp_path, f"{url}/#feature={fid}&token=not-{token}")
-    error = page.by_id("error")
-    assert "hidden" not in error.attrs and "401" in error.all_text()
-    assert not page.find_all("figure", "top-image")
+    app = create_app(index_dir, token=TOKEN)
+    add_harness(app)
+    for url in _serve(app):
+        f = feature
+        report = run_harness(tmp_path, url, page=f"/#feature={f['id']}", type=TOKEN, done="body[data-rendered]")
+        assert report["typed"], "the page asked for the token"
+        assert_feature_rendered(report["page"], f)
+        assert "hidden" in report["page"].by_id("auth").attrs
+        assert_token_kept_out_of_urls(report, TOKEN)
+        assert f"/images/{f['top_images'][0]['image']}?size=224" in " ".join(report["fetched"])
+
+        report = run_harness(tmp_path, url, page=f"/#feature={f['id']}", stored=f"not-{TOKEN}",
+                             done="#error:not([hidden])")
+        page = report["page"]
+        assert "hidden" not in page.by_id("auth").attrs and "refused this token" in page.by_id("auth-hint").all_text()
+        error = page.by_id("error")
+        assert "hidden" not in error.attrs and "401" in error.all_text()
+        assert not page.find_all("figure", "top-image")
+
+        report = run_harness(tmp_path, url, page=f"/#feature={f['id']}&token={TOKEN}", done="#auth:not([hidden])")
+        assert report["urls"][-1].endswith(f"/#feature={f['id']}"), report["urls"]
+        assert "needs its bearer token" in report["page"].by_id("auth-hint").all_text()
 
 
 # ---- the atlas and the matches panel (a service over the second SAE's index, with its comparison) ----

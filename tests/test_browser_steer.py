@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 from conftest import _serve
 from PIL import Image
-from test_browser import ARTIFACTS, DOM, Node, chromium, get
+from test_browser import ARTIFACTS, DOM, Node, add_harness, assert_token_kept_out_of_urls, chromium, get, run_harness
 
 from sae.edits import parse_edit
 from services.api import create_app
@@ -261,24 +261,32 @@ def test_service_without_steering_says_how_to_start_it(steer_setup, tmp_path):
 
 
 def test_token_is_sent_with_steering_requests(steer_setup, seg_case, tmp_path):
-    """A service with a bearer token: the hash's token goes with GET /steer/heads, POST /steer and the patch's
-    features; a wrong one shows the 401."""
+    """A service with a bearer token: typed once into the page's form, the token goes with GET /steer/heads, POST
+    /steer and the patch's features, and never into a URL (the page's address, its links to the views, the browser
+    and the patch's features, what it fetches); a wrong one shows the 401 and the form."""
     _, expected, patch, found, _ = seg_case
     edits = [e for e in expected["edits"] if e.endswith("@all")]
     app = create_app(steer_setup["index"], token=TOKEN, steer_heads=(f"probe:{steer_setup['seg']}",))
+    add_harness(app)
     for url in _serve(app):
         mine = post(url, request_body(3, "probe:seg", edits), TOKEN)
-        page = render(tmp_path, page_url(url, edits, view="seg", image=3, patch=patch, token=TOKEN))
-        section = steered(page, mine)
+        page = page_url("", edits, view="seg", image=3, patch=patch)
+        report = run_harness(tmp_path, url, page=page, type=TOKEN, done="#steer[data-state=done] ul.patch-features")
+        section = steered(report["page"], mine)
         after = next(c for c in section.find_all("canvas", "mask") if c.attrs["data-side"] == "after")
         assert [int(v) for v in after.attrs["data-labels"].split(",")] == flat(mine["after"]["mask"])
         rows = section.find_all("ul", "patch-features")[0].find_all("li")
         assert [int(li.attrs["data-feature"]) for li in rows] == [x["feature"] for x in found]
+        assert_token_kept_out_of_urls(report, TOKEN)
+        links = set(report["links"])
+        assert {"#", "#steer", f"#feature={found[0]['feature']}"} <= links
+        assert any(link.startswith("#steer?view=cls&image=3") for link in links)
+        assert any("/steer" in u for u in report["fetched"]) and any("/patches/" in u for u in report["fetched"])
 
-        page = render(tmp_path, page_url(url, edits, view="seg", image=3, token=f"not-{TOKEN}"))
-        error = page.by_id("steer-error")
+        report = run_harness(tmp_path, url, page=page, stored=f"not-{TOKEN}", done="#steer[data-state=error]")
+        error = report["page"].by_id("steer-error")
         assert "hidden" not in error.attrs and error.attrs["data-status"] == "401"
-        assert "bearer token" in error.all_text()
+        assert "bearer token" in error.all_text() and "hidden" not in report["page"].by_id("auth").attrs
 
 
 # ---- a VLM: a tiny random LLaVA's vision tower, an SAE on the layer its language model reads --------------------

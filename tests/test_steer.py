@@ -5,6 +5,8 @@ before/after predictions; bad edits are one line."""
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -77,15 +79,57 @@ def test_apply_edits_ops_and_where() -> None:
     assert (every[:, 1] == 0).all()
 
 
+@contextmanager
+def forward_passes(steerer: Steerer) -> Iterator[list[int]]:
+    """The forward passes through the block at the SAE's layer while open (a hook of the timm model's own)."""
+    calls: list[int] = []
+    block = steerer.model.backbone.model.blocks[steerer.model.spec.index]
+    handle = block.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        yield calls
+    finally:
+        handle.remove()
+
+
 def test_no_edit_is_the_clean_model(steerer: Steerer) -> None:
-    images = steerer.image(5)
-    head = steerer.head("model")
-    r = steerer.steer(images, [], head)
-    clean = steerer.model.backbone.model(steerer.model.backbone.normalize(images))  # timm's own forward
-    probs = clean[0].double().softmax(-1)
-    assert [i for i, _ in r["before"]["top5"]] == probs.topk(5).indices.tolist()
-    assert [p for _, p in r["before"]["top5"]] == pytest.approx(probs.topk(5).values.tolist(), rel=1e-5)
-    assert r["after"] == r["before"]
+    """With no edit, "after" is a forward of its own with the SAE spliced in, and it is exactly the clean model: the
+    top-5 of timm's own forward, without any hook, to the bit."""
+    images, head = steerer.image(5), steerer.head("model")
+    with forward_passes(steerer) as calls:
+        r = steerer.steer(images, [], head)
+    assert len(calls) == 2, "before and after are two forward passes"
+    with torch.no_grad():
+        logits = steerer.model.backbone.model(steerer.model.backbone.normalize(images))  # timm's own forward
+    values, indices = logits[0].float().softmax(-1).double().topk(5)
+    clean = [[int(i), float(v)] for i, v in zip(indices, values)]
+    assert r["after"]["top5"] == clean and r["before"]["top5"] == clean
+    assert r["after"] is not r["before"]
+
+
+def test_a_cancelled_run_stops_between_its_passes(steerer: Steerer) -> None:
+    """A cancel set during the clean pass stops the run before the spliced one (Cancelled); a cancel set before
+    the run starts stops it before any pass."""
+    import threading
+
+    from services.steer.heads import ClassHead
+    from services.steer.run import Cancelled
+
+    model = steerer.head("model")
+    cancel, passes = threading.Event(), []
+
+    def logits(x: torch.Tensor) -> torch.Tensor:
+        passes.append(1)
+        cancel.set()  # the time bound runs out during this pass
+        return model.logits(x)
+
+    head = ClassHead("model", model.classes, logits)
+    with pytest.raises(Cancelled):
+        steerer.steer(steerer.image(5), steerer.edits(["17:add:40@all"]), head, cancel=cancel)
+    assert passes == [1]
+    with pytest.raises(Cancelled):
+        steerer.steer(steerer.image(5), [], head, cancel=cancel)
+    assert passes == [1]
+    assert steerer.steer(steerer.image(5), [], model, cancel=threading.Event())["after"]["top5"]
 
 
 def test_an_edit_of_a_feature_that_never_fires_changes_nothing(steerer: Steerer) -> None:

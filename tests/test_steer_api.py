@@ -1,11 +1,20 @@
 """POST /steer, GET /steer/heads and GET /images/{id}/patches/{p} over real HTTP: the same before/after as the
-Steerer, bounded bodies, bad edits as 4xx with a clear message, and schema-driven fuzzing without a 5xx."""
+Steerer, bounded bodies, bad edits as 4xx with a clear message, schema-driven fuzzing without a 5xx, and steering
+under load: requests past the slots get a 429 at once, a request past its bound is stopped and frees its slot, the
+model loads once and off the event loop."""
 
 from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import pytest
 import requests
 
+from services.api.steering import SteerOptions
 from test_api import fuzz
 
 
@@ -90,3 +99,153 @@ def test_fuzz_steer_no_server_errors(steer_api) -> None:
 
     paths = ("/steer", "/steer/heads", "/images/{iid}/patches/{patch}")
     assert fuzz(steer_api, max_examples=30, paths=paths, excluded=(positive_data_acceptance,)) == 3
+
+
+# ---- under load: slots, the time bound, loading off the event loop -------------------------------------------------
+
+class GatedSAE:
+    """The SAE folder served over HTTP on 127.0.0.1, where a GET of its weights waits until `open()` (`reads`
+    counts them): a real load, held on real I/O for as long as a test needs."""
+
+    def __init__(self, sae: Path) -> None:
+        gate, owner = threading.Event(), self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 - http.server's name
+                path = sae / self.path.rsplit("/", 1)[-1]
+                if not path.is_file():
+                    self.send_error(404)
+                    return
+                if path.name == "sae.safetensors":
+                    gate.wait()
+                    owner.reads += 1
+                data = path.read_bytes()
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.gate, self.reads = gate, 0
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/sae"
+
+    def open(self) -> None:
+        self.gate.set()
+
+    def close(self) -> None:
+        self.gate.set()
+        self.server.shutdown()
+
+
+@pytest.fixture
+def gated(service_store):
+    gate = GatedSAE(service_store / "sae")
+    yield gate
+    gate.close()
+
+
+def gated_service(index_dir, service_store, gate: GatedSAE, options: SteerOptions):
+    """The service over the conftest's index, steering (head "model") through the gated copy of its SAE."""
+    from services.api import create_app
+    from services.api.steering import Steering
+
+    app = create_app(index_dir, steer_heads=("model",), steer_options=options)
+    app.state.steering = Steering(gate.url, str(service_store / "store"), ("model",), None, options)
+    return app
+
+
+def wait_for(condition, what: str) -> None:
+    deadline = time.monotonic() + 60
+    while not condition():
+        assert time.monotonic() < deadline, f"never: {what}"
+        time.sleep(0.02)
+
+
+BODY = {"image": 4, "head": "model", "edits": [{"feature": 17, "op": "add", "value": 40.0, "where": "all"}]}
+
+
+def test_every_route_answers_while_the_model_loads_once(index_dir, service_store, gated) -> None:
+    """The model loads in a thread: while its load waits on the SAE's weights, /features and /healthz answer, and
+    two first requests wait on that one load (the weights are read as often as one Steerer reads them)."""
+    from conftest import _serve
+    from services.steer import Steerer
+
+    app = gated_service(index_dir, service_store, gated, SteerOptions())
+    for url in _serve(app):
+        assert requests.get(f"{url}/healthz", timeout=10).json()["steering"] == "idle"
+        with ThreadPoolExecutor(2) as pool:
+            first = [pool.submit(requests.get, f"{url}/steer/heads", timeout=120) for _ in range(2)]
+            wait_for(lambda: requests.get(f"{url}/healthz", timeout=10).json()["steering"] == "loading", "loading")
+            for fid in (0, 5, 9):
+                r = requests.get(f"{url}/features/{fid}", timeout=10)
+                assert r.status_code == 200 and r.json()["id"] == fid
+            assert not any(f.done() for f in first), "nothing can finish the load before the weights come"
+            gated.open()
+            heads = [f.result() for f in first]
+        assert [r.status_code for r in heads] == [200, 200] and heads[0].json() == heads[1].json()
+        assert requests.get(f"{url}/healthz", timeout=10).json()["steering"] == "ready"
+    reads = gated.reads
+    Steerer(gated.url, store=str(service_store / "store"))
+    assert reads == gated.reads - reads, "one load for both first requests"
+
+
+def test_requests_past_the_slots_get_429_at_once(index_dir, service_store, gated) -> None:
+    """Two slots, both taken (their requests wait for the load): a third is a 429 with Retry-After; the two are
+    served, and so is the next one."""
+    from conftest import _serve
+
+    app = gated_service(index_dir, service_store, gated, SteerOptions(slots=2, retry_after_s=7))
+    for url in _serve(app):
+        with ThreadPoolExecutor(2) as pool:
+            held = [pool.submit(requests.post, f"{url}/steer", json=BODY, timeout=120) for _ in range(2)]
+            wait_for(lambda: app.state.steering.in_flight == 2, "two requests in their slots")
+            r = requests.post(f"{url}/steer", json=BODY, timeout=10)
+            assert r.status_code == 429 and r.headers["retry-after"] == "7", r.text
+            assert "2 steering requests are in flight" in r.json()["detail"]
+            assert not any(f.done() for f in held)
+            gated.open()
+            served = [f.result() for f in held]
+        assert [r.status_code for r in served] == [200, 200] and served[0].json() == served[1].json()
+        assert app.state.steering.in_flight == 0
+        assert requests.post(f"{url}/steer", json=BODY, timeout=60).json() == served[0].json()
+
+
+def test_a_request_past_its_bound_is_stopped_and_frees_its_slot(steer_api_one_slot) -> None:
+    """One slot; a request waits for the model (another run holds it) past the bound: it is stopped, answered 503,
+    and its slot is free when the answer comes: the next request is served (not 429 or 503)."""
+    url, app = steer_api_one_slot
+    steerer = app.state.steering.loaded
+    with steerer._lock:  # another run has the model
+        r = requests.post(f"{url}/steer", json=BODY, timeout=60)
+        assert r.status_code == 503 and "was stopped" in r.json()["detail"], r.text
+        assert app.state.steering.in_flight == 0
+    r = requests.post(f"{url}/steer", json=BODY, timeout=60)
+    assert r.status_code == 200 and r.json()["edits"] == ["17:add:40@all"], r.text
+
+
+@pytest.fixture(scope="module")
+def steer_api_one_slot(index_dir):
+    """A steering service with one slot and a 3 s bound, its model loaded."""
+    from conftest import _serve
+    from services.api import create_app
+
+    app = create_app(index_dir, steer_heads=("model",), steer_options=SteerOptions(timeout_s=3.0, slots=1))
+    for url in _serve(app):
+        assert requests.get(f"{url}/steer/heads", timeout=120).json()["slots"] == 1
+        yield url, app
+
+
+@pytest.mark.parametrize("flag, value, words", [("--steer-slots", "0", "steer_slots must be an integer >= 1"),
+                                                ("--steer-retry-after", "-1", "steer_retry_after must be"),
+                                                ("--steer-device", "gpu", "steer_device must be auto, cpu"),
+                                                ("--steer-timeout", "0", "steer_timeout must be > 0")])
+def test_serve_steer_options_are_checked(index_dir, capsys, flag, value, words) -> None:
+    from actstore_cli import main
+
+    assert main(["serve", "--index", str(index_dir), "--steer", "model", flag, value]) == 1
+    err = capsys.readouterr().err
+    assert words in err and len(err.strip().splitlines()) == 1

@@ -1,6 +1,7 @@
 """A LLaVA as an `hf:` backbone: its layers are the vision tower's own hidden states (random weights rebuilt from the
-record, or the folder's), its pixels are the VLM processor's, its answers are the VLM's samples (the same for a
-seed), and an intervention on the tower's layers acts on them (zeroing changes them, the identity does not)."""
+record, or the folder's, in the checkpoint's dtype), its pixels are the VLM processor's, its answers are the VLM's
+samples (the same for a seed, stoppable at any token), and an intervention on the tower's layers acts on them
+(zeroing changes them, the identity does not). Steering refuses edits the language model cannot see."""
 
 from __future__ import annotations
 
@@ -194,13 +195,27 @@ def test_errors_are_one_line(folders: dict[str, str], tmp_path: Path) -> None:
 
 @pytest.fixture(scope="module")
 def vlm_store(ray_local, folders: dict[str, str], tmp_path_factory) -> tuple[Path, object]:
-    """4 generated images through the tiny CLIP LLaVA's tower (float32), its feature layer."""
+    """4 generated images through the tiny CLIP LLaVA's tower (float32): its layers 0, 1 (the feature layer) and 2."""
     tmp_path = tmp_path_factory.mktemp("vlm-store")
     generate_dataset(str(tmp_path / "images"), 4, seed=2, image_size=64)
     result = run_extract(ExtractConfig(images=str(tmp_path / "images"), model=f"hf:{folders['clip']}",
-                                       out=str(tmp_path / "store"), layers=(FEATURE_LAYER,), batch_size=4,
+                                       out=str(tmp_path / "store"), layers=(0, FEATURE_LAYER, -1), batch_size=4,
                                        images_per_shard=4, dtype="float32"), progress=False)
     return tmp_path, result
+
+
+def sae_on(store_dir: Path, layer: str) -> str:
+    """A random TopK SAE (d_sae 64, k 4) behind the store's normalization of `layer`, saved beside the store."""
+    from actstore.loader import Normalization
+    from sae import SAEConfig, SparseAutoencoder, checkpoint
+
+    out = store_dir.parent / f"sae-{layer}"
+    if not (out / "cfg.json").exists():
+        store = ActivationStore(str(store_dir))
+        norm = Normalization.from_stats(store.stats(layer, "patches"), layer, "patches")
+        sae = SparseAutoencoder(SAEConfig(d_in=store.layer(layer).d, d_sae=64, kind="topk", k=4, init_seed=1))
+        checkpoint.save(sae, str(out), normalization=norm, extra={"store": str(store_dir), "layer": layer})
+    return str(out)
 
 
 def test_extraction_into_a_store(vlm_store, folders: dict[str, str]) -> None:
@@ -210,7 +225,8 @@ def test_extraction_into_a_store(vlm_store, folders: dict[str, str]) -> None:
     store = ActivationStore(str(tmp_path / "store"))
     record = store.spec.backbone
     assert (record["family"], record["model_class"], record["init_seed"]) == ("hf", "LlavaForConditionalGeneration", 0)
-    assert store.spec.layers[0].tokens.cls and store.spec.layers[0].tokens.grid == (4, 4)
+    assert [layer.name for layer in store.spec.layers] == ["0", "1", "2"]
+    assert all(layer.tokens.cls and layer.tokens.grid == (4, 4) for layer in store.spec.layers)
     backbone = load_backbone(BackboneConfig(model, layers=(FEATURE_LAYER,)))
     uris = store.images().column("uri").to_pylist()
     x = torch.stack([backbone.preprocessor(Image.open(u)) for u in uris])
@@ -220,18 +236,12 @@ def test_extraction_into_a_store(vlm_store, folders: dict[str, str]) -> None:
 
 def test_steering_the_vlm_through_an_sae(vlm_store, folders: dict[str, str]) -> None:
     """`actstore steer --head vlm`: no edit gives the VLM's own answers; strong edits in the tower change them."""
-    from actstore.loader import Normalization
-    from sae import SAEConfig, SparseAutoencoder, checkpoint
     from services.steer import SteerConfig, run_steer
 
     tmp_path, _ = vlm_store
     store = ActivationStore(str(tmp_path / "store"))
-    layer = store.spec.layers[0]
-    norm = Normalization.from_stats(store.stats(layer.name, "patches"), layer.name, "patches")
-    sae = SparseAutoencoder(SAEConfig(d_in=layer.d, d_sae=64, kind="topk", k=4, init_seed=1))
-    checkpoint.save(sae, str(tmp_path / "sae"), normalization=norm,
-                    extra={"store": str(tmp_path / "store"), "layer": layer.name})
-    base = dict(sae=str(tmp_path / "sae"), image="1", head=f"vlm:{folders['clip']}", prompt=PROMPT, max_new_tokens=6)
+    base = dict(sae=sae_on(tmp_path / "store", "1"), image="1", head=f"vlm:{folders['clip']}", prompt=PROMPT,
+                max_new_tokens=6)
     clean = run_steer(SteerConfig(**base))
     assert clean["kind"] == "vlm" and len(clean["before"]["responses"]) == 5
     assert clean["after"] == clean["before"]
@@ -244,3 +254,100 @@ def test_steering_the_vlm_through_an_sae(vlm_store, folders: dict[str, str]) -> 
         run_steer(SteerConfig(**{**base, "prompt": None}))
     with pytest.raises(ConfigError, match="a vlm head runs that same model"):
         run_steer(SteerConfig(**{**base, "head": "vlm:llava-hf/llava-1.5-7b-hf"}))
+
+
+def test_generation_stops_at_the_next_token_once_asked(folders: dict[str, str]) -> None:
+    """`stop` is asked after every generated token: true on its third call, three tokens were generated."""
+    backbone = load_backbone(BackboneConfig(f"hf:{folders['clip']}", layers=(FEATURE_LAYER,)))
+    x = image(backbone)
+    asked: list[int] = []
+    responses(backbone, x, PROMPT, n=2, max_new_tokens=40, stop=lambda: asked.append(1) or len(asked) >= 3)
+    assert len(asked) == 3
+    never: list[int] = []
+    answers = responses(backbone, x, PROMPT, n=2, max_new_tokens=40, stop=lambda: never.append(1) and False)
+    assert len(never) > 3 and answers == responses(backbone, x, PROMPT, n=2, max_new_tokens=40)
+
+
+def test_a_cancelled_vlm_run_stops_at_its_next_token(vlm_store) -> None:
+    """The steering service's time bound as the Steerer sees it: a cancel set while the language model makes its
+    third token ends the generation there (three forward passes of the language model), and the run raises."""
+    import threading
+
+    from services.steer import Steerer
+    from services.steer.run import Cancelled
+
+    tmp_path, _ = vlm_store
+    s = Steerer(sae_on(tmp_path / "store", "1"))
+    head, x = s.head("vlm"), s.image(1)
+    cancel, tokens = threading.Event(), []
+
+    def made_a_token(*_: object) -> None:
+        tokens.append(1)
+        if len(tokens) == 3:
+            cancel.set()
+
+    handle = s.model.backbone.vlm.model.language_model.register_forward_hook(made_a_token)
+    try:
+        with pytest.raises(Cancelled):
+            s.steer(x, [], head, cancel=cancel, prompt=PROMPT, n=2, max_new_tokens=40)
+        assert len(tokens) == 3
+        tokens.clear()
+        out = s.steer(x, [], head, cancel=threading.Event(), prompt=PROMPT, n=2, max_new_tokens=40)
+    finally:
+        handle.remove()
+    assert len(tokens) > 6 and len(out["after"]["responses"]) == 2
+
+
+def test_the_vlm_head_refuses_edits_the_language_model_cannot_see(vlm_store, capsys) -> None:
+    """The tiny CLIP LLaVA's language model reads the tower's layer 1 (vision_feature_layer -2) without its CLS
+    (vision_feature_select_strategy "default"): an SAE on layer 2, or CLS-only edits at layer 1, are refused in one
+    line before any work; and indeed they leave the VLM's next-token logits exactly as they were, where an edit of
+    the patches at layer 1, or of CLS at layer 0 (the tower's attention carries it on), changes them."""
+    from actstore_cli import main
+    from sae.edits import FeatureEdit, edit_fn
+    from sae.splice import splice
+    from services.steer import Steerer
+
+    tmp_path, _ = vlm_store
+    steerers = {layer: Steerer(sae_on(tmp_path / "store", layer)) for layer in ("0", "1", "2")}
+    with pytest.raises(ConfigError, match=r"^the SAE's layer 2 comes after layer 1, the last the language model reads "
+                                          r"\(vision_feature_layer -2\): edits there cannot change its answers"):
+        steerers["2"].head("vlm")
+    s = steerers["1"]
+    for edits in (["3:add:30@cls"], ["4:add:30@all", "3:add:30@cls"]):
+        with pytest.raises(ConfigError, match=r"^edit 3:add:30@cls: the language model never sees the CLS token at "
+                                              r"layer 1 \(its projector drops the first token there"):
+            s.steer(s.image(1), s.edits(edits), s.head("vlm"), prompt=PROMPT)
+    steerers["0"].head("vlm").check(steerers["0"].edits(["3:add:30@cls"]))  # accepted: it reaches the patches
+    assert main(["steer", "--sae", sae_on(tmp_path / "store", "2"), "--image", "1", "--head", "vlm",
+                 "--prompt", PROMPT]) == 1
+    err = capsys.readouterr().err
+    assert "layer 2 comes after layer 1" in err and len(err.strip().splitlines()) == 1
+
+    def logits(layer: str, where: str) -> torch.Tensor:
+        m = steerers[layer].model
+        edit = edit_fn([FeatureEdit(3, "add", 30.0, where)], m.spec.tokens, m.tokens)
+        with splice(m.backbone, m.sae, m.norm, layer=m.layer, tokens="all", mode="error", edit=edit):
+            return first_token_logits(m.backbone, x)
+
+    x = s.image(1)
+    clean = first_token_logits(s.model.backbone, x)
+    assert torch.equal(logits("2", "all"), clean) and torch.equal(logits("1", "cls"), clean)
+    assert not torch.equal(logits("1", "all"), clean) and not torch.equal(logits("0", "cls"), clean)
+
+
+def test_a_vlm_checkpoint_loads_in_its_own_dtype(folders: dict[str, str], tmp_path: Path) -> None:
+    """A bfloat16 checkpoint (hub id or folder: "hub" weights) stays bfloat16 (float32 would double a 7B VLM's
+    memory); its tower's tokens are its own hidden states; random weights stay float32."""
+    saved = transformers.LlavaForConditionalGeneration.from_pretrained(folders["clip"]).to(torch.bfloat16)
+    saved.save_pretrained(tmp_path / "bf16")
+    transformers.AutoProcessor.from_pretrained(folders["clip"]).save_pretrained(tmp_path / "bf16")
+    backbone = load_backbone(BackboneConfig(f"hf:{tmp_path / 'bf16'}", layers=(FEATURE_LAYER,), pretrained="hub"))
+    assert {p.dtype for p in backbone.vlm.parameters()} == {torch.bfloat16}
+    x = image(backbone)
+    with torch.no_grad():
+        ref = saved.model.vision_tower(pixel_values=backbone.normalize(x), output_hidden_states=True)
+    assert torch.equal(backbone(x)["1"], ref.hidden_states[2])
+    assert len(responses(backbone, x, PROMPT, n=2, max_new_tokens=4)) == 2
+    drawn = load_backbone(BackboneConfig(f"hf:{tmp_path / 'bf16'}", layers=(FEATURE_LAYER,)))
+    assert {p.dtype for p in drawn.vlm.parameters()} == {torch.float32}

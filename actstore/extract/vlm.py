@@ -10,10 +10,15 @@ intervention, an SAE spliced in) acts on the answers:
 
 The image goes in as `backbone.normalize(images)`, the pixels extraction and splicing see; the prompt is written
 with the source's processor (its chat template where it has one) and the answers are sampled by the VLM's own
-`generate` (its generation config, with sampling on at the given temperature).
+`generate` (its generation config, with sampling on at the given temperature). `stop`, a function of no arguments
+that generate asks after every token, ends the generation early when it returns true (the steering service's time
+bound): the answers are then cut short.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -45,11 +50,25 @@ def _check(backbone: Backbone, images: Tensor, prompt: str, n: int, temperature:
                           f"preprocessor makes it, got {images.dtype} {tuple(images.shape)}")
 
 
+def _stopping(stop: Callable[[], bool] | None) -> dict[str, Any]:
+    """generate's stopping_criteria for `stop` (asked once per generated token, for all sequences at once)."""
+    if stop is None:
+        return {}
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    class Stop(StoppingCriteria):
+        def __call__(self, input_ids: Tensor, scores: Tensor, **kwargs: Any) -> Tensor:
+            return torch.full((input_ids.shape[0],), bool(stop()), dtype=torch.bool, device=input_ids.device)
+
+    return {"stopping_criteria": StoppingCriteriaList([Stop()])}
+
+
 def responses(backbone: Backbone, images: Tensor, prompt: str, *, n: int = 5, temperature: float = 0.7, seed: int = 0,
-              max_new_tokens: int = 24) -> list[str]:
+              max_new_tokens: int = 24, stop: Callable[[], bool] | None = None) -> list[str]:
     """The VLM's `n` sampled answers to `prompt` about the image (uint8 (1, 3, H, W), as `backbone.preprocessor`
     makes it), without the prompt and special tokens. The same seed gives the same answers (the caller's RNG is
-    left as it was); the interventions open on `backbone` act on them."""
+    left as it was); the interventions open on `backbone` act on them. `stop()` true ends generation at the next
+    token."""
     _check(backbone, images, prompt, n, temperature, max_new_tokens)
     processor, vlm = backbone.processor, backbone.vlm
     if processor.chat_template:
@@ -69,6 +88,6 @@ def responses(backbone: Backbone, images: Tensor, prompt: str, *, n: int = 5, te
         torch.manual_seed(seed)
         out = vlm.generate(input_ids=tokens["input_ids"].to(device), attention_mask=tokens["attention_mask"].to(device),
                            pixel_values=backbone.normalize(images), do_sample=True, temperature=float(temperature),
-                           max_new_tokens=max_new_tokens, num_return_sequences=n, **pad)
+                           max_new_tokens=max_new_tokens, num_return_sequences=n, **pad, **_stopping(stop))
     answers = processor.batch_decode(out[:, tokens["input_ids"].shape[1]:], skip_special_tokens=True)
     return [a.strip() for a in answers]

@@ -1,5 +1,5 @@
 """`create_app`: the service over one index folder (and optionally a comparison), wired from its parts (readers,
-routes, error handlers)."""
+routes, error handlers). With a token, the API's schema and docs (/openapi.json, /docs, /redoc) are behind it too."""
 
 from __future__ import annotations
 
@@ -8,16 +8,18 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from fastapi import FastAPI
-from fastapi.responses import FileResponse
+from fastapi import Depends, FastAPI
+from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 
-from services.api.deps import secured
+from actstore.config import redact
+from services.api.deps import BearerAuth, secured
 from services.api.errors import add_error_handlers
 from services.api.matches import MatchReader
 from services.api.reader import IndexReader
 from services.api.routes import atlas, features, images, stats, steer
-from services.api.steering import BodyLimit, Steering
+from services.api.steering import BodyLimit, SteerOptions, Steering
 
 __all__ = ["STATIC", "TOKEN_ENV", "create_app"]
 
@@ -28,21 +30,24 @@ STATIC = Path(__file__).parents[1] / "static"
 
 
 def create_app(index: str | Path, token: str | None = None, storage_options: dict[str, Any] | None = None,
-               compare: str | Path | None = None, steer_heads: Sequence[str] = (), steer_timeout: float = 30.0
-               ) -> FastAPI:
-    """The service over the index folder at `index`; `token` (or $ACTSTORE_TOKEN) protects the API routes.
-    `compare`: a comparison folder (from `actstore compare`) one of whose sides is this index, for the
+               compare: str | Path | None = None, steer_heads: Sequence[str] = (),
+               steer_options: SteerOptions | None = None) -> FastAPI:
+    """The service over the index folder at `index`; `token` (or $ACTSTORE_TOKEN) protects the API routes and their
+    docs. `compare`: a comparison folder (from `actstore compare`) one of whose sides is this index, for the
     features' matches in the other SAE. `steer_heads`: the heads POST /steer may read out (services.steer.heads;
-    none: no steering), each request bounded by `steer_timeout` seconds."""
+    none: no steering), with `steer_options`' device, slots and time bound."""
     reader = IndexReader(index, storage_options)
     matches = MatchReader(compare, reader, storage_options) if compare else None
     steering = Steering(reader.meta["sae"], reader.meta["store"], steer_heads, storage_options,
-                        steer_timeout) if steer_heads else None
+                        steer_options) if steer_heads else None
     token = token or os.environ.get(TOKEN_ENV) or None
-    app = FastAPI(title="actstore feature service", version="1",
-                  description=f"SAE features of layer {reader.meta['layer']} of {reader.meta['store']}.")
+    docs = {"openapi_url": None, "docs_url": None, "redoc_url": None} if token else {}
+    app = FastAPI(title="actstore feature service", version="1", **docs,
+                  description=f"SAE features of layer {reader.meta['layer']} of {redact(reader.meta['store'])}.")
     app.state.reader, app.state.matches, app.state.steering = reader, matches, steering
     add_error_handlers(app)
+    if token:
+        _docs_behind(app, token)
     api = secured(token)
     for router in (stats.health_router(), features.router(**api), images.router(**api), stats.router(**api),
                    atlas.router(**api), steer.router(**api)):
@@ -58,3 +63,20 @@ def create_app(index: str | Path, token: str | None = None, storage_options: dic
         app.mount("/static", StaticFiles(directory=STATIC), name="static")
     app.add_middleware(BodyLimit)
     return app
+
+
+def _docs_behind(app: FastAPI, token: str) -> None:
+    """FastAPI's /openapi.json, /docs and /redoc, behind the bearer token (they name the store and every route)."""
+    guard = [Depends(BearerAuth(token))]
+
+    async def read_openapi() -> JSONResponse:
+        return JSONResponse(app.openapi())
+
+    async def read_docs() -> HTMLResponse:
+        return get_swagger_ui_html(openapi_url="/openapi.json", title=f"{app.title} - Swagger UI")
+
+    async def read_redoc() -> HTMLResponse:
+        return get_redoc_html(openapi_url="/openapi.json", title=f"{app.title} - ReDoc")
+
+    for path, endpoint in (("/openapi.json", read_openapi), ("/docs", read_docs), ("/redoc", read_redoc)):
+        app.add_api_route(path, endpoint, include_in_schema=False, dependencies=guard)

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from actstore.errors import ConfigError
+from services.api.steering import SteerOptions
 
 
 @dataclass(frozen=True)
@@ -38,7 +39,16 @@ class ServeConfig:
     """Heads the steering dashboards and POST /steer may read out: model, zeroshot[:FILE], probe:DIR, vlm (the index's
     SAE is spliced into its store's backbone, loaded on the first steering request); none: no steering."""
     steer_timeout: float = 30.0
-    """Seconds a steering request may take (503 past it)."""
+    """Seconds a steering request may take, the model's loading included; past it the request is stopped (at its
+    next pass, or a VLM's next token) and answered 503."""
+    steer_device: str = "auto"
+    """Where the steering model runs: auto (cuda when present, else cpu), cpu, cuda, cuda:N; each worker loads its
+    own copy (a VLM in its checkpoint's dtype)."""
+    steer_slots: int = 2
+    """Steering requests in flight per worker at most (one runs, the others wait for the model); one more is
+    answered 429 at once, with Retry-After."""
+    steer_retry_after: int = 2
+    """Seconds the 429's Retry-After asks a client to wait."""
     storage_options: Mapping[str, Any] = field(default_factory=dict)
     """fsspec options for reading the dataset's images."""
 
@@ -47,7 +57,10 @@ class ServeConfig:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         object.__setattr__(self, "steer", tuple(self.steer))
-        if not self.steer_timeout > 0:
-            raise ConfigError(f"steer_timeout must be > 0, got {self.steer_timeout}")
+        self.steer_options()
         if not 0 <= self.port < 65536:
             raise ConfigError(f"port must be in [0, 65536), got {self.port}")
+
+    def steer_options(self) -> SteerOptions:
+        """The --steer-* settings (checked)."""
+        return SteerOptions(self.steer_timeout, self.steer_device, self.steer_slots, self.steer_retry_after)

@@ -11,10 +11,11 @@ import secrets
 from dataclasses import dataclass
 from typing import Annotated, Any
 
-from fastapi import Depends, HTTPException, Request
+from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from actstore.errors import NotFoundError
+from services.api.errors import Unauthorized
 from services.api.matches import MatchReader
 from services.api.reader import IndexReader
 from services.api.steering import NO_STEERING, Steering
@@ -48,14 +49,14 @@ def steering_of(request: Request) -> Steering:
 
 @dataclass(frozen=True)
 class BearerAuth:
-    """Requires `Authorization: Bearer <token>` (compared in constant time); 401 otherwise."""
+    """Requires `Authorization: Bearer <token>` (compared in constant time); 401 otherwise (errors.Unauthorized)."""
 
     token: str
 
     async def __call__(self, creds: Annotated[HTTPAuthorizationCredentials | None,
                                               Depends(HTTPBearer(auto_error=False))]) -> None:
         if creds is None or not secrets.compare_digest(creds.credentials.encode(), self.token.encode()):
-            raise HTTPException(401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"})
+            raise Unauthorized("missing or wrong bearer token")
 
 
 def secured(token: str | None) -> dict[str, Any]:

@@ -83,6 +83,8 @@ class Health(BaseModel):
     n_images: int
     k: int
     grid: list[int]
+    steering: Literal["idle", "loading", "ready", "failed"] | None = None
+    """The steering model's state (null: this service does not steer); "failed": the next request loads again."""
 
 
 class Atlas(BaseModel):
@@ -208,6 +210,10 @@ class SteerHeads(BaseModel):
     tokens: str
     max_edits: int
     timeout_s: float
+    slots: int
+    """Steering requests one worker takes on at once (one more: 429)."""
+    device: str
+    """Where the model steers (cpu, cuda...)."""
 
 
 class PatchFeature(BaseModel):

@@ -2,30 +2,64 @@
 backbone (services.steer.Steerer), loaded on first use, with the heads `actstore serve --steer` named.
 
 Requests are bounded: a body of at most MAX_BODY bytes (BodyLimit), an image of the served store by index, at most
-64 edits (services.api.schemas), patch indices inside the grid (checked by sae.edits), and a time bound per request (the steered
-forward runs in a worker thread; past the bound the client gets a 503 and the run's result is dropped). Steered
-forward passes run one at a time (a splice is a hook on the shared model).
+64 edits (services.api.schemas), patch indices inside the grid (checked by sae.edits), and in time and number:
+
+- slots: at most `SteerOptions.slots` steering requests are in flight in a worker (running, or waiting for the model,
+  which steers one request at a time: a splice is a hook on the shared model); one more is refused at once with a 429
+  and `Retry-After: SteerOptions.retry_after_s`, so a burst never builds a queue that later requests wait behind;
+- time: a request past `SteerOptions.timeout_s` is stopped where it stands (between the before and after passes,
+  while it waits for the model, at a VLM's next generated token) and answered 503 once it has stopped, so its slot
+  is free again when the client hears of it;
+- the event loop never runs torch: the model and the heads load in a thread (once: concurrent first requests wait on
+  that one load, and other routes keep answering meanwhile), and each request steers in a thread of its own.
 """
 
 from __future__ import annotations
 
 import asyncio
+import re
 import threading
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass
 from typing import Any
 
-from actstore.errors import ActstoreError, ConfigError, NotFoundError
+from actstore.errors import ConfigError, NotFoundError
+from services.api.errors import SteeringBusy, SteeringTimeout
 from services.api.schemas import MAX_EDITS
 
-__all__ = ["MAX_BODY", "NO_STEERING", "BodyLimit", "Steering", "SteeringTimeout", "head_name"]
+__all__ = ["MAX_BODY", "NO_STEERING", "BodyLimit", "SteerOptions", "Steering", "head_name"]
 
 MAX_BODY = 1 << 20
 """Bytes of a POST /steer body at most (64 edits of a few thousand patch indices fit well inside)."""
 NO_STEERING = "this service does not steer: start it with --steer HEAD (model, zeroshot[:FILE], probe:DIR, vlm)"
+_DEVICE = re.compile(r"auto|cpu|(cuda|mps|xpu)(:\d+)?")
 
 
-class SteeringTimeout(ActstoreError, TimeoutError):
-    """A steering request ran past the service's time bound (503)."""
+@dataclass(frozen=True)
+class SteerOptions:
+    """How one worker steers: where the model runs, how many requests it takes on, how long each may take."""
+
+    timeout_s: float = 30.0
+    """Seconds a steering request may take, model loading included; past it the request is stopped and answered 503."""
+    device: str = "auto"
+    """Where the backbone, the SAE and the heads run: auto (cuda when present, else cpu), cpu, cuda, cuda:N..."""
+    slots: int = 2
+    """Steering requests in flight per worker at most (one runs, the others wait for the model); one more gets a
+    429 at once."""
+    retry_after_s: int = 2
+    """The Retry-After (seconds) of that 429."""
+
+    def __post_init__(self) -> None:
+        if not self.timeout_s > 0:
+            raise ConfigError(f"steer_timeout must be > 0, got {self.timeout_s}")
+        if isinstance(self.slots, bool) or not isinstance(self.slots, int) or self.slots < 1:
+            raise ConfigError(f"steer_slots must be an integer >= 1, got {self.slots!r}")
+        if isinstance(self.retry_after_s, bool) or not isinstance(self.retry_after_s, int) or self.retry_after_s < 0:
+            raise ConfigError(f"steer_retry_after must be an integer >= 0 (seconds), got {self.retry_after_s!r}")
+        if not _DEVICE.fullmatch(self.device):
+            raise ConfigError(f"steer_device must be auto, cpu, cuda, cuda:N, mps or xpu, got {self.device!r}")
 
 
 def head_name(spec: str) -> str:
@@ -34,74 +68,171 @@ def head_name(spec: str) -> str:
     return f"probe:{arg.rstrip('/').rsplit('/', 1)[-1]}" if kind == "probe" else kind
 
 
+def _device(device: str) -> str:
+    """`device`, with auto resolved; a CUDA device where torch sees none is a one-line error."""
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"--steer-device {device}: torch sees no CUDA device here; use cpu or auto")
+    return device
+
+
+def _in_thread(fn: Callable[..., Any], *args: Any) -> Future:
+    """fn(*args) in a daemon thread of its own (a stuck one never holds up the process's exit)."""
+    done: Future = Future()
+
+    def run() -> None:
+        done.set_running_or_notify_cancel()
+        try:
+            done.set_result(fn(*args))
+        except BaseException as e:  # noqa: BLE001 - handed to the awaiting request
+            done.set_exception(e)
+
+    threading.Thread(target=run, daemon=True, name=f"steer-{fn.__name__}").start()
+    return done
+
+
+@dataclass(frozen=True)
+class _Loaded:
+    steerer: Any
+    """services.steer.Steerer"""
+    heads: dict[str, Any]
+    """The served heads by name (services.steer.heads)."""
+
+
 class Steering:
-    """The steering state of one app: which heads, and the Steerer (built on first use, once)."""
+    """The steering state of one app (one worker): which heads, the model (loaded on first use, once), the slots."""
 
     def __init__(self, sae: str, store: str, heads: Sequence[str], storage_options: dict[str, Any] | None = None,
-                 timeout_s: float = 30.0, device: str = "cpu") -> None:
-        self.sae, self.store, self.device = sae, store, device
+                 options: SteerOptions | None = None) -> None:
+        self.sae, self.store = sae, store
         self.storage_options = dict(storage_options or {})
-        self.timeout_s = timeout_s
+        self.options = options or SteerOptions()
         self.specs: dict[str, str] = {}
         for spec in heads:
             name = head_name(spec)
             if name in self.specs:
                 raise ConfigError(f"--steer names two heads called {name!r}")
             self.specs[name] = spec
-        self._steerer: Any = None
-        self._lock = threading.Lock()
+        self._slots = threading.BoundedSemaphore(self.options.slots)
+        self._in_flight = 0
+        self._count = threading.Lock()
+        self._loading: Future | None = None
+        self._load_lock = threading.Lock()
 
-    def steerer(self) -> Any:
-        """The Steerer (torch, the backbone and the SAE load on the first call)."""
-        with self._lock:
-            if self._steerer is None:
-                from services.steer import Steerer
+    @property
+    def in_flight(self) -> int:
+        """Steering requests holding a slot now."""
+        return self._in_flight
 
-                self._steerer = Steerer(self.sae, self.store, self.device, self.storage_options)
-            return self._steerer
+    @property
+    def state(self) -> str:
+        """The model's: idle (not asked for yet), loading, ready, or failed (the next request loads it again)."""
+        done = self._loading
+        if done is None:
+            return "idle"
+        if not done.done():
+            return "loading"
+        return "failed" if done.exception() is not None else "ready"
 
-    def head(self, name: str) -> Any:
-        if name not in self.specs:
-            raise NotFoundError(f"head {name!r} is not served here; heads: {', '.join(self.specs)}")
-        return self.steerer().head(self.specs[name])
+    @property
+    def loaded(self) -> Any:
+        """The Steerer once ready, else None (nothing is started)."""
+        return self._loading.result().steerer if self.state == "ready" else None
 
-    def heads(self) -> dict[str, Any]:
+    def _load(self) -> _Loaded:
+        from services.steer import Steerer
+
+        steerer = Steerer(self.sae, self.store, _device(self.options.device), self.storage_options)
+        return _Loaded(steerer, {name: steerer.head(spec) for name, spec in self.specs.items()})
+
+    async def _model(self, deadline: float) -> _Loaded:
+        """The loaded model and heads; the first call starts the one load (a failed load is retried by the next
+        call), every call waits for it off the event loop, until `deadline` (time.monotonic())."""
+        with self._load_lock:
+            if self._loading is None or self._loading.done() and self._loading.exception() is not None:
+                self._loading = _in_thread(self._load)
+            loading = self._loading
+        try:
+            return await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(loading)), deadline - time.monotonic())
+        except TimeoutError:
+            raise SteeringTimeout(f"the steering model is still loading after {self.options.timeout_s:g} s; "
+                                  "try again shortly") from None
+
+    def _deadline(self) -> float:
+        return time.monotonic() + self.options.timeout_s
+
+    async def heads(self) -> dict[str, Any]:
         """What the dashboards need: each head's kind and classes, the grid, the SAE's width, the limits."""
-        s = self.steerer()
-        heads = []
-        for name in self.specs:
-            h = self.head(name)
-            heads.append({"name": name, "kind": h.kind, "classes": h.classes})
-        layout = s.layout
-        return {"heads": heads, "grid": list(layout.grid), "cls": bool(layout.cls), "d_sae": s.model.sae.cfg.d_sae,
+        loaded = await self._model(self._deadline())
+        s = loaded.steerer
+        heads = [{"name": name, "kind": h.kind, "classes": h.classes} for name, h in loaded.heads.items()]
+        return {"heads": heads, "grid": list(s.layout.grid), "cls": bool(s.layout.cls), "d_sae": s.model.sae.cfg.d_sae,
                 "layer": s.model.layer, "tokens": s.model.tokens, "max_edits": MAX_EDITS,
-                "timeout_s": self.timeout_s}
+                "timeout_s": self.options.timeout_s, "slots": self.options.slots, "device": str(s.device)}
 
-    def _steer(self, body: dict[str, Any]) -> dict[str, Any]:
+    def _take_slot(self) -> None:
+        if not self._slots.acquire(blocking=False):
+            raise SteeringBusy(f"{self.options.slots} steering requests are in flight in this worker; retry in "
+                               f"{self.options.retry_after_s} s", self.options.retry_after_s)
+        with self._count:
+            self._in_flight += 1
+
+    def _free_slot(self, *_: Any) -> None:
+        with self._count:
+            self._in_flight -= 1
+        self._slots.release()
+
+    @staticmethod
+    def _steer(loaded: _Loaded, body: dict[str, Any], cancel: threading.Event) -> dict[str, Any]:
         from sae.edits import FeatureEdit
 
-        s = self.steerer()
-        head = self.head(body["head"])
+        s, head = loaded.steerer, loaded.heads[body["head"]]
         edits = s.edits([FeatureEdit(e["feature"], e["op"], e["value"], e["where"] if isinstance(e["where"], str)
                                      else tuple(e["where"])) for e in body["edits"]])
         images = s.image(int(body["image"]))
-        out = s.steer(images, edits, head, prompt=body.get("prompt"), n=body.get("responses", 5),
+        out = s.steer(images, edits, head, cancel=cancel, prompt=body.get("prompt"), n=body.get("responses", 5),
                       temperature=body.get("temperature", 0.7), seed=body.get("seed", 0),
                       max_new_tokens=body.get("max_new_tokens", 24))
         return {"image": body["image"], "head": body["head"], "kind": head.kind,
                 "classes": head.classes, "edits": [str(e) for e in edits], **out}
 
     async def steer(self, body: dict[str, Any]) -> dict[str, Any]:
-        """The before/after of one request, within the time bound."""
+        """The before/after of one request: a slot (else a 429 at once), then the run within the time bound (else
+        it is stopped, and once it has stopped, a 503)."""
+        if body["head"] not in self.specs:
+            raise NotFoundError(f"head {body['head']!r} is not served here; heads: {', '.join(self.specs)}")
+        deadline = self._deadline()
+        self._take_slot()
+        cancel = threading.Event()
         try:
-            return await asyncio.wait_for(asyncio.to_thread(self._steer, body), self.timeout_s)
+            loaded = await self._model(deadline)
+            job = _in_thread(self._steer, loaded, body, cancel)
+        except BaseException:
+            self._free_slot()
+            raise
+        job.add_done_callback(self._free_slot)  # before the request hears: the slot is free when it does
+        waiter = asyncio.wrap_future(job)
+        try:
+            return await asyncio.wait_for(asyncio.shield(waiter), deadline - time.monotonic())
         except TimeoutError:
-            raise SteeringTimeout(f"steering took longer than {self.timeout_s:g} s; try fewer edits or later") \
-                from None
+            from services.steer.run import Cancelled  # torch is imported by now: the model has loaded
+
+            cancel.set()
+            await asyncio.wait([waiter])  # it stops at its next pass, token or wait for the model
+            if not isinstance(waiter.exception(), Cancelled):
+                return waiter.result()  # it finished (or failed) before it saw the cancel
+            raise SteeringTimeout(f"steering took longer than {self.options.timeout_s:g} s and was stopped; try "
+                                  "fewer edits, fewer or shorter answers, or later") from None
+        except asyncio.CancelledError:  # the server is going away: stop the work too
+            cancel.set()
+            raise
 
     async def patch_features(self, image: int, patch: int) -> dict[str, Any]:
-        s = await asyncio.to_thread(self.steerer)
-        found = await asyncio.to_thread(s.patch_features, image, patch)
+        loaded = await self._model(self._deadline())
+        found = await asyncio.to_thread(loaded.steerer.patch_features, image, patch)
         return {"image": image, "patch": patch, "features": [{"feature": f, "value": v} for f, v in found]}
 
 

@@ -1,6 +1,7 @@
 // Feature browser: plain JS over the services.api JSON endpoints (see services/api/routes/).
-// The URL fragment carries the state that a link should keep: #feature=ID&atlas=umap|pca&token=SECRET;
-// #steer?... is the steering page (steer.js, loaded first).
+// The URL fragment carries the state that a link should keep: #feature=ID&atlas=umap|pca; #steer?... is the
+// steering page (steer.js, loaded first). The bearer token never goes into a URL (history, shared links): a 401
+// opens a small form, and the token entered there is kept in this tab's sessionStorage (TOKEN_KEY).
 // What was drawn is marked in the DOM (data-* attributes), so a DOM dump shows what the page painted.
 "use strict";
 
@@ -12,6 +13,7 @@ const MATCH_SIZE = 112;          // px of the thumbnails in the matches panel
 const MATCH_K = 6;               // top images per feature in the matches panel
 const ATLAS_DEAD = "#c4c8cf";    // atlas colour of features that never fired
 const VIRIDIS = [[68, 1, 84], [59, 82, 139], [33, 145, 140], [94, 201, 98], [253, 231, 37]];  // low -> high density
+const TOKEN_KEY = "actstore-token";   // sessionStorage key of the bearer token (this tab only)
 
 const $ = (sel) => document.querySelector(sel);
 const state = {
@@ -30,14 +32,40 @@ function headers() {
   return state.token ? { Authorization: `Bearer ${state.token}` } : {};
 }
 
+// A 401 for the token `sent`: the token form, saying whether a token was refused or none is known yet (a 401 for a
+// token replaced meanwhile is old news).
+function askToken(sent) {
+  if (sent !== state.token) return;
+  $("#auth-hint").textContent = state.token ? "The service refused this token; enter the right one."
+    : "This service needs its bearer token.";
+  $("#auth").hidden = false;
+}
+
+// The token from the form: into this tab's sessionStorage, then everything shown is fetched again with it.
+function useToken(token) {
+  state.token = token || null;
+  if (state.token) sessionStorage.setItem(TOKEN_KEY, state.token);
+  else sessionStorage.removeItem(TOKEN_KEY);
+  $("#auth").hidden = true;
+  showError(null);
+  state.featureId = null;
+  loadList();
+  loadHistogram();
+  loadAtlas();
+  onHash();
+}
+
 // The response, or null for a 404 of an `optional` resource (an atlas or a comparison the service lacks).
 async function request(path, optional = false) {
-  const resp = await fetch(path, { headers: headers() });
+  const sent = state.token, resp = await fetch(path, { headers: headers() });
+  if (resp.status === 401) askToken(sent);
   if (optional && resp.status === 404) return null;
   if (!resp.ok) {
     let detail = resp.statusText;
     try { detail = (await resp.json()).detail ?? detail; } catch (_) { /* not JSON */ }
-    throw new Error(`${resp.status} ${typeof detail === "string" ? detail : JSON.stringify(detail)} (${path})`);
+    const err = new Error(`${resp.status} ${typeof detail === "string" ? detail : JSON.stringify(detail)} (${path})`);
+    err.stale = sent !== state.token;   // the answer to a token replaced meanwhile: not shown
+    throw err;
   }
   return resp;
 }
@@ -59,6 +87,7 @@ async function loadImage(img, id, size, other = false) {
 }
 
 function showError(err) {
+  if (err?.stale) return;
   const box = $("#error");
   box.textContent = err ? String(err.message ?? err) : "";
   box.hidden = !err;
@@ -419,13 +448,6 @@ async function showFeature(id) {
 
 function onHash() {
   const params = hashParams();
-  const token = params.get("token");
-  if (token !== state.token) {
-    state.token = token;
-    loadList();
-    loadHistogram();
-    loadAtlas();
-  }
   if (steerRoute(params)) return;
   const mode = params.get("atlas") === "pca" ? "pca" : "umap";
   if (mode !== state.atlasMode) {
@@ -434,6 +456,16 @@ function onHash() {
   }
   const id = params.get("feature");
   if (id !== null && Number(id) !== state.featureId) showFeature(Number(id));
+}
+
+// Links of older versions carried the token in the fragment: it is taken out of the address (and not used).
+function dropTokenFromURL() {
+  const hash = location.hash.slice(1), steer = hash.startsWith("steer");
+  const params = new URLSearchParams(steer ? hash.slice(hash.indexOf("?") + 1) : hash);
+  if (!params.has("token")) return;
+  params.delete("token");
+  const rest = params.toString();
+  history.replaceState(null, "", `${location.pathname}${location.search}#${steer ? `steer?${rest}` : rest}`);
 }
 
 async function loadSummary() {
@@ -465,9 +497,16 @@ function init() {
     map.title = id === null ? "click a point to open its feature"
       : `#${id} · ${d === null ? "dead" : `log10 freq ${d.toFixed(2)}`}`;
   });
+  $("#auth").addEventListener("submit", (ev) => {
+    ev.preventDefault();
+    const input = $("#auth-token");
+    useToken(input.value.trim());
+    input.value = "";
+  });
   window.addEventListener("hashchange", onHash);
   window.addEventListener("resize", () => { drawHistogram(); drawAtlas(); });
-  state.token = hashParams().get("token");
+  dropTokenFromURL();
+  state.token = sessionStorage.getItem(TOKEN_KEY);
   state.atlasMode = hashParams().get("atlas") === "pca" ? "pca" : "umap";
   loadSummary();
   loadList();

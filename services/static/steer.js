@@ -1,7 +1,7 @@
 // Steering dashboards: SAE features edited inside the model, its predictions before and after (POST /steer, see
 // services/api/routes/steer.py). The URL fragment is the whole state, so a link (or a DOM dump of it) shows the
-// steered result without a click:
-//   #steer?view=seg|cls|vlm&image=ID&head=NAME&edit=FEATURE:OP:VALUE[@WHERE]&edit=...&token=SECRET
+// steered result without a click (the bearer token is never in it: app.js keeps it in sessionStorage):
+//   #steer?view=seg|cls|vlm&image=ID&head=NAME&edit=FEATURE:OP:VALUE[@WHERE]&edit=...
 //   seg: &patch=P (the selected patch)   cls: &features=12,40 (the sliders)   vlm: &prompt=TEXT&responses=N&seed=S
 // Loaded before app.js, whose onHash calls steerRoute; it uses app.js's helpers ($, el, headers, loadImage...).
 // What was drawn is marked: #steer[data-state=loading|done|error|empty|idle][data-edits], canvas.mask[data-mask-drawn]
@@ -79,12 +79,14 @@ function setEdits(params, edits) {
 async function steerFetch(path, body) {
   const init = body === undefined ? { headers: headers() }
     : { method: "POST", headers: { ...headers(), "Content-Type": "application/json" }, body: JSON.stringify(body) };
-  const resp = await fetch(path, init);
+  const sent = state.token, resp = await fetch(path, init);
+  if (resp.status === 401) askToken(sent);
   if (!resp.ok) {
     let detail = resp.statusText;
     try { detail = (await resp.json()).detail ?? detail; } catch (_) { /* not JSON */ }
     const err = new Error(typeof detail === "string" ? detail : JSON.stringify(detail));
     err.status = resp.status;
+    err.stale = sent !== state.token;   // the answer to a token replaced meanwhile: not shown
     throw err;
   }
   return resp.json();
@@ -99,6 +101,7 @@ async function steerInfo() {
 }
 
 function steerError(err) {
+  if (err?.stale) return;
   const box = $("#steer-error");
   box.textContent = err ? String(err.message ?? err) : "";
   box.dataset.status = err?.status ?? "";
@@ -216,9 +219,6 @@ function steerRoute(params) {
   const on = location.hash.startsWith("#steer"), leaving = !on && $("#layout").hidden;
   $("#steer").hidden = !on;
   $("#layout").hidden = on;
-  const token = state.token ? `token=${encodeURIComponent(state.token)}` : "";
-  $("#to-browser").href = `#${token}`;
-  $("#to-steer").href = `#steer?${token}`;
   $("#to-browser").toggleAttribute("aria-current", !on);
   $("#to-steer").toggleAttribute("aria-current", on);
   if (leaving) { drawHistogram(); drawAtlas(); }   // drawn while hidden, they had no size
@@ -231,9 +231,7 @@ async function showSteer(params) {
   const image = Number(params.get("image") ?? 0);
   const section = $("#steer");
   for (const a of document.querySelectorAll("#steer-views a")) {
-    const p = new URLSearchParams({ view: a.dataset.view, image: params.get("image") ?? 0 });
-    if (state.token) p.set("token", state.token);
-    a.href = steerHash(p);
+    a.href = steerHash(new URLSearchParams({ view: a.dataset.view, image: params.get("image") ?? 0 }));
     a.toggleAttribute("aria-current", a.dataset.view === view);
   }
   try {
@@ -437,10 +435,10 @@ async function showPatch(p, edits) {
   const seq = ++steer.patchSeq;
   const found = await steerFetch(`/images/${steer.image}/patches/${Number(p)}`);
   if (seq !== steer.patchSeq) return;
-  const [h, w] = steer.grid, token = state.token ? `&token=${encodeURIComponent(state.token)}` : "";
+  const [h, w] = steer.grid;
   const rows = found.features.map((f) => el("li", { dataset: { feature: f.feature, value: String(f.value) } },
     el("label", {}, el("input", { type: "checkbox", dataset: { feature: f.feature } }), " ",
-      el("a", { href: `#feature=${f.feature}${token}`, title: "open in the feature browser" }, `#${f.feature}`), " ",
+      el("a", { href: `#feature=${f.feature}`, title: "open in the feature browser" }, `#${f.feature}`), " ",
       el("span", { class: "hint" }, num(f.value)))));
   const button = el("button", { type: "button" }, "suppress checked on all patches");
   button.addEventListener("click", () => {

@@ -7,12 +7,15 @@ segmentation probe, or a vision-language model's answers.
     probe:DIR       a probe from `actstore probe`: a CLS classifier, or a per-patch segmentation head
     vlm[:MODEL]     a LLaVA-style model whose vision tower is the store's backbone: sampled answers to a prompt
 
-Every head runs the whole model from the image, so whatever is spliced in while it runs acts on its output.
+Every head runs the whole model from the image, so whatever is spliced in while it runs acts on its output. A head
+refuses edits that cannot reach its output (`check`, before any work): a VLM's language model reads the vision tower
+at one layer (LLaVA's vision_feature_layer) and may drop tokens there (vision_feature_select_strategy "default" drops
+the first, CLS), so an SAE on a later layer, or edits only of dropped tokens at the layer it reads, change nothing.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,11 +25,20 @@ from torch import Tensor
 
 from actstore.errors import ConfigError
 from actstore.extract.zeroshot import DEFAULT_TEMPLATE, zero_shot_classifier
+from sae.edits import FeatureEdit, apply_edits
 from services.spliced import SAEInModel
 
 __all__ = ["HEAD_KINDS", "ClassHead", "Head", "SegHead", "VLMHead", "build_head"]
 
 HEAD_KINDS = ("model", "zeroshot", "probe", "vlm")
+
+
+EditCheck = Callable[[Sequence[FeatureEdit]], None]
+"""Refuses (ConfigError, one line) edits a head cannot see."""
+
+
+def _any_edit(edits: Sequence[FeatureEdit]) -> None:
+    """Class and segmentation heads read the model's last layers: every edit can reach them."""
 
 
 def _top(probs: Tensor, k: int) -> list[list[float]]:
@@ -44,6 +56,7 @@ class ClassHead:
     logits: Callable[[Tensor], Tensor] = field(repr=False)
     """uint8 images (B, 3, H, W) -> (B, n_classes)."""
     kind: str = "class"
+    check: EditCheck = field(default=_any_edit, repr=False)
 
     def predict(self, images: Tensor, top: int = 5, **_: Any) -> dict[str, Any]:
         return {"top5": _top(self.logits(images)[0].float().softmax(-1), top)}
@@ -59,6 +72,7 @@ class SegHead:
     """uint8 images (B, 3, H, W) -> (B, n_patches, n_classes)."""
     grid: tuple[int, int]
     kind: str = "seg"
+    check: EditCheck = field(default=_any_edit, repr=False)
 
     def predict(self, images: Tensor, top: int = 5, **_: Any) -> dict[str, Any]:
         probs = self.logits(images)[0].float().softmax(-1)
@@ -71,16 +85,19 @@ class VLMHead:
 
     name: str
     answer: Callable[..., list[str]] = field(repr=False)
-    """(uint8 images (1, 3, H, W), prompt, n=, temperature=, seed=, max_new_tokens=) -> n answers."""
+    """(uint8 images (1, 3, H, W), prompt, n=, temperature=, seed=, max_new_tokens=, stop=) -> n answers."""
     classes: list[str] = field(default_factory=list)
     kind: str = "vlm"
+    check: EditCheck = field(default=_any_edit, repr=False)
 
     def predict(self, images: Tensor, prompt: str | None = None, n: int = 5, temperature: float = 0.7,
-                seed: int = 0, max_new_tokens: int = 24, **_: Any) -> dict[str, Any]:
+                seed: int = 0, max_new_tokens: int = 24, cancel: Any = None, **_: Any) -> dict[str, Any]:
+        """`cancel` (a threading.Event): once set, generation stops at its next token (the answers are then cut
+        short: the caller discards them)."""
         if not prompt:
             raise ConfigError("a vlm head needs a prompt (--prompt)")
         return {"responses": self.answer(images, prompt, n=n, temperature=temperature, seed=seed,
-                                         max_new_tokens=max_new_tokens)}
+                                         max_new_tokens=max_new_tokens, stop=None if cancel is None else cancel.is_set)}
 
 
 Head = ClassHead | SegHead | VLMHead
@@ -110,8 +127,8 @@ def _zeroshot_head(m: SAEInModel, arg: str, classes: list[str], template: str,
     names = _read_names(arg, storage_options) if arg else classes
     if not names:
         raise ConfigError("zeroshot: the store records no class names; name a file of them: zeroshot:FILE")
-    head = zero_shot_classifier(m.backbone.cfg, names, template)
-    return ClassHead("zeroshot", names, lambda x: head(m.backbone.outputs(x)[0]))
+    head = zero_shot_classifier(m.backbone.cfg, names, template)  # on the CPU: (1, d) embeddings go to it
+    return ClassHead("zeroshot", names, lambda x: head(m.backbone.outputs(x)[0].cpu()))
 
 
 def _probe_head(m: SAEInModel, arg: str, storage_options: dict[str, Any]) -> ClassHead | SegHead:
@@ -143,7 +160,45 @@ def _vlm_head(m: SAEInModel, arg: str) -> VLMHead:
                           "that same model")
     from actstore.extract.vlm import responses
 
-    return VLMHead("vlm", lambda x, prompt, **kw: responses(m.backbone, x, prompt, **kw))
+    return VLMHead("vlm", lambda x, prompt, **kw: responses(m.backbone, x, prompt, **kw), check=_vlm_reach(m))
+
+
+def _read_layer(config: Any, n_layers: int) -> tuple[int, Any]:
+    """(the index of the last tower layer a LLaVA's language model reads, vision_feature_layer): hidden_states[i]
+    is the output of layer i - 1 (0: the embeddings, -1), negative i counts from the end; a list reads several."""
+    spec = config.vision_feature_layer
+    read = [i - 1 if i >= 0 else n_layers + i for i in (spec if isinstance(spec, (list, tuple)) else [spec])]
+    return max(read), spec
+
+
+def _vlm_reach(m: SAEInModel) -> EditCheck:
+    """Refuses an SAE after the last layer the language model reads; returns the check that refuses edits only of
+    tokens its projector drops, when the SAE sits at that very layer (at an earlier one, the tower's attention
+    carries an edit of any token to the tokens it keeps)."""
+    config = m.backbone.vlm.config
+    last, spec = _read_layer(config, config.vision_config.num_hidden_layers)
+    if m.spec.index > last:
+        read = f"layer {m.backbone.spec(last).name}" if last >= 0 else "the embeddings"
+        raise ConfigError(f"the SAE's layer {m.layer} comes after {read}, the last the language model reads "
+                          f"(vision_feature_layer {spec}): edits there cannot change its answers; use an SAE on that "
+                          "layer or an earlier one")
+    strategy = getattr(config, "vision_feature_select_strategy", "full")
+    if m.spec.index < last or strategy != "default":
+        return _any_edit
+    layout = m.spec.tokens
+    dropped = "the CLS token" if layout.cls else "patch 0"
+    positions = torch.arange(layout.n_tokens)
+
+    def check(edits: Sequence[FeatureEdit]) -> None:
+        for e in edits:
+            # the tokens `e` reaches, by sae.edits' own rules: a probe edit that sets a one-column latent to 1
+            reached = apply_edits(torch.zeros(layout.n_tokens, 1), positions, [FeatureEdit(0, "set", 1.0, e.where)],
+                                  layout, m.tokens).flatten().nonzero().flatten()
+            if reached.numel() and bool((reached == 0).all()):
+                raise ConfigError(f"edit {e}: the language model never sees {dropped} at layer {m.layer} (its "
+                                  "projector drops the first token there: vision_feature_select_strategy 'default'); "
+                                  "edit patches instead")
+    return check
 
 
 def build_head(spec: str, m: SAEInModel, classes: list[str] | None = None, template: str = DEFAULT_TEMPLATE,

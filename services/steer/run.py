@@ -2,22 +2,25 @@
 
 The SAE is spliced in error mode at its layer (services.spliced rebuilds the backbone from its store), so with no
 edit the model is exactly the clean one, and an edit moves the layer's tokens by exactly its latents' change times
-the decoder (sae.edits). The same `Steerer` serves the CLI and the service's POST /steer; it holds the model, its
-heads and a lock (a splice is a hook on the shared model: one steered forward at a time).
+the decoder (sae.edits). "after" is always that spliced run, edits or not. The same `Steerer` serves the CLI and the
+service's POST /steer; it holds the model, its heads and a lock (a splice is a hook on the shared model: one steered
+run at a time). A run can be stopped from another thread (`cancel`): while it waits for the lock, between its
+passes, and at a VLM's next generated token; it then raises Cancelled.
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from actstore.config import check_at_least, public_config, redact
-from actstore.errors import ConfigError, NotFoundError
+from actstore.errors import ActstoreError, ConfigError, NotFoundError
 from actstore.extract.zeroshot import DEFAULT_TEMPLATE
 from actstore.store import STATUS_OK, ActivationStore
 from sae.edits import FeatureEdit, check_edits, edit_fn, parse_edit
@@ -26,9 +29,20 @@ from services.results import check_result_path, write_result
 from services.spliced import SAEInModel, decode_images, load_in_model
 from services.steer.heads import Head, build_head
 
-__all__ = ["FORMAT", "SteerConfig", "Steerer", "run_steer"]
+__all__ = ["FORMAT", "Cancelled", "SteerConfig", "Steerer", "run_steer"]
 
 FORMAT = "actstore-steer"
+_POLL_S = 0.02
+"""How often a run waiting for the model looks at its cancel."""
+
+
+class Cancelled(ActstoreError, RuntimeError):
+    """A steering run was stopped by its `cancel` (the service's time bound) before it finished."""
+
+
+def _check(cancel: threading.Event | None) -> None:
+    if cancel is not None and cancel.is_set():
+        raise Cancelled("the steering run was stopped")
 
 
 @dataclass(frozen=True)
@@ -143,17 +157,34 @@ class Steerer:
         order = dense[active].argsort(descending=True)
         return [(int(f), float(dense[f])) for f in active[order]]
 
-    def steer(self, images: torch.Tensor, edits: Sequence[FeatureEdit], head: Head, **options: Any
-              ) -> dict[str, Any]:
-        """{"before": ..., "after": ...} of `head` on `images`, the clean model and the model with `edits`."""
+    @contextmanager
+    def _model_held(self, cancel: threading.Event | None) -> Iterator[None]:
+        """The model to this run alone (waiting, stoppable, while another run has it)."""
+        if cancel is None:
+            self._lock.acquire()
+        else:
+            while not self._lock.acquire(timeout=_POLL_S):
+                _check(cancel)
+        try:
+            yield
+        finally:
+            self._lock.release()
+
+    def steer(self, images: torch.Tensor, edits: Sequence[FeatureEdit], head: Head,
+              cancel: threading.Event | None = None, **options: Any) -> dict[str, Any]:
+        """{"before": ..., "after": ...} of `head` on `images`: the clean model, and the model with the SAE spliced in
+        with `edits` (none: the spliced model, which is the clean one). Edits the head cannot see are refused first;
+        a set `cancel` stops the run at its next check (Cancelled)."""
+        head.check(edits)
         m = self.model
-        with self._lock:
-            before = head.predict(images, **options)
-            if not edits:
-                return {"before": before, "after": before}
+        with self._model_held(cancel):
+            _check(cancel)
+            before = head.predict(images, cancel=cancel, **options)
+            _check(cancel)  # also: a VLM's answers cut short by the cancel are not answers
             with splice(m.backbone, m.sae, m.norm, layer=m.layer, tokens="all", mode="error",
                         edit=edit_fn(edits, self.layout, m.tokens)):
-                after = head.predict(images, **options)
+                after = head.predict(images, cancel=cancel, **options)
+            _check(cancel)
         return {"before": before, "after": after}
 
 

@@ -19,9 +19,11 @@ async def read_density_histogram(request: Request) -> Response:
 
 
 async def read_health(request: Request) -> Response:
-    reader = reader_of(request)
+    """Liveness, the index's shape, and the steering model's state (null: no steering)."""
+    reader, steering = reader_of(request), request.app.state.steering
     return json_response({"status": "ok", "n_features": reader.n_features, "n_images": reader.n_images,
-                          "k": int(reader.meta["k"]), "grid": reader.meta["grid"]})
+                          "k": int(reader.meta["k"]), "grid": reader.meta["grid"],
+                          "steering": steering.state if steering is not None else None})
 
 
 def router(**options: Any) -> APIRouter:

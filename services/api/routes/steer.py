@@ -19,11 +19,12 @@ PatchId = Annotated[int, Path(ge=0, lt=2**20, description="patch index, row-majo
 
 async def list_heads(request: Request) -> Response:
     """The heads this service steers through, with their classes, and the grid and limits of a request."""
-    return json_response(steering_of(request).heads())
+    return json_response(await steering_of(request).heads())
 
 
 async def steer_image(request: Request, body: SteerRequest) -> Response:
-    """One image of the served store through the model, before and after the edits, read out by one head."""
+    """One image of the served store through the model, before and after the edits, read out by one head. 429 (with
+    Retry-After) when the worker's steering slots are all taken; 503 past the time bound (the run is stopped)."""
     return json_response(await steering_of(request).steer(body.model_dump()))
 
 
@@ -36,8 +37,10 @@ def router(**options: Any) -> APIRouter:
     """The /steer and patch routes; `options` are APIRouter's (create_app passes deps.secured)."""
     r = APIRouter(**options)
     errors = {**NOT_FOUND, 422: {"model": Error}, 503: {"model": Error}}
+    busy = {429: {"model": Error, "headers": {"Retry-After": {"description": "seconds to wait",
+                                                               "schema": {"type": "integer"}}}}}
     r.add_api_route("/steer/heads", list_heads, response_model=SteerHeads, responses=errors, name="steer_heads")
-    r.add_api_route("/steer", steer_image, methods=["POST"], response_model=SteerResult, responses=errors,
+    r.add_api_route("/steer", steer_image, methods=["POST"], response_model=SteerResult, responses={**errors, **busy},
                     name="steer")
     r.add_api_route("/images/{iid}/patches/{patch}", list_patch_features, response_model=PatchFeatures,
                     responses=errors, name="patch_features")
