@@ -30,7 +30,7 @@ from actstore.config import redact
 from actstore.errors import ConfigError
 from actstore.store import normalize_url
 
-__all__ = ["Recognizer", "check_output", "marked_by", "staged_folder", "temp_sibling"]
+__all__ = ["Recognizer", "check_output", "marked_by", "staged_folder"]
 
 Recognizer = Callable[[fsspec.AbstractFileSystem, str], bool]
 """Whether the existing, non-empty path on the filesystem is an output of the kind asked for."""
@@ -66,7 +66,7 @@ def check_output(url: str | Path, what: str, ours: Recognizer, overwrite: bool,
     return True
 
 
-def temp_sibling(path: str | Path, tag: str = "tmp") -> Path:
+def _temp_sibling(path: str | Path, tag: str = "tmp") -> Path:
     """A hidden name beside `path` that no other run uses: `.<name>.<tag>-<pid>-<random>`."""
     path = Path(path)
     return path.with_name(f".{path.name}.{tag}-{os.getpid()}-{uuid.uuid4().hex[:12]}")
@@ -79,7 +79,7 @@ def staged_folder(out: str | Path, what: str, ours: Recognizer, overwrite: bool)
     temporary folder is removed, and nothing else."""
     out = Path(normalize_url(str(out)))
     check_output(out, what, ours, overwrite)
-    tmp = temp_sibling(out)
+    tmp = _temp_sibling(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp.mkdir()
     try:
@@ -103,7 +103,7 @@ def _swap_in(tmp: Path, out: Path, what: str, ours: Recognizer, overwrite: bool)
                 if e.errno not in _TAKEN:
                     raise
             if check_output(out, what, ours, overwrite):  # else it became free meanwhile: try again
-                old = temp_sibling(out, "old")
+                old = _temp_sibling(out, "old")
                 try:
                     os.rename(out, old)
                     aside.append(old)
