@@ -256,7 +256,7 @@ def test_refusals_name_the_problem_and_touch_nothing(planted, tmp_path):
         run_compare(CompareConfig(a=a, b=b, out=str(tmp_path / "cmp")), progress=False)
     run_compare(CompareConfig(a=a, b=b, out=str(tmp_path / "cmp"), overwrite=True), progress=False)
     assert json.loads((tmp_path / "cmp" / "summary.json").read_text())["n_images"] == 1200
-    assert not list(tmp_path.glob(".*.tmp"))
+    assert not list(tmp_path.glob(".*.tmp*"))
     assert ActivationStore(str(root / "a")).n_images == 1200  # inputs untouched
     assert pq.read_metadata(tmp_path / "cmp" / "matches_a.parquet").num_rows > 0
 
