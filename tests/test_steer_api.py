@@ -242,7 +242,8 @@ def steer_api_one_slot(index_dir):
 @pytest.mark.parametrize("flag, value, words", [("--steer-slots", "0", "steer_slots must be an integer >= 1"),
                                                 ("--steer-retry-after", "-1", "steer_retry_after must be"),
                                                 ("--steer-device", "gpu", "steer_device must be auto, cpu"),
-                                                ("--steer-timeout", "0", "steer_timeout must be > 0")])
+                                                ("--steer-timeout", "0", "steer_timeout must be > 0"),
+                                                ("--steer-threads", "0", "steer_threads must be an integer >= 1")])
 def test_serve_steer_options_are_checked(index_dir, capsys, flag, value, words) -> None:
     from actstore_cli import main
 

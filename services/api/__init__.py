@@ -9,13 +9,15 @@
     GET /images/{id}/features       the image's strongest features
     GET /stats/density-histogram    log10 firing frequency across features
     GET /atlas                      UMAP and PCA of the decoder directions (from `actstore atlas`)
-    GET /healthz                    liveness and the index's shape
+    POST /steer, GET /steer/heads   features edited inside the model, before and after (with --steer; `steering`)
+    GET /images/{id}/patches/{p}    the SAE's features at a patch (with --steer)
+    GET /healthz                    liveness, the index's shape, the steering model's state
     GET /                           the feature browser (services/static/)
 
 Modules, in the order a request meets them: `app` (create_app wires the rest), `deps` (the readers
 and the bearer-token check), `routes` (one router per resource), `reader` (the index folder, no HTTP),
-`matches` (the comparison and the other SAE's index, no HTTP),
-`geometry` (the region the model saw), `schemas` (the OpenAPI response models), `errors` (the
+`matches` (the comparison and the other SAE's index, no HTTP), `steering` (the model, its slots and time
+bound), `geometry` (the region the model saw), `schemas` (the OpenAPI response models), `errors` (the
 project's errors as HTTP codes, in one place); `runners` serves it with uvicorn or Ray Serve, and
 `config` holds `actstore serve`'s settings.
 
@@ -25,8 +27,8 @@ second and a feature lookup is a few memory-mapped rows serialized by orjson. Fe
 `async def` (no thread hop); image endpoints decode files, so they run in the thread pool and are
 LRU-cached.
 
-Safety: 127.0.0.1 by default; with a token, every API route needs `Authorization: Bearer <token>`
-(the page and /healthz do not); an image is read only when its store row is "ok" and its file lies
+Safety: 127.0.0.1 by default; with a token, every API route and the schema and docs need
+`Authorization: Bearer <token>` (the page and /healthz do not; the page keeps the token out of URLs); an image is read only when its store row is "ok" and its file lies
 under the dataset root that the index recorded (services.index.layout.dataset_root, symlinks resolved);
 the other SAE's images only under the dataset root of the index that the comparison recorded for it.
 """

@@ -49,6 +49,9 @@ class ServeConfig:
     answered 429 at once, with Retry-After."""
     steer_retry_after: int = 2
     """Seconds the 429's Retry-After asks a client to wait."""
+    steer_threads: int | None = None
+    """torch's CPU threads per worker for steering; default: the machine's cores / workers, less one for the worker's
+    event loop (at least 1): on a busy CPU, a thread team as wide as the machine stalls every pass for seconds."""
     storage_options: Mapping[str, Any] = field(default_factory=dict)
     """fsspec options for reading the dataset's images."""
 
@@ -63,4 +66,7 @@ class ServeConfig:
 
     def steer_options(self) -> SteerOptions:
         """The --steer-* settings (checked)."""
-        return SteerOptions(self.steer_timeout, self.steer_device, self.steer_slots, self.steer_retry_after)
+        threads = self.steer_threads
+        if threads is None:
+            threads = max(1, (os.cpu_count() or 1) // (1 if self.ray else self.workers) - 1)
+        return SteerOptions(self.steer_timeout, self.steer_device, self.steer_slots, self.steer_retry_after, threads)
