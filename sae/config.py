@@ -42,11 +42,15 @@ class SAEConfig:
     """relu: weight of the L1 penalty (mean over tokens of the summed activations). With unit-norm
     decoder rows this equals the decoder-norm-weighted L1 of Anthropic's formulation."""
     l0_coeff: float = 1.0
-    """jumprelu: weight of the L0 penalty (mean over tokens of the active-latent count)."""
-    jumprelu_init_threshold: float = 0.01
-    """jumprelu: initial threshold of every latent (on normalized inputs, per-dimension scale ~1)."""
-    jumprelu_bandwidth: float = 0.05
-    """jumprelu: width of the rectangle kernel of the straight-through threshold gradient."""
+    """jumprelu: weight of the L0 penalty (mean over tokens of the active-latent count): a latent is worth
+    its firing where it lowers the token's squared error (summed over d_in) by more than this."""
+    jumprelu_init_threshold: float = 1.0
+    """jumprelu: initial threshold of every latent. On normalized inputs (unit rms per dimension) the
+    pre-activations start about N(0, 1), so 1.0 lets about a sixth of the latents fire at first (0.01 let half
+    fire: a dense start that a short run never left)."""
+    jumprelu_bandwidth: float = 0.5
+    """jumprelu: width of the rectangle kernel of the straight-through threshold gradient, in pre-activation
+    units (half their starting standard deviation): narrower kernels see few tokens of a sparse latent per batch."""
     batchtopk_threshold_lr: float = 0.01
     """batchtopk, matryoshka: rate of the moving average of the smallest selected activation, the
     threshold used at inference (model.eval())."""

@@ -15,7 +15,9 @@ meaning across steps.
 
 JumpReLU trains its thresholds directly (used as relu(threshold)), not through log(threshold) as
 in the paper: under Adam a log parameter moves a small threshold by only ~threshold * lr per
-step (SAELens made the same change). BatchTopK, in training mode, updates its inference
+step. The L0 penalty reaches the thresholds alone (the paper's straight-through estimator), so the
+trainer steps them at lr * sqrt(d_in), the pace at which the encoder moves the pre-activations they
+gate (sae.train.trainer.param_groups); at lr they could not move far enough for l0_coeff to matter. BatchTopK, in training mode, updates its inference
 threshold on every forward/encode; model.eval() switches it to that threshold.
 
 Matryoshka (Bussmann et al. 2025) encodes exactly as BatchTopK (same threshold buffer) and only

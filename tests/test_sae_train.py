@@ -18,6 +18,7 @@ import torch
 from actstore.errors import ConfigError
 from actstore.loader import PatchLoader
 from actstore.store import LayerSpec, StoreSpec, StoreWriter, TokenLayout
+from sae.acts import SparseActs
 from sae.checkpoint import load, read_extra
 from sae.train import TrainConfig, Trainer, sae_name, train
 
@@ -153,6 +154,79 @@ def test_the_config_written_at_the_start_round_trips_and_resumes(planted, tmp_pa
     assert Trainer(cfg).fit(progress=False)[0]["step"] == 6  # resumed: the saved config equals this one
     with pytest.raises(ConfigError, match=r"another config \(lr_warmup_steps: None there, 2 here\)"):
         Trainer(replace(cfg, lr_warmup_steps=2)).fit(progress=False)
+
+
+# sparsity knobs ------------------------------------------------------------------------------
+def planted_batch(store: str) -> torch.Tensor:
+    """2,048 of the planted store's tokens, normalized as the trainer sees them."""
+    loader = PatchLoader(store, 0, 2048, normalize=True, seed=1)
+    x = next(iter(loader))
+    loader.close()
+    return x
+
+
+def l0_on(sae, x: torch.Tensor) -> float:
+    """Mean count of positive latents per token of x."""
+    with torch.no_grad():
+        acts = sae(x).acts
+    return float(((acts.to_dense() if isinstance(acts, SparseActs) else acts) > 0).sum(1).double().mean())
+
+
+@pytest.mark.parametrize("kind, knob, values", [("relu", "l1_coeff", (0.1, 1.0, 10.0)),
+                                                ("jumprelu", "l0_coeff", (0.01, 1.0, 100.0)),
+                                                ("topk", "k", (2, 4, 8))])
+def test_a_sweep_of_the_sparsity_knob_traces_a_monotone_l0(planted, tmp_path, kind, knob, values):
+    """100 steps of a sweep on the planted store, default schedules: a stronger L1 or L0 coefficient gives a
+    sparser code, by a margin (each L0 at most 0.7x the one before; JumpReLU once ended at about the same L0
+    for 0.01 and 100 and denser at 1 than at 100), and a larger k a denser one."""
+    store, _ = planted
+    sweep = tuple({"kind": kind, "d_sae": 128, knob: v, "name": f"{kind}-{v}"} for v in values)
+    trainer = Trainer(config(store, tmp_path, tokens=512 * 100, sae=sweep, lr=None, dead_window_tokens=None,
+                             resample_every=None))
+    trainer.fit(progress=False)
+    x = planted_batch(store)
+    l0s = [l0_on(m.sae, x) for m in trainer.members]
+    if kind == "topk":
+        assert l0s == pytest.approx(list(values), abs=0.05)
+    else:
+        assert all(later <= 0.7 * earlier for earlier, later in zip(l0s, l0s[1:])), l0s
+
+
+def test_jumprelu_thresholds_step_at_sqrt_d_in_times_the_lr(planted, tmp_path):
+    """The threshold's Adam group: lr * sqrt(d_in), every other parameter at lr, through the schedule."""
+    store, _ = planted
+    trainer = Trainer(config(store, tmp_path, tokens=512 * 4, sae=({"kind": "jumprelu", "d_sae": 32},
+                                                                   {"kind": "relu", "d_sae": 32})))
+    jump, relu = trainer.members
+    assert [len(g["params"]) for g in jump.opt.param_groups] == [4, 1]
+    assert jump.opt.param_groups[1]["params"][0] is jump.sae.threshold
+    assert len(relu.opt.param_groups) == 1
+    trainer.fit(progress=False, stop_after=2)
+    lr = trainer.cfg.lr_at(1, 32)
+    assert jump.opt.param_groups[0]["lr"] == pytest.approx(lr)
+    assert jump.opt.param_groups[1]["lr"] == pytest.approx(lr * np.sqrt(D_IN))
+    assert relu.opt.param_groups[0]["lr"] == pytest.approx(lr)
+
+
+def test_resampled_latents_fire_as_often_as_the_live_ones(planted, tmp_path):
+    """A resampled relu latent fires on about the live latents' share of the batch's tokens, not on the
+    half of them on its side of b_dec (its encoder bias was 0: strong L1 killed more latents, and resampling
+    them raised L0)."""
+    store, _ = planted
+    trainer = Trainer(config(store, tmp_path, tokens=512 * 100, sae=({"kind": "relu", "d_sae": 128, "l1_coeff": 10},),
+                             lr=None, dead_window_tokens=None, resample_every=0))
+    trainer.fit(progress=False)
+    member, x = trainer.members[0], planted_batch(store)
+    sae = member.sae
+    with torch.no_grad():
+        out = sae(x)
+    rate = float((out.acts[:, 16:] > 0).double().mean())
+    member.since_fired[:16] = trainer.cfg.dead_window  # latents 0..15 count as dead
+    assert trainer._resample(member, x, out) == 16
+    with torch.no_grad():
+        fired = (sae(x).acts[:, :16] > 0).double().mean(0)
+    assert 0 < rate < 0.2
+    assert ((fired > 0) & (fired <= 2 * rate + 0.01)).all(), (fired, rate)
 
 
 def test_default_sae_names():

@@ -68,7 +68,8 @@ def act_backward(grad: torch.Tensor, act: torch.Tensor, window: torch.Tensor | N
     if threshold is None:
         return grad_z, grad_b, None
     near = window.to(torch.float32)
-    grad_t = -(threshold.float() / bandwidth) * torch.einsum("bm,bm->m", near, grad.float())
+    # (near * grad).sum(0), not einsum("bm,bm->m"): the einsum ran as a bmm with a copy per latent
+    grad_t = -(threshold.float() / bandwidth) * (near * grad.float()).sum(0)
     if grad_l0 is not None:
         grad_t -= (near.t() @ grad_l0.float()) / bandwidth
     return grad_z, grad_b, grad_t.to(threshold.dtype)

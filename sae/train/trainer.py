@@ -23,7 +23,7 @@ from actstore.errors import ConfigError
 from actstore.loader import PatchLoader
 from actstore.outputs import check_output, marked_by
 from actstore.store import filesystem, put_bytes
-from sae import SAEConfig, SparseAutoencoder, checkpoint, metrics
+from sae import ForwardOutput, SAEConfig, SparseAutoencoder, checkpoint, metrics
 from sae.train.config import TrainConfig, sae_name
 from sae.train.sinks import open_sinks
 
@@ -81,12 +81,27 @@ def check_fresh_out(cfg: TrainConfig) -> None:
     check_output(cfg.out, "a training run folder", marked_by("train_config.json"), True, dict(cfg.storage_options))
 
 
+def param_groups(sae: SparseAutoencoder) -> list[dict[str, Any]]:
+    """Adam's parameter groups, each with its factor on the scheduled lr ("lr_scale").
+
+    Adam moves every parameter by about lr per step, whatever the size of its gradient. A JumpReLU
+    threshold is compared with pre-activations w . (x - b_dec) that the d_in entries of an encoder row
+    move together, by about lr * sqrt(d_in) per step on normalized inputs (unit rms per dimension); at
+    lr itself a threshold could not follow them, and in a short run it ended near where it started
+    whatever l0_coeff was. Its group steps at lr * sqrt(d_in).
+    """
+    if sae.cfg.kind != "jumprelu":
+        return [{"params": list(sae.parameters()), "lr_scale": 1.0}]
+    rest = [p for name, p in sae.named_parameters() if name != "threshold"]
+    return [{"params": rest, "lr_scale": 1.0}, {"params": [sae.threshold], "lr_scale": math.sqrt(sae.cfg.d_in)}]
+
+
 class _Member:
     """One SAE of the sweep with its optimizer and dead-latent counters."""
 
     def __init__(self, name: str, sae: SparseAutoencoder, lr: float) -> None:
         self.name, self.sae = name, sae
-        self.opt = torch.optim.Adam(sae.parameters(), lr=lr, betas=(0.9, 0.999), fused=True)  # ~10x faster on CPU
+        self.opt = torch.optim.Adam(param_groups(sae), lr=lr, betas=(0.9, 0.999), fused=True)  # ~10x faster on CPU
         device = sae.W_dec.device
         self.since_fired = torch.zeros(sae.cfg.d_sae, dtype=torch.int64, device=device)
         self.interval_fires = torch.zeros(sae.cfg.d_sae, dtype=torch.int64, device=device)
@@ -244,7 +259,7 @@ class Trainer:
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg.grad_clip)
         for group in m.opt.param_groups:
-            group["lr"] = cfg.lr_at(self.step, sae.cfg.d_sae)
+            group["lr"] = cfg.lr_at(self.step, sae.cfg.d_sae) * group["lr_scale"]
         m.opt.step()
         sae.set_decoder_norm_to_unit()
         with torch.no_grad():
@@ -258,23 +273,33 @@ class Trainer:
         return {"out": out, "loss": loss, "auxk": auxk}
 
     @torch.no_grad()
-    def _resample(self, m: _Member, x: torch.Tensor, x_hat: torch.Tensor) -> int:
-        """relu: point dead latents at inputs drawn in proportion to their squared error (Anthropic, 2023)."""
+    def _resample(self, m: _Member, x: torch.Tensor, out: ForwardOutput) -> int:
+        """relu: point dead latents at inputs drawn in proportion to their squared error (Anthropic, 2023).
+
+        A new row's encoder bias makes it fire on the batch's tokens as often as the live latents do on
+        average (the matching quantile of its pre-activations, its own input first): with the bias at 0
+        (Anthropic's choice) it fired on every token on its side of b_dec, about half of them, and
+        resampling then raised L0 the more, the more latents a strong L1 coefficient had killed.
+        """
         sae, dead = m.sae, (m.since_fired >= self.cfg.dead_window).nonzero().squeeze(1)
         if dead.numel() == 0:
             return 0
-        err = (x.float() - x_hat.float()).square().sum(1)
+        err = (x.float() - out.x_hat.float()).square().sum(1)
         gen = torch.Generator(device=x.device).manual_seed(self.cfg.seed * 1_000_003 + self.step)
         pick = torch.multinomial(err / err.sum(), dead.numel(), replacement=dead.numel() > err.numel(),
                                  generator=gen)
-        directions = x[pick].to(sae.W_dec.dtype) - sae.b_dec
+        x_in = x.to(sae.W_dec.dtype) - sae.b_dec
+        directions = x_in[pick]
         directions /= directions.norm(dim=1, keepdim=True).clamp_min(1e-8)
         alive = torch.ones(sae.cfg.d_sae, dtype=torch.bool, device=x.device)
         alive[dead] = False
         enc_norm = sae.W_enc[alive].norm(dim=1).mean() if alive.any() else torch.tensor(1.0)
         sae.W_dec[dead] = directions
         sae.W_enc[dead] = directions * enc_norm * 0.2
-        sae.b_enc[dead] = 0
+        rate = (out.acts[:, alive] > 0).float().mean() if alive.any() else torch.tensor(0.0)
+        n_fire = int(min(max(1, round(float(rate) * x.shape[0])), x.shape[0]))
+        pre = x_in @ sae.W_enc[dead].t()  # (B, n_dead)
+        sae.b_enc[dead] = -pre.topk(n_fire, dim=0).values[-1].to(sae.b_enc.dtype)
         for p in (sae.W_dec, sae.W_enc, sae.b_enc):  # fresh moments for the new rows
             state = m.opt.state.get(p)
             if state:
@@ -345,7 +370,7 @@ class Trainer:
             self.step += 1
             for m, r in zip(self.members, results):
                 if m.sae.cfg.kind == "relu" and cfg.resamples_at(self.step):
-                    self._resample(m, x, r["out"].x_hat)
+                    self._resample(m, x, r["out"])
             bar.update(x.shape[0] * self.world_size)
             if self.step % cfg.log_every == 0 or self.step == cfg.steps:
                 now = time.perf_counter()
