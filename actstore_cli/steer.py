@@ -6,6 +6,7 @@ import argparse
 from typing import Any
 
 from actstore_cli.args import add_command, config_from_args, flags_from
+from actstore_cli.evaluate import fidelity_line
 
 
 def _side(r: dict[str, Any], side: str) -> list[str]:
@@ -28,6 +29,7 @@ def print_result(r: dict[str, Any]) -> None:
         print(f"{side}:")
         for line in _side(r, side):
             print(f"  {line}")
+    print(fidelity_line(r["fidelity"]))
 
 
 def cmd_steer(args: argparse.Namespace) -> int:

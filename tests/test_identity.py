@@ -187,3 +187,7 @@ def test_the_rebuilt_model_is_checked_against_the_stored_activations(service_sto
     assert "fidelity check SKIPPED" in capsys.readouterr().out
     assert json.loads((tmp_path / "r.json").read_text())["fidelity"] == {
         "checked": False, "images": [], "max_abs_diff": None, "tolerance": None}
+    assert main(["steer", "--sae", edited_store["sae"], "--image", "0"]) == 1
+    assert "does not make the stored activations" in capsys.readouterr().err
+    assert main(["steer", "--sae", edited_store["sae"], "--image", "0", "--no-fidelity-check"]) == 0
+    assert "fidelity check SKIPPED" in capsys.readouterr().out

@@ -80,6 +80,9 @@ class SteerConfig:
     """Longest vlm answer, in tokens."""
     device: str = "cpu"
     """Where the backbone and the SAE run (e.g. "cuda")."""
+    fidelity_check: bool = True
+    """Check first that the rebuilt backbone makes the store's activations (--no-fidelity-check skips it; the result
+    then says so)."""
     overwrite: bool = False
     """Replace an existing steer result at `json`."""
     storage_options: dict[str, Any] = field(default_factory=dict)
@@ -96,10 +99,11 @@ class Steerer:
     """An SAE inside its backbone, ready to steer: images by store index, heads by name, one run at a time."""
 
     def __init__(self, sae: str, store: str | None = None, device: str = "cpu",
-                 storage_options: dict[str, Any] | None = None, template: str = DEFAULT_TEMPLATE) -> None:
+                 storage_options: dict[str, Any] | None = None, template: str = DEFAULT_TEMPLATE,
+                 fidelity_check: bool = True) -> None:
         self.storage_options = dict(storage_options or {})
         self.template = template
-        self.model: SAEInModel = load_in_model(sae, store, device, self.storage_options)
+        self.model: SAEInModel = load_in_model(sae, store, device, self.storage_options, fidelity_check)
         self.store = ActivationStore(self.model.store_url, self.storage_options)
         self.images = self.store.images()
         self.classes = list(self.store.attrs.get("dataset", {}).get("class_names", []))
@@ -147,12 +151,9 @@ class Steerer:
         if not 0 <= patch < layout.n_patches:
             raise ConfigError(f"patch {patch}: the grid is {layout.grid[0]} x {layout.grid[1]} "
                               f"(patches 0..{layout.n_patches - 1})")
-        token = self.store.read(self.model.layer, i, i + 1)[0, int(layout.cls) + patch].float()[None]
-        m = self.model
-        with torch.no_grad():
-            x = m.norm.apply(token) if m.norm is not None else token
-            acts = m.sae.encode(x.to(self.device, m.sae.W_enc.dtype))
-            dense = (acts.to_dense() if hasattr(acts, "to_dense") else acts)[0].cpu()
+        token = self.store.read(self.model.layer, i, i + 1)[0, int(layout.cls) + patch][None]
+        acts = self.model.encoder().encode(token)
+        dense = (acts.to_dense() if hasattr(acts, "to_dense") else acts)[0].float().cpu()
         active = torch.nonzero(dense > 0).flatten()
         order = dense[active].argsort(descending=True)
         return [(int(f), float(dense[f])) for f in active[order]]
@@ -191,7 +192,7 @@ class Steerer:
 def run_steer(cfg: SteerConfig) -> dict[str, Any]:
     """Steer one image; returns the result (also written to cfg.json when given)."""
     check_result_path(cfg.json, FORMAT, "a steer result", cfg.overwrite, cfg.storage_options)
-    steerer = Steerer(cfg.sae, cfg.store, cfg.device, cfg.storage_options, cfg.template)
+    steerer = Steerer(cfg.sae, cfg.store, cfg.device, cfg.storage_options, cfg.template, cfg.fidelity_check)
     edits = steerer.edits(cfg.edit)
     head = steerer.head(cfg.head)
     images = steerer.image(cfg.image)
@@ -203,7 +204,8 @@ def run_steer(cfg: SteerConfig) -> dict[str, Any]:
               "head": head.name, "kind": head.kind, "classes": head.classes, "edits": [str(e) for e in edits],
               **out, "prompt": cfg.prompt, "seconds": time.perf_counter() - started,
               "backbone": m.backbone.cfg.model, "layer": m.layer, "tokens": m.tokens, "grid": list(steerer.layout.grid),
-              "d_sae": m.sae.cfg.d_sae, "store": redact(m.store_url), "config": public_config(cfg)}
+              "d_sae": m.sae.cfg.d_sae, "store": redact(m.store_url), "fidelity": m.fidelity.to_dict(),
+              "config": public_config(cfg)}
     if cfg.json is not None:
         write_result(cfg.json, result, cfg.storage_options)
     return result
