@@ -5,10 +5,10 @@ Data: generated shapes through a tiny random LLaVA (actstore.testing.tiny_vlm, t
 its language model reads, a random TopK SAE (d_sae 256, k 8) behind the store's normalization, its feature index.
 
 Service: `actstore serve --index DIR --steer vlm --workers 1 --steer-timeout 0.25` as a separate process (uvicorn,
-one worker: all the load on one event loop), serve's default slots, Retry-After and threads unless given. The bound
+one worker: all the load on one event loop), serve's default slots, Retry-After, threads and nice unless given. The bound
 sits between the two requests' times: the short one (~30 ms here) fits it, the slow one (~450 ms) never does.
 
-Phases, one client process (this one):
+Phases (the /features client is a process of its own, so that the steering clients' threads cannot delay it):
   unloaded   one client GETs /features/<random id> back to back for D seconds: p50, p99
   alone      the short steering request (2 answers of up to 8 tokens, 4 edits), one at a time: median of R
   loaded     32 clients POST the slow steering request (10 answers of up to 128 tokens to a 1,000-character prompt),
@@ -22,6 +22,8 @@ Run: .venv/bin/python benchmarks/bench_steer_load.py [--quick] [--json out.json]
 
 from __future__ import annotations
 
+import concurrent.futures
+import multiprocessing
 import statistics
 import subprocess
 import sys
@@ -44,7 +46,8 @@ GOALS = {"features_p99_ratio": 2.0, "after_burst_ratio": 1.5}
 PROMPT = "What is in the picture?"
 LONG_PROMPT = ("Describe the picture in every detail. " * 30)[:1000]
 NOTES = (
-    "latencies are client-side (requests, keep-alive sessions), the server and this client on the same CPUs",
+    "latencies are client-side (requests, keep-alive sessions), the server and the clients on the same CPUs; the "
+    "/features client is a process of its own",
     "slow request: 10 answers of up to 128 tokens to a 1,000-character prompt, before and after: past the bound, so "
     "it is stopped at its next token and answered 503 (its slot free when the answer comes); short request: 2 "
     "answers of up to 8 tokens",
@@ -123,17 +126,25 @@ def steer_body(edits: list[dict[str, Any]], slow: bool, seed: int = 0) -> dict[s
     return {"image": seed % 4, "head": "vlm", "edits": edits, "seed": seed, **size}
 
 
-def probe_features(url: str, duration_s: float, n_features: int, stop: threading.Event | None = None) -> list[float]:
-    """GET /features/<random id> back to back for duration_s (or until `stop`): the latencies in ms."""
+def probe_features(url: str, duration_s: float, n_features: int) -> list[float]:
+    """GET /features/<random id> back to back for duration_s: the latencies in ms."""
     rng = np.random.default_rng(0)
     session, times = requests.Session(), []
     end = time.perf_counter() + duration_s
-    while time.perf_counter() < end and not (stop is not None and stop.is_set()):
+    while time.perf_counter() < end:
         t0 = time.perf_counter()
         r = session.get(f"{url}/features/{int(rng.integers(n_features))}", timeout=30)
         times.append(1e3 * (time.perf_counter() - t0))
         r.raise_for_status()
     return times
+
+
+def prober(url: str, duration_s: float, n_features: int) -> concurrent.futures.Future:
+    """probe_features in a process of its own (started now)."""
+    pool = concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+    done = pool.submit(probe_features, url, duration_s, n_features)
+    pool.shutdown(wait=False)
+    return done
 
 
 def steer_once(session: requests.Session, url: str, body: dict[str, Any]) -> tuple[int, float, requests.Response]:
@@ -185,10 +196,10 @@ def measure(url: str, size: dict[str, Any], n_features: int) -> dict[str, Any]:
     edits = [{"feature": f["feature"], "op": "add", "value": 20.0, "where": "all"} for f in patch[:4]]
     warm = [steer_once(session, url, steer_body(edits, slow=False))[0] for _ in range(5)]  # the first is slow
     assert warm[-2:] == [200, 200], f"the short steering request does not fit the bound: {warm}"
-    probe_features(url, 1.0, n_features)
+    prober(url, 1.0, n_features).result()
 
     log(f"unloaded: /features for {size['duration_s']:g} s")
-    unloaded = probe_features(url, size["duration_s"], n_features)
+    unloaded = prober(url, size["duration_s"], n_features).result()
     log(f"alone: the short steering request x {size['alone_reps']}")
     alone, alone_statuses = [], Counter()
     for _ in range(size["alone_reps"]):
@@ -197,11 +208,9 @@ def measure(url: str, size: dict[str, Any], n_features: int) -> dict[str, Any]:
         alone_statuses[status] += 1
 
     log(f"loaded: {CLIENTS} clients steering for {size['duration_s']:g} s, /features alongside")
-    loaded: list[float] = []
-    prober = threading.Thread(target=lambda: loaded.extend(probe_features(url, size["duration_s"], n_features)))
-    prober.start()
+    probing = prober(url, size["duration_s"], n_features)
     statuses, overrun = burst(url, edits, size["duration_s"])
-    prober.join()
+    loaded = probing.result()
     after_status, after_ms, _ = steer_once(session, url, steer_body(edits, slow=False))
     health = session.get(f"{url}/healthz", timeout=30).json()
     return {"heads": heads, "unloaded": unloaded, "loaded": loaded, "alone": alone, "after_ms": after_ms,
@@ -216,10 +225,11 @@ def main() -> None:
     parser.add_argument("--steer-slots", type=int, help="the service's slots per worker (default: serve's)")
     parser.add_argument("--steer-retry-after", type=int, help="the 429's Retry-After (default: serve's)")
     parser.add_argument("--steer-threads", type=int, help="torch threads of the worker (default: serve's)")
+    parser.add_argument("--steer-nice", type=int, help="the steering thread's nice value (default: serve's)")
     args = parser.parse()
     size = QUICK if args.quick else FULL
     options = ["--steer-timeout", str(args.steer_timeout)]
-    for flag in ("steer_slots", "steer_retry_after", "steer_threads"):
+    for flag in ("steer_slots", "steer_retry_after", "steer_threads", "steer_nice"):
         if getattr(args, flag) is not None:
             options += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
     with tempfile.TemporaryDirectory(prefix="bench_steer_load_") as tmp:

@@ -229,11 +229,12 @@ def test_a_request_past_its_bound_is_stopped_and_frees_its_slot(steer_api_one_sl
 
 @pytest.fixture(scope="module")
 def steer_api_one_slot(index_dir):
-    """A steering service with one slot and a 3 s bound, its model loaded."""
+    """A steering service with one slot and a 3 s bound (its steering thread at the loop's priority: the second
+    request must fit the bound on a busy machine too), its model loaded."""
     from conftest import _serve
     from services.api import create_app
 
-    app = create_app(index_dir, steer_heads=("model",), steer_options=SteerOptions(timeout_s=3.0, slots=1))
+    app = create_app(index_dir, steer_heads=("model",), steer_options=SteerOptions(timeout_s=3.0, slots=1, nice=0))
     for url in _serve(app):
         assert requests.get(f"{url}/steer/heads", timeout=120).json()["slots"] == 1
         yield url, app
@@ -243,7 +244,8 @@ def steer_api_one_slot(index_dir):
                                                 ("--steer-retry-after", "-1", "steer_retry_after must be"),
                                                 ("--steer-device", "gpu", "steer_device must be auto, cpu"),
                                                 ("--steer-timeout", "0", "steer_timeout must be > 0"),
-                                                ("--steer-threads", "0", "steer_threads must be an integer >= 1")])
+                                                ("--steer-threads", "0", "steer_threads must be an integer >= 1"),
+                                                ("--steer-nice", "20", "steer_nice must be an integer from 0 to 19")])
 def test_serve_steer_options_are_checked(index_dir, capsys, flag, value, words) -> None:
     from actstore_cli import main
 

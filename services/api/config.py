@@ -49,6 +49,9 @@ class ServeConfig:
     answered 429 at once, with Retry-After."""
     steer_retry_after: int = 2
     """Seconds the 429's Retry-After asks a client to wait."""
+    steer_nice: int = 19
+    """CPU priority of each worker's steering thread (Linux nice, 0-19): 19 lets the event loop (browsing) and the rest
+    of the machine go first; 0 shares the CPU evenly."""
     steer_threads: int | None = None
     """torch's CPU threads per worker for steering; default: the machine's cores / workers, less one for the worker's
     event loop (at least 1): on a busy CPU, a thread team as wide as the machine stalls every pass for seconds."""
@@ -69,4 +72,5 @@ class ServeConfig:
         threads = self.steer_threads
         if threads is None:
             threads = max(1, (os.cpu_count() or 1) // (1 if self.ray else self.workers) - 1)
-        return SteerOptions(self.steer_timeout, self.steer_device, self.steer_slots, self.steer_retry_after, threads)
+        return SteerOptions(self.steer_timeout, self.steer_device, self.steer_slots, self.steer_retry_after, threads,
+                            self.steer_nice)

@@ -74,7 +74,7 @@ def build_app(args: dict[str, Any]) -> Any:
     """Ray Serve's application builder, for a RayService's `import_path: services.api.runners:build_app`:
     args `index` (a local folder) and optionally `storage_options`, `num_replicas`, `compare` (a comparison
     folder whose side A or B is the index), `steer` (head specs), `steer_timeout`, `steer_device`, `steer_slots`,
-    `steer_retry_after` and `steer_threads` (as `actstore serve`'s flags); the token comes from $ACTSTORE_TOKEN, host and port from
+    `steer_retry_after`, `steer_threads` and `steer_nice` (as `actstore serve`'s flags); the token comes from $ACTSTORE_TOKEN, host and port from
     the Serve config."""
     if "index" not in args:
         raise ConfigError("build_app needs args.index (the index folder on the replicas' nodes)")
@@ -84,7 +84,7 @@ def build_app(args: dict[str, Any]) -> Any:
 
 
 _STEER_ARGS = {"steer_timeout": "timeout_s", "steer_device": "device", "steer_slots": "slots",
-               "steer_retry_after": "retry_after_s", "steer_threads": "threads"}
+               "steer_retry_after": "retry_after_s", "steer_threads": "threads", "steer_nice": "nice"}
 """build_app's steer_* args (named as `actstore serve`'s flags) and the SteerOptions fields they set."""
 
 

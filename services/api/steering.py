@@ -13,14 +13,17 @@ Requests are bounded: a body of at most MAX_BODY bytes (BodyLimit), an image of 
 - the event loop never runs torch: the model and the heads load, and the requests steer, in the worker's one steering
   thread (the load once: concurrent first requests wait on that one load, and other routes keep answering
   meanwhile). Runs wait their turn in its queue, where one past its bound is dropped without starting;
-- torch's CPU threads (`SteerOptions.threads`): `actstore serve` leaves a core to each worker's event loop. On a busy
-  2-core machine a request of the tests' tiny VLM took 25 ms with one thread and 0.2-2.9 s with two (measured).
+- the CPU goes to the event loop first: the steering thread runs at the lowest priority (`SteerOptions.nice`), and
+  with `SteerOptions.threads` torch's CPU threads (`actstore serve` leaves a core to each worker's event loop; on a busy
+  2-core machine a request of the tests' tiny VLM took 25 ms with one thread and 0.2-2.9 s with two, measured).
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import re
+import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -56,6 +59,11 @@ class SteerOptions:
     threads: int | None = None
     """torch's CPU threads in this worker (torch.set_num_threads); None: torch's default. `actstore serve` leaves a
     core to each worker's event loop (see ServeConfig.steer_threads)."""
+    nice: int = 19
+    """The steering thread's CPU priority (Linux nice, 0-19; torch's threads it starts inherit it): 19, the lowest,
+    lets the worker's event loop (and the rest of the machine) go first; 0 shares the CPU evenly. Measured by
+    benchmarks/bench_steer_load.py on 2 cores (other work running): /features p99 under 32 steering clients 6-8 ms at
+    0, 5-6.5 ms at 10, 2.5-4.4 ms at 19, against 1.1-1.6 ms unloaded; at 19 steering yields to the other work too."""
 
     def __post_init__(self) -> None:
         if not self.timeout_s > 0:
@@ -67,6 +75,8 @@ class SteerOptions:
         if self.threads is not None and (isinstance(self.threads, bool) or not isinstance(self.threads, int)
                                          or self.threads < 1):
             raise ConfigError(f"steer_threads must be an integer >= 1, got {self.threads!r}")
+        if isinstance(self.nice, bool) or not isinstance(self.nice, int) or not 0 <= self.nice <= 19:
+            raise ConfigError(f"steer_nice must be an integer from 0 to 19, got {self.nice!r}")
         if not _DEVICE.fullmatch(self.device):
             raise ConfigError(f"steer_device must be auto, cpu, cuda, cuda:N, mps or xpu, got {self.device!r}")
 
@@ -86,6 +96,16 @@ def _device(device: str) -> str:
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"--steer-device {device}: torch sees no CUDA device here; use cpu or auto")
     return device
+
+
+def _background(nice: int) -> None:
+    """This thread (the steering thread; torch's CPU threads it starts inherit it) at CPU priority `nice`, so that the
+    worker's event loop gets a core first. Linux only (elsewhere a thread has no nice value of its own)."""
+    if nice and sys.platform == "linux":
+        try:
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
+        except OSError:  # a sandbox may refuse it: steering still works, at the loop's priority
+            pass
 
 
 @dataclass(frozen=True)
@@ -143,6 +163,7 @@ class Steering:
 
         from services.steer import Steerer
 
+        _background(self.options.nice)
         if self.options.threads is not None:
             torch.set_num_threads(self.options.threads)
         steerer = Steerer(self.sae, self.store, _device(self.options.device), self.storage_options)
@@ -229,6 +250,7 @@ class Steering:
                                   "fewer edits, fewer or shorter answers, or later") from None
         except asyncio.CancelledError:  # the server is going away: stop the work too
             cancel.set()
+            job.cancel()
             raise
 
     async def patch_features(self, image: int, patch: int) -> dict[str, Any]:
