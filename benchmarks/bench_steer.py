@@ -10,10 +10,11 @@ class's 8 most associated features (mean activation on its patches minus elsewhe
 on its patches, and with 8 random live features set to 0 on the same patches (mean of 3 draws). The claim under test:
 suppressing a class's own features lowers its IoU more than suppressing others.
 
-Latency: `actstore serve --index DIR --steer probe:SEG` as a separate process (one uvicorn worker); POST /steer of a
-random image with 8 edits (set 0 @all) through the segmentation probe, one client; p50 and p99 after a warm-up. The
-reference, in this process and the same run: one clean forward pass of the backbone (its whole model, one image).
-A request runs two passes (before and after) plus the decode, the SAE, the probe and the JSON.
+Latency: `actstore serve --index DIR --steer probe:SEG --steer-threads N` as a separate process (one uvicorn worker,
+torch's threads as many as the reference's); POST /steer of a random image with 8 edits (set 0 @all) through the
+segmentation probe, one client; p50 and p99 after a warm-up. The reference, in this process and the same run: one
+clean forward pass of the backbone (its whole model, one image). A request runs two passes (before and after) plus
+the decode, the SAE, the probe and the JSON. Steering under concurrent load: bench_steer_load.py.
 
 Run: .venv/bin/python benchmarks/bench_steer.py [--quick] [--json out.json] [--workdir DIR]
 """
@@ -68,7 +69,7 @@ def steer_ms(index: str, seg: str, n_images: int, n: int, features: list[int]) -
     """POST /steer latencies (ms) against a separate `actstore serve` process."""
     port = free_port()
     cmd = [sys.executable, "-m", "actstore_cli", "serve", "--index", index, "--port", str(port), "--workers", "1",
-           "--steer", f"probe:{seg}"]
+           "--steer", f"probe:{seg}", "--steer-threads", str(torch.get_num_threads())]  # as the reference's
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     url = f"http://127.0.0.1:{port}"
     try:
