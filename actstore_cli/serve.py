@@ -26,6 +26,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # a missing or corrupt index, or a comparison it is not part of, fails here, as one line, before serving starts
     steer = cfg.steer_options()
     api.create_app(cfg.index, cfg.token, options, cfg.compare, cfg.steer, steer)
+    if cfg.steer and steer.device != "auto":  # a device torch cannot see fails now, not at the first request
+        from services.api.steering import steer_device
+
+        steer_device(steer.device)
     if cfg.ray:
         init_ray(cfg.address)
         print(f"serving {cfg.index} through Ray Serve at http://{cfg.host}:{cfg.port}/ (Ctrl-C stops)")

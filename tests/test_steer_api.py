@@ -240,6 +240,22 @@ def steer_api_one_slot(index_dir):
         yield url, app
 
 
+def test_steering_runs_where_serve_steer_device_says(steer_api_one_slot, index_dir, capsys) -> None:
+    """auto: cuda when torch sees one, else cpu; a CUDA device torch cannot see stops `serve` at start, one line."""
+    import torch
+
+    from actstore_cli import main
+
+    url, _ = steer_api_one_slot
+    assert requests.get(f"{url}/steer/heads", timeout=60).json()["device"] == (
+        "cuda" if torch.cuda.is_available() else "cpu")
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present: nothing to refuse")
+    assert main(["serve", "--index", str(index_dir), "--steer", "model", "--steer-device", "cuda"]) == 1
+    err = capsys.readouterr().err
+    assert "--steer-device cuda: torch sees no CUDA device here" in err and len(err.strip().splitlines()) == 1
+
+
 @pytest.mark.parametrize("flag, value, words", [("--steer-slots", "0", "steer_slots must be an integer >= 1"),
                                                 ("--steer-retry-after", "-1", "steer_retry_after must be"),
                                                 ("--steer-device", "gpu", "steer_device must be auto, cpu"),

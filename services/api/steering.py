@@ -35,7 +35,7 @@ from actstore.errors import ConfigError, NotFoundError
 from services.api.errors import SteeringBusy, SteeringTimeout
 from services.api.schemas import MAX_EDITS
 
-__all__ = ["MAX_BODY", "NO_STEERING", "BodyLimit", "SteerOptions", "Steering", "head_name"]
+__all__ = ["MAX_BODY", "NO_STEERING", "BodyLimit", "SteerOptions", "Steering", "head_name", "steer_device"]
 
 MAX_BODY = 1 << 20
 """Bytes of a POST /steer body at most (64 edits of a few thousand patch indices fit well inside)."""
@@ -87,8 +87,8 @@ def head_name(spec: str) -> str:
     return f"probe:{arg.rstrip('/').rsplit('/', 1)[-1]}" if kind == "probe" else kind
 
 
-def _device(device: str) -> str:
-    """`device`, with auto resolved; a CUDA device where torch sees none is a one-line error."""
+def steer_device(device: str) -> str:
+    """`device`, with auto resolved; a CUDA device where torch sees none is a one-line error (imports torch)."""
     import torch
 
     if device == "auto":
@@ -166,7 +166,7 @@ class Steering:
         _background(self.options.nice)
         if self.options.threads is not None:
             torch.set_num_threads(self.options.threads)
-        steerer = Steerer(self.sae, self.store, _device(self.options.device), self.storage_options)
+        steerer = Steerer(self.sae, self.store, steer_device(self.options.device), self.storage_options)
         return _Loaded(steerer, {name: steerer.head(spec) for name, spec in self.specs.items()})
 
     async def _model(self, deadline: float) -> _Loaded:
