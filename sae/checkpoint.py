@@ -54,8 +54,8 @@ from actstore.store import (ActivationStore, LayerSpec, describe_model, filesyst
 from sae.config import SAEConfig
 from sae.model import SparseAutoencoder
 
-__all__ = ["FORMAT", "FORMAT_VERSION", "check_origin", "export_saelens", "load", "load_on_store", "origin",
-           "read_extra", "save"]
+__all__ = ["FORMAT", "FORMAT_VERSION", "check_origin", "check_saved_origin", "export_saelens", "load",
+           "load_on_store", "origin", "read_extra", "save"]
 
 FORMAT = "actstore-sae"
 FORMAT_VERSION = 1
@@ -136,7 +136,7 @@ def origin(store: ActivationStore, layer: str | int, tokens: str = "patches") ->
             "backbone": model_identity(store.attrs.get("backbone", {}))}
 
 
-def check_origin(url: str, extra: dict[str, Any], store: ActivationStore, spec: LayerSpec,
+def check_origin(url: str, extra: dict[str, Any], store: ActivationStore, spec: LayerSpec | None,
                  storage_options: dict[str, Any] | None = None) -> None:
     """Refuse, with one line naming both sides, the SAE at `url` (whose cfg.json extra is `extra`) on layer `spec` of
     `store` unless it was trained on that layer of the same model (any dataset). SAEs saved before they recorded the
@@ -161,9 +161,17 @@ def check_origin(url: str, extra: dict[str, Any], store: ActivationStore, spec: 
     if differ:
         raise ConfigError(f"{redact(url)} was trained on layer {layer} of {describe_model(recorded)}; "
                           f"{redact(store.url)} holds {describe_model(here)} ({'; '.join(differ)}): not the same model")
-    if layer is not None and str(layer) != spec.name:
+    if layer is not None and spec is not None and str(layer) != spec.name:
         raise ConfigError(f"{redact(url)} was trained on layer {layer} of {describe_model(recorded)}; asked to read "
                           f"layer {spec.name} of {redact(store.url)}")
+
+
+def check_saved_origin(url: str, store: ActivationStore, storage_options: dict[str, Any] | None = None) -> None:
+    """check_origin for the SAE at `url` on the layer it records, from its cfg.json alone (no weights read): for a
+    command that loads the SAE later (serve --steer) and should refuse it at start."""
+    extra = read_extra(url, storage_options)
+    layer = extra.get("layer")
+    check_origin(url, extra, store, store.layer(layer) if layer is not None else None, storage_options)
 
 
 def load_on_store(url: str, store: ActivationStore, layer: str | int | None = None,

@@ -22,6 +22,7 @@ from actstore.store import ActivationStore, identity_differences, model_identity
 from actstore.testing.synthetic import write_synthetic_store
 from actstore_cli import main
 from sae import SAEConfig, SparseAutoencoder, checkpoint
+from services.api import create_app
 from services.compare import CompareConfig, run_compare
 from services.index import IndexConfig, build_index
 from services.spliced import load_in_model
@@ -125,6 +126,11 @@ def test_an_sae_of_another_model_is_refused_by_every_command(two_models: dict[st
     zarr.open_group(same_model, mode="r+").attrs["actstore"] = {
         **attrs, "dataset": {**attrs["dataset"], "source": "elsewhere", "fingerprint": "other-images"}}
     assert build_index(IndexConfig(same_model, two_models["sae_a"], str(tmp_path / "ok")), progress=False).is_dir()
+    # serve --steer over an index whose SAE was swapped for another model's: refused when the app is made
+    meta = json.loads((tmp_path / "ok" / "index.json").read_text())
+    (tmp_path / "ok" / "index.json").write_text(json.dumps({**meta, "sae": sae_b, "store": a}))
+    with pytest.raises(ConfigError, match="not the same model"):
+        create_app(str(tmp_path / "ok"), steer_heads=("model",))
 
 
 def test_another_layer_an_unrecorded_sae_and_an_old_record(two_models: dict[str, str], tmp_path: Path) -> None:

@@ -55,6 +55,9 @@ class ServeConfig:
     steer_threads: int | None = None
     """torch's CPU threads per worker for steering; default: the machine's cores / workers, less one for the worker's
     event loop (at least 1): on a busy CPU, a thread team as wide as the machine stalls every pass for seconds."""
+    fidelity_check: bool = True
+    """Before steering, check that the rebuilt backbone makes the store's activations (--no-fidelity-check: steer
+    anyway, with a warning in the log)."""
     storage_options: Mapping[str, Any] = field(default_factory=dict)
     """fsspec options for reading the dataset's images."""
 
@@ -73,4 +76,4 @@ class ServeConfig:
         if threads is None:
             threads = max(1, (os.cpu_count() or 1) // (1 if self.ray else self.workers) - 1)
         return SteerOptions(self.steer_timeout, self.steer_device, self.steer_slots, self.steer_retry_after, threads,
-                            self.steer_nice)
+                            self.steer_nice, self.fidelity_check)

@@ -74,8 +74,8 @@ def build_app(args: dict[str, Any]) -> Any:
     """Ray Serve's application builder, for a RayService's `import_path: services.api.runners:build_app`:
     args `index` (a local folder) and optionally `storage_options`, `num_replicas`, `compare` (a comparison
     folder whose side A or B is the index), `steer` (head specs), `steer_timeout`, `steer_device`, `steer_slots`,
-    `steer_retry_after`, `steer_threads` and `steer_nice` (as `actstore serve`'s flags); the token comes from $ACTSTORE_TOKEN, host and port from
-    the Serve config."""
+    `steer_retry_after`, `steer_threads`, `steer_nice` and `fidelity_check` (as `actstore serve`'s flags); the token
+    comes from $ACTSTORE_TOKEN, host and port from the Serve config."""
     if "index" not in args:
         raise ConfigError("build_app needs args.index (the index folder on the replicas' nodes)")
     options = {field: args[arg] for arg, field in _STEER_ARGS.items() if arg in args}
@@ -84,7 +84,8 @@ def build_app(args: dict[str, Any]) -> Any:
 
 
 _STEER_ARGS = {"steer_timeout": "timeout_s", "steer_device": "device", "steer_slots": "slots",
-               "steer_retry_after": "retry_after_s", "steer_threads": "threads", "steer_nice": "nice"}
+               "steer_retry_after": "retry_after_s", "steer_threads": "threads", "steer_nice": "nice",
+               "fidelity_check": "fidelity_check"}
 """build_app's steer_* args (named as `actstore serve`'s flags) and the SteerOptions fields they set."""
 
 

@@ -26,7 +26,7 @@ import re
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -64,6 +64,10 @@ class SteerOptions:
     lets the worker's event loop (and the rest of the machine) go first; 0 shares the CPU evenly. Measured by
     benchmarks/bench_steer_load.py on 2 cores (other work running): /features p99 under 32 steering clients 6-8 ms at
     0, 5-6.5 ms at 10, 2.5-4.4 ms at 19, against 1.1-1.6 ms unloaded; at 19 steering yields to the other work too."""
+
+    fidelity_check: bool = True
+    """Check, when the model loads, that the rebuilt backbone makes the store's activations (services.spliced); off:
+    steer anyway (a warning is logged)."""
 
     def __post_init__(self) -> None:
         if not self.timeout_s > 0:
@@ -121,9 +125,14 @@ class Steering:
 
     def __init__(self, sae: str, store: str, heads: Sequence[str], storage_options: dict[str, Any] | None = None,
                  options: SteerOptions | None = None) -> None:
+        from actstore.store import ActivationStore
+        from sae.checkpoint import check_saved_origin
+
         self.sae, self.store = sae, store
         self.storage_options = dict(storage_options or {})
         self.options = options or SteerOptions()
+        with ActivationStore(store, self.storage_options) as opened:  # refuse another model's SAE at start
+            check_saved_origin(sae, opened, self.storage_options)
         self.specs: dict[str, str] = {}
         for spec in heads:
             name = head_name(spec)
@@ -166,7 +175,8 @@ class Steering:
         _background(self.options.nice)
         if self.options.threads is not None:
             torch.set_num_threads(self.options.threads)
-        steerer = Steerer(self.sae, self.store, steer_device(self.options.device), self.storage_options)
+        steerer = Steerer(self.sae, self.store, steer_device(self.options.device), self.storage_options,
+                          fidelity_check=self.options.fidelity_check)
         return _Loaded(steerer, {name: steerer.head(spec) for name, spec in self.specs.items()})
 
     async def _model(self, deadline: float) -> _Loaded:
