@@ -163,10 +163,17 @@ def burst(url: str, edits: list[dict[str, Any]], duration_s: float) -> tuple[Cou
     def client(i: int) -> None:
         session, seed = requests.Session(), i
         while time.perf_counter() < end:
-            status, _, r = steer_once(session, url, steer_body(edits, slow=True, seed=seed))
+            try:
+                status, _, r = steer_once(session, url, steer_body(edits, slow=True, seed=seed))
+            except requests.ConnectionError as e:  # counted with the other answers, and said once
+                status, r = 0, None
+                if not statuses[0]:
+                    print(f"a steering client's connection failed: {e}", flush=True)
             seed += CLIENTS
             with lock:
                 statuses[status] += 1
+                if status not in (0, 200, 429, 503) and statuses[status] == 1:
+                    print(f"a steering request was answered {status}: {r.text[:300]}", flush=True)
             if status == 429:
                 time.sleep(min(float(r.headers.get("Retry-After", 1)), max(0.0, end - time.perf_counter())))
         with lock:
@@ -225,7 +232,7 @@ def main() -> None:
     parser.add_argument("--steer-slots", type=int, help="the service's slots per worker (default: serve's)")
     parser.add_argument("--steer-retry-after", type=int, help="the 429's Retry-After (default: serve's)")
     parser.add_argument("--steer-threads", type=int, help="torch threads of the worker (default: serve's)")
-    parser.add_argument("--steer-nice", type=int, help="the steering thread's nice value (default: serve's)")
+    parser.add_argument("--steer-nice", type=int, help="the steering process's nice value (default: serve's)")
     args = parser.parse()
     size = QUICK if args.quick else FULL
     options = ["--steer-timeout", str(args.steer_timeout)]

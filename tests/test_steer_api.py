@@ -214,28 +214,34 @@ def test_requests_past_the_slots_get_429_at_once(index_dir, service_store, gated
         assert requests.post(f"{url}/steer", json=BODY, timeout=60).json() == served[0].json()
 
 
-def test_a_request_past_its_bound_is_stopped_and_frees_its_slot(steer_api_one_slot) -> None:
-    """One slot; a request waits for the model (another run holds it) past the bound: it is stopped, answered 503,
-    and its slot is free when the answer comes: the next request is served (not 429 or 503)."""
-    url, app = steer_api_one_slot
-    steerer = app.state.steering.loaded
-    with steerer._lock:  # another run has the model
+def test_a_request_past_its_bound_is_stopped_and_frees_its_slot(index_dir, service_store, gated) -> None:
+    """One slot; a request waits for the model (its load held on the weights) past its bound: it is answered 503 and
+    its slot is free when the answer comes; once the model is in, the next request is served (not 429 or 503). (A
+    run stopped mid-way across the process boundary: test_vlm's test_a_steering_run_past_its_bound_is_stopped.)"""
+    from conftest import _serve
+
+    app = gated_service(index_dir, service_store, gated, SteerOptions(timeout_s=1.0, slots=1, nice=0))
+    for url in _serve(app):
         r = requests.post(f"{url}/steer", json=BODY, timeout=60)
-        assert r.status_code == 503 and "was stopped" in r.json()["detail"], r.text
+        assert r.status_code == 503 and "still loading" in r.json()["detail"], r.text
         assert app.state.steering.in_flight == 0
-    r = requests.post(f"{url}/steer", json=BODY, timeout=60)
-    assert r.status_code == 200 and r.json()["edits"] == ["17:add:40@all"], r.text
+        gated.open()
+        wait_for(lambda: requests.get(f"{url}/healthz", timeout=10).json()["steering"] == "ready", "the model in")
+        r = requests.post(f"{url}/steer", json=BODY, timeout=60)
+        assert r.status_code == 200 and r.json()["edits"] == ["17:add:40@all"], r.text
 
 
 @pytest.fixture(scope="module")
 def steer_api_one_slot(index_dir):
-    """A steering service with one slot and a 3 s bound (its steering thread at the loop's priority: the second
-    request must fit the bound on a busy machine too), its model loaded."""
+    """A steering service with one slot and a 3 s bound (its steering process at the loop's priority), its model
+    loaded."""
     from conftest import _serve
     from services.api import create_app
 
     app = create_app(index_dir, steer_heads=("model",), steer_options=SteerOptions(timeout_s=3.0, slots=1, nice=0))
     for url in _serve(app):
+        requests.get(f"{url}/steer/heads", timeout=120)  # starts the load (which may outlast the bound)
+        wait_for(lambda: requests.get(f"{url}/healthz", timeout=10).json()["steering"] == "ready", "the model in")
         assert requests.get(f"{url}/steer/heads", timeout=120).json()["slots"] == 1
         yield url, app
 
@@ -268,3 +274,41 @@ def test_serve_steer_options_are_checked(index_dir, capsys, flag, value, words) 
     assert main(["serve", "--index", str(index_dir), "--steer", "model", flag, value]) == 1
     err = capsys.readouterr().err
     assert words in err and len(err.strip().splitlines()) == 1
+
+
+def test_the_steering_process_ends_with_its_worker(index_dir) -> None:
+    """`actstore serve --steer` killed outright (no shutdown of its own): its steering process goes too."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    import psutil
+
+    from test_api import _free_port
+
+    port = _free_port()
+    server = subprocess.Popen([sys.executable, "-m", "actstore_cli", "serve", "--index", str(index_dir), "--port",
+                               str(port), "--workers", "1", "--steer", "model"], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_for(lambda: _answers(f"{url}/healthz"), "the service up")
+        requests.get(f"{url}/steer/heads", timeout=120)
+        wait_for(lambda: requests.get(f"{url}/healthz", timeout=10).json()["steering"] == "ready", "the model in")
+        children = psutil.Process(server.pid).children(recursive=True)
+        assert children, "the model runs in a process of the worker's"
+        os.kill(server.pid, signal.SIGKILL)
+        server.wait(30)
+        _, alive = psutil.wait_procs(children, timeout=30)
+        assert not alive, f"left running: {[p.pid for p in alive]}"
+    finally:
+        if server.poll() is None:
+            server.kill()
+
+
+def _answers(url: str) -> bool:
+    try:
+        return requests.get(url, timeout=5).status_code == 200
+    except requests.ConnectionError:
+        return False

@@ -351,3 +351,34 @@ def test_a_vlm_checkpoint_loads_in_its_own_dtype(folders: dict[str, str], tmp_pa
     assert len(responses(backbone, x, PROMPT, n=2, max_new_tokens=4)) == 2
     drawn = load_backbone(BackboneConfig(f"hf:{tmp_path / 'bf16'}", layers=(FEATURE_LAYER,)))
     assert {p.dtype for p in drawn.vlm.parameters()} == {torch.float32}
+
+
+def test_a_steering_run_past_its_bound_is_stopped(vlm_store) -> None:
+    """The service steers in a process of its own: a long VLM run past its bound sees its slot's cancel flag (shared
+    memory) at its next token and stops, so the answer is a 503 (a run that ended by itself would be answered 200);
+    its slot is free when the answer comes, and the process goes on serving."""
+    import time
+
+    import requests
+
+    from conftest import _serve
+    from services.api import create_app
+    from services.api.steering import SteerOptions
+    from services.index import IndexConfig, build_index
+
+    tmp_path, _ = vlm_store
+    index = build_index(IndexConfig(str(tmp_path / "store"), sae_on(tmp_path / "store", "1"),
+                                    str(tmp_path / "index-bound"), k=2), progress=False)
+    app = create_app(index, steer_heads=("vlm",), steer_options=SteerOptions(timeout_s=0.05, slots=2, nice=0))
+    for url in _serve(app):
+        requests.get(f"{url}/steer/heads", timeout=60)  # starts the load (which outlasts this bound)
+        deadline = time.monotonic() + 120
+        while requests.get(f"{url}/healthz", timeout=10).json()["steering"] != "ready":
+            assert time.monotonic() < deadline, "the steering model never loaded"
+            time.sleep(0.05)
+        long = {"image": 1, "head": "vlm", "prompt": "Describe it. " * 70, "responses": 10, "max_new_tokens": 128}
+        r = requests.post(f"{url}/steer", json=long, timeout=60)
+        assert r.status_code == 503 and "was stopped" in r.json()["detail"], r.text
+        assert app.state.steering.in_flight == 0
+        r = requests.get(f"{url}/images/1/patches/0", timeout=60)
+        assert r.status_code == 200 and r.json()["features"], r.text

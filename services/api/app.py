@@ -4,7 +4,8 @@ routes, error handlers). With a token, the API's schema and docs (/openapi.json,
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +43,13 @@ def create_app(index: str | Path, token: str | None = None, storage_options: dic
                         steer_options) if steer_heads else None
     token = token or os.environ.get(TOKEN_ENV) or None
     docs = {"openapi_url": None, "docs_url": None, "redoc_url": None} if token else {}
-    app = FastAPI(title="actstore feature service", version="1", **docs,
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        yield
+        if steering is not None:  # the worker is going away: so does its steering process
+            steering.close()
+
+    app = FastAPI(title="actstore feature service", version="1", lifespan=lifespan, **docs,
                   description=f"SAE features of layer {reader.meta['layer']} of {redact(reader.meta['store'])}.")
     app.state.reader, app.state.matches, app.state.steering = reader, matches, steering
     add_error_handlers(app)

@@ -49,9 +49,10 @@ class ServeConfig:
     answered 429 at once, with Retry-After."""
     steer_retry_after: int = 2
     """Seconds the 429's Retry-After asks a client to wait."""
-    steer_nice: int = 19
-    """CPU priority of each worker's steering thread (Linux nice, 0-19): 19 lets the event loop (browsing) and the rest
-    of the machine go first; 0 shares the CPU evenly."""
+    steer_nice: int = 0
+    """CPU priority of each worker's steering process (Linux nice, 0-19): 0 shares the CPU evenly (the event loop is
+    another process, so browsing keeps its pace: see benchmarks/bench_steer_load.py); up to 19 lets everything else on
+    the machine go first, at the cost of steering requests missing their bound on a busy machine."""
     steer_threads: int | None = None
     """torch's CPU threads per worker for steering; default: the machine's cores / workers, less one for the worker's
     event loop (at least 1): on a busy CPU, a thread team as wide as the machine stalls every pass for seconds."""

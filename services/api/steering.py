@@ -10,24 +10,31 @@ Requests are bounded: a body of at most MAX_BODY bytes (BodyLimit), an image of 
 - time: a request past `SteerOptions.timeout_s` is stopped where it stands (between the before and after passes,
   while it waits for the model, at a VLM's next generated token) and answered 503 once it has stopped, so its slot
   is free again when the client hears of it;
-- the event loop never runs torch: the model and the heads load, and the requests steer, in the worker's one steering
-  thread (the load once: concurrent first requests wait on that one load, and other routes keep answering
-  meanwhile). Runs wait their turn in its queue, where one past its bound is dropped without starting;
-- the CPU goes to the event loop first: the steering thread runs at the lowest priority (`SteerOptions.nice`), and
-  with `SteerOptions.threads` torch's CPU threads (`actstore serve` leaves a core to each worker's event loop; on a busy
-  2-core machine a request of the tests' tiny VLM took 25 ms with one thread and 0.2-2.9 s with two, measured).
+- the event loop never runs torch, nor shares the GIL with it: the model and the heads load, and the requests steer,
+  in the worker's one steering process (spawned on the first steering request; the load once: concurrent first
+  requests wait on that one load, and other routes keep answering meanwhile). A steering thread in the worker held
+  the GIL between its torch calls and stalled the event loop: /features p99 under 32 steering clients was 3.8-4x its
+  unloaded p99 with a thread, 1.4x with the process (benchmarks/bench_steer_load.py, 2 cores). Runs wait their turn
+  in its queue, where one past its bound never starts (each slot's cancel flag lives in shared memory);
+- the CPU: the steering process runs at `SteerOptions.nice` with `SteerOptions.threads` torch CPU threads
+  (`actstore serve` leaves a core to each worker's event loop; on a busy 2-core machine a request of the tests' tiny
+  VLM took 25 ms with one thread and 0.2-2.9 s with two, measured);
+- the steering process ends with its worker (it watches its parent), and with the app (`Steering.close`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import re
 import sys
 import threading
 import time
 from collections.abc import Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+import multiprocessing
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from typing import Any
 
@@ -59,11 +66,11 @@ class SteerOptions:
     threads: int | None = None
     """torch's CPU threads in this worker (torch.set_num_threads); None: torch's default. `actstore serve` leaves a
     core to each worker's event loop (see ServeConfig.steer_threads)."""
-    nice: int = 19
-    """The steering thread's CPU priority (Linux nice, 0-19; torch's threads it starts inherit it): 19, the lowest,
-    lets the worker's event loop (and the rest of the machine) go first; 0 shares the CPU evenly. Measured by
-    benchmarks/bench_steer_load.py on 2 cores (other work running): /features p99 under 32 steering clients 6-8 ms at
-    0, 5-6.5 ms at 10, 2.5-4.4 ms at 19, against 1.1-1.6 ms unloaded; at 19 steering yields to the other work too."""
+    nice: int = 0
+    """The steering process's CPU priority (Linux nice, 0-19). Measured by benchmarks/bench_steer_load.py on 2 cores:
+    /features p99 under 32 steering clients 1.6 ms at 0 and 1.8 ms at 19, against 1.3-1.4 ms unloaded; with steering
+    in a thread of the worker it was 6-8 ms at 0 and 2.5-4.7 ms at 19. Up to 19 lets the rest of the machine go
+    first, and steering then misses its bound when the machine is busy."""
 
     fidelity_check: bool = True
     """Check, when the model loads, that the rebuilt backbone makes the store's activations (services.spliced); off:
@@ -102,16 +109,6 @@ def steer_device(device: str) -> str:
     return device
 
 
-def _background(nice: int) -> None:
-    """This thread (the steering thread; torch's CPU threads it starts inherit it) at CPU priority `nice`, so that the
-    worker's event loop gets a core first. Linux only (elsewhere a thread has no nice value of its own)."""
-    if nice and sys.platform == "linux":
-        try:
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
-        except OSError:  # a sandbox may refuse it: steering still works, at the loop's priority
-            pass
-
-
 @dataclass(frozen=True)
 class _Loaded:
     steerer: Any
@@ -120,8 +117,92 @@ class _Loaded:
     """The served heads by name (services.steer.heads)."""
 
 
+_CHILD: dict[str, Any] = {}
+"""In the steering process: its cancel flags (one per slot) and, once loaded, the _Loaded model."""
+_WATCH_S = 0.5
+"""How often the steering process checks that its worker is still there."""
+_ALL = -1
+"""A cancel flag's value that stops whatever runs in its slot (the service is closing)."""
+
+
+class _Flag:
+    """One request's cancel, read as threading.Event.is_set (what Steerer.steer polls): its slot's flag in shared
+    memory holds the id of the request to stop, so a late cancel of the slot's previous request never stops the
+    next one."""
+
+    def __init__(self, index: int, request: int) -> None:
+        self.index, self.request = index, request
+
+    def is_set(self) -> bool:
+        return _CHILD["flags"][self.index] in (self.request, _ALL)
+
+
+def _child_start(flags: Any, nice: int, threads: int | None, parent: int) -> None:
+    """The steering process's start: the shared cancel flags, its CPU priority and torch's threads, and a watch on
+    its worker: when that is gone (stopped, killed), so is this process, whatever it was doing."""
+    import torch
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(_WATCH_S)
+        os._exit(0)
+
+    threading.Thread(target=watch, name="steer-parent-watch", daemon=True).start()
+    _CHILD["flags"] = flags
+    if nice and sys.platform == "linux":
+        try:
+            os.setpriority(os.PRIO_PROCESS, 0, nice)
+        except OSError:  # a sandbox may refuse it: steering still works, at the loop's priority
+            pass
+    if threads is not None:
+        torch.set_num_threads(threads)
+
+
+def _child_load(sae: str, store: str, device: str, storage_options: dict[str, Any], fidelity_check: bool,
+                specs: dict[str, str]) -> dict[str, Any]:
+    """Load the model and heads in the steering process; what GET /steer/heads shows of them."""
+    from services.steer import Steerer
+
+    s = Steerer(sae, store, steer_device(device), storage_options, fidelity_check=fidelity_check)
+    loaded = _Loaded(s, {name: s.head(spec) for name, spec in specs.items()})
+    _CHILD["loaded"] = loaded
+    return {"heads": [{"name": name, "kind": h.kind, "classes": h.classes} for name, h in loaded.heads.items()],
+            "grid": list(s.layout.grid), "cls": bool(s.layout.cls), "d_sae": s.model.sae.cfg.d_sae,
+            "layer": s.model.layer, "tokens": s.model.tokens, "device": str(s.device)}
+
+
+def _child_steer(body: dict[str, Any], slot: int, request: int) -> dict[str, Any]:
+    from sae.edits import FeatureEdit
+    from services.steer.run import Cancelled
+
+    cancel = _Flag(slot, request)
+    if cancel.is_set():  # its bound passed while it was queued: never start
+        raise Cancelled("the steering run was stopped")
+    loaded = _CHILD["loaded"]
+    s, head = loaded.steerer, loaded.heads[body["head"]]
+    edits = s.edits([FeatureEdit(e["feature"], e["op"], e["value"], e["where"] if isinstance(e["where"], str)
+                                 else tuple(e["where"])) for e in body["edits"]])
+    images = s.image(int(body["image"]))
+    out = s.steer(images, edits, head, cancel=cancel, prompt=body.get("prompt"), n=body.get("responses", 5),
+                  temperature=body.get("temperature", 0.7), seed=body.get("seed", 0),
+                  max_new_tokens=body.get("max_new_tokens", 24))
+    return {"image": body["image"], "head": body["head"], "kind": head.kind,
+            "classes": head.classes, "edits": [str(e) for e in edits], **out}
+
+
+def _child_patch(image: int, patch: int) -> list[tuple[int, float]]:
+    return _CHILD["loaded"].steerer.patch_features(image, patch)
+
+
 class Steering:
-    """The steering state of one app (one worker): which heads, the model (loaded on first use, once), the slots."""
+    """The steering state of one app (one worker): which heads, the steering process and its model (started and
+    loaded on first use, once), the slots.
+
+    The model runs in a process of its own (spawned, one per worker), not in a thread of the worker: a steering run
+    holds the GIL between its torch calls (a VLM's generation loop above all), and a thread holding the GIL while the
+    OS runs something else stalled the event loop for milliseconds (benchmarks/bench_steer_load.py). Requests go to
+    that process one at a time; a request's time bound reaches it through a cancel flag per slot in shared memory.
+    """
 
     def __init__(self, sae: str, store: str, heads: Sequence[str], storage_options: dict[str, Any] | None = None,
                  options: SteerOptions | None = None) -> None:
@@ -139,10 +220,12 @@ class Steering:
             if name in self.specs:
                 raise ConfigError(f"--steer names two heads called {name!r}")
             self.specs[name] = spec
-        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="steer")
-        """Loads the model and runs the requests, one at a time (the others wait in its queue)."""
-        self._slots = threading.BoundedSemaphore(self.options.slots)
-        self._in_flight = 0
+        self._context = multiprocessing.get_context("spawn")  # no fork of a threaded server
+        self._flags = self._context.RawArray("q", self.options.slots)
+        self._requests = itertools.count(1)
+        self._pool: ProcessPoolExecutor | None = None
+        self._free = list(range(self.options.slots))
+        """Slots not in flight (their indices into the cancel flags)."""
         self._count = threading.Lock()
         self._loading: Future | None = None
         self._load_lock = threading.Lock()
@@ -150,7 +233,7 @@ class Steering:
     @property
     def in_flight(self) -> int:
         """Steering requests holding a slot now."""
-        return self._in_flight
+        return self.options.slots - len(self._free)
 
     @property
     def state(self) -> str:
@@ -162,29 +245,33 @@ class Steering:
             return "loading"
         return "failed" if done.exception() is not None else "ready"
 
-    @property
-    def loaded(self) -> Any:
-        """The Steerer once ready, else None (nothing is started)."""
-        return self._loading.result().steerer if self.state == "ready" else None
+    def close(self) -> None:
+        """Stop the steering process (every run in flight told to stop first)."""
+        for i in range(self.options.slots):
+            self._flags[i] = _ALL
+        with self._load_lock:
+            pool, self._pool, self._loading = self._pool, None, None
+        if pool is not None:
+            pool.shutdown(wait=False, cancel_futures=True)
 
-    def _load(self) -> _Loaded:
-        import torch
+    def _start(self) -> Future:
+        """The load, in a new steering process when there is none (or it died)."""
+        if self._pool is None:
+            self._flags[:] = [0] * self.options.slots
+            self._pool = ProcessPoolExecutor(1, mp_context=self._context, initializer=_child_start,
+                                             initargs=(self._flags, self.options.nice, self.options.threads,
+                                                       os.getpid()))
+        return self._pool.submit(_child_load, self.sae, self.store, self.options.device, self.storage_options,
+                                 self.options.fidelity_check, self.specs)
 
-        from services.steer import Steerer
-
-        _background(self.options.nice)
-        if self.options.threads is not None:
-            torch.set_num_threads(self.options.threads)
-        steerer = Steerer(self.sae, self.store, steer_device(self.options.device), self.storage_options,
-                          fidelity_check=self.options.fidelity_check)
-        return _Loaded(steerer, {name: steerer.head(spec) for name, spec in self.specs.items()})
-
-    async def _model(self, deadline: float) -> _Loaded:
-        """The loaded model and heads; the first call starts the one load (a failed load is retried by the next
-        call), every call waits for it off the event loop, until `deadline` (time.monotonic())."""
+    async def _model(self, deadline: float) -> dict[str, Any]:
+        """What the loaded model shows (GET /steer/heads); the first call starts the one load (a failed load is
+        retried by the next call), every call waits for it off the event loop, until `deadline`."""
         with self._load_lock:
             if self._loading is None or self._loading.done() and self._loading.exception() is not None:
-                self._loading = self._thread.submit(self._load)
+                if self._loading is not None and isinstance(self._loading.exception(), BrokenProcessPool):
+                    self._pool = None
+                self._loading = self._start()
             loading = self._loading
         try:
             return await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(loading)), deadline - time.monotonic())
@@ -197,38 +284,27 @@ class Steering:
 
     async def heads(self) -> dict[str, Any]:
         """What the dashboards need: each head's kind and classes, the grid, the SAE's width, the limits."""
-        loaded = await self._model(self._deadline())
-        s = loaded.steerer
-        heads = [{"name": name, "kind": h.kind, "classes": h.classes} for name, h in loaded.heads.items()]
-        return {"heads": heads, "grid": list(s.layout.grid), "cls": bool(s.layout.cls), "d_sae": s.model.sae.cfg.d_sae,
-                "layer": s.model.layer, "tokens": s.model.tokens, "max_edits": MAX_EDITS,
-                "timeout_s": self.options.timeout_s, "slots": self.options.slots, "device": str(s.device)}
+        info = await self._model(self._deadline())
+        return {**info, "max_edits": MAX_EDITS, "timeout_s": self.options.timeout_s, "slots": self.options.slots}
 
-    def _take_slot(self) -> None:
-        if not self._slots.acquire(blocking=False):
-            raise SteeringBusy(f"{self.options.slots} steering requests are in flight in this worker; retry in "
-                               f"{self.options.retry_after_s} s", self.options.retry_after_s)
+    def _take_slot(self) -> int:
         with self._count:
-            self._in_flight += 1
+            if not self._free:
+                raise SteeringBusy(f"{self.options.slots} steering requests are in flight in this worker; retry in "
+                                   f"{self.options.retry_after_s} s", self.options.retry_after_s)
+            return self._free.pop()
 
-    def _free_slot(self, *_: Any) -> None:
+    def _free_slot(self, slot: int) -> None:
         with self._count:
-            self._in_flight -= 1
-        self._slots.release()
+            self._free.append(slot)
 
-    @staticmethod
-    def _steer(loaded: _Loaded, body: dict[str, Any], cancel: threading.Event) -> dict[str, Any]:
-        from sae.edits import FeatureEdit
-
-        s, head = loaded.steerer, loaded.heads[body["head"]]
-        edits = s.edits([FeatureEdit(e["feature"], e["op"], e["value"], e["where"] if isinstance(e["where"], str)
-                                     else tuple(e["where"])) for e in body["edits"]])
-        images = s.image(int(body["image"]))
-        out = s.steer(images, edits, head, cancel=cancel, prompt=body.get("prompt"), n=body.get("responses", 5),
-                      temperature=body.get("temperature", 0.7), seed=body.get("seed", 0),
-                      max_new_tokens=body.get("max_new_tokens", 24))
-        return {"image": body["image"], "head": body["head"], "kind": head.kind,
-                "classes": head.classes, "edits": [str(e) for e in edits], **out}
+    def _submit(self, fn: Any, *args: Any) -> Future:
+        try:
+            return self._pool.submit(fn, *args)
+        except BrokenProcessPool:  # the process died (killed, out of memory): the next request starts a new one
+            with self._load_lock:
+                self._pool, self._loading = None, None
+            raise SteeringTimeout("the steering process stopped; the next request starts it again") from None
 
     async def steer(self, body: dict[str, Any]) -> dict[str, Any]:
         """The before/after of one request: a slot (else a 429 at once), then the run within the time bound (else
@@ -236,36 +312,33 @@ class Steering:
         if body["head"] not in self.specs:
             raise NotFoundError(f"head {body['head']!r} is not served here; heads: {', '.join(self.specs)}")
         deadline = self._deadline()
-        self._take_slot()
-        cancel = threading.Event()
+        slot, request = self._take_slot(), next(self._requests)
         try:
-            loaded = await self._model(deadline)
-            job = self._thread.submit(self._steer, loaded, body, cancel)
+            await self._model(deadline)
+            job = self._submit(_child_steer, body, slot, request)
         except BaseException:
-            self._free_slot()
+            self._free_slot(slot)
             raise
-        job.add_done_callback(self._free_slot)  # before the request hears: the slot is free when it does
+        job.add_done_callback(lambda _: self._free_slot(slot))  # before the request hears: free when it does
         waiter = asyncio.wrap_future(job)
         try:
             return await asyncio.wait_for(asyncio.shield(waiter), deadline - time.monotonic())
         except TimeoutError:
-            from services.steer.run import Cancelled  # torch is imported by now: the model has loaded
+            from services.steer.run import Cancelled
 
-            cancel.set()  # running: it stops at its next pass, token or wait for the model
-            job.cancel()  # still queued: it never starts
+            self._flags[slot] = request  # running: it stops at its next pass or token; queued: it never starts
             await asyncio.wait([waiter])
-            if not job.cancelled() and not isinstance(waiter.exception(), Cancelled):
+            if not isinstance(waiter.exception(), Cancelled):
                 return waiter.result()  # it finished (or failed) before it saw the cancel
             raise SteeringTimeout(f"steering took longer than {self.options.timeout_s:g} s and was stopped; try "
                                   "fewer edits, fewer or shorter answers, or later") from None
         except asyncio.CancelledError:  # the server is going away: stop the work too
-            cancel.set()
-            job.cancel()
+            self._flags[slot] = request
             raise
 
     async def patch_features(self, image: int, patch: int) -> dict[str, Any]:
-        loaded = await self._model(self._deadline())
-        found = await asyncio.to_thread(loaded.steerer.patch_features, image, patch)
+        await self._model(self._deadline())
+        found = await asyncio.wrap_future(self._submit(_child_patch, image, patch))
         return {"image": image, "patch": patch, "features": [{"feature": f, "value": v} for f, v in found]}
 
 
