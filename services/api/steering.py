@@ -64,8 +64,8 @@ class SteerOptions:
     retry_after_s: int = 2
     """The Retry-After (seconds) of that 429."""
     threads: int | None = None
-    """torch's CPU threads in this worker (torch.set_num_threads); None: torch's default. `actstore serve` leaves a
-    core to each worker's event loop (see ServeConfig.steer_threads)."""
+    """torch's CPU threads in the steering process (torch.set_num_threads); None: torch's default. `actstore serve`
+    leaves a core to each worker's event loop (see ServeConfig.steer_threads)."""
     nice: int = 0
     """The steering process's CPU priority (Linux nice, 0-19). Measured by benchmarks/bench_steer_load.py on 2 cores:
     /features p99 under 32 steering clients 1.6 ms at 0 and 1.8 ms at 19, against 1.3-1.4 ms unloaded; with steering

@@ -42,8 +42,8 @@ from tqdm.auto import tqdm
 from actstore.config import check_at_least, public_config, redact
 from actstore.errors import ConfigError
 from actstore.outputs import marked_by, staged_folder
-from actstore.store import ActivationStore, LayerSpec, is_local, normalize_url, ok_mask
-from sae import SparseAutoencoder, TokenEncoder, positive_entries
+from actstore.store import ActivationStore, is_local, normalize_url, ok_mask
+from sae import TokenEncoder, positive_entries
 from sae.checkpoint import load_on_store
 from services.index.layout import ARRAYS, FEATURES, FORMAT, FORMAT_VERSION, IMAGES, META, dataset_root
 from services.index.topn import TopTable, hash_keys, key_values, value_keys
@@ -188,14 +188,6 @@ class _Source:
     encoder: TokenEncoder
     store: ActivationStore
 
-    @property
-    def sae(self) -> SparseAutoencoder:
-        return self.encoder.sae
-
-    @property
-    def spec(self) -> LayerSpec:
-        return self.encoder.spec
-
 
 def _open_source(cfg: IndexConfig, device: torch.device) -> _Source:
     """Load the SAE and open the store, checking that the layer has patch tokens of the SAE's width."""
@@ -211,7 +203,7 @@ def _open_source(cfg: IndexConfig, device: torch.device) -> _Source:
 def _run_pass(src: _Source, cfg: IndexConfig, ok: torch.Tensor, acc: _Accumulators,
               image_top: tuple[np.ndarray, np.ndarray], progress: bool) -> None:
     """Encode every patch, block by block in store order, and fold the latents of ok images into acc."""
-    spec, store, device = src.spec, src.store, acc.act_max.device
+    spec, store, d_sae = src.encoder.spec, src.store, src.encoder.sae.cfg.d_sae
     n_patches = spec.tokens.n_patches
     per_chunk = store.spec.images_per_chunk
     images_per_block = per_chunk * max(1, cfg.block_patches // (n_patches * per_chunk))
@@ -221,8 +213,8 @@ def _run_pass(src: _Source, cfg: IndexConfig, ok: torch.Tensor, acc: _Accumulato
             n_img = x.shape[0]
             block_ok = ok[start:start + n_img]
             rows, feats, vals = positive_entries(src.encoder.block(x))
-            keep = block_ok.to(device)[rows // n_patches]
-            _fold(acc, start, n_img, rows[keep], feats[keep], vals[keep], n_patches, src.sae.cfg.d_sae, cfg.m,
+            keep = block_ok.to(rows.device)[rows // n_patches]
+            _fold(acc, start, n_img, rows[keep], feats[keep], vals[keep], n_patches, d_sae, cfg.m,
                   cfg.seed, image_top)
             bar.update(n_img * n_patches)
     bar.close()
@@ -230,13 +222,14 @@ def _run_pass(src: _Source, cfg: IndexConfig, ok: torch.Tensor, acc: _Accumulato
 
 def _index_meta(cfg: IndexConfig, src: _Source, uris: list[str], ok: torch.Tensor, freq: np.ndarray) -> dict[str, Any]:
     """index.json: format, provenance, shapes, the density histogram and what the service needs to show images."""
-    store, spec = src.store, src.spec
+    store, spec, sae = src.store, src.encoder.spec, src.encoder.sae
     backbone, dataset = store.attrs.get("backbone", {}), store.attrs.get("dataset", {})
     return {
         "format": FORMAT, "format_version": FORMAT_VERSION, "config": public_config(cfg),
-        "store": redact(store.url), "sae": redact(cfg.sae), "sae_kind": src.sae.cfg.kind, "layer": spec.name, "tokens": "patches",
+        "store": redact(store.url), "sae": redact(cfg.sae), "sae_kind": sae.cfg.kind, "layer": spec.name,
+        "tokens": "patches",
         "grid": list(spec.tokens.grid), "n_patches": spec.tokens.n_patches, "n_images": store.n_images,
-        "n_images_ok": int(ok.sum()), "d_sae": src.sae.cfg.d_sae, "k": cfg.k, "m": cfg.m, "per_band": cfg.per_band,
+        "n_images_ok": int(ok.sum()), "d_sae": sae.cfg.d_sae, "k": cfg.k, "m": cfg.m, "per_band": cfg.per_band,
         "band_exponents": list(BAND_EXPONENTS), "histogram": density_histogram(freq),
         "class_names": list(dataset.get("class_names", [])), "dataset_source": dataset.get("source"),
         "dataset_root": dataset_root([u for u, good in zip(uris, ok.tolist()) if good]),
@@ -257,10 +250,10 @@ def _build(cfg: IndexConfig, tmp: Path, progress: bool) -> None:
     """The pass, writing the index into the folder `tmp`."""
     device = torch.device(cfg.device)
     src = _open_source(cfg, device)
-    n_images, n_patches = src.store.n_images, src.spec.tokens.n_patches
+    n_images, n_patches = src.store.n_images, src.encoder.spec.tokens.n_patches
     table = src.store.images()
     ok = torch.from_numpy(ok_mask(table))
-    acc = _Accumulators.empty(src.sae.cfg.d_sae, n_patches, cfg, device)
+    acc = _Accumulators.empty(src.encoder.sae.cfg.d_sae, n_patches, cfg, device)
     # the per-image arrays grow with the dataset: written straight into the index's files, not held
     group = zarr.open_group(tmp / ARRAYS, mode="w")
     image_top = (_file_array(group, "image_features", (n_images, cfg.m), np.int32, -1),
