@@ -150,18 +150,23 @@ class ActivationStore:
             self.shard_reader(layer).read_range(start, stop, out)
         return from_storage(out, self.spec.dtype)
 
-    def blocks(self, layer: str | int, images_per_block: int) -> Iterator[tuple[int, torch.Tensor]]:
-        """(first image, activations) of consecutive blocks of images in store order; the next two blocks are
-        read while the caller works on this one (ordered passes: the index, the comparison)."""
+    def blocks(self, layer: str | int, images_per_block: int, whole_chunks: bool = False
+               ) -> Iterator[tuple[int, torch.Tensor]]:
+        """(first image, activations) of consecutive blocks of images in store order; the next two reads are
+        made while the caller works on this block (ordered passes: the index, the comparison). With
+        `whole_chunks`, reads are whole store chunks (each chunk decoded once) cut into blocks of at most
+        images_per_block: what a pass whose memory budget holds fewer images than a chunk wants."""
         n, size = self.n_images, max(1, images_per_block)
-        starts = list(range(0, n, size))
+        per_read = self.spec.images_per_chunk * max(1, size // self.spec.images_per_chunk) if whole_chunks else size
+        starts = list(range(0, n, per_read))
         with ThreadPoolExecutor(1, thread_name_prefix="store-blocks") as pool:
-            ahead = [pool.submit(self.read, layer, s, min(n, s + size)) for s in starts[:2]]
+            ahead = [pool.submit(self.read, layer, s, min(n, s + per_read)) for s in starts[:2]]
             for i, s in enumerate(starts):
                 x = ahead.pop(0).result()
                 if i + 2 < len(starts):
-                    ahead.append(pool.submit(self.read, layer, starts[i + 2], min(n, starts[i + 2] + size)))
-                yield s, x
+                    ahead.append(pool.submit(self.read, layer, starts[i + 2], min(n, starts[i + 2] + per_read)))
+                for offset in range(0, x.shape[0], size):
+                    yield s + offset, x[offset:offset + size]
 
     def read_chunk(self, layer: str | int, i: int) -> torch.Tensor:
         """Chunk i of a layer (images chunk_range(i)), the loader's read unit."""
