@@ -70,12 +70,14 @@ class MemoryBudget:
             raise ConfigError(f"--memory-gb must be > 0, got {gb}")
         return cls(int(gb * GB), gb)
 
-    def rows(self, command: str, *, fixed: int, per_row: int, row: str = "row", at_most: int | None = None) -> int:
-        """How many rows of `per_row` bytes fit beside `fixed` bytes (at least 1, at most `at_most`); a one-line
-        ConfigError when not even one does."""
-        n = (self.bytes - fixed) // max(per_row, 1)
-        if n < 1:
+    def rows(self, command: str, *, fixed: int, per_row: int, row: str = "row", at_most: int | None = None,
+             share: float = 1.0) -> int:
+        """How many rows of `per_row` bytes fit in `share` of what `fixed` bytes leave (at least 1, at most
+        `at_most`); a one-line ConfigError when not even one fits in all of it."""
+        left = self.bytes - fixed
+        if left // max(per_row, 1) < 1:
             raise ConfigError(f"{command}: --memory-gb {self.gb:g} is too small: it needs {format_bytes(fixed)} "
                               f"whatever the data and {format_bytes(per_row)} per {row}; give at least "
                               f"{(fixed + per_row) / GB:.2g}")
-        return int(n if at_most is None else min(n, max(at_most, 1)))
+        n = max(1, int(left * share) // max(per_row, 1))
+        return n if at_most is None else min(n, max(at_most, 1))

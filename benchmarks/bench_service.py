@@ -42,6 +42,7 @@ from actstore.store import ActivationStore
 from actstore.testing.synthetic import write_synthetic_store
 from sae import Normalization, SAEConfig, SparseAutoencoder, checkpoint, load, save
 from services.index import IndexConfig, build_index
+from services.index.build import _open_source, images_per_block
 from _common import Parser, Run, log, machine, outcome, print_notes, print_table  # benchmarks/ is sys.path[0]
 
 LAYER, D_SAE, K = "10", 16384, 32
@@ -92,9 +93,8 @@ def bench_index(store_url: Path, sae_dir: Path, index_dir: Path, reps: int) -> d
     sae, norm = load(str(sae_dir))
     with ActivationStore(str(store_url)) as store:
         x = store.read(LAYER)[:, 1:]
-        per_chunk = store.spec.images_per_chunk
     n_images, n_patches, d = x.shape
-    block = n_patches * per_chunk * max(1, cfg.block_patches // (n_patches * per_chunk))  # as build_index does
+    block = n_patches * images_per_block(_open_source(cfg, torch.device("cpu")), cfg)  # as build_index does
     x = x.reshape(-1, d)
 
     def encode_all() -> None:

@@ -57,6 +57,19 @@ class TokenEncoder:
         """Rows `block` makes per image."""
         return int(token_positions(self.spec.tokens, self.tokens).numel())
 
+    def token_bytes(self) -> int:
+        """Peak working bytes of encoding one token, for memory budgets: the dense pre-activation row in the SAE's
+        dtype; for the kinds encoded through a threshold (relu, jumprelu, batchtopk at inference) the masks and a
+        float32 copy beside it; and the positive entries (k of them, or at most a fifth of the latents)."""
+        cfg = self.sae.cfg
+        pre = cfg.d_sae * self.sae.W_enc.element_size() + 4 * self.spec.d
+        entries = 48 * (cfg.k if cfg.sparse else cfg.d_sae // 5)
+        return pre + entries + (0 if cfg.kind == "topk" else 6 * cfg.d_sae)
+
+    def weight_bytes(self) -> int:
+        """Bytes of the SAE's parameters (a fixed part of every budget)."""
+        return sum(p.numel() * p.element_size() for p in self.sae.parameters())
+
     def prepare(self, x: Tensor) -> Tensor:
         """Tokens (n, d) -> the SAE's input: on its device, normalized in float32, in its dtype."""
         p = self.sae.W_enc

@@ -111,7 +111,7 @@ def index_dir(service_store):
     sae = SparseAutoencoder(SAEConfig(d_in=store.layer("10").d, d_sae=SERVICE_D_SAE, kind="topk", k=SERVICE_K))
     checkpoint.save(sae, str(service_store / "sae"), normalization=norm, extra=checkpoint.origin(store, "10"))
     return build_index(IndexConfig(str(service_store / "store"), str(service_store / "sae"),
-                                   str(service_store / "index"), k=8, block_patches=2000), progress=False)
+                                   str(service_store / "index"), k=8), progress=False)
 
 
 def _serve(app):
@@ -180,7 +180,7 @@ def atlas_index_dir(service_store):
         sae.set_decoder_norm_to_unit()
     checkpoint.save(sae, str(service_store / "sae-b"), normalization=norm, extra=checkpoint.origin(store, "10"))
     index = build_index(IndexConfig(str(service_store / "store"), str(service_store / "sae-b"),
-                                    str(service_store / "index-b"), k=8, block_patches=2000), progress=False)
+                                    str(service_store / "index-b"), k=8), progress=False)
     build_atlas(AtlasConfig(str(index)), progress=False)
     return index
 

@@ -4,6 +4,7 @@ dense assignment, planted shared and private concepts recovered through trained 
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +22,8 @@ from sae.config import SAEConfig
 from sae.model import SparseAutoencoder
 from sae.train import TrainConfig, train
 from services.compare import CompareConfig, read_comparison, read_table, run_compare
-from services.compare.match import assign, best_matches, jaccard
+from services.compare.match import Scan, assign, jaccard
+from services.compare.run import _open_side, _plan
 from services.compare.stream import MaxDiff, PairStats
 from services.index import IndexConfig, build_index
 
@@ -42,6 +44,16 @@ def columns(rng: np.random.Generator, n: int) -> np.ndarray:
     return x.astype(np.float32)
 
 
+def feed(stats: PairStats, xa: np.ndarray, xb: np.ndarray) -> PairStats:
+    """One pass over the rows, in blocks of 1 to 17 rows."""
+    start = 0
+    for size in (1, 5, 1, 13, 17):
+        stop = start + size
+        stats.update(torch.from_numpy(xa[start:stop]), torch.from_numpy(xb[start:stop]), torch.arange(start, stop))
+        start = stop
+    return stats.finish()
+
+
 @pytest.mark.parametrize("rows_per_update", [1, 6, 1000])
 def test_streamed_statistics_equal_numpy(rows_per_update):
     rng = np.random.default_rng(0)
@@ -49,12 +61,7 @@ def test_streamed_statistics_equal_numpy(rows_per_update):
     xa, xb = columns(rng, n), columns(rng, n)[:, :7]
     xb[:, 6] = xa[:, 0] * 2 + 1                        # perfectly correlated with a's feature 0
     stats = PairStats(8, 7, k, rows_per_update=rows_per_update)
-    start = 0
-    for size in (1, 5, 1, 13, 17):                     # blocks of one row among them
-        stop = start + size
-        stats.update(torch.from_numpy(xa[start:stop]), torch.from_numpy(xb[start:stop]), torch.arange(start, stop))
-        start = stop
-    stats.finish()
+    feed(stats, xa, xb)
     assert stats.n == n
     np.testing.assert_array_equal(stats.a.fired.numpy(), (xa > 0).sum(0))
     mean_a, std_a, _ = stats.a.moments(n)
@@ -66,6 +73,14 @@ def test_streamed_statistics_equal_numpy(rows_per_update):
     np.testing.assert_allclose(r[np.ix_(varies_a, varies_b)], full[np.ix_(varies_a, varies_b)], atol=2e-5)
     assert (r[~varies_a] == 0).all() and (r[:, ~varies_b] == 0).all()
     assert r[0, 6] == pytest.approx(1, abs=1e-6)
+    # in tiles of A's features, one pass over the rows each: the same correlations
+    tiled = PairStats(8, 7, k, rows_per_update=rows_per_update, tile=slice(0, 3))
+    parts = [feed(tiled, xa, xb).pearson().numpy()]
+    for tile in (slice(3, 6), slice(6, 8)):
+        tiled.next_tile(tile)
+        parts.append(feed(tiled, xa, xb).pearson().numpy())
+    assert tiled.n == n
+    np.testing.assert_allclose(np.concatenate(parts), r, atol=1e-6)
     # top-k rows: positive values, strongest first, ties to the earlier row
     for f in range(8):
         order = sorted((i for i in range(n) if xa[i, f] > 0), key=lambda i: (-xa[i, f], i))[:k]
@@ -73,13 +88,21 @@ def test_streamed_statistics_equal_numpy(rows_per_update):
         assert got == order + [-1] * (k - len(order)), f
 
 
-def test_matching_equals_brute_force():
+def scan(s: np.ndarray, live_a: np.ndarray, live_b: np.ndarray, candidates: int, tile: int) -> Scan:
+    """The similarity matrix s through a Scan, in tiles of `tile` rows."""
+    sc = Scan(torch.from_numpy(live_a), torch.from_numpy(live_b), *s.shape, candidates)
+    for start in range(0, s.shape[0], tile):
+        sc.add(start, torch.from_numpy(s[start:start + tile].copy()))
+    return sc
+
+
+@pytest.mark.parametrize("tile", [30, 7, 1])
+def test_matching_equals_brute_force(tile):
     rng = np.random.default_rng(1)
     fa, fb = 30, 24
     s = rng.uniform(-0.3, 1, (fa, fb)).astype(np.float32)
     live_a, live_b = np.setdiff1d(np.arange(fa), [3, 17]), np.setdiff1d(np.arange(fb), [0, 5, 23])
-    sim = torch.from_numpy(s.copy())
-    m = best_matches(sim, torch.from_numpy(live_a), torch.from_numpy(live_b))
+    m = scan(s, live_a, live_b, fb, tile).matches()
     sub = s[np.ix_(live_a, live_b)]
     np.testing.assert_array_equal(m.best_b.numpy(), live_b[sub.argmax(1)])
     np.testing.assert_array_equal(m.best_a.numpy(), live_a[sub.argmax(0)])
@@ -87,10 +110,15 @@ def test_matching_equals_brute_force():
     best_of_b = dict(zip(live_b, live_a[sub.argmax(0)]))
     np.testing.assert_array_equal(m.mutual_a.numpy(), [best_of_b[b] == a for a, b in zip(live_a, m.best_b.numpy())])
     # with every partner a candidate, the sparse matching is scipy's dense assignment (pairs <= 0 add nothing)
-    pairs = assign(sim, torch.from_numpy(live_a), candidates=fb)
+    pairs = assign(scan(s, live_a, live_b, fb, tile).edges(), torch.from_numpy(live_a), fa, fb)
     rows, cols = linear_sum_assignment(np.maximum(sub, 0), maximize=True)
     assert pairs.column("similarity").to_numpy().sum() == pytest.approx(np.maximum(sub, 0)[rows, cols].sum(), rel=1e-5)
-    few = assign(sim, torch.from_numpy(live_a), candidates=2).to_pydict()
+    # with 2 candidates: each feature's 2 best partners both ways, whatever the tiles
+    few_edges = scan(s, live_a, live_b, 2, tile).edges()
+    want = {(a, b) for a in live_a for b in live_b if s[a, b] > 0 and
+            (s[a, b] >= np.sort(sub[list(live_a).index(a)])[-2] or s[a, b] >= np.sort(sub[:, list(live_b).index(b)])[-2])}
+    assert set(zip(*few_edges[:2])) == want
+    few = assign(few_edges, torch.from_numpy(live_a), fa, fb).to_pydict()
     assert len(set(few["feature_a"])) == len(few["feature_a"]) and len(set(few["feature_b"])) == len(few["feature_b"])
     assert set(few["feature_a"]) <= set(live_a) and set(few["feature_b"]) <= set(live_b)
     np.testing.assert_allclose(few["similarity"], s[few["feature_a"], few["feature_b"]])
@@ -273,3 +301,36 @@ def test_credentials_stay_out_of_the_comparison(planted, tmp_path):
         data = path.read_bytes()
         assert secret.encode() not in data and key.encode() not in data, path
     assert secret not in json.dumps(summary) and key not in json.dumps(summary)
+
+
+def test_a_small_budget_tiles_the_matrix_and_changes_nothing(planted, tmp_path):
+    """A budget that holds a few rows of the 32 x 32 similarity matrix: the matrix is computed in tiles, one pass over
+    both stores each, and the tables equal those of one pass; a budget too small for one row is refused."""
+    root, _ = planted
+    write_planted_pair(str(tmp_path / "a"), str(tmp_path / "b"), n_images=240, n_shared=N_SHARED, n_private=N_PRIVATE)
+    a, b = f"{root / 'run-a' / 's'}@{tmp_path / 'a'}", f"{root / 'run-b' / 's'}@{tmp_path / 'b'}"
+    cfg = CompareConfig(a=a, b=b, out=str(tmp_path / "one"))
+    sides = [_open_side(spec, name, cfg, torch.device("cpu")) for spec, name in ((a, "a"), (b, "b"))]
+    gb = next(g for g in np.geomspace(1e-4, 1e-2, 200)
+              if _fits(cfg, sides, g) and -(-32 // _plan(replace(cfg, memory_gb=g), *sides).tile) in (3, 4))
+    one = run_compare(cfg, progress=False)
+    tiled = run_compare(replace(cfg, out=str(tmp_path / "tiled"), memory_gb=gb), progress=False)
+    assert one["plan"]["passes"] == 2 and tiled["plan"]["passes"] in (4, 5)
+    assert one["a"]["live"] > 20 and one["mutual"] >= N_SHARED
+    for name in ("matches_a.parquet", "matches_b.parquet", "assignment.parquet"):
+        x, y = (read_table(tmp_path / d, name).to_pandas() for d in ("one", "tiled"))
+        assert x.columns.tolist() == y.columns.tolist()
+        for col in x.columns:
+            # other staging: other shifts, so the float32 sums round differently
+            np.testing.assert_allclose(x[col].to_numpy(), y[col].to_numpy(), rtol=1e-4, atol=1e-5, err_msg=name)
+    with pytest.raises(ConfigError, match=r"^compare: --memory-gb \S+ is too small: .* per staged row; give at least"):
+        run_compare(replace(cfg, out=str(tmp_path / "x"), memory_gb=1e-6), progress=False)
+    assert not (tmp_path / "x").exists()
+
+
+def _fits(cfg: CompareConfig, sides: list, gb: float) -> bool:
+    try:
+        _plan(replace(cfg, memory_gb=gb), *sides)
+    except ConfigError:
+        return False
+    return True

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import zarr
 
+from actstore.budget import GB
 from actstore.errors import ConfigError, CorruptDataError
 from actstore.loader import Normalization
 from actstore.store import ActivationStore, LayerSpec, StoreSpec, StoreWriter, TokenLayout
@@ -16,6 +18,7 @@ from sae import checkpoint
 from sae.config import SAEConfig
 from sae.model import SparseAutoencoder
 from services.index import BAND_EXPONENTS, IndexConfig, build_index
+from services.index.build import _open_source, block_bytes
 from services.index.layout import open_array, read_index_meta
 
 N, GRID, D, F = 52, (3, 4), 16, 48
@@ -82,7 +85,7 @@ def test_index_equals_brute_force(store, tmp_path, kind):
     sae = save_sae(store, str(tmp_path / "sae"), kind)
     k, m, per_band = 6, 5, 3
     out = build_index(IndexConfig(store, str(tmp_path / "sae"), str(tmp_path / "index"), k=k, m=m, per_band=per_band,
-                                  block_patches=2 * 4 * P, seed=7), progress=False)
+                                  seed=7), progress=False)
     ref = brute_force(store, sae)
     dense, per_image, ok = ref["dense"], ref["per_image"], ref["ok"]
     meta = read_index_meta(out)
@@ -135,8 +138,10 @@ def test_index_equals_brute_force(store, tmp_path, kind):
 def test_block_size_and_layout_do_not_change_the_index(store, tmp_path):
     """Merges across blocks give what one block gives; plain zarr reads the memory-mapped arrays."""
     save_sae(store, str(tmp_path / "sae"), "topk", seed=1)
-    outs = [build_index(IndexConfig(store, str(tmp_path / "sae"), str(tmp_path / f"i{b}"), k=4, block_patches=b),
-                        progress=False) for b in (1, 10_000)]
+    fixed, per_image = _block_bytes(store, tmp_path / "sae")
+    # a budget of one image and a half per block (53 blocks, most inside a store chunk), and one of every image
+    outs = [build_index(IndexConfig(store, str(tmp_path / "sae"), str(tmp_path / f"i{n}"), k=4,
+                                    memory_gb=(fixed + n * per_image) / GB), progress=False) for n in (1.5, 10_000)]
     for name in ("top_images", "top_values", "heatmaps", "band_images", "band_values", "band_counts",
                  "image_features", "image_values"):
         a, b = open_array(outs[0], name), open_array(outs[1], name)
@@ -144,8 +149,19 @@ def test_block_size_and_layout_do_not_change_the_index(store, tmp_path):
         np.testing.assert_array_equal(zarr.open_array(outs[0] / "arrays" / name, mode="r")[...], a)
 
 
+def _block_bytes(store: str, sae: Path) -> tuple[int, int]:
+    """The index pass's (fixed, per image) working bytes on this store and SAE."""
+    cfg = IndexConfig(store, str(sae), "unused")
+    return block_bytes(_open_source(cfg, torch.device("cpu")), cfg)
+
+
 def test_bad_inputs_are_refused_with_one_line(store, tmp_path):
     save_sae(store, str(tmp_path / "sae"), "topk")
+    fixed, _ = _block_bytes(store, tmp_path / "sae")
+    with pytest.raises(ConfigError, match=r"^index: --memory-gb \S+ is too small: .* per image; give at least"):
+        build_index(IndexConfig(store, str(tmp_path / "sae"), str(tmp_path / "small"), memory_gb=fixed / GB),
+                    progress=False)
+    assert not (tmp_path / "small").exists()
     out = build_index(IndexConfig(store, str(tmp_path / "sae"), str(tmp_path / "index"), k=2), progress=False)
     with pytest.raises(ConfigError, match="already there"):
         build_index(IndexConfig(store, str(tmp_path / "sae"), str(out)), progress=False)

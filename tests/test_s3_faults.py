@@ -32,7 +32,7 @@ def _pipeline(prefix: str, images: str, opts: dict, index_out) -> None:
                       sparsity_warmup_steps=2, log_every=4, checkpoint_every=6, buffer_bytes=1 << 21,
                       num_workers=1, storage_options=opts), progress=False)
     build_index(IndexConfig(f"{prefix}/store", f"{prefix}/train/{SAE_NAME}", str(index_out), k=8,
-                            block_patches=2000, storage_options=opts), progress=False)
+                            storage_options=opts), progress=False)
 
 
 def _objects(fs, root: str) -> dict[str, bytes]:

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +30,7 @@ import pyarrow.parquet as pq
 import torch
 from tqdm.auto import tqdm
 
+from actstore.budget import MemoryBudget
 from actstore.config import check_at_least, public_config, redact
 from actstore.errors import ConfigError
 from actstore.outputs import marked_by, staged_folder
@@ -37,12 +38,12 @@ from actstore.store import ActivationStore, LayerSpec, is_local, normalize_url, 
 from sae import SparseAutoencoder, TokenEncoder, positive_entries
 from sae.checkpoint import load_on_store
 from services.compare.layout import ASSIGNMENT, FORMAT, FORMAT_VERSION, MATCHES, SIMILARITY, SUMMARY
-from services.compare.match import Matches, assign, best_matches, distribution, jaccard
+from services.compare.match import _COLUMN_BLOCK, Matches, Scan, assign, distribution, jaccard
 from services.compare.stream import MaxDiff, PairStats
 from services.index.layout import META as INDEX_META
 from services.index.layout import read_index_meta
 
-__all__ = ["BY", "LEVELS", "CompareConfig", "Result", "match_rows", "run_compare"]
+__all__ = ["BY", "GEMM_ROWS", "LEVELS", "CompareConfig", "Plan", "Result", "match_rows", "plan", "run_compare"]
 
 BY = ("activations", "decoder")
 LEVELS = ("image", "patch")
@@ -73,10 +74,11 @@ class CompareConfig:
     min_images: int = 10
     """Printed top matches: both features fire on at least this many images (rarer ones correlate by chance)
     and on at most half of them (dense features correlate through image-wide statistics)."""
-    block_patches: int = 32768
-    """Patches encoded at once per side (bounds the pass's working memory with rows_per_update)."""
-    rows_per_update: int = 4096
-    """Rows (images or patches) gathered into one cross-product update (one GEMM of that depth)."""
+    memory_gb: float | None = None
+    """Working memory of the comparison, in GB (on top of the Python process): the images encoded at once, the
+    rows per cross-product update and the tiles of the F_a x F_b matrix follow from it and the widths; a matrix
+    that does not fit is computed in tiles of A's features, one more pass over both stores each (default: half
+    of this machine's memory)."""
     device: str = "cpu"
     """Where the SAEs encode and the matrices live (e.g. "cuda")."""
     overwrite: bool = False
@@ -85,8 +87,7 @@ class CompareConfig:
     """fsspec options for the stores and SAEs."""
 
     def __post_init__(self) -> None:
-        check_at_least(self, "compare", dict.fromkeys(("k", "candidates", "min_images", "block_patches",
-                                                       "rows_per_update"), 1))
+        check_at_least(self, "compare", dict.fromkeys(("k", "candidates", "min_images"), 1))
         if self.by not in BY:
             raise ConfigError(f"compare: by must be one of {', '.join(BY)}, got {self.by!r}")
         if self.level not in LEVELS:
@@ -191,18 +192,15 @@ def _check_pair(cfg: CompareConfig, a: _Side, b: _Side) -> None:
 
 # the passes --------------------------------------------------------------------------------------
 
-def _rows(a: _Side, b: _Side, ok: np.ndarray, cfg: CompareConfig, device: torch.device, desc: str, progress: bool):
+def _rows(a: _Side, b: _Side, ok: np.ndarray, cfg: CompareConfig, images_per_block: int, device: torch.device,
+          desc: str, progress: bool):
     """Both sides' dense latents for the same rows, block by block: (xa, xb, row ids). Rejected images
     (in either store) are left out; patch-level row ids are image * n_patches + patch."""
-    per_image = max(1 if s.tokens == "cls" else s.spec.tokens.n_patches for s in (a, b))
-    images_per_block = max(1, cfg.block_patches // per_image)
-    if cfg.level == "patch":
-        images_per_block = max(1, min(images_per_block, cfg.rows_per_update // per_image))
     ok_t = torch.from_numpy(ok)
     bar = tqdm(total=len(ok), desc=desc, unit="image", unit_scale=True, disable=not progress)
     with torch.inference_mode():
-        for (start, xa), (_, xb) in zip(a.store.blocks(a.spec.name, images_per_block),
-                                        b.store.blocks(b.spec.name, images_per_block)):
+        for (start, xa), (_, xb) in zip(a.store.blocks(a.spec.name, images_per_block, whole_chunks=True),
+                                        b.store.blocks(b.spec.name, images_per_block, whole_chunks=True)):
             n_img = xa.shape[0]
             keep = ok_t[start:start + n_img]
             images = torch.arange(start, start + n_img)
@@ -235,24 +233,73 @@ class Result:
     tables: dict[str, pa.Table]
 
 
+GEMM_ROWS = 4096
+"""Most rows staged for one cross-product update: deeper GEMMs add no speed."""
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How the comparison spends its memory budget (see `plan`)."""
+
+    images_per_block: int
+    """Images encoded at once per side."""
+    rows_per_update: int
+    """Rows staged for one cross-product update (the GEMM's depth)."""
+    tile: int
+    """A's features per cross-product tile: n_a for the whole matrix in one pass, else one pass per tile."""
+
+
+def plan(n_a: int, n_b: int, *, k: int, candidates: int, memory_gb: float | None, weights: int = 0,
+         image_bytes: int = 0, rows_per_image: int = 1) -> Plan:
+    """The blocks of a comparison of n_a x n_b features within the budget: fixed are both SAEs' `weights`, the
+    per-feature statistics, top rows and candidates; then a quarter of the rest stages rows for the GEMM (up to
+    GEMM_ROWS), a third of what remains encodes images (`image_bytes` each through both SAEs, giving
+    `rows_per_image` dense rows) and the rest holds the similarity matrix's tile."""
+    budget, width = MemoryBudget.of(memory_gb), n_a + n_b
+    fixed = weights + width * (40 + 24 * k + 84 * candidates)
+    row = 6 * width  # the staged float32 row and its masks
+    rows = budget.rows("compare", fixed=fixed, per_row=row, row="staged row", at_most=GEMM_ROWS, share=1 / 4)
+    fixed += rows * row
+    image = image_bytes + rows_per_image * 16 * width  # encoding, its dense rows, the max_diff pass's
+    images = budget.rows("compare", fixed=fixed, per_row=image, row="image", share=1 / 3,
+                         at_most=max(1, rows // rows_per_image))
+    fixed += images * image
+    tile = budget.rows("compare", fixed=fixed, per_row=4 * n_b + 12 * min(_COLUMN_BLOCK, n_b) + 24 * candidates,
+                       row="feature of A in the similarity tile", at_most=n_a)
+    return Plan(images, rows, tile)
+
+
 Rows = Callable[[str], Iterable[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]]
 """rows(description) -> the blocks (xa (n, F_a), xb (n, F_b), row ids) of one pass over the rows, in order."""
 
 
-def match_rows(rows: Rows, n_a: int, n_b: int, *, k: int, candidates: int, rows_per_update: int,
-               device: torch.device, decoders: tuple[torch.Tensor, torch.Tensor] | None = None) -> Result:
+def match_rows(rows: Rows, n_a: int, n_b: int, *, k: int, candidates: int, plan: Plan, device: torch.device,
+               decoders: tuple[torch.Tensor, torch.Tensor] | None = None) -> Result:
     """The comparison of two feature sets from their rows: the statistics pass, similarity (Pearson, or the
-    cosine of `decoders` when given), matches and assignment, then the max_diff pass. This is all of the
-    comparison but reading stores and encoding (benchmarks/bench_compare.py runs it on in-memory rows)."""
-    stats = PairStats(n_a, n_b, k, cross=decoders is None, rows_per_update=rows_per_update, device=device)
-    for xa, xb, ids in rows("compare"):
+    cosine of `decoders` when given) tile by tile into best partners and candidates (a pass over the rows per
+    further tile of Pearson), the assignment, then the max_diff pass. This is all of the comparison but reading
+    stores and encoding (benchmarks/bench_compare.py runs it on in-memory rows)."""
+    tiles = [slice(s, min(n_a, s + plan.tile)) for s in range(0, n_a, plan.tile)] or [slice(0, 0)]
+    stats = PairStats(n_a, n_b, k, cross=decoders is None, rows_per_update=plan.rows_per_update, device=device,
+                      tile=tiles[0])
+    for xa, xb, ids in rows("compare" if len(tiles) == 1 else f"compare, tile 1/{len(tiles)}"):
         stats.update(xa, xb, ids)
     stats.finish()
-    sim = stats.pearson() if decoders is None else _decoder_cosine(*decoders)
     live_a, live_b = (s.fired.gt(0).nonzero().squeeze(1) for s in (stats.a, stats.b))
-    m = best_matches(sim, live_a, live_b)
-    pairs = assign(sim, live_a, candidates)
-    del sim
+    scan = Scan(live_a, live_b, n_a, n_b, candidates)
+    for t, tile in enumerate(tiles):
+        if decoders is not None:
+            scan.add(tile.start, _decoder_cosine(decoders[0][tile], decoders[1]))
+            continue
+        if t:
+            stats.next_tile(tile)
+            for xa, xb, ids in rows(f"compare, tile {t + 1}/{len(tiles)}"):
+                stats.update(xa, xb, ids)
+            stats.finish()
+        scan.add(tile.start, stats.pearson())
+    m = scan.matches()
+    pairs = assign(scan.edges(), live_a, n_a, n_b)
+    del scan
     (mean_a, std_a, _), (mean_b, std_b, _) = stats.a.moments(stats.n), stats.b.moments(stats.n)
     diff = MaxDiff(torch.cat([m.live_a, m.best_a]), torch.cat([m.best_b, m.live_b]), mean_a, std_a, mean_b, std_b)
     for xa, xb, _ in rows("max_diff"):
@@ -297,14 +344,24 @@ def run_compare(cfg: CompareConfig, progress: bool = True) -> dict[str, Any]:
     return summary
 
 
+def _plan(cfg: CompareConfig, a: _Side, b: _Side) -> Plan:
+    """The comparison's blocks and tiles, from the budget and both sides' widths."""
+    per_image = [s.encoder.per_image for s in (a, b)]
+    return plan(a.sae.cfg.d_sae, b.sae.cfg.d_sae, k=cfg.k, candidates=cfg.candidates, memory_gb=cfg.memory_gb,
+                weights=a.encoder.weight_bytes() + b.encoder.weight_bytes(),
+                image_bytes=sum(n * s.encoder.token_bytes() for n, s in zip(per_image, (a, b))),
+                rows_per_image=max(per_image) if cfg.level == "patch" else 1)
+
+
 def _compare(cfg: CompareConfig, tmp: Path, progress: bool) -> dict[str, Any]:
     """Both passes, writing the comparison into the folder `tmp`; returns the summary."""
     device = torch.device(cfg.device)
     a, b = _open_side(cfg.a, "a", cfg, device), _open_side(cfg.b, "b", cfg, device)
     ok = _common_images(a, b)
     _check_pair(cfg, a, b)
-    r = match_rows(lambda desc: _rows(a, b, ok, cfg, device, desc, progress), a.sae.cfg.d_sae, b.sae.cfg.d_sae,
-                   k=cfg.k, candidates=cfg.candidates, rows_per_update=cfg.rows_per_update, device=device,
+    pl = _plan(cfg, a, b)
+    r = match_rows(lambda desc: _rows(a, b, ok, cfg, pl.images_per_block, device, desc, progress), a.sae.cfg.d_sae,
+                   b.sae.cfg.d_sae, k=cfg.k, candidates=cfg.candidates, plan=pl, device=device,
                    decoders=(a.sae.W_dec, b.sae.W_dec) if cfg.by == "decoder" else None)
     n_images = int(ok.sum())
     assigned = r.pairs.column(2).to_numpy()
@@ -312,6 +369,7 @@ def _compare(cfg: CompareConfig, tmp: Path, progress: bool) -> dict[str, Any]:
         "format": FORMAT, "format_version": FORMAT_VERSION, "config": public_config(cfg),
         "by": cfg.by, "level": cfg.level, "a": a.describe(r.stats.a.fired), "b": b.describe(r.stats.b.fired),
         "n_images": n_images, "n_rows": r.stats.n, "k": cfg.k,
+        "plan": {**asdict(pl), "passes": -(-a.sae.cfg.d_sae // pl.tile) + 1 if cfg.by == "activations" else 2},
         "best": {"a": distribution(r.matches.sim_a.cpu().numpy()), "b": distribution(r.matches.sim_b.cpu().numpy())},
         "mutual": int(r.matches.mutual_a.sum()),
         "assignment": {"pairs": int(assigned.size), "mean": float(assigned.mean()) if assigned.size else None},

@@ -7,9 +7,10 @@ everything the comparison needs and nothing that grows with the number of rows:
     across          the (F_a, F_b) cross-product matrix of the shifted values (float32), only when
                     Pearson correlations are asked for
 
-Memory: 4 * F_a * F_b bytes for the cross products (1 GiB at 16,384 x 16,384), plus one staging buffer
-of `rows_per_update` rows per side and the top-k tables, whatever the number of rows. Staging makes
-every update one large GEMM whatever the caller's block size (a block may be a single image).
+Memory: 4 * tile * F_b bytes for the cross products of a tile of A's features (all of them: 1 GiB at
+16,384 x 16,384; more tiles, more passes), plus one staging buffer of `rows_per_update` rows per side and
+the top-k tables, whatever the number of rows. Staging makes every update one large GEMM whatever the
+caller's block size (a block may be a single image).
 
 Numerics: values are shifted by the first update's column means before they are summed and multiplied,
 so that the cross products of frequently firing features do not cancel catastrophically in float32;
@@ -94,14 +95,13 @@ class Side:
         zeros = torch.zeros(n_features, dtype=torch.float64, device=device)
         return cls(zeros.float(), zeros, zeros.clone(), zeros.long(), TopRows(n_features, k, device))
 
-    def add(self, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        """Fold rows x (n, F) in; returns them shifted (for the cross products)."""
+    def add(self, x: torch.Tensor, ids: torch.Tensor) -> None:
+        """Fold rows x (n, F) in; x is shifted in place (for the cross products)."""
         self.fired += (x > 0).sum(0)
         self.top.update(x, ids)
-        y = x - self.shift
+        y = x.sub_(self.shift)
         self.total += y.sum(0, dtype=torch.float64)
         self.total_sq += torch.linalg.vector_norm(y, dim=0).double().square_()  # no (n, F) temporary
-        return y
 
     def moments(self, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(mean, std, mean of the shifted values), float64; std 0 for a feature that never varies."""
@@ -111,60 +111,85 @@ class Side:
 
 
 class PairStats:
-    """The streaming pass over rows of two feature sets (see the module docstring)."""
+    """The streaming pass over rows of two feature sets (see the module docstring).
+
+    The cross products cover A's features `tile` (all of them by default); `next_tile` starts the next tile,
+    whose cross products another pass over the same rows accumulates (the per-feature sums, top rows and
+    shifts of the first pass are kept), so that the (F_a, F_b) matrix need never be whole."""
 
     def __init__(self, n_a: int, n_b: int, k: int, *, cross: bool = True, rows_per_update: int = 4096,
-                 device: torch.device | str = "cpu") -> None:
+                 device: torch.device | str = "cpu", tile: slice | None = None) -> None:
         self.device = torch.device(device)
         self.rows_per_update = max(1, rows_per_update)
         self.n = 0
         self.a, self.b = Side.empty(n_a, k, self.device), Side.empty(n_b, k, self.device)
-        self.cross = torch.zeros((n_a, n_b), device=self.device) if cross else None
-        self._staged: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        self.tile = range(n_a)[tile or slice(None)]
+        self.cross = torch.zeros((len(self.tile), n_b), device=self.device) if cross else None
+        # rows are staged in place: one (rows_per_update, F) buffer per side, shifted in place when full
+        self._xa = torch.empty((self.rows_per_update, n_a), device=self.device)
+        self._xb = torch.empty((self.rows_per_update, n_b), device=self.device)
+        self._ids = torch.empty(self.rows_per_update, dtype=torch.int64, device=self.device)
         self._n_staged = 0
         self._shifted = False
+        self._first_pass = True
 
     def update(self, xa: torch.Tensor, xb: torch.Tensor, ids: torch.Tensor) -> None:
         """Rows `ids` (ascending) of both sides: xa (n, F_a), xb (n, F_b), float32."""
         if xa.shape[0] != xb.shape[0] or xa.shape[0] != ids.shape[0]:
             raise ValueError(f"row counts differ: {xa.shape[0]}, {xb.shape[0]}, {ids.shape[0]} ids")
-        if xa.shape[0]:
-            self._staged.append((xa, xb, ids))
-            self._n_staged += xa.shape[0]
-        if self._n_staged >= self.rows_per_update:
-            self._flush()
+        done = 0
+        while done < xa.shape[0]:
+            n = min(xa.shape[0] - done, self.rows_per_update - self._n_staged)
+            dst = slice(self._n_staged, self._n_staged + n)
+            self._xa[dst], self._xb[dst], self._ids[dst] = xa[done:done + n], xb[done:done + n], ids[done:done + n]
+            self._n_staged += n
+            done += n
+            if self._n_staged == self.rows_per_update:
+                self._flush()
 
     def _flush(self) -> None:
-        if not self._staged:
+        if not self._n_staged:
             return
-        xa, xb, ids = (torch.cat(parts).to(self.device) for parts in zip(*self._staged))
-        xa, xb = xa.float(), xb.float()
-        self._staged, self._n_staged = [], 0
+        n, self._n_staged = self._n_staged, 0
+        xa, xb, ids = self._xa[:n], self._xb[:n], self._ids[:n]
         if not self._shifted:
             self.a.shift, self.b.shift = xa.mean(0), xb.mean(0)
             self._shifted = True
-        ya, yb = self.a.add(xa, ids), self.b.add(xb, ids)
+        if self._first_pass:  # shifts the rows in place
+            self.a.add(xa, ids)
+            self.b.add(xb, ids)
+            self.n += n
+        else:
+            xa.sub_(self.a.shift)
+            xb.sub_(self.b.shift)
         if self.cross is not None:
-            self.cross.addmm_(ya.t(), yb)
-        self.n += xa.shape[0]
+            self.cross.addmm_(xa[:, self.tile.start:self.tile.stop].t(), xb)
 
     def finish(self) -> PairStats:
-        """Fold the rows still staged; call once, after the last update."""
+        """Fold the rows still staged; call once after each pass's last update."""
         self._flush()
         return self
 
+    def next_tile(self, tile: slice) -> None:
+        """Accumulate the cross products of A's features `tile` over another pass of the same rows, in the same
+        order (the matrix of the previous tile must have been taken by `pearson`)."""
+        self.tile = range(self.a.shift.numel())[tile]
+        self.cross = torch.zeros((len(self.tile), self.b.shift.numel()), device=self.device)
+        self._first_pass = False
+
     def pearson(self) -> torch.Tensor:
-        """The (F_a, F_b) correlation matrix, computed in place of the cross products (which it replaces).
+        """The (tile, F_b) correlations of the tile's features of A with every feature of B, computed in place of
+        the cross products (which it replaces).
 
         A feature with no variance over the rows (never fired, or constant) correlates 0 with everything."""
         if self.cross is None:
             raise ValueError("pearson() needs cross=True")
-        n = max(self.n, 1)
+        n, tile = max(self.n, 1), slice(self.tile.start, self.tile.stop)
         _, std_a, shifted_a = self.a.moments(n)
         _, std_b, shifted_b = self.b.moments(n)
         c = self.cross.div_(n)
-        c.addr_(shifted_a.float(), shifted_b.float(), alpha=-1)  # covariance; rank-1 update, no temporary
-        c.mul_(_inverse(std_a).unsqueeze(1)).mul_(_inverse(std_b).unsqueeze(0))
+        c.addr_(shifted_a[tile].float(), shifted_b.float(), alpha=-1)  # covariance; rank-1 update, no temporary
+        c.mul_(_inverse(std_a[tile]).unsqueeze(1)).mul_(_inverse(std_b).unsqueeze(0))
         self.cross = None
         return c.clamp_(-1, 1)
 

@@ -39,10 +39,11 @@ import torch
 import zarr
 from tqdm.auto import tqdm
 
+from actstore.budget import MemoryBudget
 from actstore.config import check_at_least, public_config, redact
 from actstore.errors import ConfigError
 from actstore.outputs import marked_by, staged_folder
-from actstore.store import ActivationStore, is_local, normalize_url, ok_mask
+from actstore.store import ActivationStore, is_local, normalize_url, ok_mask, torch_dtype
 from sae import TokenEncoder, positive_entries
 from sae.checkpoint import load_on_store
 from services.index.layout import ARRAYS, FEATURES, FORMAT, FORMAT_VERSION, IMAGES, META, dataset_root
@@ -74,8 +75,9 @@ class IndexConfig:
     """Top features per image."""
     per_band: int = 4
     """Random example images kept per feature and activation octave."""
-    block_patches: int = 32768
-    """Patches encoded at once (rounded to whole store chunks): bounds the pass's working memory."""
+    memory_gb: float | None = None
+    """Working memory of the pass, in GB (on top of the Python process): the images encoded at once follow from
+    it and the widths (default: half of this machine's memory)."""
     seed: int = 0
     """Seeds the band samples' hash."""
     device: str = "cpu"
@@ -86,7 +88,7 @@ class IndexConfig:
     """fsspec options for the store and the SAE."""
 
     def __post_init__(self) -> None:
-        check_at_least(self, "index", dict.fromkeys(("k", "m", "per_band", "block_patches"), 1))
+        check_at_least(self, "index", dict.fromkeys(("k", "m", "per_band"), 1))
         if not is_local(self.out):
             raise ConfigError(f"index: out must be a local folder (the service memory-maps it), got {self.out}")
 
@@ -200,22 +202,44 @@ def _open_source(cfg: IndexConfig, device: torch.device) -> _Source:
     return _Source(TokenEncoder(sae, norm, spec, "patches"), store)
 
 
+def block_bytes(src: _Source, cfg: IndexConfig) -> tuple[int, int]:
+    """(fixed, per image) working bytes of the pass: its blocks of images follow from these and the budget.
+
+    Fixed: the SAE, the accumulators (the top images' heatmaps twice: a merge may move every held one) and
+    three store chunks (the one read and the two read ahead). Per image: its patches through the encoder
+    (TokenEncoder.token_bytes), its dense (feature,) maxima and candidate slots, and its (image, feature)
+    pairs with their heatmap rows, as many as the features that may fire on it."""
+    enc, store, k = src.encoder, src.store, cfg.k
+    f, p, d = enc.sae.cfg.d_sae, enc.spec.tokens.n_patches, enc.spec.d
+    n_bands = BAND_EXPONENTS[1] - BAND_EXPONENTS[0]
+    raw_image = enc.spec.tokens.n_tokens * d * torch_dtype(store.spec.dtype).itemsize
+    accumulators = f * (28 + 8 * n_bands + k * (2 * 2 * p + 80) + n_bands * cfg.per_band * 90)
+    fixed = enc.weight_bytes() + accumulators + 3 * store.spec.images_per_chunk * raw_image
+    pairs = min(f, p * (enc.sae.cfg.k if enc.sae.cfg.sparse else f))
+    return fixed, p * enc.token_bytes() + 12 * f + pairs * (2 * p + 96) + 3 * raw_image
+
+
+def images_per_block(src: _Source, cfg: IndexConfig) -> int:
+    """Images encoded and folded at once: as many as cfg.memory_gb holds (a one-line error if not one)."""
+    fixed, per_image = block_bytes(src, cfg)
+    return MemoryBudget.of(cfg.memory_gb).rows("index", fixed=fixed, per_row=per_image, row="image",
+                                               at_most=src.store.n_images)
+
+
 def _run_pass(src: _Source, cfg: IndexConfig, ok: torch.Tensor, acc: _Accumulators,
               image_top: tuple[np.ndarray, np.ndarray], progress: bool) -> None:
     """Encode every patch, block by block in store order, and fold the latents of ok images into acc."""
     spec, store, d_sae = src.encoder.spec, src.store, src.encoder.sae.cfg.d_sae
     n_patches = spec.tokens.n_patches
-    per_chunk = store.spec.images_per_chunk
-    images_per_block = per_chunk * max(1, cfg.block_patches // (n_patches * per_chunk))
     bar = tqdm(total=store.n_images * n_patches, desc="index", unit="patch", unit_scale=True, disable=not progress)
     with torch.inference_mode():
-        for start, x in store.blocks(spec.name, images_per_block):
+        for start, x in store.blocks(spec.name, images_per_block(src, cfg), whole_chunks=True):
             n_img = x.shape[0]
-            block_ok = ok[start:start + n_img]
             rows, feats, vals = positive_entries(src.encoder.block(x))
-            keep = block_ok.to(rows.device)[rows // n_patches]
+            keep = ok[start:start + n_img].to(rows.device)[rows // n_patches]
             _fold(acc, start, n_img, rows[keep], feats[keep], vals[keep], n_patches, d_sae, cfg.m,
                   cfg.seed, image_top)
+            del rows, feats, vals, keep
             bar.update(n_img * n_patches)
     bar.close()
 
@@ -302,5 +326,9 @@ def _write(tmp: Path, group: zarr.Group, meta: dict[str, Any], features: pa.Tabl
     pq.write_table(features, tmp / FEATURES)
     pq.write_table(images, tmp / IMAGES)
     for name, a in arrays.items():
-        _single_chunk(group, name, a.shape, a.dtype)[...] = a
+        _single_chunk(group, name, a.shape, a.dtype)
+        if a.size:  # the chunk file is the raw array: written straight from it, no encoded copy
+            chunk = Path(group.store.root) / group.path / name / "c" / "/".join(["0"] * a.ndim)
+            chunk.parent.mkdir(parents=True, exist_ok=True)
+            np.ascontiguousarray(a, dtype=a.dtype.newbyteorder("<")).tofile(chunk)
     (tmp / META).write_text(json.dumps(meta, indent=1))
