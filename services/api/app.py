@@ -32,12 +32,13 @@ STATIC = Path(__file__).parents[1] / "static"
 
 def create_app(index: str | Path, token: str | None = None, storage_options: dict[str, Any] | None = None,
                compare: str | Path | None = None, steer_heads: Sequence[str] = (),
-               steer_options: SteerOptions | None = None) -> FastAPI:
+               steer_options: SteerOptions | None = None, image_table: str | Path | None = None) -> FastAPI:
     """The service over the index folder at `index`; `token` (or $ACTSTORE_TOKEN) protects the API routes and their
     docs. `compare`: a comparison folder (from `actstore compare`) one of whose sides is this index, for the
     features' matches in the other SAE. `steer_heads`: the heads POST /steer may read out (services.steer.heads;
-    none: no steering), with `steer_options`' device, slots and time bound."""
-    reader = IndexReader(index, storage_options)
+    none: no steering), with `steer_options`' device, slots and time bound. `image_table`: the image table its
+    runner made for all its workers (services.api.reader)."""
+    reader = IndexReader(index, storage_options, image_table)
     matches = MatchReader(compare, reader, storage_options) if compare else None
     steering = Steering(reader.meta["sae"], reader.meta["store"], steer_heads, storage_options,
                         steer_options) if steer_heads else None

@@ -1,8 +1,14 @@
 """The read side of one index folder, without HTTP: what every route asks of the index.
 
-`IndexReader` reads index.json and memory-maps every array at once, checked against it, and the atlas when
-the index has one; images are read only when their store row is ok and their file lies under the dataset
+`IndexReader` reads index.json and memory-maps every array at once, checked against it, the image table, and the
+atlas when the index has one; images are read only when their store row is ok and their file lies under the dataset
 root the index recorded (`read_inside`).
+
+The image table (uri, label, ok per image: services.index.layout's IMAGE_TABLE) is memory-mapped, not read into each
+process: at 1.28M images every worker held its own ~250 MB of URIs as Python strings before. It is mapped from the
+file the runner hands over (one for all its workers), else from the index's own images.arrow when that was made from
+its images.parquet as it is now; else (an index written without one, or an images.parquet edited since) it is read
+from images.parquet into this process (Arrow columns, not Python lists).
 Failures raise the project's error family (actstore.errors); services.api.errors turns them into HTTP.
 """
 
@@ -23,10 +29,10 @@ import pyarrow.parquet as pq
 
 from actstore.errors import AccessDeniedError, NotFoundError
 from actstore.extract import decode_image
-from actstore.store import ok_mask
 from services.api.geometry import model_view
 from services.index.atlas import read_atlas
-from services.index.layout import FEATURES, IMAGES, check_index, read_index_meta
+from services.index.layout import (FEATURES, IMAGE_TABLE, check_index, image_arrays, images_digest, made_from,
+                                   numpy_view, open_image_table, read_image_columns, read_index_meta)
 
 __all__ = ["SORTS", "IndexReader", "read_inside"]
 
@@ -46,16 +52,19 @@ def _held(ids: np.ndarray, limit: int | None) -> int:
 
 
 class IndexReader:
-    """Read side of an index folder: index.json and the checked, memory-mapped arrays at once; the tables on
-    first use."""
+    """Read side of an index folder: index.json, the checked, memory-mapped arrays and the image table at once;
+    features.parquet on first use. `image_table`: an image table made from this index's images.parquet (the
+    runner's, shared by its workers); a CorruptDataError when it is not that."""
 
-    def __init__(self, path: str | Path, storage_options: dict[str, Any] | None = None) -> None:
+    def __init__(self, path: str | Path, storage_options: dict[str, Any] | None = None,
+                 image_table: str | Path | None = None) -> None:
         self.path = Path(path)
         self.meta = read_index_meta(self.path)
         self.storage_options = dict(storage_options or {})
         self.n_features, self.n_images = int(self.meta["d_sae"]), int(self.meta["n_images"])
         self.class_names: list[str] = list(self.meta.get("class_names") or [])
         self._arrays = check_index(self.path, self.meta)  # a truncated or resized array refuses to start
+        self.image_table, self.images = self._image_table(image_table)
         atlas = read_atlas(self.path, self.n_features)  # from `actstore atlas`, when it was run
         self.atlas: bytes | None = None if atlas is None else orjson.dumps(atlas)  # GET /atlas's body, made once
         self._thumbs: OrderedDict[tuple[int, int], bytes] = OrderedDict()
@@ -66,14 +75,17 @@ class IndexReader:
 
     @cached_property
     def features(self) -> dict[str, np.ndarray]:
-        table = pq.read_table(self.path / FEATURES)
-        return {name: table.column(name).to_numpy() for name in table.column_names}
+        table = pq.ParquetFile(self.path / FEATURES).read()  # not read_table: it imports pandas
+        return {name: numpy_view(table.column(name)) for name in table.column_names}
 
-    @cached_property
-    def images(self) -> dict[str, Any]:
-        table = pq.read_table(self.path / IMAGES)
-        return {"uri": table.column("uri").to_pylist(), "label": table.column("label").to_numpy(),
-                "ok": ok_mask(table)}
+    def _image_table(self, handed: str | Path | None) -> tuple[Path | None, dict[str, Any]]:
+        """The image table's file (None: read into this process) and its columns (layout.image_arrays)."""
+        digest = images_digest(self.path)
+        own = self.path / IMAGE_TABLE
+        path = Path(handed) if handed is not None else own if made_from(own) == digest else None
+        if path is not None:
+            return path, open_image_table(path, digest, self.n_images)
+        return None, image_arrays(read_image_columns(self.path))
 
     def check_feature(self, fid: int) -> None:
         if fid >= self.n_features:
@@ -150,7 +162,7 @@ class IndexReader:
             if (i, size) in self._thumbs:
                 self._thumbs.move_to_end((i, size))
                 return self._thumbs[(i, size)]
-        data = read_inside(self.images["uri"][i], self.meta["dataset_root"], self.storage_options)
+        data = read_inside(self.images["uri"][i].as_py(), self.meta["dataset_root"], self.storage_options)
         decoded = decode_image(data)
         if decoded.image is None:
             raise NotFoundError(f"image {i}: cannot be decoded ({decoded.reason})")
