@@ -22,21 +22,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from services.api.config import ServeConfig
 
     cfg = config_from_args(ServeConfig, args, "serve")
-    options = dict(cfg.storage_options)
-    # a missing or corrupt index, or a comparison it is not part of, fails here, as one line, before serving starts
-    steer = cfg.steer_options()
-    api.create_app(cfg.index, cfg.token, options, cfg.compare, cfg.steer, steer)
-    if cfg.steer and steer.device != "auto":  # a device torch cannot see fails now, not at the first request
-        from services.api.steering import steer_device
-
-        steer_device(steer.device)
+    options, steer = dict(cfg.storage_options), cfg.steer_options()
+    # both runners refuse a missing or corrupt index, a comparison it is not part of, another model's SAE or a device
+    # torch cannot see as one line before serving starts, and keep no app of their own beside the workers
     if cfg.ray:
         init_ray(cfg.address)
-        print(f"serving {cfg.index} through Ray Serve at http://{cfg.host}:{cfg.port}/ (Ctrl-C stops)")
         api.run_ray(cfg.index, cfg.host, cfg.port, cfg.token, options, replicas=cfg.replicas, compare=cfg.compare,
                     steer=cfg.steer, steer_options=steer)
     else:
-        print(f"serving {cfg.index} at http://{cfg.host}:{cfg.port}/ (Ctrl-C stops)", flush=True)
         api.run(cfg.index, cfg.host, cfg.port, cfg.token, options, workers=cfg.workers, compare=cfg.compare,
                 steer=cfg.steer, steer_options=steer)
     return 0

@@ -1,8 +1,10 @@
-"""Running the service: uvicorn (`run`, one process or several workers) or Ray Serve (`run_ray`)."""
+"""Running the service: uvicorn (`run`, one process or several workers) or Ray Serve (`run_ray`), once `check` has
+refused what create_app would (one line each), without an app of its own kept beside the workers."""
 
 from __future__ import annotations
 
 import os
+import tempfile
 from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -12,47 +14,94 @@ import orjson
 from fastapi import FastAPI
 
 from actstore.errors import ConfigError
+from actstore.store import normalize_url
 from services.api.app import TOKEN_ENV, create_app
-from services.api.steering import SteerOptions
+from services.api.matches import MatchReader
+from services.api.reader import IndexReader
+from services.api.steering import SteerOptions, served_heads, steer_device
 from services.compare import read_comparison
-from services.index.layout import read_index_meta
+from services.index.layout import IMAGE_TABLE, images_digest, made_from, read_index_meta, write_image_table
 
-__all__ = ["app_from_env", "build_app", "run", "run_ray"]
+__all__ = ["app_from_env", "build_app", "check", "run", "run_ray"]
 
 INDEX_ENV, OPTIONS_ENV, COMPARE_ENV = "ACTSTORE_INDEX", "ACTSTORE_STORAGE_OPTIONS", "ACTSTORE_COMPARE"
-STEER_ENV = "ACTSTORE_STEER"
-"""How `run` hands the index folder, storage options, comparison folder and steering heads to its worker processes."""
+STEER_ENV, IMAGES_ENV = "ACTSTORE_STEER", "ACTSTORE_IMAGE_TABLE"
+"""How `run` hands the index folder, storage options, comparison folder, steering heads and image table to its
+worker processes."""
+
+
+def check(index: str, storage_options: dict[str, Any] | None = None, compare: str | None = None,
+          steer: Sequence[str] = (), steer_options: SteerOptions | None = None,
+          image_table: str | Path | None = None) -> None:
+    """What create_app refuses (a damaged index or image table, a comparison the index is not part of, another model's
+    SAE, two heads of one name), and a steering device torch cannot see, refused here as one line each, without
+    making an app: nothing of it (readers, maps, a store) outlives the call."""
+    reader = IndexReader(index, storage_options, image_table)
+    if compare:
+        MatchReader(compare, reader, storage_options)
+    if steer:
+        served_heads(reader.meta["sae"], reader.meta["store"], steer, dict(storage_options or {}))
+    _check_device(steer, steer_options)
+
+
+def _check_device(steer: Sequence[str], steer_options: SteerOptions | None) -> None:
+    """A steering device torch cannot see, refused before serving starts (imports torch: in the process that starts
+    the workers, not in each worker)."""
+    device = (steer_options or SteerOptions()).device
+    if steer and device != "auto":
+        steer_device(device)
 
 
 def run(index: str, host: str = "127.0.0.1", port: int = 8000, token: str | None = None,
         storage_options: dict[str, Any] | None = None, workers: int = 1, compare: str | None = None,
         steer: Sequence[str] = (), steer_options: SteerOptions | None = None) -> None:
-    """Serve with uvicorn (blocks). Several workers each memory-map the same index pages (and load their own model
-    for steering, with their own slots). `compare`, `steer` (the heads), `steer_options`: as create_app's."""
+    """Serve with uvicorn (blocks), once `check` passes. Several workers each memory-map the same index pages and
+    the same image table (and load their own model for steering, with their own slots); the process that starts
+    them holds no app. `compare`, `steer` (the heads), `steer_options`: as create_app's."""
     import uvicorn
 
     if workers < 1:
         raise ConfigError(f"workers must be >= 1, got {workers}")
-    if workers > 1:
+    options = {"host": host, "port": port, "log_level": "warning", "access_log": False}
+    if workers == 1:
+        app = create_app(index, token, storage_options, compare, steer, steer_options)  # refuses what check does
+        _check_device(steer, steer_options)
+        _serving(index, host, port)
+        uvicorn.run(app, **options)
+        return
+    with tempfile.TemporaryDirectory(prefix="actstore-serve-") as folder:
+        table = _shared_image_table(index, Path(folder))
+        check(index, storage_options, compare, steer, steer_options, table)
         os.environ[INDEX_ENV], os.environ[OPTIONS_ENV] = index, orjson.dumps(storage_options or {}).decode()
-        os.environ[COMPARE_ENV] = compare or ""
+        os.environ[COMPARE_ENV], os.environ[IMAGES_ENV] = compare or "", str(table)
         os.environ[STEER_ENV] = orjson.dumps({"heads": list(steer),
                                               **asdict(steer_options or SteerOptions())}).decode()
         if token:
             os.environ[TOKEN_ENV] = token
-        uvicorn.run("services.api.runners:app_from_env", factory=True, host=host, port=port, workers=workers,
-                    log_level="warning", access_log=False)
-    else:
-        uvicorn.run(create_app(index, token, storage_options, compare, steer, steer_options), host=host, port=port,
-                    log_level="warning", access_log=False)
+        _serving(index, host, port)
+        uvicorn.run("services.api.runners:app_from_env", factory=True, workers=workers, **options)
+
+
+def _shared_image_table(index: str, folder: Path) -> Path:
+    """The image table every worker maps: the index's own images.arrow when it was made from its images.parquet as
+    it is now, else one written from images.parquet into `folder` (this run's temporary folder, removed when serving
+    ends: nothing is written into the index, which belongs to `actstore index`)."""
+    read_index_meta(index)  # not an index at all: say that first
+    own = Path(normalize_url(index)) / IMAGE_TABLE
+    return own if made_from(own) == images_digest(index) else write_image_table(index, folder / IMAGE_TABLE)
+
+
+def _serving(index: str, host: str, port: int, how: str = "") -> None:
+    print(f"serving {index}{how} at http://{host}:{port}/ (Ctrl-C stops)", flush=True)
 
 
 def app_from_env() -> FastAPI:
-    """uvicorn's factory for worker processes: the index and options come through the environment."""
+    """uvicorn's factory for worker processes: the index, options and image table come through the environment."""
     steer = orjson.loads(os.environ.get(STEER_ENV) or '{"heads": []}')
     heads = steer.pop("heads")
     return create_app(os.environ[INDEX_ENV], None, orjson.loads(os.environ.get(OPTIONS_ENV, "{}")),
-                      os.environ.get(COMPARE_ENV) or None, heads, SteerOptions(**steer))
+                      os.environ.get(COMPARE_ENV) or None, heads, SteerOptions(**steer),
+                      os.environ.get(IMAGES_ENV) or None)
 
 
 def run_ray(index: str, host: str = "127.0.0.1", port: int = 8000, token: str | None = None,
@@ -64,8 +113,10 @@ def run_ray(index: str, host: str = "127.0.0.1", port: int = 8000, token: str | 
 
     from actstore.cluster import init_ray
 
+    check(index, storage_options, compare, steer, steer_options)
     app = _application(index, token, storage_options, replicas, compare, steer, steer_options)
     init_ray()
+    _serving(index, host, port, " through Ray Serve")
     serve.start(http_options={"host": host, "port": port}, logging_config=_QUIET)
     serve.run(app, name="actstore", route_prefix="/", blocking=blocking)
 

@@ -42,7 +42,8 @@ from actstore.errors import ConfigError, NotFoundError
 from services.api.errors import SteeringBusy, SteeringTimeout
 from services.api.schemas import MAX_EDITS
 
-__all__ = ["MAX_BODY", "NO_STEERING", "BodyLimit", "SteerOptions", "Steering", "head_name", "steer_device"]
+__all__ = ["MAX_BODY", "NO_STEERING", "BodyLimit", "SteerOptions", "Steering", "head_name", "served_heads",
+           "steer_device"]
 
 MAX_BODY = 1 << 20
 """Bytes of a POST /steer body at most (64 edits of a few thousand patch indices fit well inside)."""
@@ -96,6 +97,23 @@ def head_name(spec: str) -> str:
     """The name a head spec is served under: model, zeroshot, vlm, probe:<folder name>."""
     kind, _, arg = spec.partition(":")
     return f"probe:{arg.rstrip('/').rsplit('/', 1)[-1]}" if kind == "probe" else kind
+
+
+def served_heads(sae: str, store: str, heads: Sequence[str], storage_options: dict[str, Any]) -> dict[str, str]:
+    """The head specs by the name each is served under, checked (two heads of one name are refused), once the index's
+    SAE is checked against its store's model and layer (from its cfg.json: no weights read, no process started)."""
+    from actstore.store import ActivationStore
+    from sae.checkpoint import check_saved_origin
+
+    with ActivationStore(store, storage_options) as opened:  # refuse another model's SAE at start
+        check_saved_origin(sae, opened, storage_options)
+    specs: dict[str, str] = {}
+    for spec in heads:
+        name = head_name(spec)
+        if name in specs:
+            raise ConfigError(f"--steer names two heads called {name!r}")
+        specs[name] = spec
+    return specs
 
 
 def steer_device(device: str) -> str:
@@ -206,20 +224,10 @@ class Steering:
 
     def __init__(self, sae: str, store: str, heads: Sequence[str], storage_options: dict[str, Any] | None = None,
                  options: SteerOptions | None = None) -> None:
-        from actstore.store import ActivationStore
-        from sae.checkpoint import check_saved_origin
-
         self.sae, self.store = sae, store
         self.storage_options = dict(storage_options or {})
         self.options = options or SteerOptions()
-        with ActivationStore(store, self.storage_options) as opened:  # refuse another model's SAE at start
-            check_saved_origin(sae, opened, self.storage_options)
-        self.specs: dict[str, str] = {}
-        for spec in heads:
-            name = head_name(spec)
-            if name in self.specs:
-                raise ConfigError(f"--steer names two heads called {name!r}")
-            self.specs[name] = spec
+        self.specs = served_heads(sae, store, heads, self.storage_options)
         self._context = multiprocessing.get_context("spawn")  # no fork of a threaded server
         self._flags = self._context.RawArray("q", self.options.slots)
         self._requests = itertools.count(1)
