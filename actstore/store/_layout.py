@@ -26,3 +26,8 @@ def unit_record_key(k: int) -> str:
 
 def unit_images_key(k: int) -> str:
     return f"{UNITS_DIR}/{k}.parquet"
+
+
+def unit_stats_key(k: int) -> str:
+    """Unit k's partial sums (safetensors); stores written before it exists keep them in the record's JSON."""
+    return f"{UNITS_DIR}/{k}.stats.safetensors"

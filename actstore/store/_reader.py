@@ -18,7 +18,7 @@ import zarr
 from actstore.errors import IncompleteStoreError, StoreFormatError
 from actstore.store import _layout as L
 from actstore.store._encoding import from_storage, torch_dtype
-from actstore.store._io import filesystem, list_units, normalize_url, read_attrs, zarr_store
+from actstore.store._io import cat_many, filesystem, list_units, normalize_url, read_attrs, zarr_store
 from actstore.store._shards import ShardReader
 from actstore.store._spec import ATTRS_KEY, STORAGE_DTYPES, LayerSpec, StoreSpec
 from actstore.store._stats import TOKEN_KINDS, LayerStats, merge_sums
@@ -122,9 +122,11 @@ class ActivationStore:
         """The images table (index, uri, label, width, height, status, reason)."""
         if self.complete:
             return pq.read_table(io.BytesIO(self.fs.cat_file(f"{self.root}/{L.IMAGES_TABLE}")))
-        parts = [pq.read_table(io.BytesIO(self.fs.cat_file(f"{self.root}/{L.unit_images_key(k)}")))
-                 for k in self.units_done()]
-        return pa.concat_tables(parts) if parts else pa.table({})
+        data = cat_many(self.fs, [f"{self.root}/{L.unit_images_key(k)}" for k in self.units_done()])
+        for d in data:
+            if isinstance(d, Exception):
+                raise d
+        return pa.concat_tables([pq.read_table(io.BytesIO(d)) for d in data]) if data else pa.table({})
 
     def labels(self, start: int = 0, stop: int | None = None) -> np.ndarray | None:
         """Per-patch labels of images [start, stop), or None when the store has none."""

@@ -1,7 +1,9 @@
-"""Check every byte of a store: chunk checksums, unit records, tables.
+"""Check every byte of a store: chunk checksums, unit records, tables, stats files.
 
 Each problem is one line naming the object (shard, inner chunk, unit record)
-so that a user can delete or re-extract exactly that unit.
+so that a user can delete or re-extract exactly that unit. The units' own
+objects are read concurrently, a few hundred units at a time; their shards
+are then checked unit after unit.
 """
 
 from __future__ import annotations
@@ -16,10 +18,12 @@ import numpy as np
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
-from actstore.errors import ActstoreError
+from actstore.errors import ActstoreError, CorruptDataError
 from actstore.store import _layout as L
+from actstore.store._io import UnitObjects, read_units
 from actstore.store._reader import ActivationStore
 from actstore.store._spec import STORAGE_DTYPES
+from actstore.store._stats import unit_sums
 
 
 @dataclass
@@ -68,22 +72,30 @@ def _check_layer_unit(store: ActivationStore, layer: str, k: int, record: dict[s
                                f"(shard {reader.shard_key(k)} was overwritten or belongs to another unit)")
 
 
-def _check_unit(store: ActivationStore, k: int, report: VerifyReport) -> None:
-    try:
-        record = store.unit_record(k)
-    except (OSError, ValueError) as e:
-        report.problems.append(f"unit {k}: record {L.unit_record_key(k)} unreadable ({e})")
+def _check_unit(store: ActivationStore, k: int, unit: UnitObjects, report: VerifyReport) -> None:
+    record = unit.record
+    if isinstance(record, Exception):
+        report.problems.append(f"unit {k}: record {L.unit_record_key(k)} unreadable ({record})")
         return
     if record.get("images") != list(store.spec.unit_range(k)):
         report.problems.append(f"unit {k}: record covers images {record.get('images')}, "
                                f"expected {list(store.spec.unit_range(k))}")
         return
-    try:
-        data = store.fs.cat_file(f"{store.root}/{L.unit_images_key(k)}")
-        if google_crc32c.value(data) != record.get("images_crc32c"):
-            report.problems.append(f"unit {k}: {L.unit_images_key(k)} does not match its record")
-    except FileNotFoundError:
+    if isinstance(unit.table, FileNotFoundError):
         report.problems.append(f"unit {k}: {L.unit_images_key(k)} missing")
+    elif isinstance(unit.table, Exception):
+        report.problems.append(f"unit {k}: {L.unit_images_key(k)} unreadable ({unit.table})")
+    elif google_crc32c.value(unit.table) != record.get("images_crc32c"):
+        report.problems.append(f"unit {k}: {L.unit_images_key(k)} does not match its record")
+    try:
+        layers = set(unit_sums(k, record, unit.stats))
+        if layers != {layer.name for layer in store.layers}:
+            report.problems.append(f"unit {k}: statistics of layers {sorted(layers)}, expected "
+                                   f"{[layer.name for layer in store.layers]}")
+    except CorruptDataError as e:
+        report.problems.append(str(e))
+    except (KeyError, TypeError, AttributeError) as e:
+        report.problems.append(f"unit {k}: record {L.unit_record_key(k)} has no statistics ({e!r})")
     for layer in store.layers:
         _check_layer_unit(store, layer.name, k, record, report)
     if store.spec.has_labels:
@@ -104,12 +116,13 @@ def verify_store(url: str, storage_options: dict[str, Any] | None = None, progre
         report = VerifyReport(store.url, spec.n_units)
         if not store.complete:
             report.problems.append(f"{store.url}: store not finalized (incomplete extraction)")
-        done = set(store.units_done())
-        for k in tqdm(range(spec.n_units), desc="verify", unit="unit", disable=not progress):
-            if k not in done:
-                report.problems.append(f"unit {k}: no record ({L.unit_record_key(k)}); unit not written")
-                continue
-            _check_unit(store, k, report)
+        done = set(store.units_done())  # the listing also gives s3fs the objects' sizes
+        written = [k for k in range(spec.n_units) if k in done]
+        report.problems += [f"unit {k}: no record ({L.unit_record_key(k)}); unit not written"
+                            for k in range(spec.n_units) if k not in done]
+        for k, unit in tqdm(read_units(store.fs, store.root, written), total=len(written), desc="verify",
+                            unit="unit", disable=not progress):
+            _check_unit(store, k, unit, report)
         if store.complete:
             try:
                 table = pq.read_table(io.BytesIO(store.fs.cat_file(f"{store.root}/{L.IMAGES_TABLE}")))

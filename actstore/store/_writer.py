@@ -5,7 +5,8 @@ writes the unit's shards whole (zarr never reads-modifies-writes a shard it
 fully covers), then its rows of the images table, then its record, last.
 Units are independent, so any number of processes may write them at once;
 rewriting a unit with the same input gives the same bytes. `finalize`
-merges the per-unit statistics and tables and marks the store complete.
+merges the per-unit statistics and tables and marks the store complete; it
+reads the units' objects concurrently, a few hundred units at a time.
 """
 
 from __future__ import annotations
@@ -24,14 +25,14 @@ import torch
 import zarr
 
 from actstore.config import redact
-from actstore.errors import ConfigError, IncompleteStoreError, StoreFormatError, StoreNotFoundError
+from actstore.errors import ConfigError, CorruptDataError, IncompleteStoreError, StoreFormatError, StoreNotFoundError
 from actstore.outputs import check_output
 from actstore.store import _layout as L
 from actstore.store._encoding import from_storage, to_storage, zarr_compressors
 from actstore.store._images import STATUS_OK, ok_mask, unit_table
-from actstore.store._io import filesystem, list_units, normalize_url, put_bytes, read_attrs, zarr_store
+from actstore.store._io import filesystem, list_units, normalize_url, put_bytes, read_attrs, read_units, zarr_store
 from actstore.store._spec import ATTRS_KEY, STORAGE_DTYPES, StoreSpec
-from actstore.store._stats import LayerStats, merge_sums, partial_sums
+from actstore.store._stats import TOKEN_KINDS, LayerStats, Sums, add_sums, pack_unit_sums, partial_sums, unit_sums
 
 log = logging.getLogger(__name__)
 
@@ -137,6 +138,7 @@ class StoreWriter:
         record: dict[str, Any] = {"unit": k, "images": [start, stop], "n_ok": int(ok.sum()), "layers": {}}
         if node is not None:
             record["node"] = node
+        sums = {}
         for layer in spec.layers:
             expected = (stop - start, *spec.shape(layer.name)[1:])
             values = acts[layer.name]
@@ -148,10 +150,8 @@ class StoreWriter:
                 stored[~ok] = 0
             stored = np.ascontiguousarray(stored)
             self._array(L.acts_path(layer.name))[start:stop] = stored
-            record["layers"][layer.name] = {
-                "crc32c": google_crc32c.value(stored.reshape(-1).view(np.uint8)),
-                "stats": partial_sums(from_storage(stored, spec.dtype), ok, layer.tokens),
-            }
+            record["layers"][layer.name] = {"crc32c": google_crc32c.value(stored.reshape(-1).view(np.uint8))}
+            sums[layer.name] = partial_sums(from_storage(stored, spec.dtype), ok, layer.tokens)
         if spec.has_labels:
             n_patches = spec.layers[0].tokens.n_patches
             if labels is None or labels.shape != (stop - start, n_patches):
@@ -162,27 +162,39 @@ class StoreWriter:
         buf = io.BytesIO()
         pq.write_table(table, buf)
         record["images_crc32c"] = google_crc32c.value(buf.getvalue())
+        stats = pack_unit_sums(sums)
+        record["stats_crc32c"] = google_crc32c.value(stats)
         self._put(L.unit_images_key(k), buf.getvalue())
+        self._put(L.unit_stats_key(k), stats)
         self._put(L.unit_record_key(k), json.dumps(record, sort_keys=True).encode())
         return record
 
     def finalize(self) -> None:
         """Merge unit statistics and tables, then mark the store complete (idempotent)."""
         spec = self.spec
-        missing = sorted(set(range(spec.n_units)) - self.units_done())
+        missing = sorted(set(range(spec.n_units)) - self.units_done())  # the listing also gives s3fs the sizes
         if missing:
             shown = ", ".join(map(str, missing[:10])) + (" ..." if len(missing) > 10 else "")
             raise IncompleteStoreError(f"{self.url}: {len(missing)} of {spec.n_units} units missing ({shown}); "
                                        "rerun the extraction to finish them")
         fs, root = self._fs()
-        records = [json.loads(fs.cat_file(f"{root}/{L.unit_record_key(k)}")) for k in range(spec.n_units)]
-        parts = []
-        for k, rec in enumerate(records):
-            data = fs.cat_file(f"{root}/{L.unit_images_key(k)}")
-            if google_crc32c.value(data) != rec["images_crc32c"]:
+        parts: list[pa.Table] = []
+        totals: dict[tuple[str, str], Sums] = {}  # added to in unit order: the same floats whoever wrote which unit
+        for k, unit in read_units(fs, root, range(spec.n_units)):
+            if isinstance(unit.record, Exception):
+                raise CorruptDataError(f"{self.url}: unit {k}'s record {L.unit_record_key(k)} unreadable "
+                                       f"({unit.record}); rerun the extraction of that unit", L.unit_record_key(k))
+            if not isinstance(unit.table, bytes) or google_crc32c.value(unit.table) != unit.record["images_crc32c"]:
                 raise IncompleteStoreError(f"{self.url}: unit {k}'s images table does not match its record; "
                                            "rerun the extraction of that unit")
-            parts.append(pq.read_table(io.BytesIO(data)))
+            try:
+                sums = unit_sums(k, unit.record, unit.stats)
+            except CorruptDataError as e:
+                raise CorruptDataError(f"{self.url}: {e}; rerun the extraction of that unit", e.key) from None
+            for layer, kinds in sums.items():
+                for kind, part in kinds.items():
+                    totals[layer, kind] = add_sums(totals.get((layer, kind)), part)
+            parts.append(pq.read_table(io.BytesIO(unit.table)))
         table = pa.concat_tables(parts)
         buf = io.BytesIO()
         pq.write_table(table, buf)
@@ -190,12 +202,10 @@ class StoreWriter:
 
         group = zarr.open_group(zarr_store(self.url, self.storage_options, read_only=False), mode="r+")
         for layer in spec.layers:
-            for kind in ("cls", "patches"):
-                sums = merge_sums(r["layers"][layer.name]["stats"][kind] for r in records
-                                  if kind in r["layers"][layer.name]["stats"])
-                if sums is None:
+            for kind in TOKEN_KINDS:
+                if (layer.name, kind) not in totals:
                     continue
-                stats = LayerStats.from_sums(sums)
+                stats = LayerStats.from_sums(totals[layer.name, kind])
                 path = L.stats_path(layer.name, kind)
                 sub = group.require_group(path)
                 sub.attrs.update({"count": stats.count, "mean_sq_norm": stats.mean_sq_norm})
