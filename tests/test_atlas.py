@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -21,8 +22,7 @@ from actstore.errors import ConfigError
 from actstore_cli import main
 from services.api import create_app
 from services.api.schemas import Atlas, FeatureMatches
-from services.index import atlas as atlas_module
-from services.index.atlas import knn_cosine, umap_2d, unit_rows
+from services.index.atlas import AtlasConfig, block_rows, build_atlas, knn_cosine, umap_2d, unit_rows
 from services.index.layout import open_array, read_index_meta
 from conftest import OTHER_D_SAE, OTHER_TWINS
 from test_api import fuzz
@@ -77,14 +77,13 @@ def test_umap_keeps_near_duplicates_together_and_density_is_the_index(atlas_inde
     assert np.isnan(t["log10_density"][freq == 0]).all()  # nulls
 
 
-def test_exact_cosine_neighbours_in_blocks(monkeypatch):
+def test_exact_cosine_neighbours_in_blocks():
     """The neighbour graph handed to UMAP against a brute-force argsort, computed in several blocks."""
     rng = np.random.default_rng(0)
     w = rng.normal(size=(37, 9))
     w[5] = w[4] * 3  # an exact duplicate direction: each must still be its own first neighbour
     u = unit_rows(w)
-    monkeypatch.setattr(atlas_module, "BLOCK_BYTES", 4 * 37 * 8)  # 8 rows a block
-    idx, dist = knn_cosine(u, 6)
+    idx, dist = knn_cosine(u, 6, block=8)
     full = 1 - u.astype(np.float64) @ u.T.astype(np.float64)
     assert (idx[:, 0] == np.arange(37)).all() and (dist[:, 0] == 0).all()
     assert idx[4, 1] == 5 and idx[5, 1] == 4
@@ -104,17 +103,32 @@ def test_cli_same_seed_same_map_and_only_its_own_file(atlas_index_dir, tmp_path,
     assert main(["atlas", "--index", str(index), "-q"]) == 1
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1 and "--overwrite" in err
-    assert main(["atlas", "--index", str(index), "--overwrite", "-q"]) == 0
+    # a budget of a few rows of the neighbour search and of PCA at once: the same map
+    cfg = AtlasConfig(str(index))
+    n, d = decoder_rows(atlas_index_dir).shape
+    gb = next(g for g in np.geomspace(1e-4, 1, 400) if _fits(cfg, g, n, d) and
+              2 <= block_rows(replace(cfg, memory_gb=g), n, d, 15) <= n // 4)
+    assert main(["atlas", "--index", str(index), "--overwrite", "--memory-gb", str(gb), "-q"]) == 0
     assert "actstore serve --index" in capsys.readouterr().out
     before, after = atlas_table(atlas_index_dir), atlas_table(index)
     for column in ("umap_x", "umap_y", "pca_x", "pca_y"):
-        np.testing.assert_array_equal(after[column], before[column])
+        np.testing.assert_allclose(after[column], before[column], atol=1e-5, err_msg=column)
     assert {p: p.read_bytes() for p in index.rglob("*") if p.is_file() and p.name != "atlas.parquet"} == others
     assert not list(index.glob(".*")), "a temporary file was left behind"
     u = unit_rows(decoder_rows(atlas_index_dir))
-    assert not np.allclose(umap_2d(u, 15, 0.1, seed=1), np.stack([before["umap_x"], before["umap_y"]], 1))
+    assert not np.allclose(umap_2d(u, 15, 0.1, seed=1, block=n), np.stack([before["umap_x"], before["umap_y"]], 1))
+    with pytest.raises(ConfigError, match=r"^atlas: --memory-gb \S+ is too small: .* per row of the neighbour search"):
+        build_atlas(replace(cfg, memory_gb=1e-6, overwrite=True), progress=False)
     assert main(["atlas", "--index", str(tmp_path / "nothing"), "-q"]) == 1
     assert "not a feature index" in capsys.readouterr().err
+
+
+def _fits(cfg: AtlasConfig, gb: float, n: int, d: int) -> bool:
+    try:
+        block_rows(replace(cfg, memory_gb=gb), n, d, 15)
+    except ConfigError:
+        return False
+    return True
 
 
 # ---- the service ---------------------------------------------------------------------------------

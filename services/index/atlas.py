@@ -31,6 +31,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
+from actstore.budget import MemoryBudget
 from actstore.config import check_at_least, public_config, redact
 from actstore.errors import ConfigError, CorruptDataError, StoreFormatError
 from actstore.outputs import check_output
@@ -46,8 +47,8 @@ META_KEY = b"actstore"
 """The parquet key-value metadata entry holding the atlas's format, config and PCA variance."""
 MIN_FEATURES = 4
 """UMAP's spectral layout needs more points than its 2 dimensions + 1."""
-BLOCK_BYTES = 256 << 20
-"""Bound on the distance block of the neighbour search (rows x d_sae float32)."""
+UMAP_BYTES_PER_EDGE = 128
+"""UMAP's graph and layout, per neighbour edge (its sparse fuzzy graph, several COO copies, the epochs)."""
 
 
 @dataclass(frozen=True)
@@ -64,6 +65,9 @@ class AtlasConfig:
     """UMAP's minimum distance between points of the map, in [0, 1]."""
     seed: int = 0
     """Seeds UMAP: the same seed gives the same map."""
+    memory_gb: float | None = None
+    """Working memory, in GB (on top of the Python process): the rows of the exact neighbour search and of PCA's
+    covariance taken at once follow from it and d_sae (default: half of this machine's memory)."""
     overwrite: bool = False
     """Replace an existing atlas.parquet in the index."""
     storage_options: dict[str, Any] = field(default_factory=dict)
@@ -83,14 +87,15 @@ def unit_rows(w: np.ndarray) -> np.ndarray:
     return w / np.maximum(np.linalg.norm(w, axis=1, keepdims=True), np.finfo(np.float32).tiny)
 
 
-def knn_cosine(u: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+def knn_cosine(u: np.ndarray, k: int, block: int) -> tuple[np.ndarray, np.ndarray]:
     """(indices, distances), each (n, k): every unit row's k nearest rows by cosine distance, itself first,
-    nearest first (ties to the lower index); k <= n. Exact, one (block, n) distance matrix at a time."""
+    nearest first (ties to the lower index); k <= n. Exact, one (block, n) distance matrix at a time, in float64
+    rounded to float32: the same distances whatever the block (UMAP's layout amplifies a last-bit change)."""
     n = u.shape[0]
-    block = max(1, BLOCK_BYTES // (4 * n))
     idx, dist = np.empty((n, k), np.int64), np.empty((n, k), np.float32)
+    u64 = u.astype(np.float64)
     for s in range(0, n, block):
-        d = np.clip(1.0 - u[s:s + block] @ u.T, 0.0, 2.0)
+        d = np.clip(1.0 - u64[s:s + block] @ u64.T, 0.0, 2.0).astype(np.float32)
         rows = np.arange(d.shape[0])
         d[rows, s + rows] = -1.0  # itself first, even next to an exact duplicate
         part = np.argpartition(d, k - 1, axis=1)[:, :k]
@@ -101,26 +106,42 @@ def knn_cosine(u: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     return idx, dist
 
 
-def pca_2d(u: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(coordinates (n, 2), explained variance ratios (2,)) of the rows on their two leading principal axes,
-    each axis signed so that its largest loading is positive."""
-    x = u.astype(np.float64) - u.mean(axis=0, dtype=np.float64)
-    _, s, vt = np.linalg.svd(x, full_matrices=False)
+def pca_2d(u: np.ndarray, block: int) -> tuple[np.ndarray, np.ndarray]:
+    """(coordinates (n, 2), explained variance ratios (2,)) of the rows on their two leading principal axes (the
+    top eigenvectors of the float64 covariance, summed `block` rows at a time: d x d, never an n x d float64
+    copy), each axis signed so that its largest loading is positive."""
+    mean = u.mean(axis=0, dtype=np.float64)
+    cov = np.zeros((u.shape[1], u.shape[1]))
+    for s in range(0, u.shape[0], block):
+        x = u[s:s + block].astype(np.float64) - mean
+        cov += x.T @ x
+    values, vectors = np.linalg.eigh(cov)
+    values, vt = values[::-1].clip(0), vectors[:, ::-1].T
     axes = vt[:2] * np.sign(vt[:2][np.arange(2), np.abs(vt[:2]).argmax(axis=1)])[:, None]
-    total = float((s ** 2).sum())
-    return (x @ axes.T).astype(np.float32), (s[:2] ** 2 / total if total > 0 else np.zeros(2))
+    coords = np.concatenate([(u[s:s + block].astype(np.float64) - mean) @ axes.T for s in range(0, u.shape[0], block)])
+    total = float(values.sum())
+    return coords.astype(np.float32), (values[:2] / total if total > 0 else np.zeros(2))
 
 
-def umap_2d(u: np.ndarray, n_neighbors: int, min_dist: float, seed: int) -> np.ndarray:
+def umap_2d(u: np.ndarray, n_neighbors: int, min_dist: float, seed: int, block: int) -> np.ndarray:
     """UMAP coordinates (n, 2) of the unit rows over their exact cosine neighbour graph."""
     import umap  # numba and pynndescent: seconds to import, only when a map is made
 
-    idx, dist = knn_cosine(u, n_neighbors)
+    idx, dist = knn_cosine(u, n_neighbors, block)
     model = umap.UMAP(n_neighbors=n_neighbors, min_dist=min_dist, metric="cosine", random_state=seed, n_jobs=1,
                       precomputed_knn=(idx, dist, None))
     with warnings.catch_warnings():  # no search index: only transform() of new points would need one
         warnings.filterwarnings("ignore", message=r"precomputed_knn\[2\]", category=UserWarning)
         return model.fit_transform(u).astype(np.float32)
+
+
+def block_rows(cfg: AtlasConfig, n: int, d: int, n_neighbors: int) -> int:
+    """Rows of the neighbour search (and of PCA) at once: fixed are the SAE's weights and their unit rows (float32
+    and float64), the
+    covariance and UMAP's graph; a row costs its distances to every feature and their partition (~36 n bytes)."""
+    fixed = 20 * n * d + 8 * d * d + n * n_neighbors * UMAP_BYTES_PER_EDGE
+    return MemoryBudget.of(cfg.memory_gb).rows("atlas", fixed=fixed, per_row=36 * n + 8 * d,
+                                               row="row of the neighbour search", at_most=n)
 
 
 def build_atlas(cfg: AtlasConfig, progress: bool = True) -> Path:
@@ -135,14 +156,15 @@ def build_atlas(cfg: AtlasConfig, progress: bool = True) -> Path:
     bar = tqdm(total=3, desc="atlas", unit="step", disable=not progress)
     bar.set_postfix_str("loading the SAE")
     u = unit_rows(_decoder(sae_url, int(meta["d_sae"]), cfg.storage_options))
+    n_neighbors = min(cfg.n_neighbors, u.shape[0])
+    block = block_rows(cfg, *u.shape, n_neighbors)
     freq = pq.read_table(index / FEATURES, columns=["freq_patches"]).column("freq_patches").to_numpy()
     bar.update()
     bar.set_postfix_str("PCA")
-    pca, explained = pca_2d(u)
+    pca, explained = pca_2d(u, block)
     bar.update()
     bar.set_postfix_str("UMAP")
-    n_neighbors = min(cfg.n_neighbors, u.shape[0])
-    emb = umap_2d(u, n_neighbors, cfg.min_dist, cfg.seed)
+    emb = umap_2d(u, n_neighbors, cfg.min_dist, cfg.seed, block)
     bar.update()
     bar.close()
     dead = freq <= 0
