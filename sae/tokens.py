@@ -22,9 +22,12 @@ from actstore.store import LayerSpec, TokenLayout
 from sae.acts import SparseActs
 from sae.model import SparseAutoencoder
 
-__all__ = ["TOKENS", "Latents", "TokenEncoder", "token_positions"]
+__all__ = ["BLOCK_TOKENS", "TOKENS", "Latents", "TokenEncoder", "token_positions"]
 
 TOKENS = ("patches", "cls", "all")
+BLOCK_TOKENS = 32768
+"""Most tokens a pass encodes at once, whatever its budget allows: the GEMM runs no faster on more, and a pass's
+memory then stays flat in the number of images."""
 Latents = Tensor | SparseActs
 
 
