@@ -1,6 +1,7 @@
 """`actstore probe`: linear probes on stored tokens. Planted class directions are found (cls on the CLS token or
 the mean of the patches, seg on per-patch labels), a loaded probe's logits equal numpy's standardize-and-matmul on
-the stored tokens, real ViT tokens carry shape and colour, and bad input is one line that touches nothing."""
+the stored tokens, real ViT tokens carry shape and colour, bad input is one line that touches nothing, and a memory
+budget (--memory-gb) sizes the blocks without changing a number, or is refused in one line that says what fits."""
 
 from __future__ import annotations
 
@@ -326,3 +327,59 @@ def test_pool_mean_reads_the_patches_mean_and_cls_needs_a_cls_token(store: str, 
     with pytest.raises(ConfigError, match="--pool is for cls probes"):
         ProbeConfig(store, "seg", str(tmp_path / "s"), pool="mean")
     assert not (tmp_path / "c").exists()
+
+
+# memory budget: blocks sized by --memory-gb, the same probe whatever their size -------------------------------
+
+
+def block_sizes(monkeypatch) -> list[int]:
+    """The images per block of every pass over the activations from now on (ActivationStore.blocks still reads)."""
+    sizes: list[int] = []
+    blocks = ActivationStore.blocks
+
+    def recording(self, layer, images_per_block):
+        sizes.append(images_per_block)
+        return blocks(self, layer, images_per_block)
+
+    monkeypatch.setattr(ActivationStore, "blocks", recording)
+    return sizes
+
+
+@pytest.mark.parametrize("gb,kw", [(0.0001, {"task": "seg", "layer": "4", "max_rows": 300}),  # a sample over blocks
+                                   (0.00025, {"task": "seg", "layer": "4"}),
+                                   (0.00005, {"task": "cls", "layer": "5", "pool": "mean"})])
+def test_a_small_budget_changes_no_number(store: str, tmp_path: Path, monkeypatch, gb: float, kw: dict) -> None:
+    """A budget of a few images per block (below a store chunk of 16: each block decodes a chunk part) and the
+    default one (the whole store of 160 images in a block) choose the same rows and fold them in the same order:
+    equal probe.json and tensors."""
+    sizes = block_sizes(monkeypatch)
+    big = train_probe(ProbeConfig(store, out=str(tmp_path / "big"), **kw), progress=False)
+    assert set(sizes) == {N}
+    sizes.clear()
+    small = train_probe(ProbeConfig(store, out=str(tmp_path / "small"), memory_gb=gb, **kw), progress=False)
+    assert len(sizes) == 2 and sizes[0] < 16 and sizes[0] == sizes[1], sizes
+    assert small["config"]["memory_gb"] == gb
+    assert {k: v for k, v in small.items() if k != "config"} == {k: v for k, v in big.items() if k != "config"}
+    a, b = (load_file(str(tmp_path / name / "probe.safetensors")) for name in ("big", "small"))
+    assert all(np.array_equal(a[name], b[name]) for name in ("weight", "bias", "mean", "std"))
+
+
+def test_a_budget_too_small_is_one_line_that_says_what_fits(store: str, tmp_path: Path, capsys) -> None:
+    out = str(tmp_path / "p")
+    base = ["probe", "--store", store, "--task", "seg", "--layer", "4", "--out", out, "-q"]
+    for gb, row in (("0.000001", "image"), ("0.00001", "training row")):  # not the arrays and one image; one row
+        assert main([*base, "--memory-gb", gb]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: probe: --memory-gb {float(gb):g} is too small: it needs ")
+        assert err.count("\n") == 1 and "whatever the data and " in err and f" per {row}; give at least " in err, err
+    # one image fits, not the training rows: refused (never a smaller sample behind our back), with what fits
+    assert main([*base, "--memory-gb", "0.0001"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: probe: ") and err.count("\n") == 1 and "training rows of width 32 need" in err, err
+    fits = int(err.split("pass --max-rows ")[1].split()[0])
+    assert not Path(out).exists()
+    assert main([*base, "--memory-gb", "0.0001", "--max-rows", str(fits)]) == 0
+    assert json.loads((Path(out) / "probe.json").read_text())["n_train_rows"] == fits
+    for bad in (0.0, -1.0):
+        with pytest.raises(ConfigError, match="--memory-gb must be > 0"):
+            ProbeConfig(store, "cls", out, memory_gb=bad)

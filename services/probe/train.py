@@ -5,12 +5,17 @@
     seg   one row per patch token; targets are the store's per-patch labels (ignore_index left out)
 
 Images are split into training and held-out ones by a seeded permutation (never by patch: patches of one
-image are not independent). Two ordered passes over the store: the first gathers the training rows (at most
-max_rows, a seeded sample), whose mean and std standardize the inputs and on which a multinomial logistic
-regression is fit (full-batch L-BFGS, L2 penalty); the second runs the trained probe, exactly as `load_probe`
-gives it, on the held-out images' rows. Metrics: held-out accuracy (patch accuracy for seg; plus per-class
-IoU and their mean over the classes present in the held-out patches), against chance: the accuracy of
-always answering the training split's most frequent class. Rejected images take no part.
+image are not independent; services.probe.rows). Everything streams, block by block in store order, with blocks
+sized by the memory budget (--memory-gb) and the widths: a pass over the labels finds the usable rows and the
+classes, a second gathers the training rows' targets (at most max_rows, a seeded sample); then two passes over
+the activations: the first gathers the training rows, whose mean and std standardize the inputs and on which a
+multinomial logistic regression is fit (full-batch L-BFGS, L2 penalty); the second runs the trained probe, exactly
+as `load_probe` gives it, on the held-out images' rows. The block size changes no number: the same rows are chosen
+and folded in the same order. The training rows are held whole for the fit, so max_rows x d must fit the budget.
+
+Metrics: held-out accuracy (patch accuracy for seg; plus per-class IoU and their mean over the classes present in
+the held-out patches), against chance: the accuracy of always answering the training split's most frequent class.
+Rejected images take no part.
 """
 
 from __future__ import annotations
@@ -22,25 +27,27 @@ from typing import Any
 
 import fsspec
 import numpy as np
-import pyarrow as pa
-import pyarrow.csv as pa_csv
-import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
 from safetensors.torch import save as st_save
 from tqdm.auto import tqdm
 
+from actstore.budget import MemoryBudget, format_bytes
 from actstore.config import check_at_least, public_config, redact
 from actstore.errors import ConfigError
 from actstore.outputs import check_output
-from actstore.store import ActivationStore, LayerSpec, filesystem, ok_mask, put_bytes
+from actstore.store import ActivationStore, LayerSpec, filesystem, put_bytes, torch_dtype
 from services.probe.model import (FORMAT, FORMAT_VERSION, META, POOLS, TASKS, WEIGHTS, Probe, probe_inputs,
                                   read_probe_meta)
+from services.probe.rows import IMAGE_ARRAY_BYTES, Split, Targets, check_classes
 
-__all__ = ["ProbeConfig", "split_rows", "train_probe"]
+__all__ = ["ProbeConfig", "train_probe"]
 
 MIN_STD = 1e-6
 """Input dimensions whose training std is below this are centred, not scaled (a constant one would blow up)."""
+BLOCK_BYTES = 8 << 20
+"""A block's stored tokens (or labels) in bytes, about, whatever the budget (which is a ceiling, not a target): a
+larger block reads no faster, and the store's read path holds a few times a block."""
 
 
 @dataclass(frozen=True)
@@ -75,9 +82,11 @@ class ProbeConfig:
     """L2 penalty: this times the squared sum of the weights, added to the mean cross-entropy."""
     max_rows: int = 200_000
     """Training rows (images for cls, patches for seg) kept at most, a seeded sample of the training split's:
-    bounds memory and time."""
-    batch_size: int = 256
-    """Images read from the store at once."""
+    bounds memory and time. They are held whole for the fit: a budget (--memory-gb) that cannot hold them is
+    refused, with the largest max_rows it holds (never a smaller sample behind your back)."""
+    memory_gb: float | None = None
+    """Working memory of the pass, in GB: block sizes follow from it and the widths (default: half of this
+    machine's memory)."""
     seed: int = 0
     """Seeds the split and the row sample."""
     ignore_index: int = 255
@@ -100,115 +109,70 @@ class ProbeConfig:
             raise ConfigError(f"probe: holdout must lie in (0, 1), got {self.holdout}")
         if self.lr <= 0 or self.weight_decay < 0:
             raise ConfigError(f"probe: need lr > 0 and weight_decay >= 0, got {self.lr} and {self.weight_decay}")
-        check_at_least(self, "probe", {"steps": 1, "max_rows": 1, "batch_size": 1})
-
-
-# targets ---------------------------------------------------------------------------------------------
-
-def _table_labels(cfg: ProbeConfig, n_images: int) -> tuple[np.ndarray, list[str]]:
-    """(label per image, class names) from cfg.labels' column; -1 where an image has none."""
-    path, shown = str(cfg.labels), redact(str(cfg.labels))
-    kind = path.rsplit(".", 1)[-1].lower()
-    if kind not in ("parquet", "csv"):
-        raise ConfigError(f"{shown}: a labels table must be a .parquet or .csv file")
-    try:
-        with fsspec.open(path, "rb", **cfg.storage_options) as f:
-            table = pq.read_table(f) if kind == "parquet" else pa_csv.read_csv(f)
-    except FileNotFoundError:
-        raise ConfigError(f"{shown}: no such labels table") from None
-    except pa.ArrowInvalid as e:
-        raise ConfigError(f"{shown}: not a readable {kind} table ({' '.join(str(e).split())})") from None
-    if cfg.label_column not in table.column_names:
-        raise ConfigError(f"{shown}: no column {cfg.label_column!r}; it has {', '.join(table.column_names)}")
-    if table.num_rows != n_images:
-        raise ConfigError(f"{shown}: {table.num_rows} rows, the store has {n_images} images "
-                          "(one row per store image, in store order)")
-    column = table.column(cfg.label_column)
-    if pa.types.is_dictionary(column.type):
-        column = column.cast(column.type.value_type)
-    if pa.types.is_integer(column.type):
-        labels = np.asarray(column.fill_null(-1).to_numpy(), dtype=np.int64)
-        return np.maximum(labels, -1), []
-    if pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
-        values = column.to_pylist()
-        names = sorted({v for v in values if v})
-        index = {name: k for k, name in enumerate(names)}
-        return np.array([index[v] if v else -1 for v in values], dtype=np.int64), names
-    raise ConfigError(f"{shown}: column {cfg.label_column!r} must hold integers or class names, not {column.type}")
-
-
-def _targets(cfg: ProbeConfig, store: ActivationStore, spec: LayerSpec) -> tuple[np.ndarray, list[str]]:
-    """(targets (n_images, rows per image), class names): a class index per row, -1 for the rows left out
-    (unlabelled images or ignored patches, and every row of a rejected image)."""
-    dataset, images = store.attrs.get("dataset", {}), store.images()
-    if cfg.task == "seg":
-        if not store.spec.has_labels:
-            raise ConfigError(f"{redact(store.url)} has no per-patch labels: a seg probe needs a store extracted "
-                              "with them (or train a cls probe)")
-        if spec.tokens.n_patches == 0:
-            raise ConfigError(f"layer {spec.name} of {redact(store.url)} has no patch tokens for a seg probe")
-        raw = store.labels().astype(np.int64)
-        targets, given = np.where((raw >= 0) & (raw != cfg.ignore_index), raw, -1), dataset.get("mask_classes")
-    elif cfg.labels is not None:
-        labels, given = _table_labels(cfg, store.n_images)
-        targets = labels[:, None]
-    else:
-        labels = images.column("label").to_numpy().astype(np.int64)
-        targets, given = np.maximum(labels, -1)[:, None], dataset.get("class_names")
-    targets[~ok_mask(images)] = -1
-    present = np.unique(targets[targets >= 0])
-    if present.size < 2:
-        what = f"{cfg.task} probe: the store's usable {'patches' if cfg.task == 'seg' else 'images'}"
-        raise ConfigError(f"{what} have {present.size} class(es); a probe needs at least 2"
-                          + (" (pass --labels TABLE --label-column COLUMN)" if cfg.task == "cls" else ""))
-    n_classes = int(present.max()) + 1
-    names = list(given or [])
-    return targets, names if len(names) >= n_classes else [str(k) for k in range(n_classes)]
-
-
-def split_rows(targets: np.ndarray, cfg: ProbeConfig) -> tuple[np.ndarray, np.ndarray]:
-    """(train, test) masks over targets (n_images, rows per image; -1: left out): a seeded split of the images
-    with a usable row (cfg.holdout of them held out), then at most cfg.max_rows training rows (a seeded sample).
-    Public so that later stages can tell the images a probe never saw."""
-    valid = targets >= 0
-    images = np.flatnonzero(valid.any(1))
-    if images.size < 2:
-        raise ConfigError(f"probe: {images.size} usable image(s); a training and a held-out split need 2")
-    rng = np.random.default_rng(cfg.seed)
-    order = rng.permutation(images)
-    n_test = min(images.size - 1, max(1, round(cfg.holdout * images.size)))
-    held = np.zeros(len(targets), dtype=bool)
-    held[order[:n_test]] = True
-    train, test = valid & ~held[:, None], valid & held[:, None]
-    rows = np.flatnonzero(train)
-    if rows.size > cfg.max_rows:
-        train = np.zeros_like(train)
-        train.reshape(-1)[rng.choice(rows, cfg.max_rows, replace=False)] = True
-    if np.unique(targets[train]).size < 2:
-        raise ConfigError("probe: the training split holds only one class; use more images or another --seed")
-    return train, test
+        check_at_least(self, "probe", {"steps": 1, "max_rows": 1})
+        MemoryBudget.of(self.memory_gb)  # > 0
 
 
 # the passes -----------------------------------------------------------------------------------------
 
-def _blocks(store: ActivationStore, spec: LayerSpec, cfg: ProbeConfig, desc: str,
-            progress: bool) -> Iterator[tuple[int, torch.Tensor]]:
-    """(first image, raw tokens) of whole store chunks, in store order, with a progress bar."""
+def _image_bytes(store: ActivationStore, spec: LayerSpec, targets: Targets, n_classes: int) -> int:
+    """Working bytes of one image in a pass over the activations, as measured (peak RSS of a pass, width 384): its
+    tokens six times in the store's dtype (the block, the two read ahead, the reader's decode buffers) and twice in
+    float32 (probe_inputs' copy, the allocator's churn), its rows twice in float32 (gathered, or standardized), their
+    logits and their targets."""
+    t, d, rows = spec.tokens.n_tokens, spec.d, targets.per_image
+    return (t * d * (6 * torch_dtype(store.spec.dtype).itemsize + 8) + rows * (8 * d + 8 * n_classes)
+            + targets.bytes_per_image)
+
+
+def _row_bytes(d: int, n_classes: int) -> int:
+    """Working bytes of one training row held for the fit: its float32 inputs, its target and sample number, and
+    the fit's (rows, classes) float32 buffers (logits, probabilities, their gradients)."""
+    return 4 * d + 16 + 16 * n_classes
+
+
+def _block_images(budget: MemoryBudget, store: ActivationStore, *, fixed: int, per_image: int, stored: int) -> int:
+    """Images per block: as many as the budget holds beside `fixed` bytes, at `per_image` working bytes each, but
+    no more than about BLOCK_BYTES of `stored` bytes (what an image reads) nor fewer than a store chunk where the
+    budget holds one; whole store chunks where it does."""
     per_chunk = store.spec.images_per_chunk
-    size = per_chunk * max(1, cfg.batch_size // per_chunk)
+    images = budget.rows("probe", fixed=fixed, per_row=per_image, row="image",
+                         at_most=min(store.n_images, max(per_chunk, BLOCK_BYTES // stored)))
+    return per_chunk * (images // per_chunk) if images >= per_chunk else images
+
+
+def _images_per_block(budget: MemoryBudget, store: ActivationStore, spec: LayerSpec, targets: Targets,
+                      split: Split, n_classes: int) -> int:
+    """Images per block of the passes over the activations, beside the training rows held for the fit. Training
+    rows that do not fit are refused, with the largest max_rows that does."""
+    arrays, per_image = IMAGE_ARRAY_BYTES * store.n_images, _image_bytes(store, spec, targets, n_classes)
+    n_rows, per_row = split.n_train_rows, _row_bytes(spec.d, n_classes)
+    fits = budget.rows("probe", fixed=arrays + per_image, per_row=per_row, row="training row")
+    if fits < n_rows:
+        raise ConfigError(f"probe: {n_rows} training rows of width {spec.d} need {format_bytes(n_rows * per_row)}, "
+                          f"more than --memory-gb {budget.gb:g} holds beside one image; pass --max-rows {fits} "
+                          "or a larger --memory-gb")
+    stored = spec.tokens.n_tokens * spec.d * torch_dtype(store.spec.dtype).itemsize
+    return _block_images(budget, store, fixed=arrays + n_rows * per_row, per_image=per_image, stored=stored)
+
+
+def _blocks(store: ActivationStore, spec: LayerSpec, targets: Targets, images: int, desc: str,
+            progress: bool) -> Iterator[tuple[int, torch.Tensor, np.ndarray]]:
+    """(first image, raw tokens, targets) of consecutive blocks of `images` images, in store order, with a
+    progress bar."""
     with tqdm(total=store.n_images, desc=desc, unit="img", disable=not progress) as bar:
-        for start, x in store.blocks(spec.name, size):
-            yield start, x
+        for start, x in store.blocks(spec.name, images):
+            yield start, x, targets.block(start, start + x.shape[0])
             bar.update(x.shape[0])
 
 
-def _gather(store: ActivationStore, spec: LayerSpec, cfg: ProbeConfig, train: np.ndarray,
+def _gather(store: ActivationStore, spec: LayerSpec, cfg: ProbeConfig, targets: Targets, split: Split, images: int,
             progress: bool) -> torch.Tensor:
     """The probe inputs of the training rows (n_rows, d) float32, in row-major (image, row) order."""
-    x_train = torch.empty((int(train.sum()), spec.d), dtype=torch.float32)
+    x_train = torch.empty((split.n_train_rows, spec.d), dtype=torch.float32)
     pos = 0
-    for start, x in _blocks(store, spec, cfg, "probe: training rows", progress):
-        keep = torch.from_numpy(train[start:start + x.shape[0]])
+    for start, x, t in _blocks(store, spec, targets, images, "probe: training rows", progress):
+        keep = torch.from_numpy(split.masks(start, t)[0])
         rows = probe_inputs(x, spec.tokens, cfg.task, _pool(cfg, spec)).reshape(x.shape[0], keep.shape[1], spec.d)[keep]
         x_train[pos:pos + rows.shape[0]] = rows
         pos += rows.shape[0]
@@ -232,18 +196,17 @@ def _fit(x: torch.Tensor, y: torch.Tensor, n_classes: int, cfg: ProbeConfig) -> 
     return w.detach(), b.detach()
 
 
-def _confusion(store: ActivationStore, spec: LayerSpec, cfg: ProbeConfig, probe: Probe, targets: np.ndarray,
-               test: np.ndarray, progress: bool) -> np.ndarray:
+def _confusion(store: ActivationStore, spec: LayerSpec, probe: Probe, targets: Targets, split: Split, images: int,
+               progress: bool) -> np.ndarray:
     """(true, predicted) counts of the held-out rows, the probe run as load_probe gives it."""
     c = probe.n_classes
     counts = np.zeros(c * c, dtype=np.int64)
     with torch.inference_mode():
-        for start, x in _blocks(store, spec, cfg, "probe: held-out rows", progress):
-            n = x.shape[0]
-            keep = test[start:start + n]
+        for start, x, t in _blocks(store, spec, targets, images, "probe: held-out rows", progress):
+            keep = split.masks(start, t)[1]
             if keep.any():
-                pred = probe.logits(x).reshape(n, keep.shape[1], c)[torch.from_numpy(keep)].argmax(-1).numpy()
-                counts += np.bincount(targets[start:start + n][keep] * c + pred, minlength=c * c)
+                pred = probe.logits(x).reshape(len(t), keep.shape[1], c)[torch.from_numpy(keep)].argmax(-1).numpy()
+                counts += np.bincount(t[keep] * c + pred, minlength=c * c)
     return counts.reshape(c, c)
 
 
@@ -297,30 +260,37 @@ def _pool(cfg: ProbeConfig, spec: LayerSpec) -> str | None:
 def train_probe(cfg: ProbeConfig, progress: bool = True) -> dict[str, Any]:
     """Train the probe, measure it on the held-out images and write its folder; returns probe.json's content."""
     _check_out(cfg)
+    budget = MemoryBudget.of(cfg.memory_gb)
     with ActivationStore(cfg.store, cfg.storage_options) as store:
         spec = store.layer(cfg.layer) if cfg.layer is not None else store.layers[0]
-        targets, names = _targets(cfg, store, spec)
-        train, test = split_rows(targets, cfg)
-        x = _gather(store, spec, cfg, train, progress)
-        y = torch.from_numpy(targets[train])
+        pool = _pool(cfg, spec)
+        targets = Targets(cfg, store, spec)
+        label_images = _block_images(budget, store, fixed=IMAGE_ARRAY_BYTES * store.n_images,
+                                     per_image=targets.bytes_per_image, stored=targets.bytes_per_image)
+        counts, present = targets.survey(label_images)
+        names = targets.class_names(present)
+        split = Split.of(counts, cfg)
+        images = _images_per_block(budget, store, spec, targets, split, len(names))
+        y = np.concatenate([t[split.masks(start, t)[0]] for start, t in targets.blocks(label_images)])
+        check_classes(y)
+        x = _gather(store, spec, cfg, targets, split, images, progress)
         var, mean = torch.var_mean(x, 0, correction=0)
         std = torch.where(var.sqrt() > MIN_STD, var.sqrt(), 1.0)
         x.sub_(mean).div_(std)  # = standardize(x, mean, std), in place
-        weight, bias = _fit(x, y, len(names), cfg)
+        weight, bias = _fit(x, torch.from_numpy(y), len(names), cfg)
         del x
         probe = Probe(task=cfg.task, layer=spec.name, layout=spec.tokens, class_names=tuple(names),
-                      ignore_index=cfg.ignore_index, weight=weight, bias=bias, mean=mean, std=std,
-                      pool=_pool(cfg, spec))
-        confusion = _confusion(store, spec, cfg, probe, targets, test, progress)
+                      ignore_index=cfg.ignore_index, weight=weight, bias=bias, mean=mean, std=std, pool=pool)
+        confusion = _confusion(store, spec, probe, targets, split, images, progress)
         backbone = store.attrs.get("backbone", {})
+        n_train, n_test = split.n_images()
         meta = {
             "format": FORMAT, "format_version": FORMAT_VERSION, "task": cfg.task, "layer": spec.name,
             "store": redact(store.url), "backbone": {k: backbone.get(k) for k in ("family", "name")},
             "pool": probe.pool, "layout": spec.tokens.to_dict(), "d": spec.d, "class_names": names,
-            "ignore_index": cfg.ignore_index,
-            "n_train": int(train.any(1).sum()), "n_test": int(test.any(1).sum()),
-            "n_train_rows": int(train.sum()), "n_test_rows": int(test.sum()),
-            "metrics": _metrics(confusion, int(np.bincount(y.numpy()).argmax()), cfg.task, names),
+            "ignore_index": cfg.ignore_index, "n_train": n_train, "n_test": n_test,
+            "n_train_rows": split.n_train_rows, "n_test_rows": split.n_test_rows,
+            "metrics": _metrics(confusion, int(np.bincount(y).argmax()), cfg.task, names),
             "config": public_config(cfg),
         }
     _write(cfg, probe, meta)
