@@ -126,7 +126,7 @@ class ActivationStore:
         for d in data:
             if isinstance(d, Exception):
                 raise d
-        return pa.concat_tables([pq.read_table(io.BytesIO(d)) for d in data]) if data else pa.table({})
+        return pa.concat_tables([pq.ParquetFile(io.BytesIO(d)).read() for d in data]) if data else pa.table({})
 
     def labels(self, start: int = 0, stop: int | None = None) -> np.ndarray | None:
         """Per-patch labels of images [start, stop), or None when the store has none."""
