@@ -21,11 +21,11 @@ bound), `geometry` (the region the model saw), `schemas` (the OpenAPI response m
 project's errors as HTTP codes, in one place); `runners` serves it with uvicorn or Ray Serve, and
 `config` holds `actstore serve`'s settings.
 
-Why it is fast: the index's arrays are memory-mapped (services.index.layout.open_array),
-features.parquet is 6 small columns, and nothing here imports torch, so start-up is well under a
-second and a feature lookup is a few memory-mapped rows serialized by orjson. Feature endpoints are
-`async def` (no thread hop); image endpoints decode files, so they run in the thread pool and are
-LRU-cached.
+Why it is fast: the index's arrays and its image table are memory-mapped (services.index.layout.open_array,
+open_image_table: the workers share one copy), features.parquet is 6 small columns, and nothing here imports torch
+(nor pandas), so start-up is well under a second and a feature lookup is a few memory-mapped rows serialized by
+orjson. Feature endpoints are `async def` (no thread hop); image endpoints decode files, so they run in the thread
+pool and are LRU-cached.
 
 Safety: 127.0.0.1 by default; with a token, every API route and the schema and docs need
 `Authorization: Bearer <token>` (the page and /healthz do not; the page keeps the token out of URLs); an image is read only when its store row is "ok" and its file lies

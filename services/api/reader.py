@@ -4,11 +4,12 @@
 atlas when the index has one; images are read only when their store row is ok and their file lies under the dataset
 root the index recorded (`read_inside`).
 
-The image table (uri, label, ok per image: services.index.layout's IMAGE_TABLE) is memory-mapped, not read into each
-process: at 1.28M images every worker held its own ~250 MB of URIs as Python strings before. It is mapped from the
-file the runner hands over (one for all its workers), else from the index's own images.arrow when that was made from
-its images.parquet as it is now; else (an index written without one, or an images.parquet edited since) it is read
-from images.parquet into this process (Arrow columns, not Python lists).
+The image table (uri, label, ok per image: services.index.layout's IMAGE_TABLE) is memory-mapped, so the workers
+share one copy: with the URIs as Python strings read from images.parquet in each, every worker of two held ~550 MiB
+of its own at 1.28M images; mapping the table, ~60 MiB, as at 10K (benchmarks/bench_serve_scale.py). It is mapped
+from the file the runner hands over (one for all its workers), else from the index's own images.arrow when that was
+made from its images.parquet as it is now; else (an index written without one, or an images.parquet edited since)
+it is read from images.parquet into this process (Arrow columns, not Python lists).
 Failures raise the project's error family (actstore.errors); services.api.errors turns them into HTTP.
 """
 
