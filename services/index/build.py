@@ -17,6 +17,8 @@ The index is a local folder (see the README, "Feature index"):
     index.json          format, provenance (store, sae, layer), shapes, the density histogram; written last
     features.parquet    id, n_patches_fired, n_images_fired, freq_patches, freq_images, mean_act, max_act
     images.parquet      index, uri, label, status of the store's images (what the service may serve)
+    images.arrow        the same uri, label and ok as one uncompressed Arrow file, that every service worker
+                        memory-maps (one copy in the page cache, services.index.layout.write_image_table)
     arrays/             zarr v3 arrays with one uncompressed chunk each, so the service memory-maps
                         them (`open_array`) and plain zarr reads them too:
         top_images (F, k) int32, -1 pads    top_values (F, k) float32    heatmaps (F, k, P) float16
@@ -47,7 +49,8 @@ from actstore.store import ActivationStore, is_local, normalize_url, ok_mask, to
 from sae import TokenEncoder, positive_entries
 from sae.tokens import BLOCK_TOKENS
 from sae.checkpoint import load_on_store
-from services.index.layout import ARRAYS, FEATURES, FORMAT, FORMAT_VERSION, IMAGES, META, dataset_root
+from services.index.layout import (ARRAYS, FEATURES, FORMAT, FORMAT_VERSION, IMAGES, META, dataset_root,
+                                   write_image_table)
 from services.index.topn import TopTable, hash_keys, key_values, value_keys
 
 __all__ = ["IndexConfig", "build_index", "density_histogram"]
@@ -328,6 +331,7 @@ def _write(tmp: Path, group: zarr.Group, meta: dict[str, Any], features: pa.Tabl
            arrays: dict[str, np.ndarray]) -> None:
     pq.write_table(features, tmp / FEATURES)
     pq.write_table(images, tmp / IMAGES)
+    write_image_table(tmp)
     for name, a in arrays.items():
         _single_chunk(group, name, a.shape, a.dtype)
         if a.size:  # the chunk file is the raw array: written straight from it, no encoded copy
