@@ -56,7 +56,9 @@ class ShardReader:
     def _parse_index(self, shard: int, tail: np.ndarray) -> np.ndarray:
         key = f"{self.shard_key(shard)} (shard index)"
         body = check_crc(tail, key)
-        index = body.view("<u8").reshape(self.spec.chunks_per_shard, 2)
+        # a copy: a view of a shard read whole would keep all its bytes alive in the cache (memory growing with
+        # every shard a pass reads)
+        index = body.view("<u8").reshape(self.spec.chunks_per_shard, 2).copy()
         self._index[shard] = index
         return index
 
