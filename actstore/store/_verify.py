@@ -116,7 +116,7 @@ def verify_store(url: str, storage_options: dict[str, Any] | None = None, progre
         report = VerifyReport(store.url, spec.n_units)
         if not store.complete:
             report.problems.append(f"{store.url}: store not finalized (incomplete extraction)")
-        done = set(store.units_done())  # the listing also gives s3fs the objects' sizes
+        done = set(store.units_done())
         written = [k for k in range(spec.n_units) if k in done]
         report.problems += [f"unit {k}: no record ({L.unit_record_key(k)}); unit not written"
                             for k in range(spec.n_units) if k not in done]

@@ -172,7 +172,7 @@ class StoreWriter:
     def finalize(self) -> None:
         """Merge unit statistics and tables, then mark the store complete (idempotent)."""
         spec = self.spec
-        missing = sorted(set(range(spec.n_units)) - self.units_done())  # the listing also gives s3fs the sizes
+        missing = sorted(set(range(spec.n_units)) - self.units_done())
         if missing:
             shown = ", ".join(map(str, missing[:10])) + (" ..." if len(missing) > 10 else "")
             raise IncompleteStoreError(f"{self.url}: {len(missing)} of {spec.n_units} units missing ({shown}); "
