@@ -22,12 +22,14 @@ from actstore.store import LayerSpec, TokenLayout
 from sae.acts import SparseActs
 from sae.model import SparseAutoencoder
 
-__all__ = ["BLOCK_TOKENS", "TOKENS", "Latents", "TokenEncoder", "token_positions"]
+__all__ = ["BLOCK_BYTES", "BLOCK_TOKENS", "TOKENS", "Latents", "TokenEncoder", "token_positions"]
 
 TOKENS = ("patches", "cls", "all")
 BLOCK_TOKENS = 32768
-"""Most tokens a pass encodes at once, whatever its budget allows: the GEMM runs no faster on more, and a pass's
-memory then stays flat in the number of images."""
+BLOCK_BYTES = 1 << 30
+"""A pass encodes at most BLOCK_TOKENS tokens and BLOCK_BYTES of encoder working memory at once, whatever its budget
+allows (TokenEncoder.most_images): the GEMM runs no faster on more (a thousand rows already fill it), so the memory
+a pass takes stays flat in the number of images and does not grow to fill a large budget."""
 Latents = Tensor | SparseActs
 
 
@@ -68,6 +70,10 @@ class TokenEncoder:
         pre = cfg.d_sae * self.sae.W_enc.element_size() + 4 * self.spec.d
         entries = 48 * (cfg.k if cfg.sparse else cfg.d_sae // 5)
         return pre + entries + (0 if cfg.kind == "topk" else 6 * cfg.d_sae)
+
+    def most_images(self) -> int:
+        """The most images worth encoding at once (BLOCK_TOKENS, BLOCK_BYTES), at least one."""
+        return max(1, min(BLOCK_TOKENS // self.per_image, BLOCK_BYTES // (self.per_image * self.token_bytes())))
 
     def weight_bytes(self) -> int:
         """Bytes of the SAE's parameters (a fixed part of every budget)."""

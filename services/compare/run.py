@@ -37,7 +37,6 @@ from actstore.outputs import marked_by, staged_folder
 from actstore.store import ActivationStore, LayerSpec, is_local, normalize_url, ok_mask
 from sae import SparseAutoencoder, TokenEncoder, positive_entries
 from sae.checkpoint import load_on_store
-from sae.tokens import BLOCK_TOKENS
 from services.compare.layout import ASSIGNMENT, FORMAT, FORMAT_VERSION, MATCHES, SIMILARITY, SUMMARY
 from services.compare.match import _COLUMN_BLOCK, Matches, Scan, assign, distribution, jaccard
 from services.compare.stream import MaxDiff, PairStats
@@ -251,12 +250,12 @@ class Plan:
 
 
 def plan(n_a: int, n_b: int, *, k: int, candidates: int, memory_gb: float | None, weights: int = 0,
-         image_bytes: int = 0, rows_per_image: int = 1, tokens_per_image: int = 1) -> Plan:
+         image_bytes: int = 0, rows_per_image: int = 1, most_images: int | None = None) -> Plan:
     """The blocks of a comparison of n_a x n_b features within the budget: fixed are both SAEs' `weights`, the
     per-feature statistics, top rows and candidates; then a quarter of the rest stages rows for the GEMM (up to
     GEMM_ROWS), a third of what remains encodes images (`image_bytes` each through both SAEs, giving
-    `rows_per_image` dense rows; up to BLOCK_TOKENS of its `tokens_per_image`) and the rest holds the similarity
-    matrix's tile."""
+    `rows_per_image` dense rows; at most `most_images`, what is worth encoding at once) and the rest holds the
+    similarity matrix's tile."""
     budget, width = MemoryBudget.of(memory_gb), n_a + n_b
     fixed = weights + width * (40 + 24 * k + 84 * candidates)
     row = 6 * width  # the staged float32 row and its masks
@@ -264,7 +263,7 @@ def plan(n_a: int, n_b: int, *, k: int, candidates: int, memory_gb: float | None
     fixed += rows * row
     image = image_bytes + rows_per_image * 16 * width  # encoding, its dense rows, the max_diff pass's
     images = budget.rows("compare", fixed=fixed, per_row=image, row="image", share=1 / 3,
-                         at_most=max(1, min(rows // rows_per_image, BLOCK_TOKENS // tokens_per_image)))
+                         at_most=max(1, min(rows // rows_per_image, most_images or rows)))
     fixed += images * image
     tile = budget.rows("compare", fixed=fixed, per_row=4 * n_b + 12 * min(_COLUMN_BLOCK, n_b) + 24 * candidates,
                        row="feature of A in the similarity tile", at_most=n_a)
@@ -352,7 +351,8 @@ def _plan(cfg: CompareConfig, a: _Side, b: _Side) -> Plan:
     return plan(a.sae.cfg.d_sae, b.sae.cfg.d_sae, k=cfg.k, candidates=cfg.candidates, memory_gb=cfg.memory_gb,
                 weights=a.encoder.weight_bytes() + b.encoder.weight_bytes(),
                 image_bytes=sum(n * s.encoder.token_bytes() for n, s in zip(per_image, (a, b))),
-                rows_per_image=max(per_image) if cfg.level == "patch" else 1, tokens_per_image=max(per_image))
+                rows_per_image=max(per_image) if cfg.level == "patch" else 1,
+                most_images=min(a.encoder.most_images(), b.encoder.most_images()))
 
 
 def _compare(cfg: CompareConfig, tmp: Path, progress: bool) -> dict[str, Any]:

@@ -47,7 +47,6 @@ from actstore.errors import ConfigError
 from actstore.outputs import marked_by, staged_folder
 from actstore.store import ActivationStore, is_local, normalize_url, ok_mask, torch_dtype
 from sae import TokenEncoder, positive_entries
-from sae.tokens import BLOCK_TOKENS
 from sae.checkpoint import load_on_store
 from services.index.layout import (ARRAYS, FEATURES, FORMAT, FORMAT_VERSION, IMAGES, META, dataset_root,
                                    write_image_table)
@@ -225,11 +224,10 @@ def block_bytes(src: _Source, cfg: IndexConfig) -> tuple[int, int]:
 
 def images_per_block(src: _Source, cfg: IndexConfig) -> int:
     """Images encoded and folded at once: as many as cfg.memory_gb holds (a one-line error if not one), up to
-    BLOCK_TOKENS patches."""
+    what is worth encoding at once (TokenEncoder.most_images)."""
     fixed, per_image = block_bytes(src, cfg)
-    most = max(1, BLOCK_TOKENS // src.encoder.spec.tokens.n_patches)
     return MemoryBudget.of(cfg.memory_gb).rows("index", fixed=fixed, per_row=per_image, row="image",
-                                               at_most=min(src.store.n_images, most))
+                                               at_most=min(src.store.n_images, src.encoder.most_images()))
 
 
 def _run_pass(src: _Source, cfg: IndexConfig, ok: torch.Tensor, acc: _Accumulators,

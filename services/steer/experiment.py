@@ -83,15 +83,16 @@ def _label_blocks(steerer: Steerer, labels: np.ndarray | None, ok: np.ndarray,
 
 
 def _images_per_block(steerer: Steerer, budget: MemoryBudget, n_sums: int) -> int:
-    """Images encoded and folded at once: as many as the budget holds beside the SAE and the sums (up to
-    BLOCK_TOKENS patches): each image's patches through the encoder (TokenEncoder.token_bytes), its tokens six
-    times in the store's dtype (the block, the two read ahead, the reader's buffers), its labels."""
+    """Images encoded and folded at once: as many as the budget holds beside the SAE and the sums (up to what is
+    worth encoding at once, TokenEncoder.most_images): each image's patches through the encoder
+    (TokenEncoder.token_bytes), its tokens six times in the store's dtype (the block, the two read ahead, the
+    reader's buffers), its labels."""
     encoder, store, p = steerer.model.encoder("patches"), steerer.store, steerer.layout.n_patches
     d_sae = encoder.sae.cfg.d_sae
     raw_image = steerer.layout.n_tokens * encoder.spec.d * torch_dtype(store.spec.dtype).itemsize
     fixed = encoder.weight_bytes() + n_sums * d_sae * 8 + d_sae
     return budget.rows(COMMAND, fixed=fixed, per_row=p * (encoder.token_bytes() + 32) + 6 * raw_image, row="image",
-                       at_most=min(store.n_images, max(1, BLOCK_TOKENS // p)))
+                       at_most=min(store.n_images, encoder.most_images()))
 
 
 def association(steerer: Steerer, labels: np.ndarray | None = None, classes: Sequence[int] | None = None, *,
@@ -119,7 +120,7 @@ def association(steerer: Steerer, labels: np.ndarray | None = None, classes: Seq
     live = torch.zeros(d_sae, dtype=torch.bool)
     images = _images_per_block(steerer, budget, len(keys) + 1)
     with torch.inference_mode(), tqdm(total=len(ok), desc="association", unit="img", disable=not progress) as bar:
-        for start, x in steerer.store.blocks(m.layer, images):
+        for start, x in steerer.store.blocks(m.layer, images, whole_chunks=True):
             t = _token_labels(steerer, labels, ok, start, start + x.shape[0]).reshape(-1)
             at = np.minimum(np.searchsorted(keys, t), len(keys) - 1)
             slot = np.where(t < 0, -1, np.where(keys[at] == t, at, len(keys)))  # the last row: no listed class
