@@ -230,14 +230,14 @@ def images_per_block(src: _Source, cfg: IndexConfig) -> int:
                                                at_most=min(src.store.n_images, src.encoder.most_images()))
 
 
-def _run_pass(src: _Source, cfg: IndexConfig, ok: torch.Tensor, acc: _Accumulators,
+def _run_pass(src: _Source, cfg: IndexConfig, block: int, ok: torch.Tensor, acc: _Accumulators,
               image_top: tuple[np.ndarray, np.ndarray], progress: bool) -> None:
     """Encode every patch, block by block in store order, and fold the latents of ok images into acc."""
     spec, store, d_sae = src.encoder.spec, src.store, src.encoder.sae.cfg.d_sae
     n_patches = spec.tokens.n_patches
     bar = tqdm(total=store.n_images * n_patches, desc="index", unit="patch", unit_scale=True, disable=not progress)
     with torch.inference_mode():
-        for start, x in store.blocks(spec.name, images_per_block(src, cfg), whole_chunks=True):
+        for start, x in store.blocks(spec.name, block, whole_chunks=True):
             n_img = x.shape[0]
             rows, feats, vals = positive_entries(src.encoder.block(x))
             keep = ok[start:start + n_img].to(rows.device)[rows // n_patches]
@@ -278,6 +278,7 @@ def _build(cfg: IndexConfig, tmp: Path, progress: bool) -> None:
     """The pass, writing the index into the folder `tmp`."""
     device = torch.device(cfg.device)
     src = _open_source(cfg, device)
+    block = images_per_block(src, cfg)  # refuses a budget too small before anything is made
     n_images, n_patches = src.store.n_images, src.encoder.spec.tokens.n_patches
     table = src.store.images()
     ok = torch.from_numpy(ok_mask(table))
@@ -286,7 +287,7 @@ def _build(cfg: IndexConfig, tmp: Path, progress: bool) -> None:
     group = zarr.open_group(tmp / ARRAYS, mode="w")
     image_top = (_file_array(group, "image_features", (n_images, cfg.m), np.int32, -1),
                  _file_array(group, "image_values", (n_images, cfg.m), np.float32, 0))
-    _run_pass(src, cfg, ok, acc, image_top, progress)
+    _run_pass(src, cfg, block, ok, acc, image_top, progress)
     src.store.close()
     for a in image_top:
         a.flush()
