@@ -17,8 +17,8 @@ comparison's tiles: 16 GiB would not fit).
 
 Each measurement runs in a process of its own (this script with --stage), which reports its seconds, its resident
 set just before the stage (Python, torch, what the stage loads first) and its peak (ru_maxrss): "working" is the
-difference, what the budget bounds. Slopes are least-squares fits of log(time) and log(peak) on log(N): time ~ N^a
-(linear: a near 1), memory ~ N^b (flat: b near 0).
+difference, what the budget bounds. Slopes are least-squares fits of log(time) and log(peak) on log(N) over the
+three largest N (below, fixed costs weigh): time ~ N^a (at most linear: a <= 1.1), memory ~ N^b (flat: b near 0).
 
 Run: .venv/bin/python benchmarks/bench_scale.py [--quick] [--json out.json] [--work DIR]
 """
@@ -267,6 +267,7 @@ def sweep_compare(features: int, n_images: int) -> list[dict[str, Any]]:
 def main() -> None:
     parser = Parser(__doc__, "10K and 40K images; 4K and 16K features on 20K patches; compare at 4K", reps=None)
     parser.add_argument("--work", help="folder for the stores, SAEs and indexes (kept, and reused when present)")
+    parser.add_argument("--from-json", metavar="PATH", help="print the tables of a run saved with --json, run nothing")
     parser.add_argument("--stage", help=argparse.SUPPRESS)
     parser.add_argument("--args", help=argparse.SUPPRESS)
     args = parser.parse()
@@ -274,6 +275,10 @@ def main() -> None:
         out = STAGES[args.stage](json.loads(args.args))
         out.pop("result", None)
         print(json.dumps(out))
+        return
+    if args.from_json:
+        saved = json.loads(Path(args.from_json).read_text())
+        report(saved["rows"], MemoryBudget.of(saved["default_budget_gb"]), saved["quick"])
         return
     work = Path(args.work or tempfile.mkdtemp(prefix="bench_scale-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -293,7 +298,7 @@ def main() -> None:
 def slopes(rows: list[dict[str, Any]]) -> dict[str, dict[str, float | None]]:
     out = {}
     for name in ("finalize", "verify", "loader", "index", "serve"):
-        rs = [r for r in rows if r["sweep"] == "images" and r["stage"] == name]
+        rs = sorted((r for r in rows if r["sweep"] == "images" and r["stage"] == name), key=lambda r: r["n"])[-3:]
         out[name] = {"time": slope([r["n"] for r in rs], [r["s"] for r in rs]),
                      "memory": slope([r["n"] for r in rs], [r["peak_gb"] for r in rs])}
     return out
@@ -304,7 +309,7 @@ def report(rows: list[dict[str, Any]], budget: MemoryBudget, quick: bool) -> Non
             ("working GB", "working_gb", "{:.2f}")]
     print("against images (CLS + 4x4 patches x 32 dims)\n")
     print_table(cols, [r for r in rows if r["sweep"] == "images"], text_cols=1)
-    print("\nslopes over images: time ~ N^a, peak ~ N^b\n")
+    print("\nslopes over the three largest image counts: time ~ N^a, peak ~ N^b\n")
     sl = slopes(rows)
     print_table([("stage", "stage", "{}"), ("a (time)", "time", "{:.2f}"), ("b (peak)", "memory", "{:.2f}")],
                 [{"stage": k, **v} for k, v in sl.items()], text_cols=1)
@@ -341,7 +346,7 @@ def report(rows: list[dict[str, Any]], budget: MemoryBudget, quick: bool) -> Non
         a, b = sl[name]["time"], sl[name]["memory"]
         if a is not None:
             note = " (quick: two sizes, small ones; fixed costs weigh)" if quick else ""
-            print_verdict(f"{name} time linear and memory flat in images", 0.7 <= a <= 1.3 and b <= 0.3,
+            print_verdict(f"{name} time at most linear and memory flat in images", a <= 1.1 and b <= 0.3,
                           f" (a {a:.2f}, b {b:.2f}{note})")
 
 

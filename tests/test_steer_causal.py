@@ -107,7 +107,8 @@ def test_associations_stream_the_dense_means_under_any_budget(steer_setup, monke
     per_image = np.array([sorted(set(colors)).index(c) for c in colors])
     sizes: list[int] = []
     blocks = ActivationStore.blocks
-    monkeypatch.setattr(ActivationStore, "blocks", lambda store, layer, n: sizes.append(n) or blocks(store, layer, n))
+    monkeypatch.setattr(ActivationStore, "blocks",
+                        lambda store, layer, n, **kw: sizes.append(n) or blocks(store, layer, n, **kw))
     per_patch = s.store.labels().astype(np.int64)
     for labels, per_token in ((None, per_patch), (per_image, np.repeat(per_image[:, None], p, 1))):
         flat, flat_labels = dense[ok].reshape(-1, dense.shape[-1]), torch.from_numpy(per_token[ok].reshape(-1))

@@ -22,9 +22,9 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-__all__ = ["Matches", "Scan", "assign", "distribution", "jaccard"]
+__all__ = ["COLUMN_BLOCK", "Matches", "Scan", "assign", "distribution", "jaccard"]
 
-_COLUMN_BLOCK = 1024
+COLUMN_BLOCK = 1024
 """Columns per slice when picking column-wise candidates (bounds the temporary to F_a x 1024)."""
 
 
@@ -76,8 +76,8 @@ class Scan:
         rows = torch.arange(start, start + n_rows, device=sim.device).unsqueeze(1).expand_as(cols)
         self._row_edges.append(tuple(t.reshape(-1).cpu().numpy() for t in (rows, cols, vals)))
         parts_v, parts_r = [], []
-        for c0 in range(0, n_b, _COLUMN_BLOCK):
-            v, r = sim[:, c0:c0 + _COLUMN_BLOCK].topk(min(self.c, n_rows), dim=0)
+        for c0 in range(0, n_b, COLUMN_BLOCK):
+            v, r = sim[:, c0:c0 + COLUMN_BLOCK].topk(min(self.c, n_rows), dim=0)
             parts_v.append(v)
             parts_r.append(r + start)
         vals = torch.cat([self.col_vals, torch.cat(parts_v, dim=1)])

@@ -38,7 +38,7 @@ from actstore.store import ActivationStore, LayerSpec, is_local, normalize_url, 
 from sae import SparseAutoencoder, TokenEncoder, positive_entries
 from sae.checkpoint import load_on_store
 from services.compare.layout import ASSIGNMENT, FORMAT, FORMAT_VERSION, MATCHES, SIMILARITY, SUMMARY
-from services.compare.match import _COLUMN_BLOCK, Matches, Scan, assign, distribution, jaccard
+from services.compare.match import COLUMN_BLOCK, Matches, Scan, assign, distribution, jaccard
 from services.compare.stream import MaxDiff, PairStats
 from services.index.layout import META as INDEX_META
 from services.index.layout import read_index_meta
@@ -265,7 +265,7 @@ def plan(n_a: int, n_b: int, *, k: int, candidates: int, memory_gb: float | None
     images = budget.rows("compare", fixed=fixed, per_row=image, row="image", share=1 / 3,
                          at_most=max(1, min(rows // rows_per_image, most_images or rows)))
     fixed += images * image
-    tile = budget.rows("compare", fixed=fixed, per_row=4 * n_b + 12 * min(_COLUMN_BLOCK, n_b) + 24 * candidates,
+    tile = budget.rows("compare", fixed=fixed, per_row=4 * n_b + 12 * min(COLUMN_BLOCK, n_b) + 24 * candidates,
                        row="feature of A in the similarity tile", at_most=n_a)
     return Plan(images, rows, tile)
 

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -248,7 +249,14 @@ def _run_pass(src: _Source, cfg: IndexConfig, block: int, ok: torch.Tensor, acc:
     bar.close()
 
 
-def _index_meta(cfg: IndexConfig, src: _Source, uris: list[str], ok: torch.Tensor, freq: np.ndarray) -> dict[str, Any]:
+def _ok_uris(uris: pa.ChunkedArray, ok: np.ndarray, rows: int = 65536) -> Iterator[str]:
+    """The URIs of the ok images, a slice at a time (never a Python list of every image's)."""
+    for s in range(0, len(uris), rows):
+        yield from uris.slice(s, rows).filter(pa.array(ok[s:s + rows])).to_pylist()
+
+
+def _index_meta(cfg: IndexConfig, src: _Source, uris: pa.ChunkedArray, ok: torch.Tensor,
+                freq: np.ndarray) -> dict[str, Any]:
     """index.json: format, provenance, shapes, the density histogram and what the service needs to show images."""
     store, spec, sae = src.store, src.encoder.spec, src.encoder.sae
     backbone, dataset = store.attrs.get("backbone", {}), store.attrs.get("dataset", {})
@@ -260,7 +268,7 @@ def _index_meta(cfg: IndexConfig, src: _Source, uris: list[str], ok: torch.Tenso
         "n_images_ok": int(ok.sum()), "d_sae": sae.cfg.d_sae, "k": cfg.k, "m": cfg.m, "per_band": cfg.per_band,
         "band_exponents": list(BAND_EXPONENTS), "histogram": density_histogram(freq),
         "class_names": list(dataset.get("class_names", [])), "dataset_source": dataset.get("source"),
-        "dataset_root": dataset_root([u for u, good in zip(uris, ok.tolist()) if good]),
+        "dataset_root": dataset_root(_ok_uris(uris, ok.numpy())),
         "preprocessing": backbone.get("preprocessing"), "backbone": {k: backbone.get(k) for k in ("family", "name")},
     }
 
@@ -292,7 +300,7 @@ def _build(cfg: IndexConfig, tmp: Path, progress: bool) -> None:
     for a in image_top:
         a.flush()
     features = acc.features(int(ok.sum()), n_patches)
-    meta = _index_meta(cfg, src, table.column("uri").to_pylist(), ok, features.column("freq_patches").to_numpy())
+    meta = _index_meta(cfg, src, table.column("uri"), ok, features.column("freq_patches").to_numpy())
     _write(tmp, group, meta, features, table.select(["index", "uri", "label", "status"]), acc.arrays())
 
 

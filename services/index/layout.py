@@ -17,7 +17,7 @@ import json
 import math
 import os
 import posixpath
-from collections.abc import Sequence
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -103,14 +103,21 @@ def open_array(path: str | Path, name: str) -> np.ndarray:
     return np.memmap(chunk, dtype=dtype, mode="r", shape=shape).view(np.ndarray)
 
 
-def dataset_root(uris: Sequence[str]) -> str:
+def dataset_root(uris: Iterable[str]) -> str:
     """The deepest folder (local, symlinks resolved) or URL prefix holding every image: the service reads
-    nothing outside it. Fixed when the index is built, so editing images.parquet later cannot widen it."""
-    if not uris:
+    nothing outside it. Fixed when the index is built, so editing images.parquet later cannot widen it.
+    Takes the URIs one at a time and keeps only their distinct folders (ImageNet's: a thousand)."""
+    folders: set[str] = set()
+    remote = None
+    for u in uris:
+        if remote is None:
+            remote = "://" in u
+        folders.add(posixpath.dirname(u) + "/" if remote else os.path.dirname(os.path.abspath(u)))
+    if not folders:
         return ""
-    if "://" in uris[0]:
-        return posixpath.dirname(os.path.commonprefix([posixpath.dirname(u) + "/" for u in uris])) + "/"
-    return os.path.realpath(os.path.commonpath([os.path.dirname(os.path.abspath(u)) for u in uris]))
+    if remote:
+        return posixpath.dirname(os.path.commonprefix(sorted(folders))) + "/"
+    return os.path.realpath(os.path.commonpath(sorted(folders)))
 
 
 def read_image_columns(index: str | Path) -> pa.RecordBatch:
