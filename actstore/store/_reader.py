@@ -18,6 +18,7 @@ import zarr
 from actstore.errors import IncompleteStoreError, StoreFormatError
 from actstore.store import _layout as L
 from actstore.store._encoding import from_storage, torch_dtype
+from actstore.store._images import parse_label_columns
 from actstore.store._io import cat_many, filesystem, list_units, normalize_url, read_attrs, zarr_store
 from actstore.store._shards import ShardReader
 from actstore.store._spec import ATTRS_KEY, STORAGE_DTYPES, LayerSpec, StoreSpec
@@ -118,8 +119,13 @@ class ActivationStore:
             raise StoreFormatError(f"{self.url}: layer {name} has no '{tokens}' tokens")
         return LayerStats.from_sums(merged)
 
+    @property
+    def label_columns(self) -> tuple[str, ...]:
+        """The extra per-image label columns the store declares (its dataset's label_columns)."""
+        return parse_label_columns(self.spec.dataset)
+
     def images(self) -> pa.Table:
-        """The images table (index, uri, label, width, height, status, reason)."""
+        """The images table (index, uri, label, width, height, status, reason, then the label columns)."""
         if self.complete:
             return pq.read_table(io.BytesIO(self.fs.cat_file(f"{self.root}/{L.IMAGES_TABLE}")))
         data = cat_many(self.fs, [f"{self.root}/{L.unit_images_key(k)}" for k in self.units_done()])

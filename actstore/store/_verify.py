@@ -15,11 +15,13 @@ from typing import Any
 
 import google_crc32c
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
 from actstore.errors import ActstoreError, CorruptDataError
 from actstore.store import _layout as L
+from actstore.store._images import images_schema
 from actstore.store._io import UnitObjects, read_units
 from actstore.store._reader import ActivationStore
 from actstore.store._spec import STORAGE_DTYPES
@@ -40,6 +42,10 @@ class VerifyReport:
     @property
     def ok(self) -> bool:
         return not self.problems
+
+
+def _columns(schema: pa.Schema) -> str:
+    return ", ".join(f"{f.name} {f.type}" for f in schema)
 
 
 def _check_layer_unit(store: ActivationStore, layer: str, k: int, record: dict[str, Any],
@@ -128,6 +134,10 @@ def verify_store(url: str, storage_options: dict[str, Any] | None = None, progre
                 table = pq.read_table(io.BytesIO(store.fs.cat_file(f"{store.root}/{L.IMAGES_TABLE}")))
                 if table.num_rows != spec.n_images:
                     report.problems.append(f"{L.IMAGES_TABLE}: {table.num_rows} rows, expected {spec.n_images}")
+                expected = images_schema(store.label_columns)
+                if not table.schema.equals(expected):
+                    report.problems.append(f"{L.IMAGES_TABLE}: columns ({_columns(table.schema)}), expected "
+                                           f"({_columns(expected)})")
             except (OSError, ValueError) as e:
                 report.problems.append(f"{L.IMAGES_TABLE}: unreadable ({e})")
             for layer in store.layers:

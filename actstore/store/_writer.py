@@ -29,7 +29,7 @@ from actstore.errors import ConfigError, CorruptDataError, IncompleteStoreError,
 from actstore.outputs import check_output
 from actstore.store import _layout as L
 from actstore.store._encoding import from_storage, to_storage, zarr_compressors
-from actstore.store._images import STATUS_OK, ok_mask, unit_table
+from actstore.store._images import STATUS_OK, ok_mask, parse_label_columns, unit_table
 from actstore.store._io import filesystem, list_units, normalize_url, put_bytes, read_attrs, read_units, zarr_store
 from actstore.store._spec import ATTRS_KEY, STORAGE_DTYPES, StoreSpec
 from actstore.store._stats import TOKEN_KINDS, LayerStats, Sums, add_sums, pack_unit_sums, partial_sums, unit_sums
@@ -59,6 +59,7 @@ class StoreWriter:
         self.url = normalize_url(url)
         self.storage_options = dict(storage_options or {})
         self.spec = StoreSpec.from_attrs(read_attrs(self.url, self.storage_options, ATTRS_KEY), self.url)
+        self.label_columns = parse_label_columns(self.spec.dataset)
         self._handles: dict[str, Any] = {}
 
     @classmethod
@@ -66,6 +67,7 @@ class StoreWriter:
                overwrite: bool = False) -> StoreWriter:
         """Create a store, or reopen one with the same spec to resume writing units."""
         url = normalize_url(url)
+        parse_label_columns(spec.dataset)  # refused before anything is written
         if not overwrite:
             try:
                 existing = read_attrs(url, storage_options, ATTRS_KEY)
@@ -127,11 +129,13 @@ class StoreWriter:
     def write_unit(self, k: int, acts: Mapping[str, torch.Tensor | np.ndarray],
                    images: pa.Table | Mapping[str, Any] | None = None,
                    labels: np.ndarray | None = None, node: str | None = None) -> dict[str, Any]:
-        """Write unit k: acts[layer] is (n_unit_images, n_tokens, d); rejected rows are zeroed. `node`
-        (the Ray node that computed it) goes into the unit's record."""
+        """Write unit k: acts[layer] is (n_unit_images, n_tokens, d); rejected rows are zeroed. `images` are
+        the unit's rows of the images table by column (uri, label, width, height, status, reason and the
+        store's label columns; a missing one takes its default). `node` (the Ray node that computed it) goes
+        into the unit's record."""
         spec = self.spec
         start, stop = spec.unit_range(k)
-        table = unit_table(images, start, stop)
+        table = unit_table(images, start, stop, self.label_columns)
         ok = ok_mask(table)
         if set(acts) != {layer.name for layer in spec.layers}:
             raise ConfigError(f"unit {k}: got layers {sorted(acts)}, store has {[l.name for l in spec.layers]}")

@@ -60,7 +60,21 @@ def _table_labels(cfg: ProbeConfig, n_images: int) -> tuple[np.ndarray, list[str
     if table.num_rows != n_images:
         raise ConfigError(f"{shown}: {table.num_rows} rows, the store has {n_images} images "
                           "(one row per store image, in store order)")
-    column = table.column(cfg.label_column)
+    return _column_labels(table.column(cfg.label_column), f"{shown}: column {cfg.label_column!r}")
+
+
+def _store_labels(cfg: ProbeConfig, store: ActivationStore, images: pa.Table) -> tuple[np.ndarray, list[str]]:
+    """(label per image, class names) from one of the store's own label columns; -1 where an image has none."""
+    if cfg.label_column not in store.label_columns:
+        raise ConfigError(f"{redact(store.url)}: no label column {cfg.label_column!r}; it has "
+                          f"{', '.join(['label', *store.label_columns])} (or pass --labels TABLE)")
+    return _column_labels(images.column(cfg.label_column), f"{redact(store.url)}: column {cfg.label_column!r}")
+
+
+def _column_labels(column: pa.ChunkedArray, what: str) -> tuple[np.ndarray, list[str]]:
+    """(label per row, class names) of a label column: strings are class names, numbered in sorted order (empty
+    or null: no label, -1); integers are class indices (< 0 or null: -1) and name none. `what` names the column
+    in the error that refuses any other type."""
     if pa.types.is_dictionary(column.type):
         column = column.cast(column.type.value_type)
     if pa.types.is_integer(column.type):
@@ -71,13 +85,14 @@ def _table_labels(cfg: ProbeConfig, n_images: int) -> tuple[np.ndarray, list[str
         names = sorted({v for v in values if v})
         index = {name: k for k, name in enumerate(names)}
         return np.array([index[v] if v else -1 for v in values], dtype=np.int64), names
-    raise ConfigError(f"{shown}: column {cfg.label_column!r} must hold integers or class names, not {column.type}")
+    raise ConfigError(f"{what} must hold integers or class names, not {column.type}")
 
 
 class Targets:
     """A probe's targets, a class index per row (-1: left out: unlabelled images, ignored patches and every row of
     a rejected image), read for any block of images: seg from the store's per-patch labels, cls from the images'
-    labels (images.parquet or cfg.labels' column), held whole (one number per image)."""
+    labels (images.parquet's label, one of the store's label columns, or cfg.labels' column), held whole (one
+    number per image)."""
 
     def __init__(self, cfg: ProbeConfig, store: ActivationStore, spec: LayerSpec) -> None:
         dataset, images = store.attrs.get("dataset", {}), store.images()
@@ -94,6 +109,8 @@ class Targets:
         else:
             if cfg.labels is not None:
                 labels, self.given = _table_labels(cfg, store.n_images)
+            elif cfg.label_column != "label":
+                labels, self.given = _store_labels(cfg, store, images)
             else:
                 labels, self.given = images.column("label").to_numpy().astype(np.int64), dataset.get("class_names")
             self.image_labels, self.per_image = np.maximum(labels, -1), 1

@@ -1,7 +1,8 @@
 """`actstore probe`: a linear probe on one layer of a store, what a concept looks like linearly in its tokens.
 
     cls   one row per image: its CLS token (the mean of its patches where the layer has none); targets are the
-          images' labels (images.parquet, or a column of a table with one row per image in store order)
+          images' labels (images.parquet's label or one of the store's label columns, or a column of a table with one
+          row per image in store order)
     seg   one row per patch token; targets are the store's per-patch labels (ignore_index left out)
 
 Images are split into training and held-out ones by a seeded permutation (never by patch: patches of one
@@ -70,7 +71,9 @@ class ProbeConfig:
     """cls only: a table (.parquet or .csv) with one row per store image, in store order, whose label_column
     replaces the store's image labels."""
     label_column: str = "label"
-    """Column of `labels` to use: strings are class names (numbered in sorted order; empty: no label), integers
+    """cls only: the column of `labels` to use, or without `labels` one of the store's own label columns (e.g.
+    family, in a store whose extraction declared taxonomy levels); "label" without `labels` is the images' label
+    with the dataset's class names. Strings are class names (numbered in sorted order; empty: no label), integers
     are class indices (< 0: no label)."""
     holdout: float = 0.2
     """Fraction of the usable images held out for the metrics (a seeded split by image, never by patch)."""
@@ -103,8 +106,9 @@ class ProbeConfig:
             raise ConfigError(f"probe: pool must be one of {', '.join(POOLS)}, got {self.pool!r}")
         if self.task == "seg" and self.pool is not None:
             raise ConfigError("probe: --pool is for cls probes; seg probes read every patch")
-        if self.task == "seg" and self.labels is not None:
-            raise ConfigError("probe: --labels is for cls probes; seg probes use the store's per-patch labels")
+        if self.task == "seg" and (self.labels is not None or self.label_column != "label"):
+            raise ConfigError(f"probe: {'--labels' if self.labels is not None else '--label-column'} is for cls "
+                              "probes; seg probes use the store's per-patch labels")
         if not 0 < self.holdout < 1:
             raise ConfigError(f"probe: holdout must lie in (0, 1), got {self.holdout}")
         if self.lr <= 0 or self.weight_decay < 0:
@@ -288,6 +292,7 @@ def train_probe(cfg: ProbeConfig, progress: bool = True) -> dict[str, Any]:
             "format": FORMAT, "format_version": FORMAT_VERSION, "task": cfg.task, "layer": spec.name,
             "store": redact(store.url), "backbone": {k: backbone.get(k) for k in ("family", "name")},
             "pool": probe.pool, "layout": spec.tokens.to_dict(), "d": spec.d, "class_names": names,
+            "label_column": cfg.label_column if cfg.task == "cls" else None,  # of config.labels, or the store's
             "ignore_index": cfg.ignore_index, "n_train": n_train, "n_test": n_test,
             "n_train_rows": split.n_train_rows, "n_test_rows": split.n_test_rows,
             "metrics": _metrics(confusion, int(np.bincount(y).argmax()), cfg.task, names),
