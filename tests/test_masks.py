@@ -15,7 +15,7 @@ from PIL import Image
 from actstore.errors import ConfigError, CorruptDataError
 from actstore.extract import ExtractConfig, build_manifest, run_extract
 from actstore.extract.backbones import BackboneConfig, load_backbone
-from actstore.extract.masks import MaskLabeler, patch_majority
+from actstore.extract.masks import MaskClasses, MaskLabeler, mask_classes, patch_majority
 from actstore.store import ActivationStore
 from actstore.testing.shapes import SEG_CLASSES, SHAPES, generate_dataset
 from actstore_cli import main
@@ -134,7 +134,8 @@ def labelled(ray_local, data) -> Path:
 def test_cli_resumes_and_counts_images_without_a_mask(labelled, data, capsys):
     with pytest.raises(SystemExit):
         main(["extract", "--help"])
-    assert "--masks MASKS" in capsys.readouterr().out
+    help_text = capsys.readouterr().out
+    assert "--masks MASKS" in help_text and "--mask-suffix MASK_SUFFIX" in help_text
     assert main(["extract", "--images", str(data / "images"), "--model", MODEL, "--out", str(labelled),
                  "--batch-size", "8", "--images-per-shard", "8", "--masks", str(data / "masks"), "-q"]) == 0
     line = capsys.readouterr().out
@@ -190,3 +191,150 @@ def test_store_without_masks_has_no_labels(labelled, data, tmp_path):
 def test_bad_masks_folder_is_refused(data, tmp_path):
     with pytest.raises(ConfigError, match="no such folder"):
         extract(data / "images", tmp_path / "store", masks=str(tmp_path / "nowhere"))
+
+
+# the datasets' own layouts: ADE20K, Pascal VOC, Cityscapes ---------------------------------------------------------
+
+ADE_NAMES = ("wall", "building;edifice", "bed", "pool;table;billiard;table")
+"""Names as objectInfo150.csv spells them (';' between synonyms and between words); Idx 1..4."""
+CITY_PAIR = "_leftImg8bit.png:_gtFine_labelTrainIds.png"
+ADE_TIES = (slice(92, 108), slice(12, 236))
+"""Patch row 5 of the center crop (offset 12) of a 248 x 248 mask."""
+
+
+def save_image(path: Path, size: tuple[int, int], seed: int) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pixels = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), np.uint8)
+    Image.fromarray(pixels).save(path)
+
+
+def save_mask(path: Path, values: np.ndarray, palette: bool = False) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    im = Image.frombytes("P" if palette else "L", values.shape[::-1], values.tobytes())
+    if palette:  # VOC's SegmentationClass: mode P, the palette indices are the classes
+        im.putpalette(np.random.default_rng(0).integers(0, 256, 768).astype(np.uint8).tobytes())
+    im.save(path)
+    assert Image.open(path).mode == im.mode
+
+
+def noise(seed: int, values: list[int], shape: tuple[int, int] = (48, 64)) -> np.ndarray:
+    """Blocks of 4 x 4 pixels of random values, then a band of values[0] over the top quarter: whole patches of
+    one value and mixed ones."""
+    rng = np.random.default_rng(seed)
+    blocks = rng.choice(np.array(values, np.uint8), size=(shape[0] // 4, shape[1] // 4))
+    out = np.kron(blocks, np.ones((4, 4), np.uint8))
+    out[:shape[0] // 4] = values[0]
+    return out
+
+
+def ade20k(root: Path) -> tuple[Path, Path, dict, dict[str, np.ndarray]]:
+    """images/training/*.jpg, annotations/training/*.png with ADE20K's values (0 = other, k = Idx k) and
+    objectInfo150.csv at the root. Also each image's expected labels before the geometry, remapped by hand."""
+    lines = ["Idx,Ratio,Train,Val,Stuff,Name"] + [f"{k},0.1,10,1,0,{n}" for k, n in enumerate(ADE_NAMES, 1)]
+    root.mkdir()
+    (root / "objectInfo150.csv").write_text("\n".join(lines) + "\n")
+    want = {}
+    for i in range(3):
+        stem = f"ADE_train_{i + 1:08d}"
+        save_image(root / "images" / "training" / f"{stem}.jpg", (248, 248), i)  # resize 248: the crop alone
+        values = noise(i, [0, 1, 2, 3, 4], (248, 248))
+        values[ADE_TIES] = np.tile(np.repeat(np.array([0, 3], np.uint8), 8), 14)  # each patch half 0, half 3
+        save_mask(root / "annotations" / "training" / f"{stem}.png", values)
+        want[f"{stem}.jpg"] = np.where(values == 0, 255, values.astype(np.int32) - 1).astype(np.uint8)
+    return root / "images" / "training", root / "annotations" / "training", {}, want
+
+
+def voc(root: Path) -> tuple[Path, Path, dict, dict[str, np.ndarray]]:
+    """JPEGImages/*.jpg, SegmentationClass/*.png of mode P (0 = background, a class; 255 = void) and a
+    classes.txt naming the values: they are the labels as they are."""
+    want = {}
+    for i in range(3):
+        save_image(root / "JPEGImages" / f"2007_00000{i}.jpg", (64, 48), 10 + i)
+        values = noise(10 + i, [255, 0, 15, 20])
+        save_mask(root / "SegmentationClass" / f"2007_00000{i}.png", values, palette=True)
+        want[f"2007_00000{i}.jpg"] = values
+    (root / "SegmentationClass" / "classes.txt").write_text("\n".join(f"class{k}" for k in range(21)) + "\n")
+    return root / "JPEGImages", root / "SegmentationClass", {}, want
+
+
+def cityscapes(root: Path) -> tuple[Path, Path, dict, dict[str, np.ndarray]]:
+    """leftImg8bit/train/<city>/<city>_*_leftImg8bit.png, gtFine/train/<city>/<city>_*_gtFine_labelTrainIds.png
+    (trainIds, 255 = ignore) beside gtFine's other files of the same image, which must not be read."""
+    want = {}
+    for i, city in enumerate(["aachen", "aachen", "bochum"]):
+        stem = f"{city}_00000{i}_000019"
+        save_image(root / "leftImg8bit" / "train" / city / f"{stem}_leftImg8bit.png", (64, 48), 20 + i)
+        values = noise(20 + i, [255, 0, 7, 18])
+        save_mask(root / "gtFine" / "train" / city / f"{stem}_gtFine_labelTrainIds.png", values)
+        save_mask(root / "gtFine" / "train" / city / f"{stem}_gtFine_labelIds.png", np.full_like(values, 33))
+        want[f"{city}/{stem}_leftImg8bit.png"] = values
+    return root / "leftImg8bit" / "train", root / "gtFine" / "train", {"mask_suffix": CITY_PAIR}, want
+
+
+@pytest.mark.parametrize("layout", [ade20k, voc, cityscapes])
+def test_dataset_layouts_label_patches_as_computed_by_hand(ray_local, tmp_path, layout):
+    images, masks, kw, want = layout(tmp_path / "data")
+    result = extract(images, tmp_path / "store", masks=str(masks), **kw)
+    assert result.complete and result.n_unmasked == 0 and result.n_rejected == 0
+    store = ActivationStore(str(tmp_path / "store"))
+    dataset, labels = store.spec.dataset, store.labels()
+    uris = list(store.images().to_pandas().uri)
+    assert [Path(u).relative_to(images).as_posix() for u in uris] == sorted(want)
+    for i, uri in enumerate(uris):
+        expected = expected_labels(want[Path(uri).relative_to(images).as_posix()], 248, 224)[0]
+        assert np.array_equal(labels[i], expected), uri
+    seen = set(np.unique(labels).tolist())
+    if layout is ade20k:
+        assert dataset["mask_classes"] == list(ADE_NAMES)
+        assert dataset["mask_remap"].startswith(f"ade20k ({tmp_path / 'data' / 'objectInfo150.csv'}): mask value 0 "
+                                                "-> 255 (ignore), k -> k - 1")
+        assert seen == {0, 1, 2, 3, 255}  # 4 classes and "other"; no raw value 4 is left
+        # remapped before the majority: "other" (255 now) loses its ties with class 2 (raw 3)
+        assert (labels[:, 5 * GRID:6 * GRID] == 2).all()
+    elif layout is voc:
+        assert dataset["mask_classes"] == [f"class{k}" for k in range(21)] and "mask_remap" not in dataset
+        assert seen == {0, 15, 20, 255}  # background stays class 0, void stays 255
+    else:
+        assert dataset["mask_classes"] == [] and "mask_remap" not in dataset
+        assert seen == {0, 7, 18, 255} and 33 not in seen  # the labelTrainIds files, not labelIds
+
+
+def test_ade20k_table_variants(tmp_path):
+    """The release's tab-separated objectInfo150.txt one folder up (spaces around cells, as in the release), the
+    table's place among the folders, classes.txt first, and broken tables."""
+    masks = tmp_path / "ADE" / "annotations" / "training"
+    masks.mkdir(parents=True)
+    (masks.parent / "objectInfo150.txt").write_text("Idx\tRatio\tTrain\tVal\tName\n1\t0.1576\t11664\t1172\twall\n"
+                                                    "3 \t0.0231\t1906\t199\tbed \n"
+                                                    "2\t0.1072\t6046\t612\tbuilding, edifice\n")
+    classes = mask_classes(str(masks), {})
+    assert classes.names == ("wall", "building, edifice", "bed")
+    lookup = np.frombuffer(classes.remap, np.uint8)
+    raw = np.arange(256)
+    assert np.array_equal(lookup[raw], np.where((raw == 0) | (raw == 255), 255, raw - 1))
+    assert classes.attrs()["mask_remap"].startswith(f"ade20k ({masks.parent / 'objectInfo150.txt'})")
+    assert mask_classes(str(masks / "deeper"), {}).names == ("wall", "building, edifice", "bed")  # two up
+    assert mask_classes(str(masks / "deeper" / "still"), {}) == MaskClasses()  # three up: not this dataset's
+    (masks / "classes.txt").write_text("a\nb\n")
+    assert mask_classes(str(masks), {}) == MaskClasses(("a", "b"))  # the folder's own names: values as they are
+    (masks / "classes.txt").unlink()
+    (masks / "objectInfo150.csv").write_text("Idx,Name\n1,wall\n3,bed\n")  # the folder's own table comes first
+    with pytest.raises(ConfigError, match=r"objectInfo150.csv: the Idx column must hold 1..K"):
+        mask_classes(str(masks), {})
+    (masks / "objectInfo150.csv").write_text("Index,Name\n1,wall\n")
+    with pytest.raises(ConfigError, match=r"objectInfo150.csv: not an ADE20K class table"):
+        mask_classes(str(masks), {})
+
+
+def test_mask_suffix_refusals(tmp_path):
+    images, masks, _, _ = cityscapes(tmp_path / "city")
+    for bad in ("_leftImg8bit.png", "_leftImg8bit.png:"):
+        with pytest.raises(ConfigError, match=f"mask_suffix '{bad}': expected IMAGE_END:MASK_END"):
+            ExtractConfig(images=str(images), model=MODEL, out=str(tmp_path / "store"), masks=str(masks),
+                          mask_suffix=bad)
+    with pytest.raises(ConfigError, match="give masks too"):
+        ExtractConfig(images=str(images), model=MODEL, out=str(tmp_path / "store"), mask_suffix=CITY_PAIR)
+    first = images / "aachen" / "aachen_000000_000019_leftImg8bit.png"
+    with pytest.raises(ConfigError, match=f"--mask-suffix: the image {first} does not end with '_leftImg8bit.jpg'"):
+        extract(images, tmp_path / "store", masks=str(masks), mask_suffix="_leftImg8bit.jpg:_gtFine_labelTrainIds.png")
+    assert not (tmp_path / "store").exists()  # refused before anything was written
