@@ -79,7 +79,7 @@ def test_list_files_keep_their_order_and_resolve_relative_entries(tmp_path):
 @pytest.mark.parametrize("name, content, message", [
     ("missing", None, "no such folder or file"),
     ("empty", "dir", "no image files"),
-    ("list.json", b"[]", "not a folder, nor a list file"),
+    ("list.json", b"[]", "not a folder, a list file"),
     ("ids.csv", b"id,label\n1,0\n2,1\n", "no 'uri' column"),
     ("headerless.csv", b"a.jpg,1\nb.jpg,2\n", "not a header"),
     ("empty.txt", b"# nothing yet\n", "no image URIs"),

@@ -36,9 +36,9 @@ from actstore.extract.preprocess import Preprocessor
 from actstore.cluster import init_ray, refuse_local_paths_on_a_cluster
 from actstore.config import config_json
 from actstore.extract.decode import DEFAULT_MAX_PIXELS, decode_image
-from actstore.extract.masks import MaskLabeler, mask_classes, mask_uris
+from actstore.extract.masks import MaskLabeler, mask_classes, mask_uris, parse_mask_suffix
 from actstore.errors import ConfigError, user_error
-from actstore.extract.sources import build_manifest, read_bytes
+from actstore.extract.sources import ImageRef, build_manifest, read_bytes
 from actstore.store import (CODECS, DEFAULT_CODEC, DEFAULT_DTYPE, DTYPES, STATUS_OK, STATUS_REJECTED, StoreSpec,
                             StoreWriter, filesystem, put_bytes, to_storage)
 
@@ -52,7 +52,9 @@ class ExtractConfig:
     """One extraction run; written to <store>/extract_config.json."""
 
     images: str
-    """Image folder (class subfolders give labels) or a .txt/.csv/.parquet list of URIs; local or s3://."""
+    """The dataset, local, s3:// or hf://: an image folder (class subfolders give labels; iNat2021's JSON beside
+    it gives its taxonomy), a .txt/.csv/.parquet list of URIs, parquet files with the images inside (a file, a
+    folder or a glob), or WebDataset tar shards (a file, a folder, a glob or train-{0000..0099}.tar)."""
     model: str
     """Backbone, "open_clip:<arch>", "timm:<arch>" or "hf:<hub id, folder or built-in name>"."""
     out: str
@@ -88,10 +90,22 @@ class ExtractConfig:
     """Delete an existing store at `out` with a different spec instead of refusing."""
     max_units: int | None = None
     """Stop after this many units (the store stays partial; rerun to finish)."""
+    image_column: str | None = None
+    """Parquet datasets: the column holding the images; default its datasets Image feature or only binary column."""
+    label_column: str | None = None
+    """The labels' column (parquet, list files) or a tar sample's member or .json field; default label / cls."""
+    class_names: str | None = None
+    """Text file naming integer labels, one per line; default the dataset's own names (class folders, the parquet's
+    ClassLabel, the dataset card)."""
     masks: str | None = None
     """Folder of segmentation masks mirroring the images' paths (<masks>/<relative path>.png, single-channel class
-    indices, 255 = ignore; <masks>/classes.txt names them): each patch's majority class goes into the store's
-    labels array; images without a mask get 255. Read with image_storage_options."""
+    indices, 255 = ignore; <masks>/classes.txt names them, or ADE20K's objectInfo150 table, whose values are
+    shifted: 0 -> 255, k -> k - 1): each patch's majority class goes into the store's labels array; images
+    without a mask get 255. Read with image_storage_options."""
+    mask_suffix: str | None = None
+    """IMAGE_END:MASK_END pairs masks by name ending: an image's mask is <masks>/<its relative path with IMAGE_END
+    replaced by MASK_END> (Cityscapes: _leftImg8bit.png:_gtFine_labelTrainIds.png); default <relative path minus
+    extension>.png."""
 
     def __post_init__(self) -> None:
         if isinstance(self.layers, (int, str)):
@@ -104,6 +118,9 @@ class ExtractConfig:
             raise ConfigError(f"num_actors must be >= 1, got {self.num_actors}")
         if self.max_actors is not None and self.max_actors < (self.num_actors or 1):
             raise ConfigError(f"max_actors must be >= num_actors, got {self.max_actors}")
+        if self.mask_suffix is not None and self.masks is None:
+            raise ConfigError("mask_suffix pairs images with masks: give masks too")
+        parse_mask_suffix(self.mask_suffix)
 
     @property
     def backbone(self) -> BackboneConfig:
@@ -147,7 +164,7 @@ def _decode_unit(batch: dict[str, np.ndarray], preprocessor: Preprocessor, max_p
         labels, n_unmasked = labeler.unlabeled(len(uris)), 0
     pixels = np.zeros((len(uris), 3, *preprocessor.image_size), np.uint8)
     rows: dict[str, list[Any]] = {"uri": uris, "label": json.loads(batch["labels"][0]), "width": [], "height": [],
-                                  "status": [], "reason": []}
+                                  "status": [], "reason": [], **json.loads(batch["columns"][0])}
     for i, blob in enumerate(blobs):
         if isinstance(blob, Exception):
             w = h = 0
@@ -218,17 +235,23 @@ def _write_unit(batch: dict[str, np.ndarray], writer: StoreWriter) -> dict[str, 
 def run_extract(cfg: ExtractConfig, progress: bool = True) -> ExtractResult:
     """Run (or resume) an extraction; returns counts and timing."""
     started = time.perf_counter()
-    manifest = build_manifest(cfg.images, dict(cfg.image_storage_options))
+    manifest = build_manifest(cfg.images, dict(cfg.image_storage_options), image_column=cfg.image_column,
+                              label_column=cfg.label_column, class_names=cfg.class_names, progress=progress)
     backbone = load_backbone(cfg.backbone)  # on the driver: layer specs, transforms, metadata
     layers = backbone.layer_specs()
     dataset = {"source": manifest.source, "fingerprint": manifest.fingerprint,
-               "class_names": list(manifest.class_names)}
+               "class_names": list(manifest.class_names),
+               **({"label_columns": list(manifest.label_columns)} if manifest.label_columns else {})}
     labeler, masks = None, []
     if cfg.masks is not None:
+        if ImageRef.parse(manifest.uris[0]).kind != "file":
+            raise ConfigError(f"--masks pairs mask files with image files; {cfg.images} keeps its images inside "
+                              "parquet files or tar shards")
         options = dict(cfg.image_storage_options)
-        masks = mask_uris(manifest.uris, cfg.images, cfg.masks, options)
-        labeler = MaskLabeler.create(backbone.preprocessor, layers[0].tokens.grid)
-        dataset["mask_classes"] = mask_classes(cfg.masks, options)
+        masks = mask_uris(manifest.uris, cfg.images, cfg.masks, options, cfg.mask_suffix)
+        classes = mask_classes(cfg.masks, options)
+        labeler = MaskLabeler.create(backbone.preprocessor, layers[0].tokens.grid, classes.remap)
+        dataset.update(classes.attrs())
     spec = StoreSpec(n_images=len(manifest), layers=layers, dtype=cfg.dtype, codec=cfg.codec,
                      images_per_shard=cfg.images_per_shard, backbone=backbone.metadata(), dataset=dataset,
                      has_labels=labeler is not None)
@@ -247,6 +270,7 @@ def run_extract(cfg: ExtractConfig, progress: bool = True) -> ExtractResult:
         a, b = spec.unit_range(k)
         units.append({"unit": k, "uris": json.dumps(manifest.uris[a:b]),
                       "labels": json.dumps([int(v) for v in manifest.labels[a:b]]),
+                      "columns": json.dumps({n: c.values(a, b) for n, c in manifest.label_columns.items()}),
                       **({"masks": json.dumps(masks[a:b])} if labeler is not None else {})})
     preprocessor = backbone.preprocessor
     del backbone

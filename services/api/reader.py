@@ -18,18 +18,19 @@ from __future__ import annotations
 import io
 import os
 from collections import OrderedDict
+from dataclasses import replace
 from functools import cached_property
 from pathlib import Path
 from threading import Lock
 from typing import Any
 
-import fsspec
 import numpy as np
 import orjson
 import pyarrow.parquet as pq
 
 from actstore.errors import AccessDeniedError, NotFoundError
 from actstore.extract import decode_image
+from actstore.extract.sources import ImageRef, read_bytes
 from services.api.geometry import model_view
 from services.index.atlas import read_atlas
 from services.index.layout import (FEATURES, IMAGE_TABLE, check_index, image_arrays, images_digest, made_from,
@@ -177,18 +178,21 @@ class IndexReader:
 
 
 def read_inside(uri: str, root: str, storage_options: dict[str, Any]) -> bytes:
-    """The file's bytes, if it lies under root (symlinks resolved); refused otherwise, as when a store
-    row was edited to point elsewhere."""
-    if "://" in uri:
-        inside = uri.startswith(root) and ".." not in uri[len(root):].split("/")
-        path = uri
+    """The image's bytes, if the file holding it (a loose file, a parquet file or a tar shard) lies under root
+    (symlinks resolved); refused otherwise, as when a store row was edited to point elsewhere."""
+    ref = ImageRef.parse(uri)
+    if "://" in ref.file:
+        inside = ref.file.startswith(root) and ".." not in ref.file[len(root):].split("/")
+        path = ref.file
     else:
-        path = os.path.realpath(uri)
+        path = os.path.realpath(ref.file)
         inside = bool(root) and (path == root or path.startswith(root.rstrip(os.sep) + os.sep))
     if not inside:
         raise AccessDeniedError("image lies outside the registered dataset")
     try:
-        fs, p = fsspec.core.url_to_fs(path, **storage_options)
-        return fs.cat_file(p)
-    except OSError as e:  # FileNotFoundError, PermissionError and the rest: the file is not there to serve
+        data = read_bytes([str(replace(ref, file=path))], storage_options)[0]
+    except OSError as e:  # a shard that is gone or damaged, or storage that keeps failing: nothing to serve
         raise NotFoundError(f"image file unavailable ({type(e).__name__})") from None
+    if isinstance(data, Exception):  # FileNotFoundError and the rest: the file is not there to serve
+        raise NotFoundError(f"image file unavailable ({type(data).__name__})")
+    return data

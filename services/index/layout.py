@@ -26,6 +26,7 @@ import pyarrow as pa
 from pyarrow import ipc
 
 from actstore.errors import CorruptDataError, StoreFormatError, StoreNotFoundError
+from actstore.extract.sources import image_file
 from actstore.store import normalize_url
 
 __all__ = ["ARRAYS", "FEATURES", "FORMAT", "FORMAT_VERSION", "IMAGES", "IMAGE_TABLE", "META", "check_index",
@@ -104,12 +105,14 @@ def open_array(path: str | Path, name: str) -> np.ndarray:
 
 
 def dataset_root(uris: Iterable[str]) -> str:
-    """The deepest folder (local, symlinks resolved) or URL prefix holding every image: the service reads
-    nothing outside it. Fixed when the index is built, so editing images.parquet later cannot widen it.
-    Takes the URIs one at a time and keeps only their distinct folders (ImageNet's: a thousand)."""
+    """The deepest folder (local, symlinks resolved) or URL prefix holding every image's file (a loose image,
+    a parquet file or a tar shard): the service reads nothing outside it. Fixed when the index is built, so
+    editing images.parquet later cannot widen it. Takes the URIs one at a time and keeps only their distinct
+    folders (ImageNet's: a thousand)."""
     folders: set[str] = set()
     remote = None
-    for u in uris:
+    for ref in uris:
+        u = image_file(ref)
         if remote is None:
             remote = "://" in u
         folders.add(posixpath.dirname(u) + "/" if remote else os.path.dirname(os.path.abspath(u)))
