@@ -206,7 +206,10 @@ def test_a_corrupt_row_or_member_is_recorded_and_the_job_goes_on(ray_local, data
 def test_a_truncated_tar_is_refused_naming_it(data, tmp_path):
     shutil.copytree(data / "tar", tmp_path / "tar")
     shard = tmp_path / "tar" / "shard-0001.tar"
+    refs = build_manifest(str(tmp_path / "tar")).uris
     shard.write_bytes(shard.read_bytes()[:7000])
+    with pytest.raises(CorruptDataError, match=r"shard-0001.tar: truncated: bytes \d+\.\.\d+ are needed"):
+        read_bytes(refs[N_IMAGES - 4:])  # cut after the listing: the unit reading it fails
     with pytest.raises(CorruptDataError, match=r"shard-0001.tar: truncated") as e:
         extract(str(tmp_path / "tar"), str(tmp_path / "store"))
     assert "\n" not in str(e.value) and not (tmp_path / "store").exists()

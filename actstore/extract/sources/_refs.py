@@ -80,6 +80,10 @@ def image_file(ref: str) -> str:
     return ImageRef.parse(ref).file
 
 
+MERGE_GAP = 1 << 20
+"""Tar members at most this many bytes apart are read in one request (what lies between is read and dropped)."""
+MERGE_SPAN = 64 << 20
+"""The most bytes one request of tar members spans."""
 _NOT_THERE = (FileNotFoundError, IsADirectoryError, NotADirectoryError)
 """Read errors that say something about the image itself (it is not there): recorded, not raised."""
 
@@ -118,21 +122,35 @@ def read_bytes(refs: Sequence[str], storage_options: dict[str, Any] | None = Non
 
 def _read_ranges(fs: fsspec.AbstractFileSystem, refs: list[ImageRef], idx: list[int],
                  out: list[bytes | Exception | None]) -> None:
-    """Whole files and tar members of one filesystem, fetched in one cat_ranges call."""
-    # cat_ranges, not cat: cat expands globs ("img[1].jpg") and deduplicates; this keeps one result per reference
-    starts = [r.offset if r.kind == "tar" else None for r in refs]
-    ends = [r.offset + r.size if r.kind == "tar" else None for r in refs]
-    got = fs.cat_ranges([fs._strip_protocol(r.file) for r in refs], starts, ends, on_error="return")
-    for i, ref, data in zip(idx, refs, got):
-        if ref.kind == "tar" and not isinstance(data, Exception) and len(data) != ref.size:
-            raise CorruptDataError(f"{ref.file}: truncated: member {ref.member} needs bytes {ref.offset}.."
-                                   f"{ref.offset + ref.size}, the file ends before; replace it and rerun",
-                                   key=ref.file)
-        if isinstance(data, Exception) and (ref.kind == "tar" or not isinstance(data, _NOT_THERE)):
+    """Whole files and tar members of one filesystem, fetched in one cat_ranges call. Members of one shard lying
+    close together are fetched as one span: a unit's samples are usually consecutive, so a unit makes a request
+    or two per shard instead of one per image."""
+    spans: list[list[Any]] = []  # [file, start, end, positions in refs]; start None: the whole file
+    for k in sorted(range(len(refs)), key=lambda k: (refs[k].kind != "tar", refs[k].file, refs[k].offset)):
+        r, last = refs[k], spans[-1] if spans else None
+        if r.kind != "tar":
+            spans.append([r.file, None, None, [k]])
+        elif last and last[0] == r.file and last[1] is not None and 0 <= r.offset - last[2] <= MERGE_GAP \
+                and r.offset + r.size - last[1] <= MERGE_SPAN:
+            last[2], last[3] = max(last[2], r.offset + r.size), [*last[3], k]
+        else:
+            spans.append([r.file, r.offset, r.offset + r.size, [k]])
+    # cat_ranges, not cat: cat expands globs ("img[1].jpg") and deduplicates; this keeps one result per span
+    got = fs.cat_ranges([fs._strip_protocol(f) for f, *_ in spans], [s[1] for s in spans], [s[2] for s in spans],
+                        on_error="return")
+    for (file, start, end, ks), data in zip(spans, got):
+        if isinstance(data, Exception) and (start is not None or not isinstance(data, _NOT_THERE)):
             # a transient failure that outlasted the retries is no verdict on the image, and a missing shard is
             # no verdict on its images: fail the unit (not recorded, so a rerun redoes it)
-            raise StorageError(f"{ref.file}: read failed ({type(data).__name__}: {data}); rerun to resume") from data
-        out[i] = data
+            raise StorageError(f"{file}: read failed ({type(data).__name__}: {data}); rerun to resume") from data
+        if start is None:
+            out[idx[ks[0]]] = data
+            continue
+        if len(data) != end - start:
+            raise CorruptDataError(f"{file}: truncated: bytes {start}..{end} are needed, the file ends before; "
+                                   "replace it and rerun", key=file)
+        for k in ks:
+            out[idx[k]] = data[refs[k].offset - start:refs[k].offset - start + refs[k].size]
 
 
 def _read_rows(file: str, column: str, rows: list[int], storage_options: dict[str, Any]) -> list[bytes | Exception]:
