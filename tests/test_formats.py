@@ -307,3 +307,41 @@ def test_the_service_reads_only_shards_under_the_dataset_root(data, tmp_path):
     shutil.copy(data / "tar" / "shard-0000.tar", tmp_path / "shard-0000.tar")
     with pytest.raises(AccessDeniedError):
         read_inside(refs[2].replace(str(data / "tar"), str(tmp_path)), root, {})
+
+
+@pytest.mark.parametrize("fmt", ["GNU_FORMAT", "PAX_FORMAT", "USTAR_FORMAT"])
+def test_tar_listing_agrees_with_tarfile(tmp_path, fmt):
+    """Member names and byte ranges as Python's tarfile reads them: long names (GNU longname, pax path), non-ASCII,
+    directories and links skipped, labels from .cls."""
+    import tarfile
+
+    deep = "d" * 60 + "/" + "e" * 60 if fmt != "USTAR_FORMAT" else "short"
+    names = [f"{deep}/a{i}" if i % 2 else f"b{i}" for i in range(6)]
+    if fmt == "PAX_FORMAT":
+        names[2] = "café/ü2"
+    path = tmp_path / "shard.tar"
+    with tarfile.open(path, "w", format=getattr(tarfile, fmt)) as tar:
+        tar.addfile(_entry("somedir", tarfile.DIRTYPE))
+        for i, name in enumerate(names):
+            for ext, data in (("cls", str(i % 3).encode()), ("jpg", bytes([i]) * (700 + 333 * i))):
+                info = tarfile.TarInfo(f"{name}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+        tar.addfile(_entry("link.jpg", tarfile.SYMTYPE))
+    with tarfile.open(path) as tar:
+        expected = [(m.name, m.offset_data, m.size) for m in tar.getmembers() if m.isfile() and m.name.endswith(".jpg")]
+    m = build_manifest(str(path))
+    refs = [ImageRef.parse(u) for u in m.uris]
+    assert [(r.member, r.offset, r.size) for r in refs] == expected
+    assert m.labels.tolist() == [i % 3 for i in range(6)]
+    assert read_bytes(m.uris) == [bytes([i]) * (700 + 333 * i) for i in range(6)]
+
+
+def _entry(name: str, kind: bytes):
+    import tarfile
+
+    info = tarfile.TarInfo(name)
+    info.type = kind
+    if kind == tarfile.SYMTYPE:
+        info.linkname = "b0.jpg"
+    return info

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from actstore.errors import ConfigError, CorruptDataError, StorageError
 from actstore.extract.sources._files import parse_labels, spelled
-from actstore.extract.sources._refs import ImageRef
+from actstore.extract.sources._refs import ImageRef, fetch_ranges
 
 IMAGE_MEMBERS = ("jpg", "jpeg", "png", "webp")
 """Extensions of a sample's image member, in the order one is chosen when a sample has several."""
@@ -115,7 +115,9 @@ def _samples(members: list[_Member]) -> Generator[tuple[str, dict[str, _Member]]
 
 def _scan_all(fs: fsspec.AbstractFileSystem, paths: list[str], wanted: set[str],
               progress: bool) -> list[list[_Member]]:
-    """The members of every shard: each shard's walk (_scan) asks for byte ranges, all asked at once per step."""
+    """The members of every shard: each shard's walk (_scan) asks for byte ranges, all asked at once per step.
+
+    Memory: the steps' reads (16 KiB a shard) and the members listed, whatever the shards' sizes."""
     sizes = [fs.size(p) for p in paths]
     walks = {k: _scan(spelled(fs, p), sizes[k], wanted) for k, p in enumerate(paths)}
     asks = {k: next(w) for k, w in walks.items()}
@@ -123,8 +125,7 @@ def _scan_all(fs: fsspec.AbstractFileSystem, paths: list[str], wanted: set[str],
     with tqdm(total=len(paths), desc="list tar shards", unit="shard", disable=not progress) as bar:
         while asks:
             keys = list(asks)
-            got = fs.cat_ranges([paths[k] for k in keys], [asks[k][0] for k in keys], [asks[k][1] for k in keys],
-                                on_error="return")
+            got = fetch_ranges(fs, [paths[k] for k in keys], [asks[k][0] for k in keys], [asks[k][1] for k in keys])
             for k, data in zip(keys, got):
                 if isinstance(data, Exception):
                     raise StorageError(f"{spelled(fs, paths[k])}: read failed ({type(data).__name__}: {data})")
