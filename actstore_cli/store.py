@@ -33,6 +33,10 @@ def print_info(url: str, storage_options: dict[str, Any] | None = None, as_json:
     print(f"backbone   {bb.get('family', '?')}:{bb.get('name', '?')}"
           f" ({bb.get('checkpoint') or 'random weights'}{seed})")
     print(f"dataset    {s['dataset'].get('source', '?')} ({s['n_images']} images{rejected})")
+    names, columns = s["dataset"].get("class_names") or [], s["dataset"].get("label_columns") or []
+    if names or columns:
+        more = f"; label columns {', '.join(columns)}" if columns else ""
+        print(f"labels     {len(names)} class names{more}")
     for l in s["layers"]:
         t = l["tokens"]
         layout = ("CLS + " if t["cls"] else "") + f"{t['grid'][0]}x{t['grid'][1]} patches"

@@ -279,11 +279,15 @@ def test_inat_folders_get_species_names_and_taxonomy_columns(tmp_path, monkeypat
     assert build_manifest(str(plain)).label_columns == {}  # no JSON beside it: a plain class-folder tree
 
 
-def test_an_inat_store_carries_the_taxonomy_a_probe_can_use(ray_local, tmp_path):
+def test_an_inat_store_carries_the_taxonomy_a_probe_can_use(ray_local, tmp_path, capsys):
+    from actstore_cli import main
     from services.probe import ProbeConfig, train_probe
 
     categories = write_inat(tmp_path, n_per_class=3)
-    assert extract(str(tmp_path / "train"), str(tmp_path / "store")).complete
+    assert main(["extract", "--images", str(tmp_path / "train"), "--model", MODEL, "--out", str(tmp_path / "store"),
+                 "--images-per-shard", str(PER_SHARD), "-q"]) == 0
+    assert main(["info", str(tmp_path / "store")]) == 0
+    assert "labels     3 class names; label columns supercategory, kingdom, phylum" in capsys.readouterr().out
     store = ActivationStore(str(tmp_path / "store"))
     assert store.label_columns == TAXONOMY
     images = store.images()

@@ -56,7 +56,8 @@ class EvaluateConfig:
     sae: str
     """SAE folder (cfg.json + sae.safetensors), e.g. a training run's <out>/<name>."""
     images: str
-    """Image folder or list file (as `actstore extract --images`); any images, not only the store's."""
+    """Any dataset `actstore extract --images` reads (a folder, a list, parquet files, tar shards); any images, not
+    only the store's."""
     json: str | None = None
     """Write the results here (a JSON file; an existing one is replaced only if it is an evaluate result and
     overwrite is set)."""
