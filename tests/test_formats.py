@@ -186,6 +186,11 @@ def test_a_format_on_s3(data, folder_store, s3, s3_url):
     store = ActivationStore(str(data / "s3-store"))
     assert_same_store(store, folder_store)
     assert store.images().column("uri")[5].as_py().startswith(s3_url + "/tar/shard-0000.tar#member=sample00005.png")
+    fs.put(str(data / "parquet"), s3_url + "/parquet", recursive=True)  # parquet: listed and read by row group
+    m = build_manifest(s3_url + "/parquet/train-*.parquet", s3.storage_options)
+    local = build_manifest(str(data / "parquet"))
+    assert m.class_names == local.class_names and m.labels.tolist() == local.labels.tolist()
+    assert read_bytes(m.uris, s3.storage_options) == read_bytes(local.uris)
 
 
 def test_a_corrupt_row_or_member_is_recorded_and_the_job_goes_on(ray_local, data, tmp_path):

@@ -175,7 +175,8 @@ def fetch_ranges(fs: fsspec.AbstractFileSystem, paths: list[str], starts: list[i
 def _read_rows(file: str, column: str, rows: list[int], storage_options: dict[str, Any]) -> list[bytes | Exception]:
     """The image bytes of `rows` of one parquet file, reading each row group that holds one of them once."""
     try:
-        fs, path = fsspec.core.url_to_fs(file, **storage_options)
+        protocol = fsspec.core.split_protocol(file)[0] or "file"
+        fs, path = fsspec.core.url_to_fs(file, **({} if protocol in ("file", "local") else storage_options))
         with fs.open(path, "rb") as f:
             pf = pq.ParquetFile(f)
             starts, stop = [0], 0
