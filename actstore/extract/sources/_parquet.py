@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 
 from actstore.errors import ConfigError, CorruptDataError
 from actstore.extract.sources._files import parse_labels, spelled
-from actstore.extract.sources._refs import ImageRef
+from actstore.extract.sources._refs import ImageRef, open_exact
 
 _READERS = 16
 """Files whose footers and labels are read at once: remote reads wait on the network, not the CPU."""
@@ -62,7 +62,7 @@ def from_parquet(fs: fsspec.AbstractFileSystem, paths: list[str], source: str, i
 
 def _open(fs: fsspec.AbstractFileSystem, path: str) -> pq.ParquetFile:
     try:
-        return pq.ParquetFile(fs.open(path, "rb"))
+        return pq.ParquetFile(open_exact(fs, path))
     except (OSError, pa.ArrowException) as e:
         raise CorruptDataError(f"{spelled(fs, path)}: unreadable parquet ({' '.join(str(e).split())})",
                                key=path) from None
