@@ -81,7 +81,7 @@ GOAL = 0.9
 FORMAT_GOAL = 0.95
 MIN_CALLS = 3
 """Forward calls of the reference on each side of the extractions, at least."""
-ROUNDS = 2
+ROUNDS = 3
 """End-to-end extractions of each format, formats taking turns."""
 FULL = {"model": "timm:vit_small_patch16_224", "n_images": 512, "images_per_shard": 64, "forward_s": 20.0}
 QUICK = {"model": "timm:vit_tiny_patch16_224", "n_images": 128, "images_per_shard": 32, "forward_s": 6.0}
