@@ -52,6 +52,7 @@ from actstore.loader import Normalization
 from actstore.store import (ActivationStore, LayerSpec, describe_model, filesystem, identity_differences,
                             model_identity, put_bytes)
 from sae.config import SAEConfig
+from sae.imports import FORMATS, detect_format, imported_extra, read_imported, split_format
 from sae.model import SparseAutoencoder
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "check_origin", "check_saved_origin", "export_saelens", "load",
@@ -93,15 +94,11 @@ def load(url: str, device: torch.device | str | None = None, storage_options: di
 
 def _load(url: str, device: torch.device | str | None, storage_options: dict[str, Any] | None
           ) -> tuple[SparseAutoencoder, Normalization | None, dict[str, Any]]:
+    fmt, url = _format(url, storage_options)
+    if fmt is not None:
+        return read_imported(url, fmt, device, storage_options)
     fs, root = filesystem(str(url), storage_options)
-    raw_cfg = _get(fs, root, CONFIG)
-    try:
-        cfg_dict = json.loads(raw_cfg)
-    except json.JSONDecodeError as e:
-        raise CorruptDataError(f"{url}/{CONFIG}: not JSON ({e})", key=CONFIG) from None
-    if cfg_dict.get("format") != FORMAT or cfg_dict.get("format_version") != FORMAT_VERSION:
-        raise StoreFormatError(f"{url}: {CONFIG} is not an {FORMAT} v{FORMAT_VERSION} checkpoint "
-                               f"(format={cfg_dict.get('format')!r}, version={cfg_dict.get('format_version')!r})")
+    cfg_dict = _config(fs, root, url)
     norm_cfg = cfg_dict.pop("normalization")
     extra = cfg_dict.pop("extra") or {}
     for key in ("format", "format_version"):
@@ -137,11 +134,22 @@ def origin(store: ActivationStore, layer: str | int, tokens: str = "patches") ->
 
 
 def check_origin(url: str, extra: dict[str, Any], store: ActivationStore, spec: LayerSpec | None,
-                 storage_options: dict[str, Any] | None = None) -> None:
+                 storage_options: dict[str, Any] | None = None, asserted: bool = False) -> None:
     """Refuse, with one line naming both sides, the SAE at `url` (whose cfg.json extra is `extra`) on layer `spec` of
     `store` unless it was trained on that layer of the same model (any dataset). SAEs saved before they recorded the
-    model's identity are checked through the store they record."""
+    model's identity are checked through the store they record. An imported SAE whose format names no model we can
+    map is read only on a layer the user named (`asserted`): its model cannot be checked, its layer still is."""
     recorded, layer = extra.get("backbone"), extra.get("layer")
+    imported = extra.get("imported")
+    if recorded is None and imported:
+        if not asserted:
+            raise ConfigError(f"{redact(url)} is a {imported.get('format')} SAE of {extra.get('names', '?')}, a model "
+                              f"we cannot map to one of ours: pass --layer to read it on a layer of "
+                              f"{redact(store.url)} (its model is then not checked)")
+        if layer is not None and spec is not None and str(layer) != spec.name:
+            raise ConfigError(f"{redact(url)} names layer {layer} ({extra.get('names', '?')}); asked to read layer "
+                              f"{spec.name} of {redact(store.url)}")
+        return
     if recorded is None and extra.get("store"):
         trained_on = extra["store"]
         try:
@@ -185,7 +193,7 @@ def load_on_store(url: str, store: ActivationStore, layer: str | int | None = No
     if key is None:
         raise ConfigError(f"{redact(url)}: the checkpoint does not say which layer it was trained on; pass its layer")
     spec = store.layer(key)
-    check_origin(url, extra, store, spec, storage_options)
+    check_origin(url, extra, store, spec, storage_options, asserted=layer is not None)
     if spec.d != sae.cfg.d_in:
         raise ConfigError(f"{redact(url)} reads {sae.cfg.d_in}-wide activations; layer {spec.name} of "
                           f"{redact(store.url)} is {spec.d} wide")
@@ -193,15 +201,47 @@ def load_on_store(url: str, store: ActivationStore, layer: str | int | None = No
 
 
 def read_extra(url: str, storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The `extra` dict saved with a checkpoint (the trainer's step, metrics, ...), without loading weights."""
+    """The `extra` dict saved with a checkpoint (the trainer's step, metrics, ...), without loading weights; an
+    imported SAE's is the origin its format records."""
+    fmt, url = _format(url, storage_options)
+    if fmt is not None:
+        return imported_extra(url, fmt, storage_options)
     fs, root = filesystem(str(url), storage_options)
-    return json.loads(_get(fs, root, CONFIG)).get("extra", {})
+    return _config(fs, root, url).get("extra", {})
+
+
+def _format(url: str, storage_options: dict[str, Any] | None) -> tuple[str | None, str]:
+    """(the other library's format, the path) of `--sae URL`: named (saelens:PATH) or found from the files; (None,
+    url) for our own checkpoints."""
+    fmt, path = split_format(str(url))
+    if fmt is None:
+        fs, root = filesystem(path, storage_options)
+        ours = fs.isfile(f"{root}/{CONFIG}") and fs.isfile(f"{root}/{WEIGHTS}")
+        fmt = None if ours else detect_format(path, storage_options)
+    return fmt, path
+
+
+def _config(fs: fsspec.AbstractFileSystem, root: str, url: str) -> dict[str, Any]:
+    """Our cfg.json, checked to be ours."""
+    try:
+        cfg_dict = json.loads(_get(fs, root, CONFIG))
+    except json.JSONDecodeError as e:
+        raise CorruptDataError(f"{url}/{CONFIG}: not JSON ({e})", key=CONFIG) from None
+    if cfg_dict.get("format") != FORMAT or cfg_dict.get("format_version") != FORMAT_VERSION:
+        raise StoreFormatError(f"{url}: {CONFIG} is not an {FORMAT} v{FORMAT_VERSION} checkpoint "
+                               f"(format={cfg_dict.get('format')!r}, version={cfg_dict.get('format_version')!r}), "
+                               f"nor an SAE of {', '.join(FORMATS)}")
+    return cfg_dict
 
 
 def export_saelens(sae: SparseAutoencoder, url: str, normalization: Normalization | None = None,
-                   metadata: dict[str, Any] | None = None, storage_options: dict[str, Any] | None = None) -> None:
-    """Write the SAE in SAELens's layout (see the module docstring), the normalization folded in."""
+                   metadata: dict[str, Any] | None = None, storage_options: dict[str, Any] | None = None,
+                   origin: dict[str, Any] | None = None) -> None:
+    """Write the SAE in SAELens's layout (see the module docstring), the normalization folded in; `origin` (see
+    `origin`) goes into its metadata as actstore_origin, so that reading it back keeps the identity check."""
     cfg = sae.cfg
+    if origin is not None:
+        metadata = {**(metadata or {}), "actstore_origin": origin}
     W_enc, W_dec = sae.W_enc.detach().double(), sae.W_dec.detach().double()
     b_enc, b_dec = sae.b_enc.detach().double(), sae.b_dec.detach().double()
     if normalization is not None:

@@ -68,7 +68,7 @@ class IndexConfig:
     store: str
     """Activation store URL (local or any fsspec URL)."""
     sae: str
-    """SAE checkpoint directory (sae.safetensors + cfg.json), as the trainer writes it."""
+    """SAE checkpoint directory, as the trainer writes it, or another library's (SAELens; FORMAT:PATH names it)."""
     out: str
     """Local folder for the index (the service memory-maps it)."""
     layer: str | int | None = None

@@ -1,0 +1,60 @@
+"""SAEs trained by other libraries, read into our SparseAutoencoder with their encoding kept exact.
+
+Every `--sae` (and sae.checkpoint.load) takes one: found from its files, or named, `--sae saelens:PATH`. A reader
+returns the SAE in our conventions (pre = (x - b_dec) @ W_enc.T + b_enc), the input normalization the format
+records, and the origin it records, with `imported` saying from which format and version; what we cannot
+represent exactly is refused in one line, never approximated. Formats: FORMATS (one module each).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from actstore.errors import ConfigError
+from actstore.loader import Normalization
+from actstore.store import filesystem
+from sae.imports import _saelens
+from sae.model import SparseAutoencoder
+
+__all__ = ["FORMATS", "detect_format", "imported_extra", "read_imported", "split_format"]
+
+_READERS = {"saelens": _saelens}
+FORMATS = tuple(_READERS)
+"""The formats `--sae FORMAT:PATH` names."""
+
+
+def split_format(url: str) -> tuple[str | None, str]:
+    """("saelens", "/path") for "saelens:/path"; (None, url) for a URL without a format prefix (s3://... too)."""
+    head, sep, rest = str(url).partition(":")
+    return (head, rest) if sep and head in _READERS else (None, str(url))
+
+
+def detect_format(url: str, storage_options: dict[str, Any] | None = None) -> str | None:
+    """The format whose files lie at `url`, None when none does (our own checkpoints are not looked at here)."""
+    fs, root = filesystem(url, storage_options)
+    return next((name for name, reader in _READERS.items() if reader.detect(fs, root)), None)
+
+
+def read_imported(url: str, fmt: str, device: torch.device | str | None = None,
+                  storage_options: dict[str, Any] | None = None
+                  ) -> tuple[SparseAutoencoder, Normalization | None, dict[str, Any]]:
+    """(SAE in eval mode, the input normalization it records, the origin it records) of a `fmt` SAE at `url`."""
+    reader = _reader(fmt)
+    fs, root = filesystem(url, storage_options)
+    if not reader.detect(fs, root):
+        raise ConfigError(f"{url}: no {fmt} SAE there")
+    return reader.read(fs, root, url, device)
+
+
+def imported_extra(url: str, fmt: str, storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The origin a `fmt` SAE at `url` records, from its config alone (no weights read)."""
+    fs, root = filesystem(url, storage_options)
+    return _reader(fmt).extra(_reader(fmt).config(fs, root, url))
+
+
+def _reader(fmt: str) -> Any:
+    if fmt not in _READERS:
+        raise ConfigError(f"unknown SAE format {fmt!r}; formats: {', '.join(FORMATS)}")
+    return _READERS[fmt]
