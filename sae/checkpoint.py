@@ -52,7 +52,8 @@ from actstore.loader import Normalization
 from actstore.store import (ActivationStore, LayerSpec, describe_model, filesystem, identity_differences,
                             model_identity, put_bytes)
 from sae.config import SAEConfig
-from sae.imports import FORMATS, detect_format, imported_extra, read_imported, split_format
+from sae.imports import (FORMATS, detect_format, imported_extra, normalization_from_store, read_imported,
+                         split_format)
 from sae.model import SparseAutoencoder
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "check_origin", "check_saved_origin", "export_saelens", "load",
@@ -194,6 +195,8 @@ def load_on_store(url: str, store: ActivationStore, layer: str | int | None = No
         raise ConfigError(f"{redact(url)}: the checkpoint does not say which layer it was trained on; pass its layer")
     spec = store.layer(key)
     check_origin(url, extra, store, spec, storage_options, asserted=layer is not None)
+    if norm is None and extra.get("imported"):
+        norm = normalization_from_store(extra, store, spec)
     if spec.d != sae.cfg.d_in:
         raise ConfigError(f"{redact(url)} reads {sae.cfg.d_in}-wide activations; layer {spec.name} of "
                           f"{redact(store.url)} is {spec.d} wide")

@@ -14,13 +14,16 @@ import torch
 
 from actstore.errors import ConfigError
 from actstore.loader import Normalization
-from actstore.store import filesystem
+from actstore.store import ActivationStore, LayerSpec, filesystem
 from sae.imports import _saelens
 from sae.model import SparseAutoencoder
 
-__all__ = ["FORMATS", "detect_format", "imported_extra", "read_imported", "split_format"]
+__all__ = ["FORMATS", "detect_format", "imported_extra", "normalization_from_store", "read_imported",
+           "split_format"]
 
-_READERS = {"saelens": _saelens}
+_READERS = {
+    "saelens": _saelens,
+}
 FORMATS = tuple(_READERS)
 """The formats `--sae FORMAT:PATH` names."""
 
@@ -52,6 +55,16 @@ def imported_extra(url: str, fmt: str, storage_options: dict[str, Any] | None = 
     """The origin a `fmt` SAE at `url` records, from its config alone (no weights read)."""
     fs, root = filesystem(url, storage_options)
     return _reader(fmt).extra(_reader(fmt).config(fs, root, url))
+
+
+def normalization_from_store(extra: dict[str, Any], store: ActivationStore, spec: LayerSpec
+                             ) -> Normalization | None:
+    """The input normalization an imported SAE needs when its format records none but its library normalized the
+    training data from the data's statistics (the reader's `normalization(extra, store, spec)`, which says how);
+    None when it needs none."""
+    fmt = (extra.get("imported") or {}).get("format")
+    reader = _READERS.get(fmt) if fmt else None
+    return reader.normalization(extra, store, spec) if hasattr(reader, "normalization") else None
 
 
 def _reader(fmt: str) -> Any:
