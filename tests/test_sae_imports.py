@@ -130,3 +130,38 @@ def test_what_we_cannot_represent_is_refused(tmp_path, change, message):
     with pytest.raises(ConfigError, match=message) as e:
         checkpoint.load(str(tmp_path / "sl"))
     assert "\n" not in str(e.value)
+
+
+def test_export_command_writes_what_saelens_loads(service_store, tmp_path, capsys):
+    from sae_lens import SAE
+
+    from actstore.loader import Normalization
+    from actstore_cli import main
+    from sae import SAEConfig, SparseAutoencoder
+
+    store = ActivationStore(str(service_store / "store"))
+    norm = Normalization.from_stats(store.stats(LAYER, "patches"), LAYER, "patches")
+    torch.manual_seed(1)
+    ours = SparseAutoencoder(SAEConfig(d_in=store.layer(LAYER).d, d_sae=64, kind="jumprelu"))
+    with torch.no_grad():
+        ours.b_enc.normal_(0, 0.5)
+        ours.threshold.uniform_(0, 0.5)
+    checkpoint.save(ours, str(tmp_path / "ours"), normalization=norm, extra=checkpoint.origin(store, LAYER))
+    out = tmp_path / "exported"
+    assert main(["export", "--sae", str(tmp_path / "ours"), "--to", "saelens", "--out", str(out), "-q"]) == 0
+    assert f"layer {LAYER} of its store's model recorded" in capsys.readouterr().out
+    x = tokens(store)
+    with torch.no_grad():
+        expected = ours.encode(norm.apply(x))
+        theirs = SAE.load_from_disk(str(out)).encode(x)  # raw activations: the normalization is folded in
+        back, _, _ = checkpoint.load_on_store(str(out), store)  # the origin came along: no --layer needed
+        again = back.encode(x)
+    assert (theirs - expected).abs().max().item() < 1e-4 and (again - expected).abs().max().item() < 1e-4
+    assert main(["export", "--sae", str(tmp_path / "ours"), "--out", str(out), "-q"]) == 1
+    assert "pass --overwrite" in capsys.readouterr().err
+    assert main(["export", "--sae", str(tmp_path / "ours"), "--out", str(out), "--overwrite", "-q"]) == 0
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep")
+    assert main(["export", "--sae", str(tmp_path / "ours"), "--out", str(mine), "--overwrite", "-q"]) == 1
+    assert "is not an SAE export of ours" in capsys.readouterr().err and (mine / "notes.txt").read_text() == "keep"
