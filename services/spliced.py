@@ -104,7 +104,9 @@ def load_in_model(sae: str, store: str | None = None, device: str = "cpu",
     options = storage_options or {}
     store_url, recorded_layer = sae_record(sae, store, options)
     opened = ActivationStore(store_url, options)
-    model, norm, spec = load_on_store(sae, opened, recorded_layer, device, options)
+    # the layer the SAE records is read by load_on_store itself: passed on, it would count as the user naming it
+    layer = None if read_extra(sae, options).get("layer") is not None else recorded_layer
+    model, norm, spec = load_on_store(sae, opened, layer, device, options)
     meta = opened.attrs.get("backbone", {})
     family, name = meta.get("family"), meta.get("name")
     if not family or not name or family not in ("open_clip", "timm", "hf"):

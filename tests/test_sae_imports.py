@@ -104,6 +104,10 @@ def test_an_unmapped_model_needs_layer_and_the_cli_stages_run(service_store, tmp
     sae = f"saelens:{tmp_path / 'sl'}"
     with pytest.raises(ConfigError, match="a model we cannot map to one of ours: pass --layer"):
         checkpoint.load_on_store(sae, store)
+    from services.spliced import load_in_model
+
+    with pytest.raises(ConfigError, match="a model we cannot map"):  # the hook's layer is no user's say-so
+        load_in_model(sae, store=store_url)
     other = saelens_sae("topk", store.layer(LAYER).d, d_sae=64, k=4,
                         metadata={"model_name": "vit-tiny-prisma", "hook_name": "blocks.9.hook_resid_post"})
     other.save_model(str(tmp_path / "sl9"))
