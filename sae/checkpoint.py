@@ -215,12 +215,10 @@ def read_extra(url: str, storage_options: dict[str, Any] | None = None) -> dict[
 
 def _format(url: str, storage_options: dict[str, Any] | None) -> tuple[str | None, str]:
     """(the other library's format, the path) of `--sae URL`: named (saelens:PATH) or found from the files; (None,
-    url) for our own checkpoints."""
+    url) for our own checkpoints (sparsify's have our file names too: no reader takes a cfg.json that says ours)."""
     fmt, path = split_format(str(url))
     if fmt is None:
-        fs, root = filesystem(path, storage_options)
-        ours = fs.isfile(f"{root}/{CONFIG}") and fs.isfile(f"{root}/{WEIGHTS}")
-        fmt = None if ours else detect_format(path, storage_options)
+        fmt = detect_format(path, storage_options)
     return fmt, path
 
 

@@ -16,6 +16,7 @@ from actstore.errors import ConfigError
 from actstore.loader import Normalization
 from actstore.store import ActivationStore, LayerSpec, filesystem
 from sae.imports import _saelens
+from sae.imports import _saev
 from sae.model import SparseAutoencoder
 
 __all__ = ["FORMATS", "detect_format", "imported_extra", "normalization_from_store", "read_imported",
@@ -23,6 +24,7 @@ __all__ = ["FORMATS", "detect_format", "imported_extra", "normalization_from_sto
 
 _READERS = {
     "saelens": _saelens,
+    "saev": _saev,
 }
 FORMATS = tuple(_READERS)
 """The formats `--sae FORMAT:PATH` names."""

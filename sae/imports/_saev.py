@@ -1,0 +1,181 @@
+"""saev (github.com/OSU-NLP-Group/saev, formerly samuelstevens/saev): `sae.pt`, a JSON header line then a torch state
+dict, as saev's `nn.dump` writes it; `--sae saev:PATH` names the file or a folder holding it.
+
+The header schemas are those saev's current `nn.load` reads (src/saev/nn/modeling.py at OSU-NLP-Group/saev
+3d73f1f7, SCHEMA_VERSION 5): none (saev <= 0.1: the raw SAE config, `d_vit`, `exp_factor`), 1 (the activation
+named by `cls`, or a `cfg.activation` {"cls", "params"} payload), 2 to 5 (that payload). Tensors: W_enc
+(d_model, d_sae), b_enc, W_dec (d_sae, d_model), b_dec, and BatchTopK's `activation.threshold`. Encoded as:
+
+- no schema and schema 1: pre = (x - b_dec) @ W_enc + b_enc, as the code that wrote them trained them (saev 0.1.0's
+  nn.py and modeling.py until e7ca004, 2025-07-31). saev's current loader encodes these without subtracting b_dec
+  ("don't remove decoder bias since it's zero by default"), but their b_dec was initialized to the data mean and
+  trained: we keep the encoding they were trained with, exactly our convention;
+- schema 2 to 5: pre = x @ W_enc + b_enc (saev's current `encode`), ours with b_enc + W_enc.T b_dec (folded in float64).
+
+Activations: Relu -> relu; TopK -> topk with k = min(top_k, d_sae) (saev keeps the k largest pre-activations even when
+some are negative, we ReLU them: codes differ only on a token with fewer than k positive pre-activations);
+BatchTopK at inference (saev's eval mode) keeps pre > threshold, or pre > 0 when threshold <= 0 -> our batchtopk with
+that threshold (clamped at 0). Refused in one line: an unknown schema or activation, a BatchTopK without its
+inference threshold (saev before schema 4: its encode couples the tokens of a batch), other tensors, and a pickle
+that is not plain weights (torch.load weights_only).
+
+Input normalization: saev <= 0.1 (no schema) and schema 1 trained on (x - mean) / scalar with its DataLoad defaults
+scale_mean and scale_norm (saev 0.1.0 activations.py `Dataset.__init__` / `transform`): mean = the mean activation,
+scalar = E||x - mean|| / sqrt(d), both from 2**19 random tokens of the training data; the checkpoint records neither.
+`normalization` builds the same from the store: the mean from its statistics (all tokens), E||x - mean|| (the mean
+norm, not the RMS our own normalization uses) from up to 2**19 patch tokens read in runs spread over the store. A
+schema-1 SAE trained between c6a4602 (2025-07-17, saev stopped normalizing) and 8d38c23 (2025-07-31, schema 2) saw raw
+activations; the file cannot tell. Schema 2 to 5: raw activations (saev's shuffled loader; scale_norm unimplemented).
+
+sae.pt names no model and no layer (they live in saev's run folders): the origin is only "names", so --layer is
+required. Left: hub repos whose manifest.jsonl picks a sae.pt by layer.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import pickle
+from typing import Any
+
+import fsspec
+import numpy as np
+import torch
+
+from actstore.errors import ConfigError, CorruptDataError
+from actstore.loader import Normalization
+from actstore.store import ActivationStore, LayerSpec
+from sae.config import SAEConfig
+from sae.model import SparseAutoencoder
+
+FILE = "sae.pt"
+SCHEMAS = (None, 1, 2, 3, 4, 5)
+_ACTIVATIONS = {"Relu": "relu", "TopK": "topk", "BatchTopK": "batchtopk"}
+_SAMPLE_TOKENS = 2**19
+"""saev's DataLoad.n_random_samples: the tokens its mean norm was estimated from."""
+
+
+def detect(fs: fsspec.AbstractFileSystem, root: str) -> bool:
+    path = _path(fs, root)
+    if path is None:
+        return False
+    with fs.open(path, "rb") as f:
+        line = f.readline(1 << 20)
+        head = f.read(2)
+    try:
+        header = json.loads(line)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return False
+    return isinstance(header, dict) and ("schema" in header or "d_vit" in header) and head == b"PK"  # torch's zip
+
+
+def config(fs: fsspec.AbstractFileSystem, root: str, url: str) -> dict[str, Any]:
+    """The header line of sae.pt."""
+    path = _path(fs, root)
+    if path is None:
+        raise ConfigError(f"{url}: no saev {FILE} there")
+    with fs.open(path, "rb") as f:
+        return _header(f.readline(1 << 20), url)
+
+
+def extra(cfg: dict[str, Any]) -> dict[str, Any]:
+    """No layer, no model: sae.pt records neither."""
+    activation = _activation(cfg, "sae.pt")[0] if cfg.get("schema") in SCHEMAS else None
+    return {"names": "a saev SAE (sae.pt names no model or layer)", "tokens": "patches",
+            "imported": {"format": "saev", "version": cfg.get("lib"), "schema": cfg.get("schema"),
+                         "activation": activation, "commit": cfg.get("commit")}}
+
+
+def read(fs: fsspec.AbstractFileSystem, root: str, url: str, device: torch.device | str | None
+         ) -> tuple[SparseAutoencoder, Normalization | None, dict[str, Any]]:
+    path = _path(fs, root)
+    if path is None:
+        raise ConfigError(f"{url}: no saev {FILE} there")
+    line, _, body = fs.cat_file(path).partition(b"\n")
+    cfg = _header(line, url)
+    schema = cfg.get("schema")
+    if schema not in SCHEMAS:
+        raise ConfigError(f"{url}: saev header schema {schema!r}; we read {', '.join(map(str, SCHEMAS[1:]))} and "
+                          "the schema-less header of saev <= 0.1")
+    name, top_k = _activation(cfg, url)
+    try:
+        state = torch.load(io.BytesIO(body), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise ConfigError(f"{url}: its state dict is not plain weights, refused (torch.load weights_only: "
+                          f"{str(e).splitlines()[0]})") from None
+    except (RuntimeError, EOFError) as e:
+        raise CorruptDataError(f"{url}: not a torch state dict after the header ({e})", key=FILE) from None
+    kind = _ACTIVATIONS[name]
+    wanted = {"W_enc", "W_dec", "b_enc", "b_dec", *(("activation.threshold",) if kind == "batchtopk" else ())}
+    if not isinstance(state, dict) or set(state) != wanted:
+        found = sorted(state) if isinstance(state, dict) else type(state).__name__
+        if kind == "batchtopk" and isinstance(state, dict) and "activation.threshold" not in state:
+            raise ConfigError(f"{url}: a saev BatchTopK SAE without its inference threshold (saev before schema 4): "
+                              "its encode couples the tokens of a batch, which no kind of ours does")
+        raise ConfigError(f"{url}: tensors {found}, a saev {name} SAE has {sorted(wanted)}")
+    W_enc, b_enc = state["W_enc"].double().t(), state["b_enc"].double()
+    W_dec, b_dec = state["W_dec"].double(), state["b_dec"].double()
+    d_sae, d_in = W_dec.shape
+    if schema not in (None, 1):
+        b_enc = b_enc + W_enc @ b_dec  # saev >= schema 2 encodes x, ours x - b_dec
+    settings: dict[str, Any] = {"k": min(top_k, d_sae)} if kind in ("topk", "batchtopk") else {}
+    sae = SparseAutoencoder(SAEConfig(d_in=d_in, d_sae=d_sae, kind=kind, **settings), device=device)
+    with torch.no_grad():
+        for key, value in (("W_enc", W_enc), ("W_dec", W_dec), ("b_enc", b_enc), ("b_dec", b_dec)):
+            getattr(sae, key).copy_(value.to(torch.float32))
+        if kind == "batchtopk":
+            sae.batchtopk_threshold.fill_(max(float(state["activation.threshold"]), 0.0))
+    return sae.eval(), None, extra(cfg)
+
+
+def normalization(extra: dict[str, Any], store: ActivationStore, spec: LayerSpec) -> Normalization | None:
+    """saev <= 0.1's and schema 1's (x - mean) / (E||x - mean|| / sqrt(d)) from the store (module docstring)."""
+    if (extra.get("imported") or {}).get("schema") not in (None, 1):
+        return None
+    mean = torch.from_numpy(store.stats(spec.name, "patches").mean.astype(np.float32))
+    per_image = spec.tokens.n_patches
+    first = 1 if spec.tokens.cls else 0
+    n_images = min(store.n_images, math.ceil(_SAMPLE_TOKENS / per_image))
+    runs = min(64, n_images)
+    run = math.ceil(n_images / runs)
+    total, count = 0.0, 0
+    for start in np.linspace(0, store.n_images - run, runs).astype(int).tolist():
+        x = store.read(spec.name, start, start + run)[:, first:].reshape(-1, spec.d).double()
+        total += float((x - mean.double()).norm(dim=1).sum())
+        count += x.shape[0]
+    return Normalization(spec.name, "patches", mean, math.sqrt(spec.d) * count / total)
+
+
+def _path(fs: fsspec.AbstractFileSystem, root: str) -> str | None:
+    """sae.pt: `root` itself (any file name) or in the folder `root`."""
+    if fs.isfile(root):
+        return root
+    return f"{root}/{FILE}" if fs.isfile(f"{root}/{FILE}") else None
+
+
+def _header(line: bytes, url: str) -> dict[str, Any]:
+    try:
+        header = json.loads(line)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CorruptDataError(f"{url}: the first line of a saev {FILE} is a JSON header ({e})", key=FILE) from None
+    if not isinstance(header, dict):
+        raise CorruptDataError(f"{url}: the first line of a saev {FILE} is a JSON object", key=FILE)
+    return header
+
+
+def _activation(header: dict[str, Any], url: str) -> tuple[str, int]:
+    """(saev's activation class, its top_k) as saev's nn.load finds them in each schema."""
+    schema = header.get("schema")
+    if schema is None:
+        return "Relu", 0
+    cfg = header.get("cfg") or {}
+    if schema == 1 and header.get("cls", "SparseAutoencoderConfig") != "SparseAutoencoderConfig":
+        name, params = header["cls"], {"top_k": cfg.get("top_k", 32)}  # schema 1 as first written
+    elif isinstance(cfg.get("activation"), dict):
+        name, params = cfg["activation"].get("cls"), cfg["activation"].get("params") or {}
+    else:
+        name, params = None, {}
+    if name not in _ACTIVATIONS:
+        raise ConfigError(f"{url}: a saev {name!r} activation; we read {', '.join(_ACTIVATIONS)}")
+    return name, int(params.get("top_k", 32))
