@@ -15,7 +15,7 @@ import torch
 from actstore.errors import ConfigError
 from actstore.loader import Normalization
 from actstore.store import ActivationStore, LayerSpec, filesystem
-from sae.imports import _saelens
+from sae.imports import _saelens, _sparsify
 from sae.imports import _saev
 from sae.model import SparseAutoencoder
 
@@ -25,6 +25,7 @@ __all__ = ["FORMATS", "detect_format", "imported_extra", "normalization_from_sto
 _READERS = {
     "saelens": _saelens,
     "saev": _saev,
+    "sparsify": _sparsify,
 }
 FORMATS = tuple(_READERS)
 """The formats `--sae FORMAT:PATH` names."""
