@@ -38,7 +38,7 @@ def split_format(url: str) -> tuple[str | None, str]:
 
 
 def detect_format(url: str, storage_options: dict[str, Any] | None = None) -> str | None:
-    """The format whose files lie at `url`, None when none does (our own checkpoints are not looked at here)."""
+    """The format whose files lie at `url`, None when none does: our own checkpoints are what no reader claims."""
     fs, root = filesystem(url, storage_options)
     return next((name for name, reader in _READERS.items() if reader.detect(fs, root)), None)
 
