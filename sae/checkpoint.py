@@ -217,9 +217,18 @@ def _format(url: str, storage_options: dict[str, Any] | None) -> tuple[str | Non
     """(the other library's format, the path) of `--sae URL`: named (saelens:PATH) or found from the files; (None,
     url) for our own checkpoints (sparsify's have our file names too: no reader takes a cfg.json that says ours)."""
     fmt, path = split_format(str(url))
-    if fmt is None:
+    if fmt is None and not _is_ours(*filesystem(path, storage_options)):
         fmt = detect_format(path, storage_options)
     return fmt, path
+
+
+def _is_ours(fs: fsspec.AbstractFileSystem, root: str) -> bool:
+    """Whether cfg.json says ours: decided from it alone, so that no reader's look at the files reaches the weights
+    (a command may read an SAE's record long before its weights, which may be slow to come)."""
+    try:
+        return json.loads(fs.cat_file(f"{root}/{CONFIG}")).get("format") == FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def _config(fs: fsspec.AbstractFileSystem, root: str, url: str) -> dict[str, Any]:
