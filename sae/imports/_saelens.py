@@ -30,6 +30,7 @@ from safetensors.torch import load as st_load
 from actstore.errors import ConfigError, CorruptDataError
 from actstore.loader import Normalization
 from sae.config import SAEConfig
+from sae.imports._fold import fold_b_dec
 from sae.model import SparseAutoencoder
 
 CONFIG, WEIGHTS = "cfg.json", "sae_weights.safetensors"
@@ -82,7 +83,7 @@ def read(fs: fsspec.AbstractFileSystem, root: str, url: str, device: torch.devic
         raise ConfigError(f"{url}: SAELens reshape_activations={cfg['reshape_activations']!r} (attention heads) "
                           "does not apply to a vision model's token vectors")
     try:
-        tensors = {k: v.double() for k, v in st_load(fs.cat_file(f"{root}/{WEIGHTS}")).items()}
+        tensors = {k: v.float() for k, v in st_load(fs.cat_file(f"{root}/{WEIGHTS}")).items()}
     except SafetensorError as e:
         raise CorruptDataError(f"{url}/{WEIGHTS}: not a safetensors file ({e})", key=WEIGHTS) from None
     kind = _KINDS[architecture]
@@ -93,7 +94,7 @@ def read(fs: fsspec.AbstractFileSystem, root: str, url: str, device: torch.devic
     W_enc, W_dec, b_enc, b_dec = tensors["W_enc"].t(), tensors["W_dec"], tensors["b_enc"], tensors["b_dec"]
     d_sae, d_in = W_dec.shape
     if not cfg.get("apply_b_dec_to_input", True):
-        b_enc = b_enc + W_enc @ b_dec
+        b_enc = fold_b_dec(W_enc, b_enc, b_dec)
     if kind == "topk" and cfg.get("rescale_acts_by_decoder_norm"):
         norms = W_dec.norm(dim=1)
         W_enc, b_enc, W_dec = W_enc * norms[:, None], b_enc * norms, W_dec / norms[:, None]

@@ -47,6 +47,7 @@ from actstore.errors import ConfigError, CorruptDataError
 from actstore.loader import Normalization
 from actstore.store import ActivationStore, LayerSpec
 from sae.config import SAEConfig
+from sae.imports._fold import fold_b_dec
 from sae.model import SparseAutoencoder
 
 FILE = "sae.pt"
@@ -114,11 +115,10 @@ def read(fs: fsspec.AbstractFileSystem, root: str, url: str, device: torch.devic
             raise ConfigError(f"{url}: a saev BatchTopK SAE without its inference threshold (saev before schema 4): "
                               "its encode couples the tokens of a batch, which no kind of ours does")
         raise ConfigError(f"{url}: tensors {found}, a saev {name} SAE has {sorted(wanted)}")
-    W_enc, b_enc = state["W_enc"].double().t(), state["b_enc"].double()
-    W_dec, b_dec = state["W_dec"].double(), state["b_dec"].double()
+    W_enc, b_enc, W_dec, b_dec = state["W_enc"].float().t(), state["b_enc"], state["W_dec"], state["b_dec"]
     d_sae, d_in = W_dec.shape
     if schema not in (None, 1):
-        b_enc = b_enc + W_enc @ b_dec  # saev >= schema 2 encodes x, ours x - b_dec
+        b_enc = fold_b_dec(W_enc, b_enc, b_dec)  # saev >= schema 2 encodes x, ours x - b_dec
     settings: dict[str, Any] = {"k": min(top_k, d_sae)} if kind in ("topk", "batchtopk") else {}
     sae = SparseAutoencoder(SAEConfig(d_in=d_in, d_sae=d_sae, kind=kind, **settings), device=device)
     with torch.no_grad():

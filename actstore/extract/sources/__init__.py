@@ -66,7 +66,7 @@ def build_manifest(source: str, storage_options: dict[str, Any] | None = None, *
         kind, paths = _file_kind(fs, root), [root]
     else:
         kind, paths = _pattern(fs, str(source), options)
-    if kind != "folder" and image_column is not None and kind != "parquet":
+    if image_column is not None and kind in ("list", "tar"):
         raise ConfigError(f"{source}: --image-column is for parquet datasets")
     if kind == "folder":
         if label_column is not None:

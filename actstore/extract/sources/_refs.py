@@ -115,7 +115,7 @@ def read_bytes(refs: Sequence[str], storage_options: dict[str, Any] | None = Non
             ranges.setdefault(fsspec.core.split_protocol(ref.file)[0] or "file", []).append(i)
     for protocol, idx in ranges.items():
         try:
-            fs = fsspec.filesystem(protocol, **({} if protocol in ("file", "local") else storage_options or {}))
+            fs = _filesystem(protocol, storage_options)
         except Exception as e:  # unknown protocol or missing driver: every reference to it fails alike
             for i in idx:
                 out[i] = e
@@ -125,6 +125,11 @@ def read_bytes(refs: Sequence[str], storage_options: dict[str, Any] | None = Non
         for i, data in zip(idx, _read_rows(file, column, [parsed[i].row for i in idx], storage_options or {})):
             out[i] = data
     return out  # type: ignore[return-value]
+
+
+def _filesystem(protocol: str, storage_options: dict[str, Any] | None) -> fsspec.AbstractFileSystem:
+    """The filesystem of a protocol; storage options go to the remote ones only (they hold no local settings)."""
+    return fsspec.filesystem(protocol, **({} if protocol in ("file", "local") else storage_options or {}))
 
 
 def _read_ranges(fs: fsspec.AbstractFileSystem, refs: list[ImageRef], idx: list[int],
@@ -187,8 +192,8 @@ def _read_rows(file: str, column: str, rows: list[int], storage_options: dict[st
     time up to the last row wanted: row groups are often 100 MB (`datasets` aims for that), and a unit rarely
     needs a whole one, nor should it hold one."""
     try:
-        protocol = fsspec.core.split_protocol(file)[0] or "file"
-        fs, path = fsspec.core.url_to_fs(file, **({} if protocol in ("file", "local") else storage_options))
+        fs = _filesystem(fsspec.core.split_protocol(file)[0] or "file", storage_options)
+        path = fs._strip_protocol(file)
         with open_exact(fs, path) as f:
             pf = pq.ParquetFile(f, pre_buffer=False, buffer_size=_PARQUET_BUFFER)
             starts, stop = [0], 0
