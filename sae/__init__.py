@@ -14,10 +14,12 @@ input `Normalization` it records, the sparse latents); the trainer (sae.train) b
 
 from actstore.loader import Normalization
 from sae.acts import SparseActs, csr_rows, positive_entries
-from sae.checkpoint import export_saelens, load, read_extra, save
+from sae.checkpoint import load, read_extra, save
 from sae.config import KINDS, SAEConfig
+from sae.export import export_saelens, export_saev
 from sae.model import ForwardOutput, SparseAutoencoder, geometric_median
 from sae.tokens import TokenEncoder
 
 __all__ = ["KINDS", "ForwardOutput", "Normalization", "SAEConfig", "SparseActs", "SparseAutoencoder", "TokenEncoder",
-           "csr_rows", "export_saelens", "geometric_median", "load", "positive_entries", "read_extra", "save"]
+           "csr_rows", "export_saelens", "export_saev", "geometric_median", "load", "positive_entries", "read_extra",
+           "save"]

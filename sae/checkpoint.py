@@ -12,27 +12,8 @@ Our layout (`save` / `load`):
                       SAE's origin (`origin`): the store URL, layer and token kind it trained on and the
                       identity of the model that made that store, which `load_on_store` checks)
 
-SAELens layout (`export_saelens`, SAELens >= 6 reads it with `SAE.load_from_disk(dir)`):
-
-    sae_weights.safetensors   W_enc (d_in, d_sae) = our W_enc.T      <- the one transpose
-                              W_dec (d_sae, d_in) = our W_dec
-                              b_enc (d_sae,), b_dec (d_in,)
-                              threshold (d_sae,)  jumprelu: relu(threshold); batchtopk, matryoshka:
-                                                  the global threshold on every latent (SAELens saves
-                                                  BatchTopK and Matryoshka BatchTopK SAEs as JumpReLU
-                                                  SAEs for inference too)
-    cfg.json                  architecture ("standard" for relu, "topk", "jumprelu" for jumprelu,
-                              batchtopk and matryoshka), d_in, d_sae, dtype, device,
-                              apply_b_dec_to_input (true: we encode x - b_dec), normalize_activations
-                              ("none"), reshape_activations, k and rescale_acts_by_decoder_norm (false)
-                              for topk, metadata (matryoshka: its group_sizes and the prefix ends as
-                              SAELens's matryoshka_widths); and the pre-6 keys activation_fn /
-                              activation_fn_kwargs ({"k": k} for topk).
-
-SAELens has no mean-subtracting input normalization, so an input normalization is folded into
-the exported weights, exactly: with x_n = (x - mean) * s, W_enc' = s * W_enc, W_dec' = W_dec / s,
-b_dec' = b_dec / s + mean (b_enc and thresholds unchanged) gives the same pre-activations on raw
-x and x_hat' = x_hat / s + mean. The exported SAE then reads raw backbone activations.
+The layouts of other libraries that `actstore export` writes (SAELens, saev) are in sae.export; the formats
+`load` reads besides ours are in sae.imports.
 """
 
 from __future__ import annotations
@@ -52,19 +33,16 @@ from actstore.loader import Normalization
 from actstore.store import (ActivationStore, LayerSpec, describe_model, filesystem, identity_differences,
                             model_identity, put_bytes)
 from sae.config import SAEConfig
-from sae.imports import (FORMATS, detect_format, imported_extra, normalization_from_store, read_imported,
-                         split_format)
+from sae.imports import (FORMATS, detect_format, imported_extra, normalization_from_store, pick_checkpoint,
+                         read_imported, split_format)
 from sae.model import SparseAutoencoder
 
-__all__ = ["FORMAT", "FORMAT_VERSION", "check_origin", "check_saved_origin", "export_saelens", "load",
+__all__ = ["FORMAT", "FORMAT_VERSION", "check_origin", "check_saved_origin", "load",
            "load_on_store", "origin", "read_extra", "save"]
 
 FORMAT = "actstore-sae"
 FORMAT_VERSION = 1
 WEIGHTS, CONFIG = "sae.safetensors", "cfg.json"
-SAELENS_WEIGHTS = "sae_weights.safetensors"
-_SAELENS_ARCHITECTURE = {"relu": "standard", "topk": "topk", "jumprelu": "jumprelu", "batchtopk": "jumprelu",
-                         "matryoshka": "jumprelu"}
 
 
 def save(sae: SparseAutoencoder, url: str, normalization: Normalization | None = None,
@@ -188,6 +166,8 @@ def load_on_store(url: str, store: ActivationStore, layer: str | int | None = No
                   ) -> tuple[SparseAutoencoder, Normalization | None, LayerSpec]:
     """The SAE at `url` and the layer of `store` it reads: `layer`, else the one it records; an SAE trained on
     another model or layer (check_origin) or of another width is refused."""
+    if layer is not None:
+        url = pick_checkpoint(url, layer, storage_options)
     sae, norm, extra = _load(url, device, storage_options)
     key = next((k for k in (layer, extra.get("layer"), norm.layer if norm is not None else None) if k is not None),
                None)
@@ -242,47 +222,6 @@ def _config(fs: fsspec.AbstractFileSystem, root: str, url: str) -> dict[str, Any
                                f"(format={cfg_dict.get('format')!r}, version={cfg_dict.get('format_version')!r}), "
                                f"nor an SAE of {', '.join(FORMATS)}")
     return cfg_dict
-
-
-def export_saelens(sae: SparseAutoencoder, url: str, normalization: Normalization | None = None,
-                   metadata: dict[str, Any] | None = None, storage_options: dict[str, Any] | None = None,
-                   origin: dict[str, Any] | None = None) -> None:
-    """Write the SAE in SAELens's layout (see the module docstring), the normalization folded in; `origin` (see
-    `origin`) goes into its metadata as actstore_origin, so that reading it back keeps the identity check."""
-    cfg = sae.cfg
-    if origin is not None:
-        metadata = {**(metadata or {}), "actstore_origin": origin}
-    W_enc, W_dec = sae.W_enc.detach().double(), sae.W_dec.detach().double()
-    b_enc, b_dec = sae.b_enc.detach().double(), sae.b_dec.detach().double()
-    if normalization is not None:
-        scale, mean = float(normalization.scale), normalization.mean.detach().to(W_dec.device, torch.float64)
-        W_enc, W_dec, b_dec = W_enc * scale, W_dec / scale, b_dec / scale + mean
-    tensors = {"W_enc": W_enc.t(), "W_dec": W_dec, "b_enc": b_enc, "b_dec": b_dec}
-    if cfg.kind == "jumprelu":
-        tensors["threshold"] = sae.threshold.detach().double().relu()
-    elif cfg.batch_topk:
-        threshold = sae.batchtopk_threshold.detach()
-        if torch.isnan(threshold):
-            raise ConfigError("export_saelens: this BatchTopK SAE has no inference threshold yet (never trained)")
-        tensors["threshold"] = threshold.expand(cfg.d_sae)
-    dtype = cfg.torch_dtype
-    tensors = {k: t.to(dtype).contiguous().cpu() for k, t in tensors.items()}
-    architecture = _SAELENS_ARCHITECTURE[cfg.kind]
-    if cfg.kind == "matryoshka":
-        metadata = {"group_sizes": list(cfg.group_sizes), "matryoshka_widths": list(cfg.prefix_ends),
-                    **(metadata or {})}
-    saelens_cfg: dict[str, Any] = {
-        "architecture": architecture, "d_in": cfg.d_in, "d_sae": cfg.d_sae, "dtype": cfg.dtype, "device": "cpu",
-        "apply_b_dec_to_input": True, "normalize_activations": "none", "reshape_activations": "none",
-        "metadata": {"sae_lens_version": "6.0.0", "exported_by": FORMAT, **(metadata or {})},
-        "activation_fn": "topk" if architecture == "topk" else "relu",
-        "activation_fn_kwargs": {"k": cfg.k} if architecture == "topk" else {},
-    }
-    if architecture == "topk":
-        saelens_cfg |= {"k": cfg.k, "rescale_acts_by_decoder_norm": False}
-    fs, root = filesystem(str(url), storage_options)
-    put_bytes(fs, f"{root}/{SAELENS_WEIGHTS}", st_save(tensors, metadata={"format": "pt"}))
-    put_bytes(fs, f"{root}/{CONFIG}", json.dumps(saelens_cfg, indent=2).encode())
 
 
 def _get(fs: fsspec.AbstractFileSystem, root: str, name: str) -> bytes:

@@ -19,8 +19,8 @@ from sae.imports import _saelens, _sparsify
 from sae.imports import _saev
 from sae.model import SparseAutoencoder
 
-__all__ = ["FORMATS", "detect_format", "imported_extra", "normalization_from_store", "read_imported",
-           "split_format"]
+__all__ = ["FORMATS", "detect_format", "imported_extra", "normalization_from_store", "pick_checkpoint",
+           "read_imported", "split_format"]
 
 _READERS = {
     "saelens": _saelens,
@@ -58,6 +58,18 @@ def imported_extra(url: str, fmt: str, storage_options: dict[str, Any] | None = 
     """The origin a `fmt` SAE at `url` records, from its config alone (no weights read)."""
     fs, root = filesystem(url, storage_options)
     return _reader(fmt).extra(_reader(fmt).config(fs, root, url))
+
+
+def pick_checkpoint(url: str, layer: str | int, storage_options: dict[str, Any] | None = None) -> str:
+    """`url`, or for a repo of several checkpoints (saev's manifest.jsonl) the URL of the one trained on `layer`."""
+    fmt, path = split_format(str(url))
+    fs, root = filesystem(path, storage_options)
+    for name, reader in _READERS.items():
+        if hasattr(reader, "pick") and fmt in (None, name):
+            picked = reader.pick(fs, root, path, str(layer))
+            if picked is not None:
+                return f"{name}:{picked}"
+    return str(url)
 
 
 def normalization_from_store(extra: dict[str, Any], store: ActivationStore, spec: LayerSpec

@@ -27,8 +27,19 @@ norm, not the RMS our own normalization uses) from up to 2**19 patch tokens read
 schema-1 SAE trained between c6a4602 (2025-07-17, saev stopped normalizing) and 8d38c23 (2025-07-31, schema 2) saw raw
 activations; the file cannot tell. Schema 2 to 5: raw activations (saev's shuffled loader; scale_norm unimplemented).
 
-sae.pt names no model and no layer (they live in saev's run folders): the origin is only "names", so --layer is
-required. Left: hub repos whose manifest.jsonl picks a sae.pt by layer.
+Where it came from: sae.pt names no model and no layer (they live in saev's run folders). Three things add them:
+- a repo of several checkpoints (the osunlp DINOv3 series: `layer_N/<run>/sae.pt` listed in a `manifest.jsonl` of
+  {"run_id", "layer", "l0", "mse", "sha256", "path"} lines, saev's contrib/trait_discovery/scripts/push_dinov3.py):
+  `--sae hf://osunlp/SAE_DINOv3_ViT-L-16_IN1K --layer 23` picks the layer's checkpoint (`pick`; a layer with several
+  names them, with their L0, to be named by path), and a sae.pt found in a manifest records its layer. saev's layer
+  N is the output of block N (0-based, its RecordedTransformer's hooks), our layer "N";
+- a published single-checkpoint repo read by its hub id (_PUBLISHED): the model its card names, mapped to our
+  backbone, and the layer where its documentation says it (SAE_CLIP_24K_ViT-B-16_IN1K: OpenAI CLIP ViT-B/16,
+  "the 11th (second-to-last) layer", `--data.layer -2`, our layer 10: contrib/interactive_interp/classification/
+  reproduce.md; the DINOv2 SAE's layer is not documented: --layer, its model still checked);
+- an export of ours (`actstore export --to saev`): the header's "actstore_origin".
+Otherwise the origin is only "names", and --layer is required. DINOv3 is not one of our backbones: its SAEs record
+their layer, not a model.
 """
 
 from __future__ import annotations
@@ -45,12 +56,19 @@ import torch
 
 from actstore.errors import ConfigError, CorruptDataError
 from actstore.loader import Normalization
-from actstore.store import ActivationStore, LayerSpec
+from actstore.store import ActivationStore, LayerSpec, model_identity
 from sae.config import SAEConfig
 from sae.imports._fold import fold_b_dec
 from sae.model import SparseAutoencoder
 
-FILE = "sae.pt"
+FILE, MANIFEST = "sae.pt", "manifest.jsonl"
+_PUBLISHED = {
+    "osunlp/SAE_CLIP_24K_ViT-B-16_IN1K": ({"family": "open_clip", "name": "ViT-B-16", "checkpoint": "openai"}, "10"),
+    "osunlp/SAE_DINOv2_24K_ViT-B-14_IN1K": ({"family": "hf", "name": "facebook/dinov2-base", "checkpoint": "hub"},
+                                            None),
+}
+"""saev's published single-checkpoint repos: the backbone record of ours that makes the model their card names
+(torch hub's dinov2_vitb14 is transformers' facebook/dinov2-base), and the layer where documented."""
 SCHEMAS = (None, 1, 2, 3, 4, 5)
 _ACTIVATIONS = {"Relu": "relu", "TopK": "topk", "BatchTopK": "batchtopk"}
 _SAMPLE_TOKENS = 2**19
@@ -58,42 +76,70 @@ _SAMPLE_TOKENS = 2**19
 
 
 def detect(fs: fsspec.AbstractFileSystem, root: str) -> bool:
+    """A sae.pt (its JSON header line, then torch's zip), or a repo of them listed in a manifest.jsonl."""
     path = _path(fs, root)
     if path is None:
-        return False
-    with fs.open(path, "rb") as f:
-        line = f.readline(1 << 20)
-        head = f.read(2)
+        return bool(_manifest(fs, root))
+    line, head = first_line(fs, path)
     try:
         header = json.loads(line)
     except (json.JSONDecodeError, UnicodeDecodeError):
         return False
-    return isinstance(header, dict) and ("schema" in header or "d_vit" in header) and head == b"PK"  # torch's zip
+    return isinstance(header, dict) and ("schema" in header or "d_vit" in header) and head[:2] == b"PK"  # torch zip
+
+
+def pick(fs: fsspec.AbstractFileSystem, root: str, url: str, layer: str) -> str | None:
+    """The URL of the checkpoint trained on `layer` when `url` is a repo of several (a manifest.jsonl); None when it
+    is not such a repo."""
+    entries = _manifest(fs, root) if _path(fs, root) is None else []
+    if not entries:
+        return None
+    found = [e for e in entries if str(e.get("layer")) == str(layer)]
+    if len(found) != 1:
+        runs = (", ".join(f"{e.get('path')} (L0 {e.get('l0')})" for e in found) if found else
+                "none; its layers: " + ", ".join(sorted({str(e.get("layer")) for e in entries}, key=_natural)))
+        raise ConfigError(f"{url}: {len(found)} saev checkpoints of layer {layer} in its {MANIFEST}: name one as "
+                          f"{url.rstrip('/')}/<path>; checkpoints: {runs}")
+    return f"{url.rstrip('/')}/{found[0]['path']}"
 
 
 def config(fs: fsspec.AbstractFileSystem, root: str, url: str) -> dict[str, Any]:
-    """The header line of sae.pt."""
+    """The header line of sae.pt, the published repo it was read from and the layer a manifest gives it."""
     path = _path(fs, root)
     if path is None:
+        entries = _manifest(fs, root)
+        if entries:
+            layers = sorted({str(e.get("layer")) for e in entries}, key=_natural)
+            raise ConfigError(f"{url} holds {len(entries)} saev checkpoints (layers {', '.join(layers)}): pass --layer "
+                              f"to pick one, or name one as {url.rstrip('/')}/<path> (listed in its {MANIFEST})")
         raise ConfigError(f"{url}: no saev {FILE} there")
-    with fs.open(path, "rb") as f:
-        return _header(f.readline(1 << 20), url)
+    header = _header(first_line(fs, path)[0], url)
+    return {"header": header, **_where(fs, path)}
 
 
 def extra(cfg: dict[str, Any]) -> dict[str, Any]:
-    """No layer, no model: sae.pt records neither."""
-    activation = _activation(cfg, "sae.pt")[0] if cfg.get("schema") in SCHEMAS else None
-    return {"names": "a saev SAE (sae.pt names no model or layer)", "tokens": "patches",
-            "imported": {"format": "saev", "version": cfg.get("lib"), "schema": cfg.get("schema"),
-                         "activation": activation, "commit": cfg.get("commit")}}
+    """The origin: an export's own, else what the repo it came from says (module docstring), else nothing."""
+    header, repo, layer = cfg["header"], cfg.get("repo"), cfg.get("layer")
+    activation = _activation(header, FILE)[0] if header.get("schema") in SCHEMAS else None
+    found: dict[str, Any] = {"names": "a saev SAE (sae.pt names no model or layer)", "tokens": "patches"}
+    if isinstance(header.get("actstore_origin"), dict):
+        found = dict(header["actstore_origin"])
+    elif repo in _PUBLISHED:
+        record, layer = _PUBLISHED[repo][0], _PUBLISHED[repo][1] or layer
+        found = {"backbone": model_identity(record), "names": f"{repo} ({record['family']}:{record['name']})",
+                 "tokens": "patches"}
+    elif layer is not None:
+        found["names"] = f"{repo or 'a saev repo'} layer {layer} (no model we can map)"
+    if layer is not None and "layer" not in found:
+        found["layer"] = str(layer)
+    return {**found, "imported": {"format": "saev", "version": header.get("lib"), "schema": header.get("schema"),
+                                  "activation": activation, "commit": header.get("commit")}}
 
 
 def read(fs: fsspec.AbstractFileSystem, root: str, url: str, device: torch.device | str | None
          ) -> tuple[SparseAutoencoder, Normalization | None, dict[str, Any]]:
-    path = _path(fs, root)
-    if path is None:
-        raise ConfigError(f"{url}: no saev {FILE} there")
-    line, _, body = fs.cat_file(path).partition(b"\n")
+    found = config(fs, root, url)
+    line, _, body = fs.cat_file(_path(fs, root)).partition(b"\n")
     cfg = _header(line, url)
     schema = cfg.get("schema")
     if schema not in SCHEMAS:
@@ -110,23 +156,25 @@ def read(fs: fsspec.AbstractFileSystem, root: str, url: str, device: torch.devic
     kind = _ACTIVATIONS[name]
     wanted = {"W_enc", "W_dec", "b_enc", "b_dec", *(("activation.threshold",) if kind == "batchtopk" else ())}
     if not isinstance(state, dict) or set(state) != wanted:
-        found = sorted(state) if isinstance(state, dict) else type(state).__name__
+        found_names = sorted(state) if isinstance(state, dict) else type(state).__name__
         if kind == "batchtopk" and isinstance(state, dict) and "activation.threshold" not in state:
             raise ConfigError(f"{url}: a saev BatchTopK SAE without its inference threshold (saev before schema 4): "
                               "its encode couples the tokens of a batch, which no kind of ours does")
-        raise ConfigError(f"{url}: tensors {found}, a saev {name} SAE has {sorted(wanted)}")
+        raise ConfigError(f"{url}: tensors {found_names}, a saev {name} SAE has {sorted(wanted)}")
     W_enc, b_enc, W_dec, b_dec = state["W_enc"].float().t(), state["b_enc"], state["W_dec"], state["b_dec"]
     d_sae, d_in = W_dec.shape
     if schema not in (None, 1):
         b_enc = fold_b_dec(W_enc, b_enc, b_dec)  # saev >= schema 2 encodes x, ours x - b_dec
     settings: dict[str, Any] = {"k": min(top_k, d_sae)} if kind in ("topk", "batchtopk") else {}
+    if kind == "batchtopk" and cfg.get("actstore_group_sizes"):  # our matryoshka, exported: it encodes the same
+        kind, settings["group_sizes"] = "matryoshka", tuple(int(n) for n in cfg["actstore_group_sizes"])
     sae = SparseAutoencoder(SAEConfig(d_in=d_in, d_sae=d_sae, kind=kind, **settings), device=device)
     with torch.no_grad():
         for key, value in (("W_enc", W_enc), ("W_dec", W_dec), ("b_enc", b_enc), ("b_dec", b_dec)):
             getattr(sae, key).copy_(value.to(torch.float32))
-        if kind == "batchtopk":
+        if sae.cfg.batch_topk:
             sae.batchtopk_threshold.fill_(max(float(state["activation.threshold"]), 0.0))
-    return sae.eval(), None, extra(cfg)
+    return sae.eval(), None, extra(found)
 
 
 def normalization(extra: dict[str, Any], store: ActivationStore, spec: LayerSpec) -> Normalization | None:
@@ -152,6 +200,43 @@ def _path(fs: fsspec.AbstractFileSystem, root: str) -> str | None:
     if fs.isfile(root):
         return root
     return f"{root}/{FILE}" if fs.isfile(f"{root}/{FILE}") else None
+
+
+def first_line(fs: fsspec.AbstractFileSystem, path: str) -> tuple[bytes, bytes]:
+    """(sae.pt's header line, the bytes after it) from its first 64 KiB, or 1 MiB for a long header: one ranged
+    read (fsspec's remote files have no readline(size))."""
+    for size in (1 << 16, 1 << 20):
+        line, sep, rest = fs.cat_file(path, start=0, end=size).partition(b"\n")
+        if sep:
+            break
+    return line, rest
+
+
+def _manifest(fs: fsspec.AbstractFileSystem, root: str) -> list[dict[str, Any]]:
+    """The entries of `root`/manifest.jsonl that name a checkpoint's layer and path; [] when there is none."""
+    try:
+        lines = fs.cat_file(f"{root}/{MANIFEST}").decode().splitlines()
+        entries = [json.loads(line) for line in lines if line.strip()]
+    except (OSError, ValueError):
+        return []
+    return [e for e in entries if isinstance(e, dict) and "layer" in e and isinstance(e.get("path"), str)]
+
+
+def _where(fs: fsspec.AbstractFileSystem, path: str) -> dict[str, Any]:
+    """{"repo": the hub repo id (hf:// only), "layer": what a manifest.jsonl up to three folders above says}."""
+    parts = path.split("/")
+    hub = "hf" in ((fs.protocol,) if isinstance(fs.protocol, str) else fs.protocol)
+    repo = f"{parts[0]}/{parts[1].split('@')[0]}" if hub and len(parts) > 2 else None
+    for up in range(1, min(4, len(parts) - (1 if hub else 0))):  # on the hub, not above the repo
+        base = "/".join(parts[:-up])
+        entry = next((e for e in _manifest(fs, base) if e["path"] == "/".join(parts[-up:])), None)
+        if entry is not None:
+            return {"repo": repo, "layer": entry["layer"]}
+    return {"repo": repo, "layer": None}
+
+
+def _natural(layer: str) -> tuple[int, str]:
+    return (int(layer), "") if layer.isdigit() else (1 << 30, layer)
 
 
 def _header(line: bytes, url: str) -> dict[str, Any]:
