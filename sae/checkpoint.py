@@ -172,7 +172,7 @@ def load_on_store(url: str, store: ActivationStore, layer: str | int | None = No
     key = next((k for k in (layer, extra.get("layer"), norm.layer if norm is not None else None) if k is not None),
                None)
     if key is None:
-        raise ConfigError(f"{redact(url)}: the checkpoint does not say which layer it was trained on; pass its layer")
+        raise ConfigError(f"{redact(url)}: the checkpoint does not say which layer it was trained on; pass --layer")
     spec = store.layer(key)
     check_origin(url, extra, store, spec, storage_options, asserted=layer is not None)
     if norm is None and extra.get("imported"):

@@ -98,14 +98,17 @@ def sae_record(sae: str, store: str | None = None, storage_options: dict[str, An
 
 
 def load_in_model(sae: str, store: str | None = None, device: str = "cpu",
-                  storage_options: dict[str, Any] | None = None, fidelity_check: bool = True) -> SAEInModel:
-    """The SAE at `sae` inside the backbone its store (`store`, else the recorded one) was extracted with, checked to
-    belong to the store and, unless `fidelity_check` is off, to make its activations (see the module docstring)."""
+                  storage_options: dict[str, Any] | None = None, fidelity_check: bool = True,
+                  layer: str | None = None) -> SAEInModel:
+    """The SAE at `sae` inside the backbone its store (`store`, else the recorded one) was extracted with, on `layer`
+    (else the one it records; another library's SAE may need it named), checked to belong to the store and, unless
+    `fidelity_check` is off, to make its activations (see the module docstring)."""
     options = storage_options or {}
     store_url, recorded_layer = sae_record(sae, store, options)
     opened = ActivationStore(store_url, options)
     # the layer the SAE records is read by load_on_store itself: passed on, it would count as the user naming it
-    layer = None if read_extra(sae, options).get("layer") is not None else recorded_layer
+    if layer is None and read_extra(sae, options).get("layer") is None:
+        layer = recorded_layer
     model, norm, spec = load_on_store(sae, opened, layer, device, options)
     meta = opened.attrs.get("backbone", {})
     family, name = meta.get("family"), meta.get("name")

@@ -92,7 +92,7 @@ def test_saev_010_checkpoint_codes_equal_saev_own_encode(service_store, tmp_path
         peer.b_dec.copy_(torch.randn(d) * 0.3)
         peer.b_enc.copy_(torch.randn(2 * d) * 0.3)
     saev.nn.dump(str(tmp_path / "run" / "sae.pt"), peer)
-    with pytest.raises(ConfigError, match="pass its layer"):  # sae.pt names no layer
+    with pytest.raises(ConfigError, match="pass --layer"):  # sae.pt names no layer
         checkpoint.load_on_store(str(tmp_path / "run"), store)
     sae, norm, spec = checkpoint.load_on_store(str(tmp_path / "run" / "sae.pt"), store, layer=LAYER)
     assert spec.name == LAYER and checkpoint.read_extra(f"saev:{tmp_path / 'run'}")["imported"]["schema"] is None

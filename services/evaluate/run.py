@@ -63,6 +63,9 @@ class EvaluateConfig:
     overwrite is set)."""
     store: str | None = None
     """The store the SAE was trained on (its backbone, weights, layer and mean); default the one the SAE records."""
+    layer: str | None = None
+    """The store's layer the SAE reads; default the one it records. Another library's SAE that names no model we can
+    map needs it (its layer is then checked, its model not)."""
     classes: str | None = None
     """Text file of class names, one per line, for zero-shot heads (open_clip / transformers CLIP and SigLIP);
     default the image folder's class names (its subfolders). Models with their own classifier (timm) use it."""
@@ -144,7 +147,7 @@ def _recovered(metric: dict[str, float | None], clean: float) -> float | None:
 def run_evaluate(cfg: EvaluateConfig, progress: bool = True) -> dict[str, Any]:
     """Run the four passes over the images; returns the results (also written to cfg.json when given)."""
     check_result_path(cfg.json, FORMAT, "an evaluate result", cfg.overwrite, cfg.storage_options)
-    s = load_in_model(cfg.sae, cfg.store, cfg.device, cfg.storage_options, cfg.fidelity_check)
+    s = load_in_model(cfg.sae, cfg.store, cfg.device, cfg.storage_options, cfg.fidelity_check, cfg.layer)
     batches, n_images, rejected, folder_classes = _images(cfg, s.backbone)
     names = _class_names(cfg, folder_classes)
     head: ZeroShot | None = None

@@ -66,6 +66,9 @@ class SteerConfig:
     """Write the result here (an existing file is replaced only if it is a steer result and overwrite is set)."""
     store: str | None = None
     """The store the SAE was trained on; default the one the SAE records."""
+    layer: str | None = None
+    """The store's layer the SAE reads; default the one it records. Another library's SAE that names no model we can
+    map needs it (its layer is then checked, its model not)."""
     template: str = DEFAULT_TEMPLATE
     """Zero-shot prompt, {} is the class name."""
     top: int = 5
@@ -100,10 +103,10 @@ class Steerer:
 
     def __init__(self, sae: str, store: str | None = None, device: str = "cpu",
                  storage_options: dict[str, Any] | None = None, template: str = DEFAULT_TEMPLATE,
-                 fidelity_check: bool = True) -> None:
+                 fidelity_check: bool = True, layer: str | None = None) -> None:
         self.storage_options = dict(storage_options or {})
         self.template = template
-        self.model: SAEInModel = load_in_model(sae, store, device, self.storage_options, fidelity_check)
+        self.model: SAEInModel = load_in_model(sae, store, device, self.storage_options, fidelity_check, layer)
         self.store = ActivationStore(self.model.store_url, self.storage_options)
         self.images = self.store.images()
         self.classes = list(self.store.attrs.get("dataset", {}).get("class_names", []))
@@ -192,7 +195,8 @@ class Steerer:
 def run_steer(cfg: SteerConfig) -> dict[str, Any]:
     """Steer one image; returns the result (also written to cfg.json when given)."""
     check_result_path(cfg.json, FORMAT, "a steer result", cfg.overwrite, cfg.storage_options)
-    steerer = Steerer(cfg.sae, cfg.store, cfg.device, cfg.storage_options, cfg.template, cfg.fidelity_check)
+    steerer = Steerer(cfg.sae, cfg.store, cfg.device, cfg.storage_options, cfg.template, cfg.fidelity_check,
+                      cfg.layer)
     edits = steerer.edits(cfg.edit)
     head = steerer.head(cfg.head)
     images = steerer.image(cfg.image)
