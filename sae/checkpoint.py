@@ -153,12 +153,16 @@ def check_origin(url: str, extra: dict[str, Any], store: ActivationStore, spec: 
                           f"layer {spec.name} of {redact(store.url)}")
 
 
-def check_saved_origin(url: str, store: ActivationStore, storage_options: dict[str, Any] | None = None) -> None:
-    """check_origin for the SAE at `url` on the layer it records, from its cfg.json alone (no weights read): for a
-    command that loads the SAE later (serve --steer) and should refuse it at start."""
+def check_saved_origin(url: str, store: ActivationStore, storage_options: dict[str, Any] | None = None,
+                       layer: str | None = None) -> None:
+    """check_origin for the SAE at `url` on `layer` (else the one it records), from its config alone (no weights
+    read): for a command that loads the SAE later (serve --steer) and should refuse it at start."""
+    if layer is not None:
+        url = pick_checkpoint(url, layer, storage_options)
     extra = read_extra(url, storage_options)
-    layer = extra.get("layer")
-    check_origin(url, extra, store, store.layer(layer) if layer is not None else None, storage_options)
+    key = layer if layer is not None else extra.get("layer")
+    check_origin(url, extra, store, store.layer(key) if key is not None else None, storage_options,
+                 asserted=layer is not None)
 
 
 def load_on_store(url: str, store: ActivationStore, layer: str | int | None = None,

@@ -28,6 +28,7 @@ from actstore.extract.sources import read_bytes
 from actstore.store import STATUS_OK, ActivationStore, LayerSpec, filesystem
 from sae import Normalization, SparseAutoencoder, TokenEncoder, read_extra
 from sae.checkpoint import load_on_store
+from sae.imports import pick_checkpoint
 
 __all__ = ["FIDELITY_IMAGES", "RUN_CONFIG", "Fidelity", "SAEInModel", "check_fidelity", "decode_images",
            "load_in_model", "sae_record"]
@@ -104,6 +105,8 @@ def load_in_model(sae: str, store: str | None = None, device: str = "cpu",
     (else the one it records; another library's SAE may need it named), checked to belong to the store and, unless
     `fidelity_check` is off, to make its activations (see the module docstring)."""
     options = storage_options or {}
+    if layer is not None:
+        sae = pick_checkpoint(sae, layer, options)
     store_url, recorded_layer = sae_record(sae, store, options)
     opened = ActivationStore(store_url, options)
     # the layer the SAE records is read by load_on_store itself: passed on, it would count as the user naming it

@@ -70,3 +70,14 @@ def test_index_compare_evaluate_run_on_an_imported_sae(service_store, tmp_path, 
         assert main(["evaluate", "--sae", sae, "--store", store_url, "--images", images, "--json",
                      str(tmp_path / "e2.json"), "-q"]) == 1
     assert "pass --layer" in capsys.readouterr().err and not (tmp_path / "e2.json").exists()
+
+
+def test_serving_steering_checks_an_imported_sae_on_its_index_layer(service_store, tmp_path):
+    from actstore.errors import ConfigError
+    from services.api.steering import served_heads
+
+    store_url = str(service_store / "store")
+    sae = write("saev", tmp_path / "saev", ActivationStore(store_url).layer(LAYER).d)
+    assert served_heads(sae, store_url, ["model"], {}, LAYER) == {"model": "model"}  # the index's layer
+    with pytest.raises(ConfigError, match="pass --layer"):
+        served_heads(sae, store_url, ["model"], {})

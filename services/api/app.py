@@ -41,7 +41,7 @@ def create_app(index: str | Path, token: str | None = None, storage_options: dic
     reader = IndexReader(index, storage_options, image_table)
     matches = MatchReader(compare, reader, storage_options) if compare else None
     steering = Steering(reader.meta["sae"], reader.meta["store"], steer_heads, storage_options,
-                        steer_options) if steer_heads else None
+                        steer_options, reader.meta["layer"]) if steer_heads else None
     token = token or os.environ.get(TOKEN_ENV) or None
     docs = {"openapi_url": None, "docs_url": None, "redoc_url": None} if token else {}
     @asynccontextmanager

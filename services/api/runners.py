@@ -40,7 +40,7 @@ def check(index: str, storage_options: dict[str, Any] | None = None, compare: st
     if compare:
         MatchReader(compare, reader, storage_options)
     if steer:
-        served_heads(reader.meta["sae"], reader.meta["store"], steer, dict(storage_options or {}))
+        served_heads(reader.meta["sae"], reader.meta["store"], steer, dict(storage_options or {}), reader.meta["layer"])
     _check_device(steer, steer_options)
 
 

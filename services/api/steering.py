@@ -99,14 +99,16 @@ def head_name(spec: str) -> str:
     return f"probe:{arg.rstrip('/').rsplit('/', 1)[-1]}" if kind == "probe" else kind
 
 
-def served_heads(sae: str, store: str, heads: Sequence[str], storage_options: dict[str, Any]) -> dict[str, str]:
+def served_heads(sae: str, store: str, heads: Sequence[str], storage_options: dict[str, Any],
+                 layer: str | None = None) -> dict[str, str]:
     """The head specs by the name each is served under, checked (two heads of one name are refused), once the index's
-    SAE is checked against its store's model and layer (from its cfg.json: no weights read, no process started)."""
+    SAE is checked against its store's model and the index's `layer` (from its config: no weights read, no process
+    started)."""
     from actstore.store import ActivationStore
     from sae.checkpoint import check_saved_origin
 
     with ActivationStore(store, storage_options) as opened:  # refuse another model's SAE at start
-        check_saved_origin(sae, opened, storage_options)
+        check_saved_origin(sae, opened, storage_options, layer)
     specs: dict[str, str] = {}
     for spec in heads:
         name = head_name(spec)
@@ -177,11 +179,11 @@ def _child_start(flags: Any, nice: int, threads: int | None, parent: int) -> Non
 
 
 def _child_load(sae: str, store: str, device: str, storage_options: dict[str, Any], fidelity_check: bool,
-                specs: dict[str, str]) -> dict[str, Any]:
+                specs: dict[str, str], layer: str | None) -> dict[str, Any]:
     """Load the model and heads in the steering process; what GET /steer/heads shows of them."""
     from services.steer import Steerer
 
-    s = Steerer(sae, store, steer_device(device), storage_options, fidelity_check=fidelity_check)
+    s = Steerer(sae, store, steer_device(device), storage_options, fidelity_check=fidelity_check, layer=layer)
     loaded = _Loaded(s, {name: s.head(spec) for name, spec in specs.items()})
     _CHILD["loaded"] = loaded
     return {"heads": [{"name": name, "kind": h.kind, "classes": h.classes} for name, h in loaded.heads.items()],
@@ -223,11 +225,11 @@ class Steering:
     """
 
     def __init__(self, sae: str, store: str, heads: Sequence[str], storage_options: dict[str, Any] | None = None,
-                 options: SteerOptions | None = None) -> None:
-        self.sae, self.store = sae, store
+                 options: SteerOptions | None = None, layer: str | None = None) -> None:
+        self.sae, self.store, self.layer = sae, store, layer
         self.storage_options = dict(storage_options or {})
         self.options = options or SteerOptions()
-        self.specs = served_heads(sae, store, heads, self.storage_options)
+        self.specs = served_heads(sae, store, heads, self.storage_options, layer)
         self._context = multiprocessing.get_context("spawn")  # no fork of a threaded server
         self._flags = self._context.RawArray("q", self.options.slots)
         self._requests = itertools.count(1)
@@ -270,7 +272,7 @@ class Steering:
                                              initargs=(self._flags, self.options.nice, self.options.threads,
                                                        os.getpid()))
         return self._pool.submit(_child_load, self.sae, self.store, self.options.device, self.storage_options,
-                                 self.options.fidelity_check, self.specs)
+                                 self.options.fidelity_check, self.specs, self.layer)
 
     async def _model(self, deadline: float) -> dict[str, Any]:
         """What the loaded model shows (GET /steer/heads); the first call starts the one load (a failed load is
