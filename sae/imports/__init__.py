@@ -15,14 +15,16 @@ import torch
 from actstore.errors import ConfigError
 from actstore.loader import Normalization
 from actstore.store import ActivationStore, LayerSpec, filesystem
-from sae.imports import _saelens, _sparsify
-from sae.imports import _saev
+from sae.imports import _dictionary_learning, _overcomplete, _prisma, _saelens, _saev, _sparsify
 from sae.model import SparseAutoencoder
 
 __all__ = ["FORMATS", "detect_format", "imported_extra", "normalization_from_store", "pick_checkpoint",
            "read_imported", "split_format"]
 
 _READERS = {
+    "dictionary_learning": _dictionary_learning,
+    "overcomplete": _overcomplete,
+    "prisma": _prisma,
     "saelens": _saelens,
     "saev": _saev,
     "sparsify": _sparsify,
