@@ -231,7 +231,7 @@ def _config(fs: fsspec.AbstractFileSystem, root: str, url: str) -> dict[str, Any
 def _get(fs: fsspec.AbstractFileSystem, root: str, name: str) -> bytes:
     try:
         return fs.cat_file(f"{root}/{name}")
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):  # a file named where a folder is meant
         raise StoreNotFoundError(f"{root}: no SAE checkpoint there (no {name})") from None
 
 

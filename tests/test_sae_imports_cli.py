@@ -18,6 +18,8 @@ from actstore.store import ActivationStore
 from sae import checkpoint
 from services.compare import read_comparison, read_table
 from test_sae_imports import saelens_sae
+from test_sae_imports_dictionary_learning import train_run
+from test_sae_imports_overcomplete import peer_sae
 from test_sae_imports_prisma import PrismaStandardSAE, prisma_config, write_prisma
 from test_sae_imports_saev import random_state, write_sae_pt
 from test_sae_imports_sparsify import sparsify_sae
@@ -25,8 +27,16 @@ from test_sae_imports_sparsify import sparsify_sae
 LAYER = "10"
 
 
-def write(fmt: str, folder: Path, d: int) -> str:
+def write(fmt: str, folder: Path, store: ActivationStore) -> str:
     """An SAE of library `fmt` at `folder`, as that library saves it; the `--sae` that names it."""
+    d = store.layer(LAYER).d
+    x = store.read(LAYER, 0, 4)[:, 1:].reshape(-1, d).float()
+    if fmt == "dictionary_learning":
+        return f"{fmt}:{train_run(folder, [x], 'TopKTrainer', k=4, threshold_start_step=0)}"
+    if fmt == "overcomplete":
+        folder.mkdir()
+        torch.save(peer_sae("topk", d, x), folder / "topk_sae.pt")
+        return f"{fmt}:{folder / 'topk_sae.pt'}"
     if fmt == "saelens":
         saelens_sae("topk", d, d_sae=64, k=4, metadata={"model_name": "vit-tiny"}).save_model(str(folder))
     elif fmt == "saev":  # saev 0.1's schema-less header: its normalization is rebuilt from the store
@@ -38,13 +48,13 @@ def write(fmt: str, folder: Path, d: int) -> str:
     return f"{fmt}:{folder}"
 
 
-@pytest.mark.parametrize("fmt", ["prisma", "saelens", "saev", "sparsify"])
+@pytest.mark.parametrize("fmt", ["dictionary_learning", "overcomplete", "prisma", "saelens", "saev", "sparsify"])
 def test_index_compare_evaluate_run_on_an_imported_sae(service_store, tmp_path, capsys, fmt):
     from actstore_cli import main
 
     store_url, images = str(service_store / "store"), str(service_store / "images")
     store = ActivationStore(store_url)
-    sae = write(fmt, tmp_path / fmt, store.layer(LAYER).d)
+    sae = write(fmt, tmp_path / fmt, store)
     assert main(["index", "--store", store_url, "--sae", sae, "--out", str(tmp_path / "index"), "--layer", LAYER,
                  "--k", "4", "-q"]) == 0
     assert json.loads((tmp_path / "index" / "index.json").read_text())["sae"] == sae
@@ -77,7 +87,7 @@ def test_serving_steering_checks_an_imported_sae_on_its_index_layer(service_stor
     from services.api.steering import served_heads
 
     store_url = str(service_store / "store")
-    sae = write("saev", tmp_path / "saev", ActivationStore(store_url).layer(LAYER).d)
+    sae = write("saev", tmp_path / "saev", ActivationStore(store_url))
     assert served_heads(sae, store_url, ["model"], {}, LAYER) == {"model": "model"}  # the index's layer
     with pytest.raises(ConfigError, match="pass --layer"):
         served_heads(sae, store_url, ["model"], {})
