@@ -1,4 +1,4 @@
-"""The CLI stages on SAEs of other libraries: index (with --layer: their models are not ours), compare and evaluate.
+"""The CLI stages on SAEs of other libraries: index (with --layer: their models are not ours), compare, evaluate, steer.
 
 Each SAE is written by its library's own code (or byte for byte as its loader reads it, as in its reader's tests).
 Compare checks what index and compare read: the imported SAE's index against the same SAE saved as ours (its
@@ -76,10 +76,15 @@ def test_index_compare_evaluate_run_on_an_imported_sae(service_store, tmp_path, 
     result = json.loads(out.read_text())
     assert result["n_images"] == 8 and result["layer"] == LAYER
     assert all(np.isfinite(v) for v in result["kl"].values())
-    with torch.no_grad():  # without --layer, evaluate says what is missing
-        assert main(["evaluate", "--sae", sae, "--store", store_url, "--images", images, "--json",
-                     str(tmp_path / "e2.json"), "-q"]) == 1
+    assert main(["evaluate", "--sae", sae, "--store", store_url, "--images", images, "--json",
+                 str(tmp_path / "e2.json"), "-q"]) == 1  # without --layer, evaluate says what is missing
     assert "pass --layer" in capsys.readouterr().err and not (tmp_path / "e2.json").exists()
+
+    steered = tmp_path / "steer.json"
+    assert main(["steer", "--sae", sae, "--store", store_url, "--layer", LAYER, "--image", "2", "--edit",
+                 "3:add:40@all", "--json", str(steered)]) == 0
+    result = json.loads(steered.read_text())
+    assert result["edits"] == ["3:add:40@all"] and result["before"] != result["after"]
 
 
 def test_serving_steering_checks_an_imported_sae_on_its_index_layer(service_store, tmp_path):
