@@ -4,6 +4,12 @@ Every `--sae` (and sae.checkpoint.load) takes one: found from its files, or name
 returns the SAE in our conventions (pre = (x - b_dec) @ W_enc.T + b_enc), the input normalization the format
 records, and the origin it records, with `imported` saying from which format and version; what we cannot
 represent exactly is refused in one line, never approximated. Formats: FORMATS (one module each).
+
+A reader module has detect(fs, root) (from small files only: no weights), config(fs, root, url) (what its small files
+record), extra(config) (the origin: "layer", a mapped "backbone", "names", "tokens", "imported"), read(fs, root, url,
+device) -> (SAE, Normalization | None, extra); optionally normalization(extra, store, spec) (a format whose library
+normalized its training data by statistics it did not save: rebuilt from the store) and pick(fs, root, url, layer)
+(a repo of several checkpoints: the URL of the one trained on `layer`).
 """
 
 from __future__ import annotations
