@@ -3,7 +3,8 @@
 Neither SAELens nor saev has a mean-subtracting input normalization, so an input normalization is folded into the
 exported weights, exactly: with x_n = (x - mean) * s, W_enc' = s * W_enc, W_dec' = W_dec / s, b_dec' = b_dec / s +
 mean (b_enc and thresholds unchanged) gives the same pre-activations on raw x and x_hat' = x_hat / s + mean. The
-export then reads raw backbone activations. Folding is done in float64, then cast to the SAE's dtype.
+export then reads raw backbone activations. Folding is done in float64 a block of rows at a time, then cast to the
+SAE's dtype (a 65,536 x 768 SAE is not widened whole).
 
 SAELens layout (`export_saelens`, SAELens >= 6 reads it with `SAE.load_from_disk(dir)`):
 
@@ -45,7 +46,7 @@ from __future__ import annotations
 import io
 import json
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import fsspec
 import torch
@@ -57,6 +58,7 @@ from actstore.loader import Normalization
 from actstore.outputs import check_output
 from actstore.store import filesystem, put_bytes
 from sae import checkpoint
+from sae.imports import fold_b_dec
 from sae.model import SparseAutoencoder
 
 __all__ = ["EXPORTS", "ExportConfig", "export_saelens", "export_saev", "run_export"]
@@ -66,6 +68,8 @@ _SAELENS_ARCHITECTURE = {"relu": "standard", "topk": "topk", "jumprelu": "jumpre
                          "matryoshka": "jumprelu"}
 _SAEV_ACTIVATION = {"relu": "Relu", "topk": "TopK", "batchtopk": "BatchTopK", "matryoshka": "BatchTopK"}
 _ORIGIN = ("store", "layer", "tokens", "backbone")
+_ROWS = 8192
+"""Rows of a weight matrix widened to float64 at once."""
 
 
 def export_saelens(sae: SparseAutoencoder, url: str, normalization: Normalization | None = None,
@@ -78,7 +82,7 @@ def export_saelens(sae: SparseAutoencoder, url: str, normalization: Normalizatio
     if origin is not None:
         metadata = {**(metadata or {}), "actstore_origin": origin}
     weights = _raw_weights(sae, normalization)
-    tensors = {**weights, "W_enc": weights["W_enc"].t()}
+    tensors = {**weights, "W_enc": weights["W_enc"].t()}  # st_save makes it contiguous: one copy
     if cfg.kind == "jumprelu":
         tensors["threshold"] = sae.threshold.detach().double().relu()
     elif cfg.batch_topk:
@@ -111,7 +115,7 @@ def export_saev(sae: SparseAutoencoder, url: str, normalization: Normalization |
                           "batchtopk and matryoshka)")
     weights = _raw_weights(sae, normalization)
     state = {"W_enc": weights["W_enc"].t(), "W_dec": weights["W_dec"], "b_dec": weights["b_dec"],
-             "b_enc": weights["b_enc"] - weights["W_enc"] @ weights["b_dec"]}
+             "b_enc": -fold_b_dec(weights["W_enc"], -weights["b_enc"], weights["b_dec"])}  # b_enc - W_enc b_dec
     name = _SAEV_ACTIVATION[cfg.kind]
     params: dict[str, Any] = {"key": "relu", "sparsity": {"cls": "L1Sparsity", "params": {
         "key": "l1-sparsity", "coeff": cfg.l1_coeff}}, "aux": {"cls": "NoAux", "params": {"key": "no-aux"}}}
@@ -129,10 +133,11 @@ def export_saev(sae: SparseAutoencoder, url: str, normalization: Normalization |
                 "normalize_w_dec": True},
         **({"actstore_origin": origin} if origin is not None else {}),
         **({"actstore_group_sizes": list(cfg.group_sizes)} if cfg.kind == "matryoshka" else {})}
-    body = io.BytesIO()
-    torch.save({k: t.to(torch.float32).contiguous().cpu() for k, t in state.items()}, body)
+    body = io.BytesIO(json.dumps(header).encode() + b"\n")
+    body.seek(0, io.SEEK_END)
+    torch.save({k: t.to(torch.float32).cpu() for k, t in state.items()}, body)  # a transposed view saves as is
     fs, root = filesystem(str(url), storage_options)
-    put_bytes(fs, f"{root}/{SAEV_FILE}", json.dumps(header).encode() + b"\n" + body.getvalue())
+    put_bytes(fs, f"{root}/{SAEV_FILE}", body.getvalue())
 
 
 EXPORTS = {"saelens": export_saelens, "saev": export_saev}
@@ -170,13 +175,20 @@ def run_export(cfg: ExportConfig) -> dict[str, Any]:
 
 
 def _raw_weights(sae: SparseAutoencoder, normalization: Normalization | None) -> dict[str, torch.Tensor]:
-    """float64 W_enc (d_sae, d_in), W_dec, b_enc, b_dec reading raw activations: the normalization folded in."""
-    W_enc, W_dec = sae.W_enc.detach().double(), sae.W_dec.detach().double()
+    """W_enc (d_sae, d_in) and W_dec in the SAE's dtype, float64 b_enc and b_dec, reading raw activations: the
+    normalization folded in."""
+    W_enc, W_dec = sae.W_enc.detach(), sae.W_dec.detach()
     b_enc, b_dec = sae.b_enc.detach().double(), sae.b_dec.detach().double()
-    if normalization is not None:
-        scale, mean = float(normalization.scale), normalization.mean.detach().to(W_dec.device, torch.float64)
-        W_enc, W_dec, b_dec = W_enc * scale, W_dec / scale, b_dec / scale + mean
-    return {"W_enc": W_enc, "W_dec": W_dec, "b_enc": b_enc, "b_dec": b_dec}
+    if normalization is None:
+        return {"W_enc": W_enc, "W_dec": W_dec, "b_enc": b_enc, "b_dec": b_dec}
+    scale, mean = float(normalization.scale), normalization.mean.detach().to(b_dec.device, torch.float64)
+    return {"W_enc": _rows(W_enc, lambda w: w * scale), "W_dec": _rows(W_dec, lambda w: w / scale), "b_enc": b_enc,
+            "b_dec": b_dec / scale + mean}
+
+
+def _rows(W: torch.Tensor, fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """fn of W in float64, a block of rows at a time, back in W's dtype."""
+    return torch.cat([fn(W[i:i + _ROWS].double()).to(W.dtype) for i in range(0, W.shape[0], _ROWS)])
 
 
 def _batchtopk_threshold(sae: SparseAutoencoder, who: str) -> torch.Tensor:

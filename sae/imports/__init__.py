@@ -22,9 +22,10 @@ from actstore.errors import ConfigError
 from actstore.loader import Normalization
 from actstore.store import ActivationStore, LayerSpec, filesystem
 from sae.imports import _dictionary_learning, _overcomplete, _prisma, _saelens, _saev, _sparsify
+from sae.imports._fold import fold_b_dec
 from sae.model import SparseAutoencoder
 
-__all__ = ["FORMATS", "detect_format", "imported_extra", "normalization_from_store", "pick_checkpoint",
+__all__ = ["FORMATS", "detect_format", "fold_b_dec", "imported_extra", "normalization_from_store", "pick_checkpoint",
            "read_imported", "split_format"]
 
 _READERS = {

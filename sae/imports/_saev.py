@@ -80,7 +80,7 @@ def detect(fs: fsspec.AbstractFileSystem, root: str) -> bool:
     path = _path(fs, root)
     if path is None:
         return bool(_manifest(fs, root))
-    line, head = first_line(fs, path)
+    line, head = _first_line(fs, path)
     try:
         header = json.loads(line)
     except (json.JSONDecodeError, UnicodeDecodeError):
@@ -113,8 +113,8 @@ def config(fs: fsspec.AbstractFileSystem, root: str, url: str) -> dict[str, Any]
             raise ConfigError(f"{url} holds {len(entries)} saev checkpoints (layers {', '.join(layers)}): pass --layer "
                               f"to pick one, or name one as {url.rstrip('/')}/<path> (listed in its {MANIFEST})")
         raise ConfigError(f"{url}: no saev {FILE} there")
-    header = _header(first_line(fs, path)[0], url)
-    return {"header": header, **_where(fs, path)}
+    header = _header(_first_line(fs, path)[0], url)
+    return {"header": header, "path": path, **_where(fs, path)}
 
 
 def extra(cfg: dict[str, Any]) -> dict[str, Any]:
@@ -139,8 +139,7 @@ def extra(cfg: dict[str, Any]) -> dict[str, Any]:
 def read(fs: fsspec.AbstractFileSystem, root: str, url: str, device: torch.device | str | None
          ) -> tuple[SparseAutoencoder, Normalization | None, dict[str, Any]]:
     found = config(fs, root, url)
-    line, _, body = fs.cat_file(_path(fs, root)).partition(b"\n")
-    cfg = _header(line, url)
+    cfg, body = found["header"], fs.cat_file(found["path"]).partition(b"\n")[2]
     schema = cfg.get("schema")
     if schema not in SCHEMAS:
         raise ConfigError(f"{url}: saev header schema {schema!r}; we read {', '.join(map(str, SCHEMAS[1:]))} and "
@@ -202,7 +201,7 @@ def _path(fs: fsspec.AbstractFileSystem, root: str) -> str | None:
     return f"{root}/{FILE}" if fs.isfile(f"{root}/{FILE}") else None
 
 
-def first_line(fs: fsspec.AbstractFileSystem, path: str) -> tuple[bytes, bytes]:
+def _first_line(fs: fsspec.AbstractFileSystem, path: str) -> tuple[bytes, bytes]:
     """(sae.pt's header line, the bytes after it) from its first 64 KiB, or 1 MiB for a long header: one ranged
     read (fsspec's remote files have no readline(size))."""
     for size in (1 << 16, 1 << 20):
