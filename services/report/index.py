@@ -1,4 +1,5 @@
-"""The report of a feature index: its density histogram, and random live features with their top images.
+"""The report of a feature index: its density histogram, random live features with their top images, and its
+explanations when `actstore explain` wrote them (services.report.explanations).
 
 A tile is what the feature browser shows for a top image: the region the model saw (the service's own crop,
 IndexReader.thumbnail) with the feature's per-patch values painted over it in the browser's colour, at
@@ -92,4 +93,7 @@ def index_report(cfg: ReportConfig, path: Path, config: dict) -> Page:
         page.text("no feature fired on any image: nothing to show", note=True)
     for fid in chosen.tolist():
         feature_section(page, reader, fid, cfg.images)
+    from services.report.explanations import explanations_section  # here: it imports feature_section
+
+    explanations_section(page, reader, cfg)
     return page

@@ -12,7 +12,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import LogFormatter
 
-__all__ = ["CURVES", "Plot", "curves_plot", "density_plot", "population_plot", "similarity_plot"]
+__all__ = ["CURVES", "SCORE_BINS", "Plot", "curves_plot", "density_plot", "paired_plot", "population_plot",
+           "scores_plot", "similarity_plot"]
 
 DPI = 100
 LIVE, DEAD = "#3b6fb6", "#999999"
@@ -21,6 +22,8 @@ CURVES = (("loss", "loss", True), ("mse", "MSE", True), ("fvu", "FVU", False),
 """The training curves: (metrics.jsonl key, axis label, log scale)."""
 SIMILARITY_BINS = np.round(np.linspace(-1, 1, 41), 6)
 """Best-similarity histogram edges: 0.05 wide over [-1, 1] (Pearson and cosine both live there)."""
+SCORE_BINS = np.round(np.linspace(0, 1, 21), 6)
+"""Explanation score histogram edges: 0.05 wide over [0, 1] (balanced accuracy and AUROC, chance at 0.5)."""
 
 Plot = tuple[bytes, tuple[int, int], dict[str, Any]]
 """(PNG, (width, height) in px, the values drawn)."""
@@ -113,6 +116,53 @@ def similarity_plot(best: Mapping[str, np.ndarray], labels: Mapping[str, str], t
             ax.legend(fontsize=8, loc="upper left")
         ax.set(title=labels[side], xlabel=f"best {by}", ylabel="live features")
         values[side] = {"counts": counts.tolist(), "undefined": int(sims.size - finite.size)}
+    fig.suptitle(title)
+    png, size = _png(fig)
+    return png, size, values
+
+
+def scores_plot(scores: Mapping[str, Mapping[str, np.ndarray]], labels: Mapping[str, str],
+                colours: Mapping[str, str], title: str) -> Plot:
+    """One panel per score: each group's values of it (finite, in [0, 1]) by SCORE_BINS, its median dashed, chance
+    (0.5) dotted."""
+    fig = _figure(13, 3.6)
+    values: dict[str, Any] = {"edges": SCORE_BINS.tolist()}
+    for ax, (score, groups) in zip(fig.subplots(1, len(scores), squeeze=False)[0], scores.items()):
+        values[score] = {}
+        for group, got in groups.items():
+            counts = np.histogram(np.clip(got, 0, 1), bins=SCORE_BINS)[0]
+            values[score][group] = counts.tolist()
+            if got.size:
+                median = float(np.median(got))
+                ax.stairs(counts, SCORE_BINS, fill=True, alpha=0.45, color=colours[group],
+                          label=f"{group}: {got.size}, median {median:.3f}")
+                ax.axvline(median, color=colours[group], ls="--", lw=1)
+        ax.axvline(0.5, color="#444444", ls=":", lw=1)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8, loc="best")
+        else:
+            ax.text(0.5, 0.5, "not scored", ha="center", va="center", transform=ax.transAxes, color=DEAD)
+        ax.set(title=labels[score], xlabel="score (dotted: chance, dashed: median)", ylabel="features", xlim=(0, 1))
+    fig.suptitle(title)
+    png, size = _png(fig)
+    return png, size, values
+
+
+def paired_plot(pairs: Mapping[str, tuple[np.ndarray, np.ndarray]], labels: Mapping[str, str], x: str, y: str,
+                title: str) -> Plot:
+    """One panel per score: y's value against x's, a point per feature, over [0, 1] with the diagonal; its title
+    counts the points above it (y higher)."""
+    fig = _figure(13, 4.2)
+    values: dict[str, Any] = {}
+    for ax, (score, (xs, ys)) in zip(fig.subplots(1, len(pairs), squeeze=False)[0], pairs.items()):
+        above = int((ys > xs).sum())
+        values[score] = {"n": int(xs.size), "above": above}
+        ax.plot([0, 1], [0, 1], color="#444444", ls=":", lw=1)
+        if xs.size:
+            ax.scatter(xs, ys, s=16 if xs.size < 1000 else 4, alpha=0.5, color=LIVE, linewidths=0)
+        ax.set_title(f"{labels[score]}: {y} higher on {above} of {xs.size}" if xs.size
+                     else f"{labels[score]}: no feature scored by both", fontsize=10)
+        ax.set(xlabel=x, ylabel=y, xlim=(-0.02, 1.02), ylim=(-0.02, 1.02), aspect="equal")
     fig.suptitle(title)
     png, size = _png(fig)
     return png, size, values
