@@ -7,9 +7,11 @@
     steer             actstore_cli.steer     SAE features edited inside the model: its predictions before and after
     index, serve      actstore_cli.serve     an SAE's features indexed over a store, served over HTTP
     atlas             actstore_cli.atlas     a 2-D map of an indexed SAE's features (UMAP, PCA), kept in its index
+    explain           actstore_cli.explain   an indexed SAE's features in words (vocabulary, a VLM), scored
     compare           actstore_cli.compare   the features of two SAEs over the same images, matched
     export            actstore_cli.export    an SAE written in another library's layout (SAELens)
-    probe             actstore_cli.probe     a linear probe on a layer's tokens (image or patch labels), held-out metrics
+    probe             actstore_cli.probe     a linear probe on a layer's tokens (image or patch labels), held-out
+                                             metrics
     report            actstore_cli.report    an HTML page on a training run, an index or a comparison (matplotlib)
     demo              actstore_cli.demo      all of the above on generated images
 
@@ -27,10 +29,10 @@ import sys
 from collections.abc import Sequence
 
 from actstore.errors import user_error
-from actstore_cli import (atlas, compare, demo, evaluate, export, extract, probe, report, serve, steer, store,
-                          train)
+from actstore_cli import (atlas, compare, demo, evaluate, explain, export, extract, probe, report, serve, steer,
+                          store, train)
 
-GROUPS = (store, extract, train, evaluate, steer, serve, compare, atlas, probe, report, export, demo)
+GROUPS = (store, extract, train, evaluate, steer, serve, compare, atlas, explain, probe, report, export, demo)
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -22,7 +23,7 @@ from actstore.extract.backbones import BackboneConfig
 from actstore.extract.hf import HF_CONFIGS, hf_source
 from actstore.extract.hooked import HUB_WEIGHTS, checkpoint_path, seeded
 
-__all__ = ["DEFAULT_TEMPLATE", "ZeroShot", "zero_shot_classifier"]
+__all__ = ["DEFAULT_TEMPLATE", "TextTower", "ZeroShot", "text_tower", "zero_shot_classifier"]
 
 DEFAULT_TEMPLATE = "a photo of a {}."
 """CLIP's prompt for ImageNet-style class names."""
@@ -31,20 +32,44 @@ ZeroShot = Callable[[Tensor], Tensor]
 """(B, d) image embeddings -> (B, n_classes) logits."""
 
 
-def _head(text: Tensor, scale: Tensor, bias: Tensor | None, project: Callable[[Tensor], Tensor]) -> ZeroShot:
-    text = F.normalize(text.float(), dim=-1)
-    scale = scale.detach().float().exp()
-    bias = None if bias is None else bias.detach().float()
+@dataclass(frozen=True)
+class TextTower:
+    """A CLIP or SigLIP text tower with what places the image tower's embeddings beside it: `texts` and `images`
+    both give unit vectors of one space (their dot product is the model's cosine); `scale` and `bias` make it the
+    model's own logits."""
 
-    def logits(embedding: Tensor) -> Tensor:
+    encode: Callable[[list[str]], Tensor]
+    """Texts -> (n, d) text embeddings as the model makes them (unnormalized)."""
+    project: Callable[[Tensor], Tensor]
+    """Image embeddings (what `Backbone.outputs` returns) -> the joint space (unnormalized)."""
+    scale: Tensor
+    bias: Tensor | None
+
+    def texts(self, texts: Sequence[str], batch: int = 256) -> Tensor:
+        """(n, d) unit text embeddings, float32 on the CPU, `batch` texts a forward."""
         with torch.no_grad():
-            image = F.normalize(project(embedding).float(), dim=-1)
+            return torch.cat([F.normalize(self.encode(list(texts[s:s + batch])).float(), dim=-1)
+                              for s in range(0, len(texts), batch)])
+
+    def images(self, embedding: Tensor) -> Tensor:
+        """(n, d) unit image embeddings in the joint space, float32."""
+        with torch.no_grad():
+            return F.normalize(self.project(embedding).float(), dim=-1)
+
+    def classifier(self, prompts: Sequence[str]) -> ZeroShot:
+        """The model's own logits over `prompts`: logit_scale.exp() times the cosine, plus logit_bias (SigLIP)."""
+        text = self.texts(prompts)
+        scale = self.scale.detach().float().exp()
+        bias = None if self.bias is None else self.bias.detach().float()
+
+        def logits(embedding: Tensor) -> Tensor:
+            image = self.images(embedding)
             out = scale * image @ text.to(image.device).T
             return out if bias is None else out + bias.to(image.device)
-    return logits
+        return logits
 
 
-def _open_clip(cfg: BackboneConfig, prompts: list[str]) -> ZeroShot:
+def _open_clip(cfg: BackboneConfig) -> TextTower:
     import open_clip
 
     path = checkpoint_path(cfg.pretrained)
@@ -53,12 +78,11 @@ def _open_clip(cfg: BackboneConfig, prompts: list[str]) -> ZeroShot:
         tokenizer = open_clip.get_tokenizer(cfg.arch)
     except Exception as e:  # tokenizers of hf-hub models are downloads
         raise ConfigError(f"{cfg.model}: its tokenizer is not available here: {' '.join(str(e).split())[:200]}") from e
-    with torch.no_grad():
-        text = model.encode_text(tokenizer(prompts))
-    return _head(text, model.logit_scale, getattr(model, "logit_bias", None), lambda e: e)
+    return TextTower(lambda texts: model.encode_text(tokenizer(texts)), lambda e: e, model.logit_scale,
+                     getattr(model, "logit_bias", None))
 
 
-def _hf(cfg: BackboneConfig, prompts: list[str]) -> ZeroShot:
+def _hf(cfg: BackboneConfig) -> TextTower:
     import transformers
 
     source, where = hf_source(cfg.arch)
@@ -86,11 +110,22 @@ def _hf(cfg: BackboneConfig, prompts: list[str]) -> ZeroShot:
     # to the model's length, as CLIP and SigLIP were trained (SigLIP's pooling depends on it); to the longest
     # prompt where the tokenizer names no length
     padding = "max_length" if tokenizer.model_max_length <= 4096 else "longest"
-    with torch.no_grad():
-        text = model.get_text_features(**tokenizer(prompts, padding=padding, truncation=True, return_tensors="pt"))
-    text = getattr(text, "pooler_output", text)
+
+    def encode(texts: list[str]) -> Tensor:
+        text = model.get_text_features(**tokenizer(texts, padding=padding, truncation=True, return_tensors="pt"))
+        return getattr(text, "pooler_output", text)
     project = getattr(model, "visual_projection", None) or (lambda e: e)  # SigLIP: pooled output is the embedding
-    return _head(text, model.logit_scale, getattr(model, "logit_bias", None), project)
+    return TextTower(encode, project, model.logit_scale, getattr(model, "logit_bias", None))
+
+
+def text_tower(cfg: BackboneConfig) -> TextTower:
+    """The text tower of `cfg`'s backbone (open_clip, or a transformers CLIP or SigLIP); a one-line ConfigError for
+    a backbone that has none."""
+    if cfg.family == "open_clip":
+        return _open_clip(cfg)
+    if cfg.family == "hf":
+        return _hf(cfg)
+    raise ConfigError(f"{cfg.model}: {cfg.family} models have no text tower (CLIP and SigLIP backbones have one)")
 
 
 def zero_shot_classifier(cfg: BackboneConfig, class_names: Sequence[str],
@@ -100,9 +135,4 @@ def zero_shot_classifier(cfg: BackboneConfig, class_names: Sequence[str],
         raise ConfigError("zero-shot classification needs class names")
     if "{}" not in template:
         raise ConfigError(f"the prompt template must contain {{}} for the class name, got {template!r}")
-    prompts = [template.format(name) for name in class_names]
-    if cfg.family == "open_clip":
-        return _open_clip(cfg, prompts)
-    if cfg.family == "hf":
-        return _hf(cfg, prompts)
-    raise ConfigError(f"{cfg.model}: {cfg.family} models have no text tower for zero-shot classification")
+    return text_tower(cfg).classifier([template.format(name) for name in class_names])

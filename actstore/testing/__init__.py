@@ -8,4 +8,6 @@ Like `zarr.testing`, it ships with the package so that a user can reproduce a te
 - `s3`: moto's S3 server on 127.0.0.1 (needs the `dev` extra).
 - `faults`: a proxy in front of it that fails a fraction of the requests (500, 503 SlowDown, resets,
   truncated bodies), to show that retries absorb them.
+- `chat`: an OpenAI-compatible chat-completions server that looks at the shapes images it is sent (names the
+  highlighted colour or texture, judges by it): the VLM of `actstore explain`'s tests.
 """

@@ -44,7 +44,7 @@ from PIL import Image, UnidentifiedImageError
 
 from actstore.testing.shapes import COLORS
 
-__all__ = ["JUDGE_LINE", "ChatServer", "Received", "dominant_color", "texture"]
+__all__ = ["JUDGE_LINE", "ChatServer", "Received", "dominant_color", "judge_image", "texture"]
 
 JUDGE_LINE = "Answer Yes or No."
 """The line that makes a request a judge request."""
@@ -127,8 +127,8 @@ def _explain(images: list[np.ndarray]) -> str:
     return "various things"
 
 
-def _judge(image: np.ndarray | None, explanation: str) -> tuple[bool, float]:
-    """(the verdict, its probability)."""
+def judge_image(image: np.ndarray | None, explanation: str) -> tuple[bool, float]:
+    """The server's judgement of one image (None: no image) against an explanation: (the verdict, its probability)."""
     text = explanation.lower()
     colours = [c for c in _NAMES if _named(text, (c,))]
     textures = [t for t, words in _TEXTURE_WORDS.items() if _named(text, words)]
@@ -199,7 +199,7 @@ def _completion(body: dict[str, Any], honour_logprobs: bool) -> dict[str, Any]:
     logprobs = None
     if JUDGE_LINE in text:
         found = _EXPLANATION.findall(text)
-        yes, p = _judge(images[0] if images else None, found[-1] if found else "")
+        yes, p = judge_image(images[0] if images else None, found[-1] if found else "")
         content = "Yes" if yes else "No"
         if honour_logprobs and body.get("logprobs"):
             logprobs = _logprobs(content, p, int(body.get("top_logprobs") or 0))
@@ -277,6 +277,9 @@ class _Handler(BaseHTTPRequestHandler):
         owner = self.server.owner
         with owner.lock:
             fault = owner.faults.popleft() if owner.faults else None
+            owner.served += 1
+            if fault is None and owner.fail_from is not None and owner.served > owner.fail_from:
+                fault = 400
             owner.in_flight += 1
             owner.max_in_flight = max(owner.max_in_flight, owner.in_flight)
         try:
@@ -300,7 +303,7 @@ class ChatServer:
     `url` is its base URL ("http://127.0.0.1:PORT/v1") for an OpenAI client."""
 
     def __init__(self, *, api_key: str | None = None, faults: Sequence[int] = (), logprobs: bool = True,
-                 delay: float = 0.0, model: str = "shapes-vlm") -> None:
+                 delay: float = 0.0, model: str = "shapes-vlm", fail_from: int | None = None) -> None:
         self.api_key = api_key
         """When set, requests without `Authorization: Bearer <api_key>` get 401."""
         self.faults: deque[int] = deque(int(f) for f in faults)
@@ -309,6 +312,10 @@ class ChatServer:
         """Whether judge answers carry the `logprobs` a request asks for."""
         self.delay = delay
         """Seconds each chat request takes."""
+        self.fail_from = fail_from
+        """When set, every chat request after the first `fail_from` gets a 400 (a run cut off midway)."""
+        self.served = 0
+        """Chat requests received so far."""
         self.model = model
         """The model `GET /v1/models` lists (chat answers echo the requested one)."""
         self.lock = threading.Lock()
