@@ -156,3 +156,18 @@ def test_refusals_are_one_line(planted, tmp_path, capsys):
         err = capsys.readouterr().err
         assert err.startswith("error: ") and err.count("\n") == 1 and message in err, (argv, err)
     assert not (index / EXPLANATIONS).exists()
+
+
+def test_a_local_transformers_vlm_explains_and_judges(planted, tmp_path):
+    """The hf: path end to end: a tiny random LLaVA (random bytes for words, real processor, chat template,
+    generate and a forward for P(yes)) explains and judges a planted feature."""
+    from actstore.testing.tiny_vlm import write_tiny_llava
+
+    vlm = write_tiny_llava(str(tmp_path / "vlm"))
+    index = _index_copy(planted, tmp_path)
+    assert main(["explain", "--index", str(index), "--explainer", f"hf:{vlm}", "--features", "0", "--n-held-out", "3",
+                 "--image-size", "64", "-q"]) == 0
+    (row,) = read_explanations(index).to_pylist()
+    assert row["explainer"] == "vlm" and row["model"] == row["judge"] == f"hf:{vlm}"
+    assert isinstance(row["explanation"], str) and len(row["explanation"].split()) <= 12
+    assert row["detection_n"] == 6 and 0 <= row["detection_accuracy"] <= 1 and 0 <= row["detection_auroc"] <= 1
