@@ -108,8 +108,11 @@ def render(tmp_path: Path, url: str) -> Node:
 HARNESS = """<!doctype html><meta charset="utf-8"><title>harness</title><pre id="report"></pre><script>
 "use strict";
 // ?page=URL in a frame; &stored=T: sessionStorage's token before it loads; &type=T: typed into the token form when
-// it shows; &done=SELECTOR: what marks the end. Reports the frame's DOM, every URL the frame was at, every href and
-// src in its DOM, and every URL it fetched.
+// it shows; &search=WORDS: typed into the search box and submitted once the list shows (the page's script is
+// listening then); &click=SELECTOR: clicked once it shows;
+// &hover=SELECTOR: the pointer moved onto the point a canvas names in data-selected-x/-y; &done=SELECTOR: what marks
+// the end. Reports the frame's DOM, every URL the frame was at, every href and src in its DOM, and every URL it
+// fetched.
 (async () => {
   const q = new URLSearchParams(location.search), seen = new Set(), frame = document.createElement("iframe");
   if (q.has("stored")) sessionStorage.setItem("actstore-token", q.get("stored"));
@@ -118,7 +121,7 @@ HARNESS = """<!doctype html><meta charset="utf-8"><title>harness</title><pre id=
   Object.assign(frame, { width: 1400, height: 1000, src: q.get("page") });
   document.body.append(frame);
   const doc = () => frame.contentDocument;
-  let typed = false, done = false;
+  let typed = false, searched = false, clicked = false, hovered = false, done = false;
   for (let i = 0; i < 400 && !done; i++) {
     await new Promise((resolve) => setTimeout(resolve, 25));
     look();
@@ -128,12 +131,32 @@ HARNESS = """<!doctype html><meta charset="utf-8"><title>harness</title><pre id=
       form.requestSubmit();
       typed = true;
     }
+    const box = doc()?.querySelector("#feature-list tbody tr") && doc().querySelector("#search-q");
+    if (q.has("search") && !searched && box) {
+      box.value = q.get("search");
+      doc().querySelector("#search").requestSubmit();
+      searched = true;
+    }
+    const target = q.has("click") && !clicked && doc()?.querySelector(q.get("click"));
+    if (target) {
+      target.click();
+      clicked = true;
+    }
+    const map = q.has("hover") && !hovered && doc()?.querySelector(q.get("hover"));
+    if (map && map.dataset.selectedX) {
+      const r = map.getBoundingClientRect();
+      map.dispatchEvent(new frame.contentWindow.MouseEvent("mousemove", { bubbles: true,
+        clientX: r.left + Number(map.dataset.selectedX), clientY: r.top + Number(map.dataset.selectedY) }));
+      hovered = true;
+    }
     done = Boolean(doc()?.querySelector(q.get("done")));
   }
-  const links = [...doc().querySelectorAll("[href], [src]")].map((n) => n.getAttribute("href") ?? n.getAttribute("src"));
+  const links = [...doc().querySelectorAll("[href], [src]")]
+    .map((n) => n.getAttribute("href") ?? n.getAttribute("src"));
   const fetched = frame.contentWindow.performance.getEntriesByType("resource").map((e) => e.name);
   document.querySelector("#report").textContent = JSON.stringify(
-    { done, typed, urls: [...seen], links, fetched, html: doc().documentElement.outerHTML });
+    { done, typed, searched, clicked, hovered, urls: [...seen], links, fetched,
+      html: doc().documentElement.outerHTML });
 })();
 </script>"""
 
@@ -146,7 +169,7 @@ def add_harness(app) -> None:
 
 
 def run_harness(tmp_path: Path, url: str, **params: str) -> dict:
-    """HARNESS's report on `url`'s service (params: page, done, and optionally stored, type)."""
+    """HARNESS's report on `url`'s service (params: page, done, and optionally stored, type, search, click, hover)."""
     report = json.loads(render(tmp_path, f"{url}/test-harness?{urlencode(params)}").by_id("report").all_text())
     assert report["done"], f"the page never showed {params['done']}"
     report["page"] = DOM(report["html"]).root
@@ -344,3 +367,44 @@ def test_atlas_and_matches_screenshot(compare_url, matched, tmp_path):
     # the atlas's points: pixels near the ends of its colour scale (viridis' dark violet and yellow)
     for end in ((68, 1, 84), (253, 231, 37)):
         assert (np.abs(rgb - np.array(end)).max(axis=2) <= 12).sum() > 10, f"no atlas point of colour {end}"
+
+
+# ---- explanations: the search box, the feature's explanations, the atlas's tooltip --------------------------
+
+def test_search_explanations_and_the_atlas_tooltip(atlas_index_dir, tmp_path):
+    """An explained copy of the atlas's index (test_explain_service's rows: feature 17's VLM explanation holds
+    "zebrafish", 42's "zebrafishes"): a word typed in the search box lists the hits in the API's order, a click on
+    the first shows its explanations with their scores; the pointer on its atlas point shows its explanation."""
+    from conftest import _serve
+    from services.api import create_app
+    from test_explain_service import PLANTED, explained_copy, explanation_rows
+
+    app = create_app(explained_copy(atlas_index_dir, tmp_path / "index", explanation_rows(64)))
+    add_harness(app)
+    for url in _serve(app):
+        hits = json.loads(get(f"{url}/features?q=zebrafish"))["features"]
+        assert [h["id"] for h in hits] == [17, 42]
+        report = run_harness(tmp_path, url, page="/", search="zebrafish", done='body[data-rendered="feature-17"]',
+                             click='#feature-list tr[data-id="17"][data-explainer]')
+        page = report["page"]
+        rows = page.by_id("feature-list").find_all("tr")[1:]
+        assert [(int(r.attrs["data-id"]), r.attrs["data-explainer"]) for r in rows] == [(17, "vlm"), (42, "vlm")]
+        shown = [r.find_all("td", "explanation")[0].all_text() for r in rows]
+        assert shown == [h["match"]["explanation"] for h in hits]
+        assert "of 2 matches for “zebrafish”" in page.by_id("page-info").all_text()
+        assert "disabled" in page.by_id("sort").attrs  # hits come by relevance
+
+        f = json.loads(get(f"{url}/features/17"))
+        blocks = page.by_id("explanations").find_all("div", "explanation")
+        assert [b.attrs["data-explainer"] for b in blocks] == [x["explainer"] for x in f["explanations"]]
+        vlm, vocabulary = f["explanations"]
+        assert blocks[0].find_all("p", "explanation-text")[0].all_text() == PLANTED[17]
+        assert f"detection accuracy {vlm['detection_accuracy']:.2f} ({vlm['detection_n']} images)" in \
+            blocks[0].find_all("p", "scores")[0].all_text()
+        assert [li.all_text() for li in blocks[1].find_all("li")] == \
+            [f"{w} {s:.2f}" for w, s in zip(vocabulary["words"], vocabulary["word_scores"])]
+
+        report = run_harness(tmp_path, url, page="/#feature=17", hover="#atlas-map", done="#atlas-tip:not([hidden])")
+        tip = report["page"].by_id("atlas-tip")
+        assert report["hovered"] and tip.attrs["data-feature"] == "17"
+        assert tip.all_text().startswith("#17 · ") and tip.all_text().endswith(PLANTED[17])

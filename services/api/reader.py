@@ -10,6 +10,8 @@ of its own at 1.28M images; mapping the table, ~60 MiB, as at 10K (benchmarks/be
 from the file the runner hands over (one for all its workers), else from the index's own images.arrow when that was
 made from its images.parquet as it is now; else (an index written without one, or an images.parquet edited since)
 it is read from images.parquet into this process (Arrow columns, not Python lists).
+The explanations (`actstore explain`'s explanations.parquet), when the index has them, are read at start-up too;
+services.api.explanations holds them and searches them.
 Failures raise the project's error family (actstore.errors); services.api.errors turns them into HTTP.
 """
 
@@ -31,6 +33,7 @@ import pyarrow.parquet as pq
 from actstore.errors import AccessDeniedError, NotFoundError
 from actstore.extract import decode_image
 from actstore.extract.sources import ImageRef, read_bytes
+from services.api.explanations import Explanations
 from services.api.geometry import model_view
 from services.index.atlas import read_atlas
 from services.index.layout import (FEATURES, IMAGE_TABLE, check_index, image_arrays, images_digest, made_from,
@@ -54,9 +57,9 @@ def _held(ids: np.ndarray, limit: int | None) -> int:
 
 
 class IndexReader:
-    """Read side of an index folder: index.json, the checked, memory-mapped arrays and the image table at once;
-    features.parquet on first use. `image_table`: an image table made from this index's images.parquet (the
-    runner's, shared by its workers); a CorruptDataError when it is not that."""
+    """Read side of an index folder: index.json, the checked, memory-mapped arrays, the image table and the
+    explanations at once; features.parquet on first use. `image_table`: an image table made from this index's
+    images.parquet (the runner's, shared by its workers); a CorruptDataError when it is not that."""
 
     def __init__(self, path: str | Path, storage_options: dict[str, Any] | None = None,
                  image_table: str | Path | None = None) -> None:
@@ -67,8 +70,10 @@ class IndexReader:
         self.class_names: list[str] = list(self.meta.get("class_names") or [])
         self._arrays = check_index(self.path, self.meta)  # a truncated or resized array refuses to start
         self.image_table, self.images = self._image_table(image_table)
+        self.explanations = Explanations.read(self.path, self.n_features)  # none without explanations.parquet
         atlas = read_atlas(self.path, self.n_features)  # from `actstore atlas`, when it was run
-        self.atlas: bytes | None = None if atlas is None else orjson.dumps(atlas)  # GET /atlas's body, made once
+        self.atlas: bytes | None = None if atlas is None else orjson.dumps(  # GET /atlas's body, made once
+            {**atlas, "explanation": self.explanations.listed_of(np.arange(self.n_features))})
         self._thumbs: OrderedDict[tuple[int, int], bytes] = OrderedDict()
         self._lock = Lock()
 
@@ -106,16 +111,19 @@ class IndexReader:
                 for v in self.images["label"][ids].tolist()]
 
     def feature_stats(self, ids: np.ndarray) -> list[dict[str, Any]]:
+        """The features' summaries, each with the explanation a list shows (None: not explained)."""
         cols = {c: self.features[c][ids].tolist() for c in STATS}
-        return [{"id": i, **{c: v[j] for c, v in cols.items()}} for j, i in enumerate(ids.tolist())]
+        return [{"id": i, **{c: v[j] for c, v in cols.items()}, "explanation": e}
+                for j, (i, e) in enumerate(zip(ids.tolist(), self.explanations.listed_of(ids)))]
 
     def feature(self, fid: int, k: int | None) -> dict[str, Any]:
-        """A feature's stats, its top images (at most k) with their heatmaps, and its value bands."""
+        """A feature's stats, its top images (at most k) with their heatmaps, its value bands, its explanations."""
         self.check_feature(fid)
         f = self.features
-        return {"id": fid, **{c: float(f[c][fid]) for c in STATS}, "n_patches_fired": int(f["n_patches_fired"][fid]),
+        return {**self.feature_stats(np.array([fid]))[0], "n_patches_fired": int(f["n_patches_fired"][fid]),
                 "n_images_fired": int(f["n_images_fired"][fid]), "grid": self.meta["grid"],
-                "top_images": self.top_images(fid, k), "bands": self.bands(fid)}
+                "top_images": self.top_images(fid, k), "bands": self.bands(fid),
+                "explanations": self.explanations.of(fid)}
 
     def top_images(self, fid: int, k: int | None) -> list[dict[str, Any]]:
         """A feature's top images (at most k, strongest first), each with the feature's value at every patch."""
@@ -139,10 +147,19 @@ class IndexReader:
                                        zip(band_images[b][ok].tolist(), band_values[b][ok].tolist())]})
         return bands
 
-    def browse(self, sort: str, min_freq: float, max_freq: float, offset: int, limit: int) -> dict[str, Any]:
-        """A page of the features whose patch frequency is in [min_freq, max_freq], in `sort` order."""
+    def browse(self, sort: str, min_freq: float, max_freq: float, offset: int, limit: int,
+               q: str | None = None) -> dict[str, Any]:
+        """A page of the features whose patch frequency is in [min_freq, max_freq], in `sort` order; with a query
+        `q`, those its search finds, best first (`sort` unused), each with the explanation that matched."""
         freq = self.features["freq_patches"]
-        ids = np.flatnonzero((freq >= min_freq) & (freq <= max_freq))
+        keep = (freq >= min_freq) & (freq <= max_freq)
+        if q:
+            hits = self.explanations.search(q).where(keep)
+            page = hits.page(offset, limit)
+            listed = [{**f, "match": m} for f, m in zip(self.feature_stats(page.features),
+                                                          self.explanations.matches(page))]
+            return {"total": len(hits), "offset": offset, "limit": limit, "features": listed}
+        ids = np.flatnonzero(keep)
         if sort != "id":
             key = self.features[_SORT_COLUMNS[sort.lstrip("-")]][ids]
             ids = ids[np.argsort(-key if sort.startswith("-") else key, kind="stable")]

@@ -10,9 +10,10 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-__all__ = ["Atlas", "Band", "BandExample", "EditIn", "Error", "Feature", "FeatureMatches", "FeaturePage",
-           "FeatureSummary", "Health", "Histogram", "ImageFeature", "ImageFeatures", "Match", "OtherSAE",
-           "PatchFeatures", "Prediction", "SteerHeads", "SteerRequest", "SteerResult", "TopImage"]
+__all__ = ["Atlas", "Band", "BandExample", "EditIn", "Error", "Explanation", "Feature", "FeatureMatches",
+           "FeaturePage", "FeatureSummary", "Health", "Histogram", "ImageFeature", "ImageFeatures", "ListedFeature",
+           "Match", "OtherSAE", "PatchFeatures", "Prediction", "SearchMatch", "SteerHeads", "SteerRequest",
+           "SteerResult", "TopImage"]
 
 
 class FeatureSummary(BaseModel):
@@ -21,6 +22,35 @@ class FeatureSummary(BaseModel):
     freq_images: float
     mean_act: float
     max_act: float
+    explanation: str | None
+    """The VLM's explanation when there is one, else the vocabulary's words; null: not explained."""
+
+
+class SearchMatch(BaseModel):
+    """The explanation a search (GET /features?q=) matched the feature by: its best-ranked one."""
+    explainer: str
+    explanation: str | None
+    score: float
+    """bm25 relevance (SQLite FTS5's, negated): higher is better."""
+
+
+class ListedFeature(FeatureSummary):
+    match: SearchMatch | None = None
+    """With ?q= only."""
+
+
+class Explanation(BaseModel):
+    """One explainer's words for a feature and their scores (services.explain.layout); null: not scored."""
+    explainer: str
+    explanation: str | None
+    model: str | None
+    judge: str | None
+    words: list[str]
+    word_scores: list[float | None]
+    detection_accuracy: float | None
+    detection_auroc: float | None
+    detection_n: int
+    embedding_auroc: float | None
 
 
 class TopImage(BaseModel):
@@ -49,13 +79,15 @@ class Feature(FeatureSummary):
     grid: list[int]
     top_images: list[TopImage]
     bands: list[Band]
+    explanations: list[Explanation]
+    """One per explainer ("vlm" first, then "vocabulary"); empty when the index has none for it."""
 
 
 class FeaturePage(BaseModel):
     total: int
     offset: int
     limit: int
-    features: list[FeatureSummary]
+    features: list[ListedFeature]
 
 
 class ImageFeature(BaseModel):
@@ -89,7 +121,7 @@ class Health(BaseModel):
 
 class Atlas(BaseModel):
     """Per feature (column i = feature i): UMAP and PCA coordinates of its decoder direction, log10 density
-    (null: dead), dead."""
+    (null: dead), dead, the explanation a list shows (null: not explained; FeatureSummary.explanation)."""
     n_features: int
     n_dead: int
     n_neighbors: int
@@ -103,6 +135,7 @@ class Atlas(BaseModel):
     pca_y: list[float]
     log10_density: list[float | None]
     dead: list[bool]
+    explanation: list[str | None]
 
 
 class OtherSAE(BaseModel):

@@ -1,4 +1,6 @@
 // Feature browser: plain JS over the services.api JSON endpoints (see services/api/routes/).
+// The search box lists the features whose explanations (from `actstore explain`) hold its words, most relevant
+// first (GET /features?q=), with the explanation each matched by; without a search the list browses by density.
 // The URL fragment carries the state that a link should keep: #feature=ID&atlas=umap|pca; #steer?... is the
 // steering page (steer.js, loaded first). The bearer token never goes into a URL (history, shared links): a 401
 // opens a small form, and the token entered there is kept in this tab's sessionStorage (TOKEN_KEY).
@@ -14,11 +16,13 @@ const MATCH_K = 6;               // top images per feature in the matches panel
 const ATLAS_DEAD = "#c4c8cf";    // atlas colour of features that never fired
 const VIRIDIS = [[68, 1, 84], [59, 82, 139], [33, 145, 140], [94, 201, 98], [253, 231, 37]];  // low -> high density
 const TOKEN_KEY = "actstore-token";   // sessionStorage key of the bearer token (this tab only)
+const EXPLAINERS = { vlm: "VLM", vocabulary: "Vocabulary" };   // headings of the explainers' explanations
+const NO_EXPLANATIONS = "No explanations for this index: run actstore explain --index DIR and restart the service.";
 
 const $ = (sel) => document.querySelector(sel);
 const state = {
   token: null, featureId: null, feature: null, hist: null, offset: 0, limit: 50, total: 0, seq: 0, blobs: [],
-  atlas: null, atlasMode: "umap", atlasXY: null,
+  atlas: null, atlasMode: "umap", atlasXY: null, q: "", listSeq: 0,
 };
 
 // ---- talking to the API ---------------------------------------------------------------------
@@ -113,27 +117,44 @@ const num = (x) => (Math.abs(x) >= 100 ? x.toFixed(0) : x.toPrecision(3));
 
 // ---- feature list -----------------------------------------------------------------------------
 
+// The list's query: the sort and the density filter, and the search's words when there are some (their hits come
+// most relevant first: the sort is unused, and disabled meanwhile).
 function listQuery() {
   const q = new URLSearchParams({ sort: $("#sort").value, offset: state.offset, limit: state.limit });
   const lo = $("#min-log").value, hi = $("#max-log").value;
   if (lo !== "") q.set("min_freq", Math.min(1, 10 ** Number(lo)));
   if (hi !== "") q.set("max_freq", Math.min(1, 10 ** Number(hi)));
+  if (state.q) q.set("q", state.q);
   return q;
 }
 
+// A search hit shows the explanation it matched (data-explainer says whose); a listed feature the one it has.
+function listRow(f) {
+  const text = f.match ? f.match.explanation : f.explanation;
+  const row = el("tr", { dataset: { id: f.id, ...(f.match ? { explainer: f.match.explainer } : {}) } },
+    el("td", {}, `#${f.id}`), el("td", {}, log10(f.freq_patches)), el("td", {}, num(f.max_act)),
+    el("td", { class: "explanation", title: text ?? "" }, text ?? ""));
+  row.addEventListener("click", () => openFeature(f.id));
+  return row;
+}
+
 async function loadList() {
+  const seq = ++state.listSeq;
   try {
-    const page = await getJSON(`/features?${listQuery()}`);
+    const page = await getJSON(`/features?${listQuery()}`, Boolean(state.q));   // a search's 404: no explanations
+    if (seq !== state.listSeq) return;          // a later list was asked for meanwhile
+    if (!page) {
+      $("#feature-list tbody").replaceChildren();
+      $("#page-info").textContent = NO_EXPLANATIONS;
+      $("#prev").disabled = $("#next").disabled = true;
+      return;
+    }
     state.total = page.total;
-    const rows = page.features.map((f) => {
-      const row = el("tr", { dataset: { id: f.id } },
-        el("td", {}, `#${f.id}`), el("td", {}, log10(f.freq_patches)), el("td", {}, num(f.max_act)));
-      row.addEventListener("click", () => openFeature(f.id));
-      return row;
-    });
-    $("#feature-list tbody").replaceChildren(...rows);
+    $("#feature-list tbody").replaceChildren(...page.features.map(listRow));
     const last = Math.min(page.total, state.offset + page.features.length);
-    $("#page-info").textContent = page.total ? `${state.offset + 1}–${last} of ${page.total}` : "no features";
+    const what = state.q ? `matches for “${state.q}”` : "features";
+    $("#page-info").textContent = page.total ? `${state.offset + 1}–${last} of ${page.total}${state.q ? ` ${what}` : ""}`
+      : `no ${what}`;
     $("#prev").disabled = state.offset === 0;
     $("#next").disabled = last >= page.total;
     markSelectedRow();
@@ -149,6 +170,13 @@ function markSelectedRow() {
 function resetAndLoadList() {
   state.offset = 0;
   loadList();
+}
+
+// The search box's words (none: back to browsing).
+function search(words) {
+  state.q = words.trim();
+  $("#sort").disabled = Boolean(state.q);
+  resetAndLoadList();
 }
 
 // ---- density histogram ------------------------------------------------------------------------
@@ -259,8 +287,8 @@ function drawAtlas() {
     ctx.beginPath(); ctx.arc(px, py, radius, 0, 2 * Math.PI); ctx.fill();
     drawn += 1; dead += a.dead[i] ? 1 : 0;
   }
-  const sel = state.featureId;
-  if (sel !== null && sel >= 0 && sel < n) {
+  const sel = state.featureId, ringed = sel !== null && sel >= 0 && sel < n;
+  if (ringed) {
     ctx.strokeStyle = "#111"; ctx.lineWidth = 2;
     ctx.beginPath(); ctx.arc(state.atlasXY[2 * sel], state.atlasXY[2 * sel + 1], radius + 4, 0, 2 * Math.PI); ctx.stroke();
   }
@@ -276,7 +304,23 @@ function drawAtlas() {
   const what = state.atlasMode === "umap" ? `UMAP, cosine, ${a.n_neighbors} neighbours`
     : `PCA, ${(100 * a.pca_explained[0]).toFixed(1)}% + ${(100 * a.pca_explained[1]).toFixed(1)}% of variance`;
   $("#atlas-info").textContent = `${n.toLocaleString()} decoder directions · ${what}`;
-  Object.assign(canvas.dataset, { points: drawn, dead, mode: state.atlasMode, selected: sel ?? "" });
+  Object.assign(canvas.dataset, { points: drawn, dead, mode: state.atlasMode, selected: sel ?? "",   // its pixel too
+    selectedX: ringed ? state.atlasXY[2 * sel] : "", selectedY: ringed ? state.atlasXY[2 * sel + 1] : "" });
+}
+
+// The tooltip over the atlas: the feature under the pointer (x, y in the canvas's CSS pixels), its density and
+// explanation; hidden when no point is near.
+function atlasTip(id, x, y) {
+  const tip = $("#atlas-tip"), map = $("#atlas-map");
+  tip.hidden = id === null;
+  map.title = id === null ? "click a point to open its feature" : "";
+  if (id === null) return;
+  const d = state.atlas.log10_density[id], text = state.atlas.explanation?.[id];
+  tip.replaceChildren(el("b", {}, `#${id}`), ` · ${d === null ? "dead" : `log10 freq ${d.toFixed(2)}`}`,
+    ...(text ? [el("br"), text] : []));
+  tip.dataset.feature = id;
+  tip.style.left = `${map.offsetLeft + x + 12}px`;
+  tip.style.top = `${map.offsetTop + y + 12}px`;
 }
 
 // The feature whose point is nearest to (x, y) in CSS pixels, within a few pixels; null otherwise.
@@ -326,6 +370,27 @@ function drawHeatmap(canvas, heatmap, [h, w], maxAct) {
   for (let i = 3; i < px.length; i += 4) maxAlpha = Math.max(maxAlpha, px[i]);
   canvas.dataset.drawn = "1";
   canvas.dataset.maxAlpha = (maxAlpha / 255).toFixed(3);
+}
+
+// Each explainer's explanation of the feature with its scores: the VLM's words, or the vocabulary's best words
+// with their similarity; the detection judge's balanced accuracy and AUROC, the embedding AUROC (when scored).
+function explanationsSection(f) {
+  const fixed = (x) => x.toFixed(2);
+  const items = f.explanations.map((x) => {
+    const scores = [
+      ...(x.detection_accuracy !== null ? [`detection accuracy ${fixed(x.detection_accuracy)} (${x.detection_n} images)`] : []),
+      ...(x.detection_auroc !== null ? [`detection AUROC ${fixed(x.detection_auroc)}`] : []),
+      ...(x.embedding_auroc !== null ? [`embedding AUROC ${fixed(x.embedding_auroc)}`] : []),
+    ];
+    const words = x.words.map((w, i) => el("li", {}, w,
+      ...(x.word_scores[i] != null ? [el("small", {}, ` ${fixed(x.word_scores[i])}`)] : [])));
+    return el("div", { class: "explanation", dataset: { explainer: x.explainer } },
+      el("h4", {}, EXPLAINERS[x.explainer] ?? x.explainer,
+        el("small", {}, ` ${x.model ?? ""}${x.judge ? ` · judged by ${x.judge}` : ""}`)),
+      words.length ? el("ul", { class: "words" }, ...words) : el("p", { class: "explanation-text" }, x.explanation ?? ""),
+      el("p", { class: "scores" }, scores.length ? scores.join(" · ") : "not scored"));
+  });
+  return items.length ? [el("section", { id: "explanations" }, el("h3", {}, "Explanations"), ...items)] : [];
 }
 
 function statsTable(f) {
@@ -429,6 +494,7 @@ async function showFeature(id) {
     $("#feature").replaceChildren(
       el("h2", {}, `Feature #${f.id}`),
       statsTable(f),
+      ...explanationsSection(f),
       el("h3", {}, `Top images (${f.top_images.length})`, el("small", {}, " hover an image to hide its heatmap")),
       tops.length ? el("div", { id: "top-images" }, ...tops.map((t) => t.fig))
         : el("p", { class: "hint" }, "This feature never fired: no images."),
@@ -491,12 +557,10 @@ function init() {
     const id = atlasPointAt(ev.offsetX, ev.offsetY);
     if (id !== null) openFeature(id);
   });
-  map.addEventListener("mousemove", (ev) => {
-    const id = atlasPointAt(ev.offsetX, ev.offsetY);
-    const d = id === null ? null : state.atlas.log10_density[id];
-    map.title = id === null ? "click a point to open its feature"
-      : `#${id} · ${d === null ? "dead" : `log10 freq ${d.toFixed(2)}`}`;
-  });
+  map.addEventListener("mousemove", (ev) => atlasTip(atlasPointAt(ev.offsetX, ev.offsetY), ev.offsetX, ev.offsetY));
+  map.addEventListener("mouseleave", () => atlasTip(null));
+  $("#search").addEventListener("submit", (ev) => { ev.preventDefault(); search($("#search-q").value); });
+  $("#search-q").addEventListener("input", (ev) => { if (!ev.target.value.trim() && state.q) search(""); });
   $("#auth").addEventListener("submit", (ev) => {
     ev.preventDefault();
     const input = $("#auth-token");

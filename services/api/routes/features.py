@@ -1,11 +1,13 @@
-"""/features: browse the SAE's features by density, one feature's top images and value bands, and its matches
-in the other SAE of the comparison the service was started with (--compare)."""
+"""/features: browse the SAE's features by density or search their explanations, one feature's top images, value
+bands and explanations, and its matches in the other SAE of the comparison the service was started with (--compare).
+"""
 
 from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Path, Query, Request, Response
+from starlette.concurrency import run_in_threadpool
 
 from services.api.deps import matches_of, reader_of
 from services.api.reader import SORTS
@@ -15,15 +17,23 @@ from services.api.schemas import Feature, FeatureMatches, FeaturePage
 __all__ = ["list_features", "read_feature", "read_feature_matches", "router"]
 
 FeatureId = Annotated[int, Path(ge=0, lt=2**31, description="feature id")]
+MAX_QUERY = 200
+SEARCH = ("words searched in the features' explanations and vocabulary words (each whole or as a prefix, all "
+          "required; anything but letters and digits separates them); hits come most relevant first, `sort` unused")
 
 
 async def list_features(request: Request, sort: Literal[SORTS] = "id",  # type: ignore[valid-type]
                         min_freq: Annotated[float, Query(ge=0, le=1)] = 0.0,
                         max_freq: Annotated[float, Query(ge=0, le=1)] = 1.0,
                         offset: Annotated[int, Query(ge=0, lt=2**31)] = 0,
-                        limit: Annotated[int, Query(ge=1, le=1000)] = 50) -> Response:
-    """Features whose firing frequency over patches is in [min_freq, max_freq], sorted ("-" = descending)."""
-    return json_response(reader_of(request).browse(sort, min_freq, max_freq, offset, limit))
+                        limit: Annotated[int, Query(ge=1, le=1000)] = 50,
+                        q: Annotated[str | None, Query(max_length=MAX_QUERY, description=SEARCH)] = None) -> Response:
+    """Features whose firing frequency over patches is in [min_freq, max_freq], sorted ("-" = descending); with
+    `q`, those whose explanations hold its words, most relevant first (404 when the index has no explanations)."""
+    reader = reader_of(request)
+    if q:  # a search takes up to a second (the worker's first one builds the index): off the event loop
+        return json_response(await run_in_threadpool(reader.browse, sort, min_freq, max_freq, offset, limit, q))
+    return json_response(reader.browse(sort, min_freq, max_freq, offset, limit))
 
 
 async def read_feature(request: Request, fid: FeatureId,
