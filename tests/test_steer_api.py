@@ -220,7 +220,8 @@ def test_a_request_past_its_bound_is_stopped_and_frees_its_slot(index_dir, servi
     run stopped mid-way across the process boundary: test_vlm's test_a_steering_run_past_its_bound_is_stopped.)"""
     from conftest import _serve
 
-    app = gated_service(index_dir, service_store, gated, SteerOptions(timeout_s=1.0, slots=1, nice=0))
+    # a bound the served request keeps on a loaded machine (1 s was passed by a busy 2-core CI run's two passes)
+    app = gated_service(index_dir, service_store, gated, SteerOptions(timeout_s=5.0, slots=1, nice=0))
     for url in _serve(app):
         r = requests.post(f"{url}/steer", json=BODY, timeout=60)
         assert r.status_code == 503 and "still loading" in r.json()["detail"], r.text
