@@ -10,6 +10,7 @@ rebuilt from the store by numpy. Also: resuming an interrupted run, the key neve
 from __future__ import annotations
 
 import io
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -101,7 +102,8 @@ def test_detection_equals_a_hand_computation(planted, explained):
         assert row["detection_auroc"] == pytest.approx(roc_auc_score(truth, p_yes))
 
 
-def test_the_key_reaches_the_server_and_nothing_else(planted, explained, tmp_path, capsys):
+def test_the_key_reaches_the_server_and_nothing_else(planted, explained, tmp_path, capsys, caplog):
+    caplog.set_level(logging.DEBUG)  # urllib3's and ours, at every level
     index, _, requests = explained
     assert requests and all(r.headers.get("authorization") == f"Bearer {KEY}" for r in requests)
     for path in Path(index).rglob("*"):
@@ -115,7 +117,7 @@ def test_the_key_reaches_the_server_and_nothing_else(planted, explained, tmp_pat
         del os.environ[KEY_ENV]
     out = capsys.readouterr()
     assert out.err.startswith("error: ") and out.err.count("\n") == 1 and "401" in out.err
-    assert KEY not in out.err + out.out
+    assert KEY not in out.err + out.out and KEY not in caplog.text
 
 
 def test_an_interrupted_run_resumes_where_it_stopped(planted, tmp_path, capsys):
@@ -171,3 +173,20 @@ def test_a_local_transformers_vlm_explains_and_judges(planted, tmp_path):
     assert row["explainer"] == "vlm" and row["model"] == row["judge"] == f"hf:{vlm}"
     assert isinstance(row["explanation"], str) and len(row["explanation"].split()) <= 12
     assert row["detection_n"] == 6 and 0 <= row["detection_accuracy"] <= 1 and 0 <= row["detection_auroc"] <= 1
+
+
+def test_the_service_finds_the_planted_feature_by_its_word(planted, explained):
+    """GET /features?q= over the explained index: the red feature first for "red", the striped one for "stripes"."""
+    import requests
+    from conftest import _serve
+
+    from services.api import create_app
+
+    index, rows, _ = explained
+    for url in _serve(create_app(index)):
+        for word, name in (("red", "red"), ("stripes", "stripes")):
+            hits = requests.get(f"{url}/features", params={"q": word}, timeout=30).json()["features"]
+            assert hits and hits[0]["id"] == planted.features[name] and hits[0]["explanation"] == word
+        feature = requests.get(f"{url}/features/{planted.features['red']}", timeout=30).json()
+        (shown,) = feature["explanations"]
+        assert shown["detection_accuracy"] == pytest.approx(rows[planted.features["red"]]["detection_accuracy"])
