@@ -10,6 +10,7 @@ rebuilt from the store by numpy. Also: resuming an interrupted run, the key neve
 from __future__ import annotations
 
 import io
+import json
 import logging
 import os
 import shutil
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from planted_shapes import write_planted_shapes
 from sklearn.metrics import roc_auc_score
@@ -25,6 +27,9 @@ import sae
 from actstore.store import ActivationStore
 from actstore.testing.chat import ChatServer, judge_image
 from actstore_cli import main
+from sae.checkpoint import origin, save
+from sae.config import SAEConfig
+from sae.model import SparseAutoencoder
 from services.api.reader import IndexReader
 from services.explain import EXPLANATIONS, read_explanations
 from services.explain.examples import examples
@@ -153,6 +158,16 @@ def test_refusals_are_one_line(planted, tmp_path, capsys):
         (["explain", "--index", str(index), "--explainer", "openai:m", "--features", "99", "-q"], "no feature 99"),
         (["explain", "--index", str(tmp_path / "nope"), "-q"], "not a feature index"),
     ]
+    # the SAE the index names replaced by one of another width: refused before anything is computed
+    other = tmp_path / "other-index"
+    shutil.copytree(index, other)
+    wider = SparseAutoencoder(SAEConfig(d_in=16, d_sae=32, kind="relu"))
+    with torch.no_grad():
+        wider.b_enc.fill_(-10.0)
+    save(wider, str(tmp_path / "wider"), extra=origin(ActivationStore(planted.store), "0"))
+    meta = json.loads((other / "index.json").read_text())
+    (other / "index.json").write_text(json.dumps({**meta, "sae": str(tmp_path / "wider")}))
+    cases.append((["explain", "--index", str(other), "--explainer", "openai:m", "-q"], "now has 32: index it again"))
     for argv, message in cases:
         assert main(argv) == 1, argv
         err = capsys.readouterr().err

@@ -109,6 +109,10 @@ def open_models(cfg: ExplainConfig, say: Any = print) -> Models:
         store = ActivationStore(meta["store"], options)
         sae, norm, spec = load_on_store(meta["sae"], store, meta["layer"], cfg.device, options)
         encoder = TokenEncoder(sae, norm, spec, "patches")
+    if encoder.sae.cfg.d_sae != reader.n_features:  # the SAE at that path was replaced since the index was built
+        store.close()
+        raise ConfigError(f"{cfg.index} indexes {reader.n_features} features; the SAE it names ({meta['sae']}) now "
+                          f"has {encoder.sae.cfg.d_sae}: index it again")
     explainers = (["vocabulary"] if tower is not None and cfg.vocabulary_names else []) + \
         (["vlm"] if cfg.explainer else [])
     if not explainers:
