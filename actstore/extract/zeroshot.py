@@ -13,7 +13,9 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
+import fsspec
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -23,7 +25,7 @@ from actstore.extract.backbones import BackboneConfig
 from actstore.extract.hf import HF_CONFIGS, hf_source
 from actstore.extract.hooked import HUB_WEIGHTS, checkpoint_path, seeded
 
-__all__ = ["DEFAULT_TEMPLATE", "TextTower", "ZeroShot", "text_tower", "zero_shot_classifier"]
+__all__ = ["DEFAULT_TEMPLATE", "TextTower", "ZeroShot", "read_names", "text_tower", "zero_shot_classifier"]
 
 DEFAULT_TEMPLATE = "a photo of a {}."
 """CLIP's prompt for ImageNet-style class names."""
@@ -126,6 +128,19 @@ def text_tower(cfg: BackboneConfig) -> TextTower:
     if cfg.family == "hf":
         return _hf(cfg)
     raise ConfigError(f"{cfg.model}: {cfg.family} models have no text tower (CLIP and SigLIP backbones have one)")
+
+
+def read_names(path: str, storage_options: dict[str, Any], what: str = "class-names") -> list[str]:
+    """Names for a text tower's prompts from a file (local or any fsspec URL), one per line, blank lines and `#`
+    comments skipped; a one-line ConfigError when it is missing or names nothing."""
+    try:
+        with fsspec.open(path, "r", **storage_options) as f:
+            names = [line.strip() for line in f if line.strip() and not line.lstrip().startswith("#")]
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such {what} file") from None
+    if not names:
+        raise ConfigError(f"{path}: no names in it")
+    return names
 
 
 def zero_shot_classifier(cfg: BackboneConfig, class_names: Sequence[str],

@@ -74,17 +74,8 @@ def examples(arrays: dict[str, np.ndarray], fid: int, silent_pool: np.ndarray, n
     top_all = [int(i) for i in held[held >= 0]]
     top = top_all[:n_top]
     bands = _bands(arrays["band_images"][fid])  # strongest band first
-    taken = set(top)
-    weaker: list[int] = []
-    for band in reversed(bands):  # the weakest bands first, one image from each, round after round
-        if len(weaker) >= n_weaker:
-            break
-        for i in band:
-            if i not in taken:
-                weaker.append(i)
-                taken.add(i)
-                break
-    activating = _round_robin([*bands, top_all[n_top:]], taken, n_held_out)
+    weaker = _round_robin(bands[::-1], set(top), n_weaker)  # the weakest bands first, one image from each in turn
+    activating = _round_robin([*bands, top_all[n_top:]], {*top, *weaker}, n_held_out)
     rng = np.random.default_rng([seed, fid])
     silent = [int(i) for i in rng.permutation(silent_pool)[:len(activating)]]
     heat = arrays["heatmaps"][fid, :len(top)].astype(np.float32)

@@ -16,7 +16,6 @@ explained; --overwrite starts over (it replaces only a table of ours).
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -182,7 +181,7 @@ def _cost_line(cfg: ExplainConfig, models: Models, n_chosen: int, n_todo: int) -
     return "; ".join(parts)
 
 
-def _batch(run: _Run, chosen: list[Examples], done: set[tuple[int, str]]) -> Iterator[dict[str, Any]]:
+def _batch(run: _Run, chosen: list[Examples], done: set[tuple[int, str]]) -> list[dict[str, Any]]:
     """The rows of one batch of features: explanations, then every judgement of the batch at once."""
     cfg, models = run.cfg, run.models
     rows: list[dict[str, Any]] = []
@@ -202,7 +201,7 @@ def _batch(run: _Run, chosen: list[Examples], done: set[tuple[int, str]]) -> Ite
         for r in rows:
             ex = by_feature[r["feature"]]
             r["embedding_auroc"] = models.embedding_auroc(r["explanation"], ex.activating, ex.silent)
-    return iter(rows)
+    return rows
 
 
 def _row(ex: Examples, explainer: str, explanation: str, model: str, words: list[str] | None = None,

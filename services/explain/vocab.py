@@ -15,7 +15,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import fsspec
 import pyarrow as pa
 import torch
 import torch.nn.functional as F
@@ -23,7 +22,7 @@ from torch import Tensor
 
 from actstore.errors import ConfigError
 from actstore.extract.backbones import Backbone
-from actstore.extract.zeroshot import TextTower
+from actstore.extract.zeroshot import TextTower, read_names
 from services.spliced import decode_images
 
 __all__ = ["CONCEPTS", "ImageEmbeddings", "best_words", "read_vocabulary"]
@@ -31,23 +30,13 @@ __all__ = ["CONCEPTS", "ImageEmbeddings", "best_words", "read_vocabulary"]
 CONCEPTS = Path(__file__).with_name("concepts.txt")
 
 
-def _lines(text: str) -> list[str]:
-    return [s.strip() for s in text.splitlines() if s.strip() and not s.lstrip().startswith("#")]
-
-
 def read_vocabulary(path: str | None, class_names: Sequence[str], storage_options: dict[str, Any]) -> list[str]:
     """The words to name features with: the file at `path` (one per line, # comments), else the class names and the
     built-in concepts; duplicates dropped, first occurrence kept."""
     if path is not None:
-        try:
-            with fsspec.open(path, "r", **storage_options) as f:
-                words = _lines(f.read())
-        except FileNotFoundError:
-            raise ConfigError(f"--vocabulary {path}: no such file") from None
-        if not words:
-            raise ConfigError(f"--vocabulary {path}: no words in it")
+        words = read_names(path, storage_options, "vocabulary")
     else:
-        words = [*(n.replace("_", " ") for n in class_names), *_lines(CONCEPTS.read_text())]
+        words = [*(n.replace("_", " ") for n in class_names), *read_names(str(CONCEPTS), {}, "concepts")]
     return list(dict.fromkeys(words))
 
 

@@ -19,12 +19,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import fsspec
 import torch
 from torch import Tensor
 
 from actstore.errors import ConfigError
-from actstore.extract.zeroshot import DEFAULT_TEMPLATE, zero_shot_classifier
+from actstore.extract.zeroshot import DEFAULT_TEMPLATE, read_names, zero_shot_classifier
 from sae.edits import FeatureEdit, apply_edits
 from services.spliced import SAEInModel
 
@@ -103,17 +102,6 @@ class VLMHead:
 Head = ClassHead | SegHead | VLMHead
 
 
-def _read_names(path: str, storage_options: dict[str, Any]) -> list[str]:
-    try:
-        with fsspec.open(path, "r", **storage_options) as f:
-            names = [line.strip() for line in f if line.strip()]
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: no such class-names file") from None
-    if not names:
-        raise ConfigError(f"{path}: no class names in it")
-    return names
-
-
 def _model_head(m: SAEInModel, classes: list[str]) -> ClassHead:
     probe = m.backbone.outputs(torch.zeros(1, 3, *m.backbone.preprocessor.image_size, dtype=torch.uint8))[1]
     if probe is None:
@@ -124,7 +112,7 @@ def _model_head(m: SAEInModel, classes: list[str]) -> ClassHead:
 
 def _zeroshot_head(m: SAEInModel, arg: str, classes: list[str], template: str,
                    storage_options: dict[str, Any]) -> ClassHead:
-    names = _read_names(arg, storage_options) if arg else classes
+    names = read_names(arg, storage_options) if arg else classes
     if not names:
         raise ConfigError("zeroshot: the store records no class names; name a file of them: zeroshot:FILE")
     head = zero_shot_classifier(m.backbone.cfg, names, template)  # on the CPU: (1, d) embeddings go to it
