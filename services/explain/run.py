@@ -24,14 +24,13 @@ import numpy as np
 import pyarrow as pa
 from tqdm.auto import tqdm
 
-from actstore.budget import MemoryBudget
 from actstore.config import check_at_least
 from actstore.errors import ConfigError
 from actstore.extract.zeroshot import DEFAULT_TEMPLATE
 from services.explain.examples import Examples, choose_features, examples
 from services.explain.layout import EXPLANATIONS, SCHEMA, is_explanations, read_explanations, write_explanations
 from services.explain.models import Models, open_models
-from services.explain.pool import pool_bytes, silent_pool
+from services.explain.pool import images_per_block, silent_pool
 from services.explain.prompts import explain_prompt, highlighted, judge_prompt, phrase
 from services.explain.scores import auroc, balanced_accuracy
 from services.explain.vocab import best_words
@@ -85,7 +84,8 @@ class ExplainConfig:
     device: str = "cpu"
     """Where the SAE, the backbone and a local VLM run."""
     memory_gb: float | None = None
-    """Working memory for the pool's bitmap (default: half of this machine's)."""
+    """Working memory of the pool's pass (its bitmap, a chunk, the SAE's latents of a block), in GB (default: half of
+    this machine's memory)."""
     fidelity_check: bool = True
     """Check that the rebuilt backbone makes the store's activations before embedding with it."""
     overwrite: bool = False
@@ -143,8 +143,8 @@ def run_explain(cfg: ExplainConfig, progress: bool = True, say: Any = print) -> 
         say(_cost_line(cfg, models, len(features), todo.size))
         if todo.size == 0:
             return Path(cfg.index) / EXPLANATIONS
-        MemoryBudget.of(cfg.memory_gb).rows("explain", fixed=pool_bytes(cfg.n_pool, todo.size), per_row=1)
-        pool = silent_pool(models.store, models.encoder, todo, cfg.n_pool, cfg.seed)
+        step = images_per_block(models.store, models.encoder, cfg.n_pool, todo.size, cfg.memory_gb)
+        pool = silent_pool(models.store, models.encoder, todo, cfg.n_pool, cfg.seed, step)
         models.set_reference(pool.images)
         run = _Run(cfg, models, rows)
         bar = tqdm(total=todo.size, desc="explain", unit="feature", disable=not progress)
