@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from actstore.config import redact
 from actstore.errors import ConfigError
 from actstore.extract.backbones import Backbone
 from actstore.extract.zeroshot import TextTower, read_names
@@ -67,7 +68,7 @@ class ImageEmbeddings:
             part = missing[s:s + self.batch]
             pixels, rejected = decode_images(self.backbone, [self.uris[i].as_py() for i in part], self.storage_options)
             if rejected:
-                raise ConfigError(f"cannot embed image {rejected[0]}")
+                raise ConfigError(f"cannot embed image {redact(rejected[0])}")
             with torch.no_grad():
                 vecs = self.tower.images(self.backbone.outputs(pixels.to(device))[0]).cpu()
             self._held.update(zip(part, vecs))
