@@ -50,11 +50,15 @@ class _HFEncoder(ViT):
         return self.model(pixel_values=x)
 
     def _embedding(self, x: Tensor) -> tuple[Tensor, None]:
-        """The model's pooled output (CLIP, DINOv2: the final-normed CLS; SigLIP: its attention-pool head), or
-        the mean of the last tokens where it has none (V-JEPA 2, as frozen-feature evaluations pool it)."""
+        """The model's projected embedding where it has its projection (CLIPVisionModelWithProjection: what a
+        diffusion pipeline is conditioned on), else its pooled output (CLIP, DINOv2: the final-normed CLS; SigLIP:
+        its attention-pool head), else the mean of the last tokens (V-JEPA 2, as frozen-feature evaluations pool
+        it)."""
         out = self._run(x)
-        pooled = getattr(out, "pooler_output", None)
-        return (pooled if pooled is not None else out.last_hidden_state.mean(1)), None
+        for name in ("image_embeds", "pooler_output"):
+            if getattr(out, name, None) is not None:
+                return getattr(out, name), None
+        return out.last_hidden_state.mean(1), None
 
     def _tokens(self, index: int, output: Tensor | tuple[Tensor, ...]) -> Tensor:
         return super()._tokens(index, output[0] if isinstance(output, tuple) else output)
@@ -126,6 +130,8 @@ class _HFKind:
 _IMAGENET_MEAN_STD = {"image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.225]}
 _CLIP = _HFKind("CLIPVisionModel", "CLIPImageProcessor", "encoder.layers", True, "image_size", lambda c: {
     "size": {"shortest_edge": c.image_size}, "crop_size": {"height": c.image_size, "width": c.image_size}})
+_CLIP_PROJECTED = replace(_CLIP, model_class="CLIPVisionModelWithProjection", blocks="vision_model.encoder.layers")
+"""A CLIP vision tower saved with its projection (a diffusion pipeline's image_encoder): its embedding is projected."""
 _SIGLIP = _HFKind("SiglipVisionModel", "SiglipImageProcessor", "encoder.layers", False, "image_size", lambda c: {
     "size": {"height": c.image_size, "width": c.image_size}})
 # DINOv2 checkpoints: position embeddings for 518 px, interpolated to the processor's 224 px crop
@@ -283,6 +289,8 @@ class HF(Family):
             vlm = HF_VLM_TYPES.get(config.model_type)
             vision = getattr(config, "vision_config", None) or config  # CLIP, SigLIP: both towers; a VLM
             kind = _hf_kind(vision.model_type, where)
+            if kind is _CLIP and vision is config and "CLIPVisionModelWithProjection" in (config.architectures or []):
+                kind = _CLIP_PROJECTED
             if vlm:
                 _vlm_tower(config.model_type, vision.model_type, where)
             model_cls, whole = getattr(transformers, vlm[0] if vlm else kind.model_class), config if vlm else vision
