@@ -1,5 +1,5 @@
 """transformers backbones (`hf:`): CLIP and SigLIP vision towers, DINOv2 (with and without registers), V-JEPA 2,
-and the vision tower of a LLaVA-style vision-language model (HF_VLM_TYPES).
+and the vision tower of a vision-language model (actstore.extract.vlm_kinds.VLM_KINDS).
 
 A model is named by a hub id, a folder saved by save_pretrained, or a built-in config name (HF_CONFIGS);
 its layers are the encoder layers, the same tokens as `output_hidden_states=True`'s hidden_states[i + 1].
@@ -23,11 +23,12 @@ from torch import Tensor, nn
 from actstore.errors import ConfigError
 from actstore.extract.hooked import HUB_WEIGHTS, Backbone, Family, ViT, checkpoint_path, seeded
 from actstore.extract.preprocess import Preprocessor
+from actstore.extract.vlm_kinds import VLM_KINDS, VLMKind
 
 if TYPE_CHECKING:
     from actstore.extract.backbones import BackboneConfig
 
-__all__ = ["HF", "HF_CONFIGS", "HF_MODEL_TYPES", "HF_VLM_TYPES", "hf_source"]
+__all__ = ["HF", "HF_CONFIGS", "HF_MODEL_TYPES", "HFVisionTower", "hf_source"]
 
 
 class _HFEncoder(ViT):
@@ -81,20 +82,21 @@ class _HFEncoder(ViT):
         return {**super().metadata(), "model_class": type(self._whole).__name__, "config": config}
 
 
-class _HFVisionTower(_HFEncoder):
+class HFVisionTower(_HFEncoder):
     """The vision tower of a vision-language model: `model` is the tower inside `vlm` (the same module objects,
     so hooks on its layers act on the VLM's own forward passes); `processor` is the source's whole processor
-    (tokenizer, chat template), None where it has none.
+    (tokenizer, chat template), None where it has none; `vlm_kind` its family's VLMKind (the layer its language
+    model reads, how generate takes the image).
 
     `vlm` is kept out of the registered submodules: moving the Backbone to an accelerator for extraction moves
     the tower only (its parameters are the VLM's own); actstore.extract.vlm moves the rest when it generates.
     """
 
-    def __init__(self, cfg: BackboneConfig, vlm: nn.Module, tower: nn.Module, processor: Any,
+    def __init__(self, cfg: BackboneConfig, vlm: nn.Module, kind: VLMKind, tower: nn.Module, processor: Any,
                  preprocessor: Preprocessor, blocks: Sequence[nn.Module], **layout: Any) -> None:
         super().__init__(cfg, tower, preprocessor, blocks, frames=0, **layout)
         object.__setattr__(self, "_vlm", vlm.eval().requires_grad_(False))
-        self.processor = processor
+        self.vlm_kind, self.processor = kind, processor
 
     @property
     def vlm(self) -> nn.Module:
@@ -147,10 +149,8 @@ HF_MODEL_TYPES: dict[str, _HFKind] = {
 }
 """Supported config model types (a CLIP or SigLIP checkpoint with both towers loads its vision tower)."""
 
-HF_VLM_TYPES: dict[str, tuple[str, str]] = {"llava": ("LlavaForConditionalGeneration", "model.vision_tower")}
-"""Vision-language model types whose vision tower (CLIP or SigLIP) is the Backbone: (the whole model's class, the
-attribute path of its tower). The whole model is kept beside it for generation (actstore.extract.vlm)."""
-_VLM_TOWERS = ("clip_vision_model", "siglip_vision_model")
+_TOWER_TYPES = HF_MODEL_TYPES
+"""Tower kinds by vision config model type, those of VLMs included (VLMKind.towers names them)."""
 
 _DINOV2_SIZES = {"small": (384, 12, 6), "base": (768, 12, 12), "large": (1024, 24, 16)}
 HF_CONFIGS: dict[str, tuple[str, str, dict[str, Any]]] = {
@@ -196,13 +196,16 @@ def hf_source(arch: str) -> tuple[str, str]:
 def _hf_kind(model_type: str | None, where: str) -> _HFKind:
     if model_type not in HF_MODEL_TYPES:
         raise ConfigError(f"{where}: unsupported model type {model_type!r}; use one of: "
-                          f"{', '.join([*HF_MODEL_TYPES, *HF_VLM_TYPES])}")
+                          f"{', '.join([*HF_MODEL_TYPES, *VLM_KINDS])}")
     return HF_MODEL_TYPES[model_type]
 
 
-def _vlm_tower(model_type: str, vision_type: str | None, where: str) -> None:
-    if vision_type not in _VLM_TOWERS:
-        raise ConfigError(f"{where}: the vision tower of a {model_type} must be CLIP or SigLIP, not {vision_type}")
+def _vlm_tower(model_type: str, vision_type: str | None, where: str) -> _HFKind:
+    towers = VLM_KINDS[model_type].towers
+    if vision_type not in towers:
+        names = " or ".join({"clip_vision_model": "CLIP", "siglip_vision_model": "SigLIP"}.get(t, t) for t in towers)
+        raise ConfigError(f"{where}: the vision tower of a {model_type} must be {names}, not {vision_type}")
+    return _TOWER_TYPES[vision_type]
 
 
 def _hf_weights(model_cls: Any, config: Any, weights: str, dtype: torch.dtype | str = torch.float32) -> nn.Module:
@@ -229,11 +232,11 @@ def _hf_weights(model_cls: Any, config: Any, weights: str, dtype: torch.dtype | 
     return model
 
 
-def _hf_processors(kind: _HFKind, config: Any, where: str | None, vlm: bool) -> tuple[Any, Preprocessor]:
+def _hf_processors(kind: _HFKind, config: Any, where: str | None, vlm: VLMKind | None) -> tuple[Any, Preprocessor]:
     """(a VLM's whole processor (tokenizer, chat template), None for vision models and sources without one; the
     Preprocessor). The image steps are the source's own processor file's where it has one (a VLM's: its whole
-    processor's image processor), else `kind.processor_defaults` (built-in names, folders saved without one), as
-    PIL steps + ToTensor + Normalize."""
+    processor's image processor, set to one fixed-size square image by its kind's `single_image`), else
+    `kind.processor_defaults` (built-in names, folders saved without one), as PIL steps + ToTensor + Normalize."""
     import transformers
     from transformers.utils import IMAGE_PROCESSOR_NAME, PROCESSOR_NAME, VIDEO_PROCESSOR_NAME, cached_file
 
@@ -244,6 +247,8 @@ def _hf_processors(kind: _HFKind, config: Any, where: str | None, vlm: bool) -> 
     elif vlm:
         whole = transformers.AutoProcessor.from_pretrained(where)
         image = getattr(whole, "image_processor", whole)
+        if vlm.single_image:
+            image = vlm.single_image(whole, config)
     else:
         auto = transformers.AutoVideoProcessor if kind.video else transformers.AutoImageProcessor
         image = auto.from_pretrained(where)
@@ -253,7 +258,7 @@ def _hf_processors(kind: _HFKind, config: Any, where: str | None, vlm: bool) -> 
 
 
 class HF(Family):
-    """transformers vision models; see HF_MODEL_TYPES, HF_VLM_TYPES and HF_CONFIGS. `arch` is a hub id, a folder
+    """transformers vision models; see HF_MODEL_TYPES, VLM_KINDS and HF_CONFIGS. `arch` is a hub id, a folder
     saved by save_pretrained (config.json, optional weights and processor file) or a built-in name; `pretrained`
     is None (seeded random weights from the config: a VLM's drawn whole, so that its tower's are the same again),
     "hub" (the hub id's or folder's own weights) or a folder or weights file, all through from_pretrained."""
@@ -264,7 +269,7 @@ class HF(Family):
             with open(os.path.join(where, "config.json")) as f:
                 config = json.load(f)
             model_type, vision = config.get("model_type"), config.get("vision_config") or {}
-            if model_type not in HF_VLM_TYPES:
+            if model_type not in VLM_KINDS:
                 _hf_kind(model_type, where)
             elif "model_type" in vision:  # else the config class's default tower (LLaVA's: CLIP)
                 _vlm_tower(model_type, vision["model_type"], where)
@@ -286,20 +291,22 @@ class HF(Family):
                 config = transformers.AutoConfig.for_model(model_type, **fields)
             else:
                 config = transformers.AutoConfig.from_pretrained(where)
-            vlm = HF_VLM_TYPES.get(config.model_type)
+            vlm = VLM_KINDS.get(config.model_type)
             vision = getattr(config, "vision_config", None) or config  # CLIP, SigLIP: both towers; a VLM
-            kind = _hf_kind(vision.model_type, where)
-            if kind is _CLIP and vision is config and "CLIPVisionModelWithProjection" in (config.architectures or []):
-                kind = _CLIP_PROJECTED
             if vlm:
-                _vlm_tower(config.model_type, vision.model_type, where)
-            model_cls, whole = getattr(transformers, vlm[0] if vlm else kind.model_class), config if vlm else vision
+                kind = _vlm_tower(config.model_type, vision.model_type, where)
+                model_cls, whole = getattr(transformers, vlm.model_class), config
+            else:
+                kind = _hf_kind(vision.model_type, where)
+                if kind is _CLIP and "CLIPVisionModelWithProjection" in (vision.architectures or []):
+                    kind = _CLIP_PROJECTED
+                model_cls, whole = getattr(transformers, kind.model_class), vision
             if cfg.pretrained is None:
                 model = seeded(cfg.init_seed, model_cls, whole)
             else:
                 model = _hf_weights(model_cls, whole, where if cfg.pretrained == HUB_WEIGHTS else path,
                                     "auto" if vlm else torch.float32)
-            processor, prep = _hf_processors(kind, vision, None if source == "builtin" else where, vlm is not None)
+            processor, prep = _hf_processors(kind, vision, None if source == "builtin" else where, vlm)
         except ConfigError:
             raise
         except (OSError, ValueError) as e:  # the hub unreachable, a repo or file missing, a bad config
@@ -312,9 +319,9 @@ class HF(Family):
         layout = {"d": vision.hidden_size, "grid": [n // patch for n in prep.image_size],
                   "n_prefix": int(kind.has_cls) + n_registers, "has_cls": kind.has_cls}
         if vlm:
-            tower = attrgetter(vlm[1])(model)
-            backbone: _HFEncoder = _HFVisionTower(cfg, model, tower, processor, prep, attrgetter(kind.blocks)(tower),
-                                                  **layout)
+            tower = attrgetter(vlm.tower)(model)
+            backbone: _HFEncoder = HFVisionTower(cfg, model, vlm, tower, processor, prep,
+                                                  attrgetter(kind.blocks)(tower), **layout)
         else:
             backbone = _HFEncoder(cfg, model, prep, attrgetter(kind.blocks)(model),
                                   frames=vision.tubelet_size if kind.video else 0, **layout)

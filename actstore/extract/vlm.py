@@ -1,6 +1,7 @@
 """A vision-language model's answers to a prompt about an image, sampled through the Backbone's own modules.
 
-An `hf:` LLaVA backbone (actstore.extract.hf) is the VLM's vision tower and keeps the whole VLM (`backbone.vlm`);
+An `hf:` VLM backbone (actstore.extract.hf; the families: actstore.extract.vlm_kinds) is the VLM's vision tower and
+keeps the whole VLM (`backbone.vlm`);
 the tower inside it is the very module the Backbone hooks, so whatever is open on one of its layers (an
 intervention, an SAE spliced in) acts on the answers:
 
@@ -9,7 +10,8 @@ intervention, an SAE spliced in) acts on the answers:
         steered = responses(backbone, image, "What is in the picture?")
 
 The image goes in as `backbone.normalize(images)`, the pixels extraction and splicing see; the prompt is written
-with the source's processor (its chat template where it has one) and the answers are sampled by the VLM's own
+with the source's processor (its chat template where it has one, else its family's format: vlm_kinds.generate_inputs)
+and the answers are sampled by the VLM's own
 `generate` (its generation config, with sampling on at the given temperature). `stop`, a function of no arguments
 that generate asks after every token, ends the generation early when it returns true (the steering service's time
 bound): the answers are then cut short.
@@ -25,16 +27,14 @@ from torch import Tensor
 
 from actstore.errors import ConfigError
 from actstore.extract.hooked import Backbone
+from actstore.extract.vlm_kinds import FALLBACK_PROMPT, generate_inputs
 
 __all__ = ["FALLBACK_PROMPT", "responses"]
-
-FALLBACK_PROMPT = "USER: {image}\n{prompt} ASSISTANT:"
-"""llava-1.5's conversation format, for a processor without a chat template ({image}: its image token)."""
 
 
 def _check(backbone: Backbone, images: Tensor, prompt: str, n: int, temperature: float, max_new_tokens: int) -> None:
     if getattr(backbone, "vlm", None) is None:
-        raise ConfigError(f"{backbone.cfg.model} is not a vision-language model; responses need an hf: LLaVA")
+        raise ConfigError(f"{backbone.cfg.model} is not a vision-language model; responses need an hf: VLM")
     if backbone.processor is None:
         raise ConfigError(f"{backbone.cfg.model} has no processor (tokenizer) to write the prompt with")
     if not isinstance(prompt, str) or not prompt.strip():
@@ -71,23 +71,16 @@ def responses(backbone: Backbone, images: Tensor, prompt: str, *, n: int = 5, te
     token."""
     _check(backbone, images, prompt, n, temperature, max_new_tokens)
     processor, vlm = backbone.processor, backbone.vlm
-    if processor.chat_template:
-        text = processor.apply_chat_template(
-            [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}],
-            add_generation_prompt=True)
-    else:
-        text = FALLBACK_PROMPT.format(image=processor.image_token, prompt=prompt)
-    # the processor expands the image token to one per image feature; its own pixels are not used
-    tokens = processor(images=images[0].cpu(), text=text, return_tensors="pt")
     device = next(backbone.model.parameters()).device
     vlm.to(device)
+    # the processor expands the image token to one per image feature; its own pixels are not used
+    inputs = generate_inputs(backbone, images, prompt)
     tokenizer, config = processor.tokenizer, vlm.generation_config
     pad = {} if config.pad_token_id is not None else {
         "pad_token_id": tokenizer.eos_token_id if tokenizer.pad_token_id is None else tokenizer.pad_token_id}
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
-        out = vlm.generate(input_ids=tokens["input_ids"].to(device), attention_mask=tokens["attention_mask"].to(device),
-                           pixel_values=backbone.normalize(images), do_sample=True, temperature=float(temperature),
-                           max_new_tokens=max_new_tokens, num_return_sequences=n, **pad, **_stopping(stop))
-    answers = processor.batch_decode(out[:, tokens["input_ids"].shape[1]:], skip_special_tokens=True)
+        out = vlm.generate(**inputs, do_sample=True, temperature=float(temperature), max_new_tokens=max_new_tokens,
+                           num_return_sequences=n, **pad, **_stopping(stop))
+    answers = processor.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
     return [a.strip() for a in answers]

@@ -5,12 +5,14 @@ segmentation probe, or a vision-language model's answers.
     zeroshot[:FILE] a zero-shot classifier from class prompts (open_clip / transformers CLIP and SigLIP text towers);
                     FILE holds the class names, one per line (default: the store's dataset classes)
     probe:DIR       a probe from `actstore probe`: a CLS classifier, or a per-patch segmentation head
-    vlm[:MODEL]     a LLaVA-style model whose vision tower is the store's backbone: sampled answers to a prompt
+    vlm[:MODEL]     a VLM whose vision tower is the store's backbone (LLaVA, ...: actstore.extract.vlm_kinds): sampled
+                    answers to a prompt
 
 Every head runs the whole model from the image, so whatever is spliced in while it runs acts on its output. A head
 refuses edits that cannot reach its output (`check`, before any work): a VLM's language model reads the vision tower
-at one layer (LLaVA's vision_feature_layer) and may drop tokens there (vision_feature_select_strategy "default" drops
-the first, CLS), so an SAE on a later layer, or edits only of dropped tokens at the layer it reads, change nothing.
+at one layer (actstore.extract.vlm_kinds.read_layer: LLaVA's vision_feature_layer) and may drop tokens there (LLaVA's
+vision_feature_select_strategy "default" drops the first, CLS), so an SAE on a later layer, or edits only of dropped
+tokens at the layer it reads, change nothing.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import torch
 from torch import Tensor
 
 from actstore.errors import ConfigError
+from actstore.extract.vlm_kinds import read_layer
 from actstore.extract.zeroshot import DEFAULT_TEMPLATE, read_names, zero_shot_classifier
 from sae.edits import FeatureEdit, apply_edits
 from services.spliced import SAEInModel
@@ -151,27 +154,18 @@ def _vlm_head(m: SAEInModel, arg: str) -> VLMHead:
     return VLMHead("vlm", lambda x, prompt, **kw: responses(m.backbone, x, prompt, **kw), check=_vlm_reach(m))
 
 
-def _read_layer(config: Any, n_layers: int) -> tuple[int, Any]:
-    """(the index of the last tower layer a LLaVA's language model reads, vision_feature_layer): hidden_states[i]
-    is the output of layer i - 1 (0: the embeddings, -1), negative i counts from the end; a list reads several."""
-    spec = config.vision_feature_layer
-    read = [i - 1 if i >= 0 else n_layers + i for i in (spec if isinstance(spec, (list, tuple)) else [spec])]
-    return max(read), spec
-
-
 def _vlm_reach(m: SAEInModel) -> EditCheck:
     """Refuses an SAE after the last layer the language model reads; returns the check that refuses edits only of
     tokens its projector drops, when the SAE sits at that very layer (at an earlier one, the tower's attention
     carries an edit of any token to the tokens it keeps)."""
-    config = m.backbone.vlm.config
-    last, spec = _read_layer(config, config.vision_config.num_hidden_layers)
+    read = read_layer(m.backbone)
+    last = read.index
     if m.spec.index > last:
-        read = f"layer {m.backbone.spec(last).name}" if last >= 0 else "the embeddings"
-        raise ConfigError(f"the SAE's layer {m.layer} comes after {read}, the last the language model reads "
-                          f"(vision_feature_layer {spec}): edits there cannot change its answers; use an SAE on that "
-                          "layer or an earlier one")
-    strategy = getattr(config, "vision_feature_select_strategy", "full")
-    if m.spec.index < last or strategy != "default":
+        where = f"layer {m.backbone.spec(last).name}" if last >= 0 else "the embeddings"
+        raise ConfigError(f"the SAE's layer {m.layer} comes after {where}, the last the language model reads "
+                          f"({read.rule}): edits there cannot change its answers; use an SAE on that layer or an "
+                          "earlier one")
+    if m.spec.index < last or not read.drops_first:
         return _any_edit
     layout = m.spec.tokens
     dropped = "the CLS token" if layout.cls else "patch 0"
@@ -184,8 +178,7 @@ def _vlm_reach(m: SAEInModel) -> EditCheck:
                                   layout, m.tokens).flatten().nonzero().flatten()
             if reached.numel() and bool((reached == 0).all()):
                 raise ConfigError(f"edit {e}: the language model never sees {dropped} at layer {m.layer} (its "
-                                  "projector drops the first token there: vision_feature_select_strategy 'default'); "
-                                  "edit patches instead")
+                                  f"projector drops the first token there: {read.drop_rule}); edit patches instead")
     return check
 
 
