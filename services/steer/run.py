@@ -25,7 +25,7 @@ from actstore.extract.zeroshot import DEFAULT_TEMPLATE
 from actstore.store import STATUS_OK, ActivationStore
 from sae.edits import FeatureEdit, check_edits, edit_fn, parse_edit
 from sae.splice import splice
-from services.results import check_result_path, write_result
+from services.results import check_picture_path, check_result_path, write_picture, write_result
 from services.spliced import SAEInModel, decode_images, load_in_model
 from services.steer.heads import Head, build_head
 
@@ -59,9 +59,11 @@ class SteerConfig:
     --edit 12:set:0@all --edit 40:add:2.5@3,4. None: the clean model's output."""
     head: str = "model"
     """What to read out: model (the backbone's classifier), zeroshot[:FILE] (class names, one per line; default the
-    store's classes), probe:DIR (from `actstore probe`: CLS classifier or segmentation) or vlm[:MODEL]."""
+    store's classes), probe:DIR (from `actstore probe`: CLS classifier or segmentation), vlm[:MODEL], or
+    generate[:PIPELINE[@ADAPTER]] (a diffusers pipeline conditioned on the backbone's image embedding: unCLIP,
+    Kandinsky 2.2's decoder, Stable Diffusion with an IP-Adapter's weights file; see services.steer.generate)."""
     prompt: str | None = None
-    """The question for a vlm head."""
+    """The question for a vlm head; the text prompt of a generate head's pipeline, where it reads one."""
     json: str | None = None
     """Write the result here (an existing file is replaced only if it is a steer result and overwrite is set)."""
     store: str | None = None
@@ -81,6 +83,15 @@ class SteerConfig:
     """Seed of the vlm head's sampling: before and after sample with the same seed."""
     max_new_tokens: int = 24
     """Longest vlm answer, in tokens."""
+    steps: int = 25
+    """Denoising steps of a generate head."""
+    guidance: float | None = None
+    """Classifier-free guidance scale of a generate head; default the pipeline's own."""
+    size: int | None = None
+    """Height and width of a generate head's pictures, in pixels; default the pipeline's own."""
+    images: str | None = None
+    """Write a generate head's pictures to IMAGES.before.png and IMAGES.after.png (existing ones are replaced only if
+    they are steer pictures and overwrite is set)."""
     device: str = "cpu"
     """Where the backbone and the SAE run (e.g. "cuda")."""
     fidelity_check: bool = True
@@ -93,7 +104,9 @@ class SteerConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "edit", tuple(str(e) for e in self.edit))
-        check_at_least(self, "steer", {"top": 1, "responses": 1, "max_new_tokens": 1})
+        check_at_least(self, "steer", {"top": 1, "responses": 1, "max_new_tokens": 1, "steps": 1})
+        if self.size is not None and self.size < 8:
+            raise ConfigError(f"steer: size must be >= 8, got {self.size}")
         if not self.temperature > 0:
             raise ConfigError(f"steer: temperature must be > 0, got {self.temperature}")
 
@@ -189,20 +202,30 @@ class Steerer:
                         edit=edit_fn(edits, self.layout, m.tokens)):
                 after = head.predict(images, cancel=cancel, **options)
             _check(cancel)
-        return {"before": before, "after": after}
+        out = {"before": before, "after": after}
+        if "embedding" in before:  # a generate head: how far the edits moved the image embedding
+            out["cosine"] = float(torch.nn.functional.cosine_similarity(
+                torch.tensor(before["embedding"], dtype=torch.float64),
+                torch.tensor(after["embedding"], dtype=torch.float64), dim=0))
+        return out
 
 
 def run_steer(cfg: SteerConfig) -> dict[str, Any]:
     """Steer one image; returns the result (also written to cfg.json when given)."""
     check_result_path(cfg.json, FORMAT, "a steer result", cfg.overwrite, cfg.storage_options)
+    for side in ("before", "after") if cfg.images else ():
+        check_picture_path(f"{cfg.images}.{side}.png", cfg.overwrite, cfg.storage_options)
     steerer = Steerer(cfg.sae, cfg.store, cfg.device, cfg.storage_options, cfg.template, cfg.fidelity_check,
                       cfg.layer)
     edits = steerer.edits(cfg.edit)
     head = steerer.head(cfg.head)
+    if cfg.images and head.kind != "generate":
+        raise ConfigError(f"--images: the {head.name} head makes no pictures; it is for generate heads")
     images = steerer.image(cfg.image)
     started = time.perf_counter()
     out = steerer.steer(images, edits, head, top=cfg.top, prompt=cfg.prompt, n=cfg.responses,
-                        temperature=cfg.temperature, seed=cfg.seed, max_new_tokens=cfg.max_new_tokens)
+                        temperature=cfg.temperature, seed=cfg.seed, max_new_tokens=cfg.max_new_tokens,
+                        steps=cfg.steps, guidance=cfg.guidance, size=cfg.size)
     m = steerer.model
     result = {"format": FORMAT, "image": cfg.image if not cfg.image.strip().isdigit() else int(cfg.image),
               "head": head.name, "kind": head.kind, "classes": head.classes, "edits": [str(e) for e in edits],
@@ -210,6 +233,9 @@ def run_steer(cfg: SteerConfig) -> dict[str, Any]:
               "backbone": m.backbone.cfg.model, "layer": m.layer, "tokens": m.tokens, "grid": list(steerer.layout.grid),
               "d_sae": m.sae.cfg.d_sae, "store": redact(m.store_url), "fidelity": m.fidelity.to_dict(),
               "config": public_config(cfg)}
+    if cfg.images:
+        for side in ("before", "after"):
+            write_picture(f"{cfg.images}.{side}.png", out[side]["image"], cfg.storage_options)
     if cfg.json is not None:
         write_result(cfg.json, result, cfg.storage_options)
     return result
