@@ -18,6 +18,8 @@ def _side(r: dict[str, Any], side: str) -> list[str]:
     if "mask" in out:
         lines.extend(" ".join(f"{v:>2}" for v in row) for row in out["mask"])
     lines.extend(f"  {i + 1}. {text!r}" for i, text in enumerate(out.get("responses", [])))
+    if out.get("image"):
+        lines.append(f"a generated picture ({len(out['image']) * 3 // 4 // 1024} KiB of PNG)")
     return lines
 
 
@@ -29,6 +31,8 @@ def print_result(r: dict[str, Any]) -> None:
         print(f"{side}:")
         for line in _side(r, side):
             print(f"  {line}")
+    if "cosine" in r:
+        print(f"cosine of the image embeddings before and after: {r['cosine']:.6f}")
     print(fidelity_line(r["fidelity"]))
 
 
@@ -37,6 +41,8 @@ def cmd_steer(args: argparse.Namespace) -> int:
 
     cfg = config_from_args(SteerConfig, args, "steer")
     print_result(run_steer(cfg))
+    for path in [f"{cfg.images}.{side}.png" for side in ("before", "after")] if cfg.images else []:
+        print(f"{path}: written")
     if cfg.json:
         print(f"{cfg.json}: written")
     return 0

@@ -27,7 +27,7 @@ from actstore.errors import ConfigError
 from actstore.store import TokenLayout
 
 __all__ = ["MAX_VALUE", "OPS", "WHERE", "FeatureEdit", "FeatureEdits", "apply_edits", "check_edits", "edit_fn",
-           "parse_edit"]
+           "edited_tokens", "parse_edit"]
 
 OPS = ("scale", "add", "set", "clamp")
 WHERE = ("all", "cls", "patches")
@@ -112,6 +112,11 @@ def _rows(where: str | tuple[int, ...], positions: Tensor, layout: TokenLayout, 
         return positions >= cls
     chosen = torch.tensor(where, device=positions.device) + cls
     return torch.isin(positions, chosen)
+
+
+def edited_tokens(edit: FeatureEdit, layout: TokenLayout, trained: str = "patches") -> Tensor:
+    """The layout indices of the tokens `edit` applies to, ascending (what a head checks it can see)."""
+    return _rows(edit.where, torch.arange(layout.n_tokens), layout, trained).nonzero().flatten()
 
 
 def apply_edits(latents: Tensor, positions: Tensor, edits: Sequence[FeatureEdit], layout: TokenLayout,

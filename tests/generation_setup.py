@@ -14,7 +14,8 @@ from actstore.testing.tiny_diffusion import write_tiny_ip_adapter, write_tiny_ka
 from sae import SAEConfig, SparseAutoencoder, checkpoint
 
 LAYER = "0"
-"""The SAE's layer: the first of the tiny encoder's two, so that edits of any token reach the embedding."""
+"""The SAE's layer: the first of the tiny encoder's two, so that edits of any token reach the embedding (the store
+also holds the last, "1")."""
 
 
 @dataclass(frozen=True)
@@ -49,11 +50,15 @@ def build_generation(root: Path, kind: str = "unclip", n_images: int = 6, seed: 
     else:
         raise ValueError(kind)
     store = str(root / f"store-{kind}")
-    run_extract(ExtractConfig(images=str(images), model=f"hf:{encoder}", pretrained="hub", out=store, layers=(0,),
+    run_extract(ExtractConfig(images=str(images), model=f"hf:{encoder}", pretrained="hub", out=store, layers=(0, 1),
                               batch_size=n_images, images_per_shard=n_images, dtype="float32"), progress=False)
+    return Generation(pipeline, encoder, head, store, sae_on(store, LAYER, str(root / f"sae-{kind}")))
+
+
+def sae_on(store: str, layer: str, out: str) -> str:
+    """A random TopK SAE (d_sae 64, k 4) on the store's `layer`, behind its normalization, saved at `out`."""
     s = ActivationStore(store)
-    norm = Normalization.from_stats(s.stats(LAYER, "patches"), LAYER, "patches")
-    sae = SparseAutoencoder(SAEConfig(d_in=s.layer(LAYER).d, d_sae=64, kind="topk", k=4, init_seed=1))
-    out = str(root / f"sae-{kind}")
-    checkpoint.save(sae, out, normalization=norm, extra=checkpoint.origin(s, LAYER))
-    return Generation(pipeline, encoder, head, store, out)
+    norm = Normalization.from_stats(s.stats(layer, "patches"), layer, "patches")
+    sae = SparseAutoencoder(SAEConfig(d_in=s.layer(layer).d, d_sae=64, kind="topk", k=4, init_seed=1))
+    checkpoint.save(sae, out, normalization=norm, extra=checkpoint.origin(s, layer))
+    return out

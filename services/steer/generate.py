@@ -35,7 +35,7 @@ import torch
 from torch import Tensor
 
 from actstore.errors import ConfigError
-from sae.edits import FeatureEdit, apply_edits
+from sae.edits import FeatureEdit, edited_tokens
 from services.results import PICTURE_MARK
 from services.spliced import SAEInModel
 
@@ -165,12 +165,10 @@ def _reaches_embedding(m: SAEInModel) -> Callable[[Sequence[FeatureEdit]], None]
     layout = m.spec.tokens
     if m.spec.index != m.backbone.spec(-1).index or not layout.cls:
         return lambda edits: None
-    positions = torch.arange(layout.n_tokens)
 
     def check(edits: Sequence[FeatureEdit]) -> None:
-        for e in edits:  # the tokens `e` reaches, by sae.edits' own rules
-            reached = apply_edits(torch.zeros(layout.n_tokens, 1), positions, [FeatureEdit(0, "set", 1.0, e.where)],
-                                  layout, m.tokens).flatten().nonzero().flatten()
+        for e in edits:
+            reached = edited_tokens(e, layout, m.tokens)
             if reached.numel() and not bool((reached == 0).any()):
                 raise ConfigError(f"edit {e}: at the last layer ({m.layer}) the image embedding reads only the CLS "
                                   "token; edit cls or all, or use an SAE on an earlier layer")

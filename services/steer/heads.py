@@ -7,6 +7,9 @@ segmentation probe, or a vision-language model's answers.
     probe:DIR       a probe from `actstore probe`: a CLS classifier, or a per-patch segmentation head
     vlm[:MODEL]     a VLM whose vision tower is the store's backbone (LLaVA, ...: actstore.extract.vlm_kinds): sampled
                     answers to a prompt
+    generate[:PIPELINE[@ADAPTER]]
+                    a diffusers pipeline conditioned on the image embedding of the store's backbone (the pipeline's
+                    CLIP image encoder): the picture it generates (services.steer.generate)
 
 Every head runs the whole model from the image, so whatever is spliced in while it runs acts on its output. A head
 refuses edits that cannot reach its output (`check`, before any work): a VLM's language model reads the vision tower
@@ -27,12 +30,13 @@ from torch import Tensor
 from actstore.errors import ConfigError
 from actstore.extract.vlm_kinds import read_layer
 from actstore.extract.zeroshot import DEFAULT_TEMPLATE, read_names, zero_shot_classifier
-from sae.edits import FeatureEdit, apply_edits
+from sae.edits import FeatureEdit, edited_tokens
 from services.spliced import SAEInModel
+from services.steer.generate import GenerateHead, generate_head
 
 __all__ = ["HEAD_KINDS", "ClassHead", "Head", "SegHead", "VLMHead", "build_head"]
 
-HEAD_KINDS = ("model", "zeroshot", "probe", "vlm")
+HEAD_KINDS = ("model", "zeroshot", "probe", "vlm", "generate")
 
 
 EditCheck = Callable[[Sequence[FeatureEdit]], None]
@@ -102,7 +106,7 @@ class VLMHead:
                                          max_new_tokens=max_new_tokens, stop=None if cancel is None else cancel.is_set)}
 
 
-Head = ClassHead | SegHead | VLMHead
+Head = ClassHead | SegHead | VLMHead | GenerateHead
 
 
 def _model_head(m: SAEInModel, classes: list[str]) -> ClassHead:
@@ -169,13 +173,10 @@ def _vlm_reach(m: SAEInModel) -> EditCheck:
         return _any_edit
     layout = m.spec.tokens
     dropped = "the CLS token" if layout.cls else "patch 0"
-    positions = torch.arange(layout.n_tokens)
 
     def check(edits: Sequence[FeatureEdit]) -> None:
         for e in edits:
-            # the tokens `e` reaches, by sae.edits' own rules: a probe edit that sets a one-column latent to 1
-            reached = apply_edits(torch.zeros(layout.n_tokens, 1), positions, [FeatureEdit(0, "set", 1.0, e.where)],
-                                  layout, m.tokens).flatten().nonzero().flatten()
+            reached = edited_tokens(e, layout, m.tokens)
             if reached.numel() and bool((reached == 0).all()):
                 raise ConfigError(f"edit {e}: the language model never sees {dropped} at layer {m.layer} (its "
                                   f"projector drops the first token there: {read.drop_rule}); edit patches instead")
@@ -196,4 +197,7 @@ def build_head(spec: str, m: SAEInModel, classes: list[str] | None = None, templ
         return _probe_head(m, arg, options)
     if kind == "vlm":
         return _vlm_head(m, arg)
-    raise ConfigError(f"head {spec!r}: expected model, zeroshot[:FILE], probe:DIR or vlm[:MODEL]")
+    if kind == "generate":
+        return generate_head(m, arg)
+    raise ConfigError(f"head {spec!r}: expected model, zeroshot[:FILE], probe:DIR, vlm[:MODEL] or "
+                      "generate[:PIPELINE[@ADAPTER]]")
