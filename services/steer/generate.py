@@ -195,7 +195,7 @@ def generate_head(m: SAEInModel, arg: str) -> GenerateHead:
 
     device = next(m.backbone.model.parameters()).device
     try:
-        pipe = DiffusionPipeline.from_pretrained(folder, torch_dtype=_dtype(folder))
+        pipe = DiffusionPipeline.from_pretrained(folder, dtype=_dtype(folder))
     except (OSError, ValueError) as e:
         raise ConfigError(f"generate: {pipeline}: {' '.join(str(e).split())[:200]}") from e
     pipe.set_progress_bar_config(disable=True)
