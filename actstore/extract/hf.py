@@ -200,12 +200,12 @@ def _hf_kind(model_type: str | None, where: str) -> _HFKind:
     return HF_MODEL_TYPES[model_type]
 
 
-def _vlm_tower(model_type: str, vision_type: str | None, where: str) -> _HFKind:
+def _vlm_tower(model_type: str, vision_type: str | None, where: str) -> _HFKind | None:
     towers = VLM_KINDS[model_type].towers
     if vision_type not in towers:
         names = " or ".join({"clip_vision_model": "CLIP", "siglip_vision_model": "SigLIP"}.get(t, t) for t in towers)
         raise ConfigError(f"{where}: the vision tower of a {model_type} must be {names}, not {vision_type}")
-    return _TOWER_TYPES[vision_type]
+    return _TOWER_TYPES.get(vision_type)  # None: the VLMKind builds its own Backbone
 
 
 def _hf_weights(model_cls: Any, config: Any, weights: str, dtype: torch.dtype | str = torch.float32) -> nn.Module:
@@ -306,6 +306,9 @@ class HF(Family):
             else:
                 model = _hf_weights(model_cls, whole, where if cfg.pretrained == HUB_WEIGHTS else path,
                                     "auto" if vlm else torch.float32)
+            if vlm and vlm.backbone:  # a tower of none of the kinds here (Qwen's): the VLMKind builds the Backbone
+                built = vlm.backbone(cfg, model, vlm, None if source == "builtin" else where)
+                return self._weights(built, cfg, source, where, model)
             processor, prep = _hf_processors(kind, vision, None if source == "builtin" else where, vlm)
         except ConfigError:
             raise
@@ -325,6 +328,11 @@ class HF(Family):
         else:
             backbone = _HFEncoder(cfg, model, prep, attrgetter(kind.blocks)(model),
                                   frames=vision.tubelet_size if kind.video else 0, **layout)
+        return self._weights(backbone, cfg, source, where, model)
+
+    @staticmethod
+    def _weights(backbone: Backbone, cfg: BackboneConfig, source: str, where: str, model: nn.Module) -> Backbone:
+        """`backbone`, with what "hub" weights resolved to."""
         if cfg.pretrained == HUB_WEIGHTS:  # the hub id's weights (its revision) or the folder's own files
             backbone.hub_weights = ({"folder": where} if source == "folder" else
                                     {"hub_id": where, "revision": getattr(model.config, "_commit_hash", None)})

@@ -82,11 +82,36 @@ class VLMKind:
     """(the whole processor from a source's files, the vision config) -> the image processor the Backbone's
     preprocessing is built from, after setting the whole processor to one fixed-size square image, the tower's input
     (no image splitting): what the Backbone's preprocessor makes is then what the processor expects."""
+    backbone: Callable[[Any, Any, VLMKind, str | None], Any] | None = None
+    """(BackboneConfig, the whole model, this kind, the source's folder or hub id, None for built-in names) -> the
+    Backbone, for a tower that is none of actstore.extract.hf's tower kinds (Qwen's: actstore.extract.qwen_vl)."""
+    image_inputs: Callable[[Any, Tensor], dict[str, Tensor]] | None = None
+    """(the Backbone, its normalized images) -> generate's image inputs, for a tower that takes other than
+    pixel_values (B, 3, H, W) (Qwen's flattened patches and image_grid_thw)."""
+
+
+def _qwen_read(config: Any, n_blocks: int) -> ReadLayer:
+    """Qwen2-VL and Qwen2.5-VL merge the last block's output (every patch) into the language model's tokens."""
+    return ReadLayer(n_blocks - 1, "its merger reads the last block")
+
+
+def _qwen_backbone(*args: Any) -> Any:
+    from actstore.extract.qwen_vl import load_qwen_tower  # it imports actstore.extract.hf, which imports this module
+
+    return load_qwen_tower(*args)
+
+
+def _qwen(model_class: str, tower: str) -> VLMKind:
+    return VLMKind(model_class, "model.visual", (tower,), _qwen_read, passed=("input_ids", "attention_mask",
+                                                                             "mm_token_type_ids"),
+                   backbone=_qwen_backbone, image_inputs=lambda backbone, x: backbone.pixel_inputs(x))
 
 
 VLM_KINDS: dict[str, VLMKind] = {
     "llava": VLMKind("LlavaForConditionalGeneration", "model.vision_tower",
                      ("clip_vision_model", "siglip_vision_model"), _llava_read),
+    "qwen2_vl": _qwen("Qwen2VLForConditionalGeneration", "qwen2_vl_vision"),
+    "qwen2_5_vl": _qwen("Qwen2_5_VLForConditionalGeneration", "qwen2_5_vl_vision"),
 }
 """Vision-language model types loaded natively, by config model_type."""
 
@@ -108,10 +133,19 @@ def generate_inputs(backbone: Any, images: Tensor, prompt: str) -> dict[str, Ten
     tokens = processor(images=images[0].cpu(), text=_prompt_text(processor, prompt, kind.fallback_prompt),
                        return_tensors="pt")
     pixels = backbone.normalize(images)
-    pixels = pixels[:, None] if kind.image_axis else pixels
-    theirs = tokens.get("pixel_values")
-    if theirs is not None and tuple(theirs.shape) != tuple(pixels.shape):
-        raise ConfigError(f"{backbone.cfg.model}: its processor makes pixel_values of shape {tuple(theirs.shape)} for "
-                          f"one image, the vision tower takes {tuple(pixels.shape)}; its answers cannot be steered "
-                          "through this backbone")
-    return {**{k: tokens[k].to(pixels.device) for k in kind.passed if k in tokens}, "pixel_values": pixels}
+    if kind.image_inputs:
+        image = kind.image_inputs(backbone, pixels)
+    else:
+        image = {"pixel_values": pixels[:, None] if kind.image_axis else pixels}
+    for key, ours in image.items():  # the processor's own shapes (and grids: integers) must be ours
+        theirs = tokens.get(key)
+        if theirs is None:
+            continue
+        if ours.is_floating_point():
+            theirs, ours = tuple(theirs.shape), tuple(ours.shape)
+        else:
+            theirs, ours = theirs.tolist(), ours.tolist()
+        if theirs != ours:
+            raise ConfigError(f"{backbone.cfg.model}: its processor makes {key} {theirs} for one image, the vision "
+                              f"tower takes {ours}; its answers cannot be steered through this backbone")
+    return {**{k: tokens[k].to(pixels.device) for k in kind.passed if k in tokens}, **image}
