@@ -13,9 +13,10 @@ import torch
 import transformers
 from PIL import Image
 
+from actstore.errors import ConfigError
 from actstore.extract import ExtractConfig, run_extract
 from actstore.extract.backbones import Backbone, BackboneConfig, load_backbone
-from actstore.extract.qwen_vl import QWEN_IMAGE_SIZE, patchify
+from actstore.extract.qwen_vl import QWEN_IMAGE_SIZE, patchify, qwen_image_size
 from actstore.extract.vlm import responses
 from actstore.store import ActivationStore
 from actstore.testing.shapes import generate_dataset
@@ -79,6 +80,21 @@ def test_patchify_is_the_processors() -> None:
         assert theirs["image_grid_thw"].tolist() == [[1, size // patch, size // patch]] * 2
         torch.testing.assert_close(ours, theirs["pixel_values"], rtol=0, atol=1e-5)
         assert torch.equal(ours, pixel_values(normalized, patch))
+
+
+def test_the_image_size_is_one_the_processor_leaves_as_it_is() -> None:
+    """A checkpoint's default bounds take 448 px; a processor naming one square size gives it; a size that is not a
+    multiple of patch x merge, or outside the processor's bounds (it would resize, and the prompt's image tokens
+    would not match our pixels), is refused in one line."""
+    config = transformers.Qwen2VLConfig().vision_config  # 14 px patches, merged 2 x 2
+    processor = transformers.Qwen2VLImageProcessor
+    assert qwen_image_size(config, processor()) == qwen_image_size(config, None) == QWEN_IMAGE_SIZE
+    assert qwen_image_size(config, processor(min_pixels=224 ** 2, max_pixels=224 ** 2)) == 224
+    for bounds, message in (((210 ** 2, 210 ** 2), r"images of 210 px are not a multiple of .* \(28\)"),
+                            ((56 ** 2, 200 ** 2), r"min_pixels/max_pixels \(3136, 40000\) would resize 448 x 448")):
+        with pytest.raises(ConfigError, match=message) as e:
+            qwen_image_size(config, processor(min_pixels=bounds[0], max_pixels=bounds[1]))
+        assert "\n" not in str(e.value)
 
 
 @pytest.mark.parametrize("version", VERSIONS)
