@@ -157,7 +157,7 @@ def load_qwen_tower(cfg: BackboneConfig, vlm: nn.Module, kind: VLMKind, where: s
     if where is not None and any(cached_file(where, name, _raise_exceptions_for_missing_entries=False)
                                  for name in (PROCESSOR_NAME, IMAGE_PROCESSOR_NAME)):
         processor = transformers.AutoProcessor.from_pretrained(where)
-    image_processor = getattr(processor, "image_processor", None)
+    image_processor = getattr(processor, "image_processor", processor)  # a folder with an image processor only
     size = qwen_image_size(vlm.config.vision_config, image_processor)
     return QwenVisionTower(cfg, vlm, kind, processor if hasattr(processor, "tokenizer") else None,
                            qwen_preprocessor(image_processor, size))
