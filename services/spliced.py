@@ -100,10 +100,11 @@ def sae_record(sae: str, store: str | None = None, storage_options: dict[str, An
 
 def load_in_model(sae: str, store: str | None = None, device: str = "cpu",
                   storage_options: dict[str, Any] | None = None, fidelity_check: bool = True,
-                  layer: str | None = None) -> SAEInModel:
+                  layer: str | None = None, trust_remote_code: bool = False) -> SAEInModel:
     """The SAE at `sae` inside the backbone its store (`store`, else the recorded one) was extracted with, on `layer`
     (else the one it records; another library's SAE may need it named), checked to belong to the store and, unless
-    `fidelity_check` is off, to make its activations (see the module docstring)."""
+    `fidelity_check` is off, to make its activations (see the module docstring). `trust_remote_code`: the backbone
+    may run the modeling code its model ships (never taken from the store's record)."""
     options = storage_options or {}
     if layer is not None:
         sae = pick_checkpoint(sae, layer, options)
@@ -122,7 +123,8 @@ def load_in_model(sae: str, store: str | None = None, device: str = "cpu",
     if family == "timm" and pretrained == "hub" and (meta.get("weights") or {}).get("tag"):
         pretrained = meta["weights"]["tag"]  # what "hub" resolved to then, not timm's default of today
     backbone = load_backbone(BackboneConfig(f"{family}:{name}", layers=(spec.name,), pretrained=pretrained,
-                                            init_seed=int(meta.get("init_seed", 0)))).to(device)
+                                            init_seed=int(meta.get("init_seed", 0)),
+                                            trust_remote_code=trust_remote_code)).to(device)
     rebuilt = backbone.layer_specs()[0]
     if (rebuilt.d, rebuilt.tokens) != (spec.d, spec.tokens):
         raise ConfigError(f"{family}:{name} layer {spec.name} makes {rebuilt.tokens.n_tokens} tokens of width "

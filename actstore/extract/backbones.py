@@ -48,6 +48,9 @@ class BackboneConfig:
     library code as the tags, or None for seeded random weights."""
     init_seed: int = 0
     """Seed of the random initialization, so that two loads of random weights are identical."""
+    trust_remote_code: bool = False
+    """hf: run the modeling code a model ships (auto_map in its config.json: actstore.extract.remote_vlm); never
+    recorded in a store, so each command that loads such a model must be given it again."""
 
     def __post_init__(self) -> None:
         family, sep, arch = str(self.model).partition(":")

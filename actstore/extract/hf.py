@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from actstore.errors import ConfigError
 from actstore.extract.hooked import HUB_WEIGHTS, Backbone, Family, ViT, checkpoint_path, seeded
 from actstore.extract.preprocess import Preprocessor
+from actstore.extract.remote_vlm import needs_remote_code, remote_kind, remote_model_class
 from actstore.extract.vlm_kinds import VLM_KINDS, VLMKind
 
 if TYPE_CHECKING:
@@ -149,8 +150,13 @@ HF_MODEL_TYPES: dict[str, _HFKind] = {
 }
 """Supported config model types (a CLIP or SigLIP checkpoint with both towers loads its vision tower)."""
 
-_TOWER_TYPES = HF_MODEL_TYPES
-"""Tower kinds by vision config model type, those of VLMs included (VLMKind.towers names them)."""
+_TOWER_TYPES = {**HF_MODEL_TYPES, **{f"{name}_vision": replace(_SIGLIP, model_class=f"{cls}VisionTransformer")
+                                     for name, cls in (("idefics3", "Idefics3"), ("smolvlm", "SmolVLM"))}}
+"""Tower kinds by vision config model type, those only inside VLMs included (VLMKind.towers names them): Idefics3's
+and SmolVLM's towers are SigLIP's without its attention-pool head."""
+
+_NATIVE = {*HF_MODEL_TYPES, *VLM_KINDS}
+"""Model types loaded with transformers' own code (an auto_map in their config.json is not followed)."""
 
 _DINOV2_SIZES = {"small": (384, 12, 6), "base": (768, 12, 12), "large": (1024, 24, 16)}
 HF_CONFIGS: dict[str, tuple[str, str, dict[str, Any]]] = {
@@ -232,11 +238,13 @@ def _hf_weights(model_cls: Any, config: Any, weights: str, dtype: torch.dtype | 
     return model
 
 
-def _hf_processors(kind: _HFKind, config: Any, where: str | None, vlm: VLMKind | None) -> tuple[Any, Preprocessor]:
+def _hf_processors(kind: _HFKind, config: Any, where: str | None, vlm: VLMKind | None,
+                   remote: bool = False) -> tuple[Any, Preprocessor]:
     """(a VLM's whole processor (tokenizer, chat template), None for vision models and sources without one; the
     Preprocessor). The image steps are the source's own processor file's where it has one (a VLM's: its whole
     processor's image processor, set to one fixed-size square image by its kind's `single_image`), else
-    `kind.processor_defaults` (built-in names, folders saved without one), as PIL steps + ToTensor + Normalize."""
+    `kind.processor_defaults` (built-in names, folders saved without one), as PIL steps + ToTensor + Normalize.
+    `remote`: the processor may be the source's own code (behind --trust-remote-code)."""
     import transformers
     from transformers.utils import IMAGE_PROCESSOR_NAME, PROCESSOR_NAME, VIDEO_PROCESSOR_NAME, cached_file
 
@@ -245,7 +253,7 @@ def _hf_processors(kind: _HFKind, config: Any, where: str | None, vlm: VLMKind |
     if where is None or not any(cached_file(where, n, _raise_exceptions_for_missing_entries=False) for n in names):
         image = getattr(transformers, kind.processor_class)(**kind.processor_defaults(config))
     elif vlm:
-        whole = transformers.AutoProcessor.from_pretrained(where)
+        whole = transformers.AutoProcessor.from_pretrained(where, trust_remote_code=remote)
         image = getattr(whole, "image_processor", whole)
         if vlm.single_image:
             image = vlm.single_image(whole, config)
@@ -269,7 +277,9 @@ class HF(Family):
             with open(os.path.join(where, "config.json")) as f:
                 config = json.load(f)
             model_type, vision = config.get("model_type"), config.get("vision_config") or {}
-            if model_type not in VLM_KINDS:
+            if needs_remote_code(config, _NATIVE):
+                pass  # checked where it loads, behind --trust-remote-code
+            elif model_type not in VLM_KINDS:
                 _hf_kind(model_type, where)
             elif "model_type" in vision:  # else the config class's default tower (LLaVA's: CLIP)
                 _vlm_tower(model_type, vision["model_type"], where)
@@ -288,12 +298,18 @@ class HF(Family):
         try:
             if source == "builtin":
                 _, model_type, fields = HF_CONFIGS[cfg.arch]
-                config = transformers.AutoConfig.for_model(model_type, **fields)
+                config, remote = transformers.AutoConfig.for_model(model_type, **fields), False
             else:
-                config = transformers.AutoConfig.from_pretrained(where)
-            vlm = VLM_KINDS.get(config.model_type)
+                remote = needs_remote_code(transformers.PretrainedConfig.get_config_dict(where)[0], _NATIVE)
+                if remote and not cfg.trust_remote_code:
+                    raise ConfigError(f"{cfg.model} ships its own modeling code (auto_map in its config.json); pass "
+                                      "--trust-remote-code to run it")
+                config = transformers.AutoConfig.from_pretrained(where, trust_remote_code=remote)
+            vlm = None if remote else VLM_KINDS.get(config.model_type)
             vision = getattr(config, "vision_config", None) or config  # CLIP, SigLIP: both towers; a VLM
-            if vlm:
+            if remote:  # actstore.extract.remote_vlm's rule: the kind and tower are found in the model
+                model_cls, whole = remote_model_class(config, where), config
+            elif vlm:
                 kind = _vlm_tower(config.model_type, vision.model_type, where)
                 model_cls, whole = getattr(transformers, vlm.model_class), config
             else:
@@ -305,11 +321,14 @@ class HF(Family):
                 model = seeded(cfg.init_seed, model_cls, whole)
             else:
                 model = _hf_weights(model_cls, whole, where if cfg.pretrained == HUB_WEIGHTS else path,
-                                    "auto" if vlm else torch.float32)
+                                    "auto" if vlm or remote else torch.float32)
+            if remote:
+                vlm, tower = remote_kind(model, cfg.model)
+                vision, kind = tower.config, _TOWER_TYPES[tower.config.model_type]
             if vlm and vlm.backbone:  # a tower of none of the kinds here (Qwen's): the VLMKind builds the Backbone
                 built = vlm.backbone(cfg, model, vlm, None if source == "builtin" else where)
                 return self._weights(built, cfg, source, where, model)
-            processor, prep = _hf_processors(kind, vision, None if source == "builtin" else where, vlm)
+            processor, prep = _hf_processors(kind, vision, None if source == "builtin" else where, vlm, remote)
         except ConfigError:
             raise
         except (OSError, ValueError) as e:  # the hub unreachable, a repo or file missing, a bad config

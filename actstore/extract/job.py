@@ -73,6 +73,9 @@ class ExtractConfig:
     """Hub tag or local checkpoint path; None for random weights."""
     init_seed: int = 0
     """Seed of random weights (recorded in the store)."""
+    trust_remote_code: bool = False
+    """Run the modeling code an hf: model ships (auto_map in its config.json: actstore.extract.remote_vlm); not
+    recorded in the store, so each later command that loads the model needs it again."""
     max_pixels: int = DEFAULT_MAX_PIXELS
     """Images with more pixels are rejected as decompression bombs."""
     num_actors: int | None = None
@@ -124,7 +127,7 @@ class ExtractConfig:
 
     @property
     def backbone(self) -> BackboneConfig:
-        return BackboneConfig(self.model, self.layers, self.pretrained, self.init_seed)
+        return BackboneConfig(self.model, self.layers, self.pretrained, self.init_seed, self.trust_remote_code)
 
 
 @dataclass(frozen=True)

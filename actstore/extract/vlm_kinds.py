@@ -60,6 +60,28 @@ def _prompt_text(processor: Any, prompt: str, fallback: str) -> str:
     return fallback.format(image=processor.image_token, prompt=prompt)
 
 
+def _last_read(config: Any, n_blocks: int) -> ReadLayer:
+    """Idefics3, SmolVLM and PaliGemma read the tower's last_hidden_state: its last block's output after its
+    post_layernorm, every token (there is no CLS; Idefics3's connector pixel-shuffles scale_factor x scale_factor
+    patches into one token, so every patch still reaches the language model)."""
+    return ReadLayer(n_blocks - 1, f"{config.model_type} reads the tower's last layer, after its post_layernorm")
+
+
+def _square_idefics3(processor: Any, vision: Any) -> Any:
+    """Idefics3's and SmolVLM's processors resize the longest edge, pad, and split large images into a grid of
+    crops (`<row_i_col_j>` tokens) beside a global image: set to one image of the tower's size, unsplit and
+    unpadded, so that the prompt holds one global image's tokens and the pixels are the Backbone's square."""
+    import transformers
+
+    image, side = processor.image_processor, vision.image_size
+    image.do_image_splitting, image.do_pad = False, False
+    image.size, image.max_image_size = {"longest_edge": side}, {"longest_edge": side}
+    return transformers.SiglipImageProcessor(size={"height": side, "width": side}, resample=image.resample,
+                                             do_rescale=image.do_rescale, rescale_factor=image.rescale_factor,
+                                             do_normalize=image.do_normalize, image_mean=image.image_mean,
+                                             image_std=image.image_std)
+
+
 @dataclass(frozen=True)
 class VLMKind:
     """How the models of one transformers VLM type keep their vision tower and take an image."""
@@ -110,6 +132,15 @@ def _qwen(model_class: str, tower: str) -> VLMKind:
 VLM_KINDS: dict[str, VLMKind] = {
     "llava": VLMKind("LlavaForConditionalGeneration", "model.vision_tower",
                      ("clip_vision_model", "siglip_vision_model"), _llava_read),
+    **{name: VLMKind(cls, "model.vision_model", (f"{name}_vision",), _last_read,
+                     "User:{image}{prompt}<end_of_utterance>\nAssistant:", image_axis=True,
+                     single_image=_square_idefics3)
+       for name, cls in (("idefics3", "Idefics3ForConditionalGeneration"),
+                         ("smolvlm", "SmolVLMForConditionalGeneration"))},
+    # the processor puts the image tokens and <bos> before the prompt; token_type_ids mark the prefix (attended
+    # both ways)
+    "paligemma": VLMKind("PaliGemmaForConditionalGeneration", "model.vision_tower", ("siglip_vision_model",),
+                         _last_read, "{image}{prompt}", passed=("input_ids", "attention_mask", "token_type_ids")),
     "qwen2_vl": _qwen("Qwen2VLForConditionalGeneration", "qwen2_vl_vision"),
     "qwen2_5_vl": _qwen("Qwen2_5_VLForConditionalGeneration", "qwen2_5_vl_vision"),
 }

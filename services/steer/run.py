@@ -99,6 +99,9 @@ class SteerConfig:
     then says so)."""
     overwrite: bool = False
     """Replace an existing steer result at `json`."""
+    trust_remote_code: bool = False
+    """Run the modeling code an hf: model ships (auto_map in its config.json: actstore.extract.remote_vlm); the store
+    never records it, so each command that loads such a model needs it."""
     storage_options: dict[str, Any] = field(default_factory=dict)
     """fsspec options for the SAE, the store and the image."""
 
@@ -116,10 +119,11 @@ class Steerer:
 
     def __init__(self, sae: str, store: str | None = None, device: str = "cpu",
                  storage_options: dict[str, Any] | None = None, template: str = DEFAULT_TEMPLATE,
-                 fidelity_check: bool = True, layer: str | None = None) -> None:
+                 fidelity_check: bool = True, layer: str | None = None, trust_remote_code: bool = False) -> None:
         self.storage_options = dict(storage_options or {})
         self.template = template
-        self.model: SAEInModel = load_in_model(sae, store, device, self.storage_options, fidelity_check, layer)
+        self.model: SAEInModel = load_in_model(sae, store, device, self.storage_options, fidelity_check, layer,
+                                               trust_remote_code)
         self.store = ActivationStore(self.model.store_url, self.storage_options)
         self.images = self.store.images()
         self.classes = list(self.store.attrs.get("dataset", {}).get("class_names", []))
@@ -216,7 +220,7 @@ def run_steer(cfg: SteerConfig) -> dict[str, Any]:
     for side in ("before", "after") if cfg.images else ():
         check_picture_path(f"{cfg.images}.{side}.png", cfg.overwrite, cfg.storage_options)
     steerer = Steerer(cfg.sae, cfg.store, cfg.device, cfg.storage_options, cfg.template, cfg.fidelity_check,
-                      cfg.layer)
+                      cfg.layer, cfg.trust_remote_code)
     edits = steerer.edits(cfg.edit)
     head = steerer.head(cfg.head)
     if cfg.images and head.kind != "generate":
