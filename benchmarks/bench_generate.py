@@ -1,6 +1,6 @@
 """Steering a generator: one POST /steer through the generate head against the pipeline alone.
 
-Data (services.steer.setup.build_generation): a tiny random Stable unCLIP pipeline (actstore.testing.tiny_diffusion:
+Data (services.steer.setup.generation_store): a tiny random Stable unCLIP pipeline (actstore.testing.tiny_diffusion:
 a 2-layer CLIP image encoder, a 2-level UNet, a 2-level VAE), generated shapes, a store of the encoder's layers and a
 random TopK SAE (d_sae 64, k 4) on its first layer, indexed for the service.
 
@@ -27,8 +27,10 @@ import numpy as np
 import requests
 import torch
 
+from actstore.testing.shapes import generate_dataset
+from actstore.testing.tiny_diffusion import write_tiny_unclip
 from services.index import IndexConfig, build_index
-from services.steer.setup import build_generation
+from services.steer.setup import generation_store
 from _common import Parser, Run, log, machine, print_notes, print_table  # benchmarks/ is sys.path[0]
 
 
@@ -105,12 +107,14 @@ def main() -> None:
 
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
         log(f"building the tiny unCLIP setup in {tmp}")
-        g = build_generation(Path(tmp), "unclip", n_images=8)
-        index = build_index(IndexConfig(g.store, g.sae, str(Path(tmp) / "index"), k=4), progress=False)
+        generate_dataset(f"{tmp}/images", 8, seed=2, image_size=64)
+        pipeline = write_tiny_unclip(f"{tmp}/unclip")
+        store, sae = generation_store(tmp, f"{tmp}/images", f"{pipeline}/image_encoder")
+        index = build_index(IndexConfig(store, sae, str(Path(tmp) / "index"), k=4), progress=False)
         ray.shutdown()
         run = Run("bench_generate", args)
         log(f"the pipeline alone: {n} generations of {steps} steps at {size} px")
-        alone = pipeline_ms(g.pipeline, steps, size, n)
+        alone = pipeline_ms(pipeline, steps, size, n)
         log(f"POST /steer: {n} requests")
         steer = steer_ms(str(index), 8, steps, size, n)
         run.stop()

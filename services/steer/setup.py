@@ -4,8 +4,8 @@
                        on sae_layer's patches -> its feature index -> a segmentation probe, and a class probe per
                        label table, on probe_layer. The probes read a later layer than the SAE's, so edits reach them
                        through the model's own blocks.
-    build_generation   a tiny random diffusers pipeline (actstore.testing.tiny_diffusion) -> a store from its image
-                       encoder's two layers -> a random TopK SAE on the first (the generate head's tests, benchmark)
+    generation_store   images through a diffusion pipeline's image encoder -> a store of its first two layers -> a
+                       random TopK SAE on the first (the generate head's tests and benchmark, on tiny pipelines)
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["Generation", "SteeringSetup", "build_generation", "build_steering", "random_sae"]
+__all__ = ["SteeringSetup", "build_steering", "generation_store", "random_sae"]
 
 
 @dataclass(frozen=True)
@@ -60,46 +60,18 @@ def build_steering(root: str | Path, images: str, masks: str, model: str = "open
     return SteeringSetup(root, store, sae, str(index), str(root / "seg"), made)
 
 
-@dataclass(frozen=True)
-class Generation:
-    pipeline: str
-    """The pipeline's folder."""
-    encoder: str
-    """Its image encoder's folder: the store's backbone is hf:<encoder>."""
-    head: str
-    """The head spec that steers through it."""
-    store: str
-    sae: str
-    """A random TopK SAE on the store's layer "0" (the first of two: edits of any token there reach the embedding)."""
 
-
-def build_generation(root: str | Path, kind: str = "unclip", n_images: int = 6, seed: int = 0) -> Generation:
-    """Under `root`: `n_images` generated shapes (64 px), the tiny pipeline `kind` (unclip, kandinsky or
-    ip-adapter), a store of its image encoder's layers 0 and 1, and a random SAE on layer 0."""
+def generation_store(root: str | Path, images: str, encoder: str, name: str = "generation") -> tuple[str, str]:
+    """(store, sae) under `root`: `images` through hf:`encoder` (a diffusion pipeline's CLIP image encoder), its
+    layers 0 and 1, and a random TopK SAE on layer 0 (the first of two: edits of any token there reach the
+    embedding) with its origin recorded."""
     from actstore.extract import ExtractConfig, run_extract
-    from actstore.testing.shapes import generate_dataset
-    from actstore.testing.tiny_diffusion import write_tiny_ip_adapter, write_tiny_kandinsky, write_tiny_unclip
 
     root = Path(root)
-    images = root / "images"
-    if not images.exists():
-        generate_dataset(str(images), n_images, seed=2, image_size=64)
-    if kind == "unclip":
-        pipeline = write_tiny_unclip(str(root / kind), seed)
-        encoder, head = f"{pipeline}/image_encoder", "generate"
-    elif kind == "kandinsky":
-        folder = write_tiny_kandinsky(str(root / kind), seed)
-        pipeline, encoder, head = f"{folder}/decoder", f"{folder}/image_encoder", f"generate:{folder}/decoder"
-    elif kind == "ip-adapter":
-        folder = write_tiny_ip_adapter(str(root / kind), seed)
-        pipeline, encoder = f"{folder}/sd", f"{folder}/adapter/models/image_encoder"
-        head = f"generate:{pipeline}@{folder}/adapter/models/ip-adapter.safetensors"
-    else:
-        raise ValueError(f"kind must be unclip, kandinsky or ip-adapter, got {kind!r}")
-    store = str(root / f"store-{kind}")
-    run_extract(ExtractConfig(images=str(images), model=f"hf:{encoder}", pretrained="hub", out=store, layers=(0, 1),
-                              batch_size=n_images, images_per_shard=n_images, dtype="float32"), progress=False)
-    return Generation(pipeline, encoder, head, store, random_sae(store, "0", str(root / f"sae-{kind}")))
+    store = str(root / f"store-{name}")
+    run_extract(ExtractConfig(images=images, model=f"hf:{encoder}", pretrained="hub", out=store, layers=(0, 1),
+                              batch_size=16, images_per_shard=16, dtype="float32"), progress=False)
+    return store, random_sae(store, "0", str(root / f"sae-{name}"))
 
 
 def random_sae(store: str, layer: str, out: str, d_sae: int = 64, k: int = 4) -> str:
