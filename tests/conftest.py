@@ -15,6 +15,7 @@ from actstore.testing.s3 import MotoS3
 # pytest-xdist (`make test`: -n 2 --dist loadfile --no-loadscope-reorder) ---------------------------------
 
 GROUPS = {"steering": re.compile(r"\b(steer_setup|steer_url)\b"),
+          "generation": re.compile(r"\b(generation_index|generation_url)\b"),
           "service": re.compile(r"\b(service_store|index_dir|atlas_index_dir|compare_dir|api_url|api_url_token|"
                                 r"compare_url)\b")}
 """Files on these session fixtures (found in their source) run on one worker, so that each is built once."""
@@ -230,3 +231,66 @@ def steer_url(steer_setup):
 
     heads = (f"probe:{steer_setup['seg']}", f"probe:{steer_setup['color']}", "zeroshot")
     yield from _serve(create_app(steer_setup["index"], steer_heads=heads))
+
+
+# generation: a tiny random Stable unCLIP pipeline -> a store of its image encoder -> a random SAE, its index ---------
+
+GENERATION_TIMEOUT_S = 10.0
+"""The generation service's --steer-timeout: a tiny request (a few steps at 32-64 px) takes well under a second on one
+thread, 200 steps at 128 px more than a minute."""
+
+
+@pytest.fixture(scope="session")
+def generation_index(ray_local, tmp_path_factory):
+    """(Generation, index folder): 6 generated shapes (64 px) through a tiny random Stable unCLIP pipeline's image
+    encoder, a random TopK SAE (d_sae 64, k 4) on its first layer (tests/generation_setup.py), the SAE's index."""
+    from generation_setup import build_generation
+    from services.index import IndexConfig, build_index
+
+    root = tmp_path_factory.mktemp("generation")
+    g = build_generation(root, "unclip")
+    return g, build_index(IndexConfig(g.store, g.sae, str(root / "index"), k=4), progress=False)
+
+
+@pytest.fixture(scope="session")
+def generation_url(generation_index, tmp_path_factory):
+    """`actstore serve --steer generate:PIPELINE` over that index in a process of its own (one worker, one steering
+    slot, one torch thread, a GENERATION_TIMEOUT_S bound), its model loaded; the base URL. Its log:
+    <tmp>/generation-serve*/serve.log."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    import requests
+
+    g, index = generation_index
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = tmp_path_factory.mktemp("generation-serve") / "serve.log"
+    cmd = [sys.executable, "-m", "actstore_cli", "serve", "--index", str(index), "--port", str(port), "--workers", "1",
+           "--steer", f"generate:{g.pipeline}", "--steer-slots", "1", "--steer-threads", "1",
+           "--steer-timeout", str(GENERATION_TIMEOUT_S)]
+    url = f"http://127.0.0.1:{port}"
+    with open(log, "wb") as out:
+        server = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "ACTSTORE_TOKEN": ""})
+    try:
+        deadline = time.monotonic() + 180
+        while True:  # up, then the model loaded (the first GET starts the load, which may outlast the bound)
+            assert server.poll() is None, f"actstore serve exited ({server.returncode}): {log.read_text()[-2000:]}"
+            assert time.monotonic() < deadline, f"the generation service never got ready: {log.read_text()[-2000:]}"
+            try:
+                if requests.get(f"{url}/steer/heads", timeout=60).status_code == 200:
+                    break
+            except requests.ConnectionError:
+                pass
+            time.sleep(0.2)
+        yield url
+    finally:
+        server.terminate()
+        try:
+            server.wait(30)
+        except subprocess.TimeoutExpired:
+            server.kill()

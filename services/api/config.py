@@ -36,14 +36,15 @@ class ServeConfig:
     """Comparison folder (from `actstore compare`) one of whose sides is this index: the page shows each feature's
     matches in the other SAE, with that SAE's top images."""
     steer: tuple[str, ...] = ()
-    """Heads the steering dashboards and POST /steer may read out: model, zeroshot[:FILE], probe:DIR, vlm (the index's
-    SAE is spliced into its store's backbone, loaded on the first steering request); none: no steering."""
+    """Heads the steering dashboards and POST /steer may read out: model, zeroshot[:FILE], probe:DIR, vlm,
+    generate[:PIPELINE[@ADAPTER]] (the index's SAE is spliced into its store's backbone, loaded on the first steering
+    request); none: no steering."""
     steer_timeout: float = 30.0
     """Seconds a steering request may take, the model's loading included; past it the request is stopped (at its
-    next pass, or a VLM's next token) and answered 503."""
+    next pass, a VLM's next token, or a generator's next denoising step) and answered 503."""
     steer_device: str = "auto"
     """Where the steering model runs: auto (cuda when present, else cpu), cpu, cuda, cuda:N; each worker loads its
-    own copy (a VLM in its checkpoint's dtype)."""
+    own copy (a VLM or a generator's pipeline in its checkpoint's dtype)."""
     steer_slots: int = 2
     """Steering requests in flight per worker at most (one runs, the others wait for the model); one more is
     answered 429 at once, with Retry-After."""

@@ -182,6 +182,9 @@ class Error(BaseModel):
 
 MAX_EDITS, MAX_PROMPT, MAX_VALUE = 64, 1000, 1e6
 """At most 64 edits and a 1000-character prompt per request; |value| <= 1e6 (as sae.edits.MAX_VALUE)."""
+MAX_STEPS, MAX_GUIDANCE, MAX_SIZE = 200, 100.0, 2048
+"""A generate head's request: at most 200 denoising steps, a guidance scale of at most 100, pictures of at most
+2048 px a side (the time bound stops what is still too slow, at its next step)."""
 
 
 class EditIn(BaseModel):
@@ -207,6 +210,12 @@ class SteerRequest(BaseModel):
     temperature: float = Field(0.7, gt=0, le=5, allow_inf_nan=False)
     seed: int = Field(0, ge=0, lt=2**31)
     max_new_tokens: int = Field(24, ge=1, le=128)
+    steps: int = Field(25, ge=1, le=MAX_STEPS)
+    """Denoising steps (generate heads)."""
+    guidance: float | None = Field(None, ge=0, le=MAX_GUIDANCE, allow_inf_nan=False)
+    """Classifier-free guidance scale (generate heads); null: the pipeline's own."""
+    size: int | None = Field(None, ge=8, le=MAX_SIZE, multiple_of=8)
+    """Height and width of the pictures in pixels, a multiple of 8 (generate heads); null: the pipeline's own."""
 
 
 class Prediction(BaseModel):
@@ -216,6 +225,8 @@ class Prediction(BaseModel):
     """The grid of per-patch labels (segmentation heads)."""
     responses: list[str] | None = None
     """Sampled answers (vlm heads)."""
+    image: str | None = None
+    """The generated picture, base64 PNG (generate heads)."""
 
 
 class SteerResult(BaseModel):
@@ -226,6 +237,8 @@ class SteerResult(BaseModel):
     edits: list[str]
     before: Prediction
     after: Prediction
+    cosine: float | None = None
+    """Cosine of the image embeddings before and after (generate heads): 1 without edits."""
 
 
 class SteerHead(BaseModel):

@@ -8,8 +8,8 @@ Requests are bounded: a body of at most MAX_BODY bytes (BodyLimit), an image of 
   which steers one request at a time: a splice is a hook on the shared model); one more is refused at once with a 429
   and `Retry-After: SteerOptions.retry_after_s`, so a burst never builds a queue that later requests wait behind;
 - time: a request past `SteerOptions.timeout_s` is stopped where it stands (between the before and after passes,
-  while it waits for the model, at a VLM's next generated token) and answered 503 once it has stopped, so its slot
-  is free again when the client hears of it;
+  while it waits for the model, at a VLM's next generated token, at a generator's next denoising step) and answered
+  503 once it has stopped, so its slot is free again when the client hears of it;
 - the event loop never runs torch, nor shares the GIL with it: the model and the heads load, and the requests steer,
   in the worker's one steering process (spawned on the first steering request; the load once: concurrent first
   requests wait on that one load, and other routes keep answering meanwhile). A steering thread in the worker held
@@ -47,7 +47,8 @@ __all__ = ["MAX_BODY", "NO_STEERING", "BodyLimit", "SteerOptions", "Steering", "
 
 MAX_BODY = 1 << 20
 """Bytes of a POST /steer body at most (64 edits of a few thousand patch indices fit well inside)."""
-NO_STEERING = "this service does not steer: start it with --steer HEAD (model, zeroshot[:FILE], probe:DIR, vlm)"
+NO_STEERING = ("this service does not steer: start it with --steer HEAD (model, zeroshot[:FILE], probe:DIR, vlm, "
+               "generate[:PIPELINE[@ADAPTER]])")
 _DEVICE = re.compile(r"auto|cpu|(cuda|mps|xpu)(:\d+)?")
 
 
@@ -94,7 +95,7 @@ class SteerOptions:
 
 
 def head_name(spec: str) -> str:
-    """The name a head spec is served under: model, zeroshot, vlm, probe:<folder name>."""
+    """The name a head spec is served under: model, zeroshot, vlm, generate, probe:<folder name>."""
     kind, _, arg = spec.partition(":")
     return f"probe:{arg.rstrip('/').rsplit('/', 1)[-1]}" if kind == "probe" else kind
 
@@ -205,7 +206,10 @@ def _child_steer(body: dict[str, Any], slot: int, request: int) -> dict[str, Any
     images = s.image(int(body["image"]))
     out = s.steer(images, edits, head, cancel=cancel, prompt=body.get("prompt"), n=body.get("responses", 5),
                   temperature=body.get("temperature", 0.7), seed=body.get("seed", 0),
-                  max_new_tokens=body.get("max_new_tokens", 24))
+                  max_new_tokens=body.get("max_new_tokens", 24), steps=body.get("steps", 25),
+                  guidance=body.get("guidance"), size=body.get("size"))
+    for side in ("before", "after"):  # a generate head's embeddings stay here: the answer carries their cosine
+        out[side].pop("embedding", None)
     return {"image": body["image"], "head": body["head"], "kind": head.kind,
             "classes": head.classes, "edits": [str(e) for e in edits], **out}
 
@@ -341,7 +345,8 @@ class Steering:
             if not isinstance(waiter.exception(), Cancelled):
                 return waiter.result()  # it finished (or failed) before it saw the cancel
             raise SteeringTimeout(f"steering took longer than {self.options.timeout_s:g} s and was stopped; try "
-                                  "fewer edits, fewer or shorter answers, or later") from None
+                                  "fewer edits, fewer or shorter answers, fewer denoising steps or smaller pictures, "
+                                  "or later") from None
         except asyncio.CancelledError:  # the server is going away: stop the work too
             self._flags[slot] = request
             raise
