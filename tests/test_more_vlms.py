@@ -5,6 +5,7 @@ edit on the layer its language model reads changes them, and a layer after that 
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -127,6 +128,13 @@ def test_remote_code_needs_the_flag_every_time(stores, tmp_path: Path, capsys) -
     with pytest.raises(ConfigError, match=message):
         run_steer(SteerConfig(sae=sae_on(store_dir, "1"), image="1", head="vlm", prompt=PROMPT))
     assert "trust_remote_code" not in ActivationStore(str(store_dir)).attrs["backbone"]
+    from services.evaluate import EvaluateConfig, run_evaluate
+
+    evaluate = EvaluateConfig(sae=sae_on(store_dir, "1"), images=str(store_dir.parent / "images"), max_images=2)
+    with pytest.raises(ConfigError, match=message):
+        run_evaluate(evaluate, progress=False)
+    result = run_evaluate(replace(evaluate, trust_remote_code=True), progress=False)
+    assert result["fidelity"]["checked"] and result["fidelity"]["max_abs_diff"] < 1e-4
     args = ["extract", "--images", str(store_dir.parent / "images"), "--model", f"hf:{folder}", "--out",
             str(tmp_path / "store"), "--layers", "0"]
     assert main(args) == 1

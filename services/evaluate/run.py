@@ -25,6 +25,7 @@ FVU and L0 are the SAE's, on the same images' tokens (in its normalized input sp
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -44,6 +45,8 @@ from services.results import check_result_path, write_result
 from services.spliced import decode_images, load_in_model
 
 __all__ = ["FORMAT", "PASSES", "EvaluateConfig", "run_evaluate"]
+
+log = logging.getLogger(__name__)
 
 FORMAT = "actstore-evaluate"
 PASSES = ("spliced", "zero_ablation", "mean_ablation")
@@ -82,6 +85,9 @@ class EvaluateConfig:
     stored activations (--no-fidelity-check skips it; the result then says so)."""
     overwrite: bool = False
     """Replace an existing evaluate result at `json`."""
+    trust_remote_code: bool = False
+    """Run the modeling code an hf: model ships (auto_map in its config.json: actstore.extract.remote_vlm); the store
+    never records it, so each command that loads such a model needs it."""
     storage_options: dict[str, Any] = field(default_factory=dict)
     """fsspec options for the SAE, the store and the images."""
 
@@ -147,7 +153,8 @@ def _recovered(metric: dict[str, float | None], clean: float) -> float | None:
 def run_evaluate(cfg: EvaluateConfig, progress: bool = True) -> dict[str, Any]:
     """Run the four passes over the images; returns the results (also written to cfg.json when given)."""
     check_result_path(cfg.json, FORMAT, "an evaluate result", cfg.overwrite, cfg.storage_options)
-    s = load_in_model(cfg.sae, cfg.store, cfg.device, cfg.storage_options, cfg.fidelity_check, cfg.layer)
+    s = load_in_model(cfg.sae, cfg.store, cfg.device, cfg.storage_options, cfg.fidelity_check, cfg.layer,
+                      cfg.trust_remote_code)
     batches, n_images, rejected, folder_classes = _images(cfg, s.backbone)
     names = _class_names(cfg, folder_classes)
     head: ZeroShot | None = None
@@ -166,8 +173,13 @@ def run_evaluate(cfg: EvaluateConfig, progress: bool = True) -> dict[str, Any]:
                 if clean[1] is not None:
                     head_name = "model"
                 elif names:
-                    head, head_name = zero_shot_classifier(s.backbone.cfg, names, cfg.template), "zeroshot"
-                    clean = (clean[0], head(clean[0]))
+                    try:
+                        head, head_name = zero_shot_classifier(s.backbone.cfg, names, cfg.template), "zeroshot"
+                        clean = (clean[0], head(clean[0]))
+                    except ConfigError as e:  # no text tower (a VLM's, DINOv2): no class metrics, unless asked
+                        if cfg.classes:
+                            raise
+                        log.warning("evaluate: no class metrics (the folder's classes need a zero-shot head): %s", e)
             with splice(s.backbone, s.sae, s.norm, layer=s.layer, tokens=s.tokens, mode="replace", stats=stats):
                 totals.add("spliced", clean, outputs(x))
             with ablate(s.backbone, layer=s.layer, tokens=s.tokens):
