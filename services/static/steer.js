@@ -1,11 +1,13 @@
 // Steering dashboards: SAE features edited inside the model, its predictions before and after (POST /steer, see
 // services/api/routes/steer.py). The URL fragment is the whole state, so a link (or a DOM dump of it) shows the
 // steered result without a click (the bearer token is never in it: app.js keeps it in sessionStorage):
-//   #steer?view=seg|cls|vlm&image=ID&head=NAME&edit=FEATURE:OP:VALUE[@WHERE]&edit=...
+//   #steer?view=seg|cls|vlm|gen&image=ID&head=NAME&edit=FEATURE:OP:VALUE[@WHERE]&edit=...
 //   seg: &patch=P (the selected patch)   cls: &features=12,40 (the sliders)   vlm: &prompt=TEXT&responses=N&seed=S
+//   gen: &steps=N&seed=S&size=PX&guidance=G&prompt=TEXT (size, guidance: absent = the pipeline's own)
 // Loaded before app.js, whose onHash calls steerRoute; it uses app.js's helpers ($, el, headers, loadImage...).
 // What was drawn is marked: #steer[data-state=loading|done|error|empty|idle][data-edits], canvas.mask[data-mask-drawn]
-// [data-labels] (read back from its pixels), [data-changed-patches], .top5 li[data-class][data-prob], li.response.
+// [data-labels] (read back from its pixels), [data-changed-patches], .top5 li[data-class][data-prob], li.response,
+// img.generated[data-side][data-natural-width] (decoded), .cosine[data-cosine].
 "use strict";
 
 const STEER_SIZE = 224;          // px of the image (the mask's grid covers it exactly)
@@ -18,7 +20,9 @@ const STEER_VIEWS = {
   seg: { title: "Segmentation", kinds: ["seg"] },
   cls: { title: "Classification / zero-shot", kinds: ["class"] },
   vlm: { title: "VLM", kinds: ["vlm"] },
+  gen: { title: "Generation", kinds: ["generate"] },
 };
+const GEN_OPTIONS = { steps: 25, seed: 0, size: "", guidance: "", prompt: "" };   // the API's defaults ("": none)
 const EDIT_OPS = ["scale", "add", "set", "clamp"], EDIT_WHERE = ["all", "cls", "patches"];
 const EDIT_SYNTAX = "expected FEATURE:OP:VALUE[@WHERE], e.g. 12:set:0@all or 40:add:2.5@3,4";
 
@@ -240,6 +244,7 @@ async function showSteer(params) {
     }
     const edits = params.getAll("edit").map(parseEdit);
     const info = await steerInfo();
+    $("#steer-views a[data-view=gen]").hidden = !info.heads.some((h) => h.kind === "generate");
     const heads = info.heads.filter((h) => STEER_VIEWS[view].kinds.includes(h.kind));
     const wanted = params.get("head");
     const head = wanted === null ? heads[0] : heads.find((h) => h.name === wanted);
@@ -273,6 +278,7 @@ async function showSteer(params) {
       Object.assign(body, { prompt, responses: Number(params.get("responses") ?? 5),
         temperature: Number(params.get("temperature") ?? 0.7), seed: Number(params.get("seed") ?? 0) });
     }
+    if (view === "gen") Object.assign(body, genOptions(params));
     await Promise.all([runSteer(body), ...(view === "seg" ? [showPatch(params.get("patch"), edits)] : [])]);
   } catch (err) { steerError(err); }
 }
@@ -280,7 +286,8 @@ async function showSteer(params) {
 // The controls and empty panels of one (view, image, head); runSteer fills #steer-results (and the masks).
 function buildSteerView(view, info, heads, head) {
   const select = el("select", { id: "steer-head", "aria-label": "head" },
-    ...heads.map((h) => el("option", { value: h.name }, `${h.name} (${h.kind}, ${h.classes.length} classes)`)));
+    ...heads.map((h) => el("option", { value: h.name },
+      `${h.name} (${h.kind}${h.classes.length ? `, ${h.classes.length} classes` : ""})`)));
   if (head) select.value = head.name;
   select.addEventListener("change", () => setSteerHash((p) => p.set("head", select.value)));
   const imageInput = el("input", { id: "steer-image", type: "number", min: 0, step: 1, value: steer.image });
@@ -295,7 +302,8 @@ function buildSteerView(view, info, heads, head) {
   const parts = [el("h2", {}, `Steer: ${STEER_VIEWS[view].title}`), controls];
   steer.loaded = Promise.resolve();
   if (!head) {
-    const hint = { seg: "probe:DIR with a segmentation probe", cls: "model, zeroshot or probe:DIR", vlm: "vlm" }[view];
+    const hint = { seg: "probe:DIR with a segmentation probe", cls: "model, zeroshot or probe:DIR", vlm: "vlm",
+      gen: "generate[:PIPELINE[@ADAPTER]]" }[view];
     parts.push(el("p", { class: "hint empty" },
       `This service has no ${STEER_VIEWS[view].kinds.join(" or ")} head: start it with --steer ${hint}.`));
   } else if (view === "seg") {
@@ -319,6 +327,11 @@ function buildSteerView(view, info, heads, head) {
         el("h3", {}, "Features ", el("small", {}, "slider v: add v on all patches")), el("div", { id: "steer-sliders" }),
         add)),
     el("div", { id: "steer-results" }), editsPanel());
+  } else if (view === "gen") {
+    const figure = steerFigure("image", `image ${steer.image}`);
+    steer.loaded = figure.loaded;
+    parts.push(el("div", { class: "steer-row" }, figure.fig, genForm()), el("div", { id: "steer-results" }),
+      editsPanel());
   } else {
     const figure = steerFigure("image", `image ${steer.image}`);
     steer.loaded = figure.loaded;
@@ -342,12 +355,11 @@ async function runSteer(body) {
   try {
     const r = await steerFetch("/steer", body);
     if (seq !== steer.seq) return;
-    drawSteerResult(r);
-    await steer.loaded;
+    await Promise.all([drawSteerResult(r), steer.loaded]);
     if (seq !== steer.seq) return;
     steerError(null);
     section.dataset.edits = r.edits.join(" ");
-    for (const node of document.querySelectorAll("#steer-results, #steer .steer-overlay")) {
+    for (const node of document.querySelectorAll("#steer-results, #steer .steer-overlay, #steer img.generated")) {
       node.dataset.box = boxOf(node);
     }
     section.dataset.state = "done";
@@ -356,8 +368,9 @@ async function runSteer(body) {
   }
 }
 
+// Draws the result; resolves once its pictures (if any) are decoded.
 function drawSteerResult(r) {
-  const parts = [];
+  const parts = [], pictures = [];
   if (r.kind === "seg") drawMasks(r);
   if (r.before.top5) {
     parts.push(el("h3", {}, r.kind === "seg" ? "Top 5 (mean over patches)" : "Top 5"),
@@ -370,9 +383,21 @@ function drawSteerResult(r) {
     parts.push(el("h3", {}, `Responses to “${hashParams().get("prompt")}”`),
       beforeAfter("responses", list("before", r.before.responses), list("after", r.after.responses)));
   }
+  if (r.kind === "generate") {
+    const picture = (side) => {
+      const img = el("img", { class: "generated", alt: `generated ${side}`, dataset: { side } });
+      img.src = `data:image/png;base64,${r[side].image}`;
+      pictures.push(img.decode().then(() => { img.dataset.naturalWidth = img.naturalWidth; }));
+      return img;
+    };
+    parts.push(el("h3", {}, "Generated ", el("small", {}, "same seed before and after; image embedding cosine ",
+      el("span", { class: "cosine", dataset: { cosine: String(r.cosine) } }, r.cosine.toFixed(6)))),
+    beforeAfter("generated", picture("before"), picture("after")));
+  }
   const results = $("#steer-results");
   results.classList.remove("stale");
   results.replaceChildren(...parts);
+  return Promise.all(pictures);
 }
 
 // ---- segmentation: masks, the selected patch and its features -----------------------------------
@@ -517,4 +542,40 @@ function commitSlider(f, value) {
     p.set("features", [...new Set([...sliderFeatures(p, []), f])].join(","));
     setEdits(p, kept);
   }, true);
+}
+
+// ---- generation: a picture from the image's embedding, before and after --------------------------------------
+
+// The options form; "generate" writes its values into the hash (an empty box: the option's default).
+function genForm() {
+  const input = (name, attrs) => el("label", {}, `${name} `, el("input", { id: `gen-${name}`, name, ...attrs }));
+  const form = el("form", { class: "gen-options" },
+    input("steps", { type: "number", min: 1, max: 200, step: 1 }),
+    input("seed", { type: "number", min: 0, step: 1 }),
+    input("size", { type: "number", min: 8, max: 2048, step: 8, placeholder: "pipeline's" }),
+    input("guidance", { type: "number", min: 0, max: 100, step: "any", placeholder: "pipeline's" }),
+    input("prompt", { type: "text", size: 32, maxlength: 1000, placeholder: "a text prompt, if the pipeline reads one" }),
+    el("button", { type: "submit" }, "generate"));
+  form.addEventListener("submit", (ev) => {
+    ev.preventDefault();
+    setSteerHash((p) => {
+      for (const box of form.querySelectorAll("input")) {
+        if (box.value.trim() === "") p.delete(box.name);
+        else p.set(box.name, box.value);
+      }
+    });
+  });
+  return el("div", { id: "steer-gen-panel" },
+    el("h3", {}, "Generation ", el("small", {}, "denoising steps, seed, size (px), guidance, prompt")), form);
+}
+
+// The request's generation options from the hash (shown in the form); absent ones are left to the API.
+function genOptions(params) {
+  const body = {};
+  for (const [name, fallback] of Object.entries(GEN_OPTIONS)) {
+    const value = params.get(name) ?? String(fallback), box = $(`#gen-${name}`);
+    if (box !== document.activeElement) box.value = box.defaultValue = value;   // the attribute too
+    if (value.trim() !== "") body[name] = name === "prompt" ? value : Number(value);
+  }
+  return body;
 }
