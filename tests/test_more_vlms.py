@@ -153,3 +153,30 @@ def test_a_remote_model_without_one_tower_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"vision tower must be one CLIPVisionModel or SiglipVisionModel submodule "
                                           r".*found img_processor \(CLIPVisionModel\), second \(CLIPVisionModel\)"):
         load_backbone(BackboneConfig(f"hf:{folder}", trust_remote_code=True))
+
+
+def test_the_service_steers_a_remote_model_only_with_the_flag(stores, tmp_path: Path) -> None:
+    """`actstore serve --steer vlm` over a remote-code model's index: its steering process refuses to load it
+    without --trust-remote-code (the error names the flag), and with it answers POST /steer (no edit: the same
+    answers before and after)."""
+    import requests
+
+    from conftest import _serve
+    from services.api import create_app
+    from services.api.steering import SteerOptions
+    from services.index import IndexConfig, build_index
+
+    _, store_dir = stores["remote"]
+    index = build_index(IndexConfig(str(store_dir), sae_on(store_dir, "1"), str(tmp_path / "index"), k=2),
+                        progress=False)
+    body = {"image": 1, "head": "vlm", "prompt": PROMPT, "responses": 2, "max_new_tokens": 4}
+    for trusted in (False, True):
+        options = SteerOptions(timeout_s=60, trust_remote_code=trusted)
+        app = create_app(index, steer_heads=("vlm",), steer_options=options)
+        for url in _serve(app):
+            r = requests.post(f"{url}/steer", json=body, timeout=90)
+            if trusted:
+                assert r.status_code == 200, r.text
+                assert len(r.json()["before"]["responses"]) == 2 and r.json()["after"] == r.json()["before"]
+            else:
+                assert r.status_code >= 400 and "--trust-remote-code" in r.json()["detail"], r.text

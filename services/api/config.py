@@ -60,6 +60,9 @@ class ServeConfig:
     fidelity_check: bool = True
     """Before steering, check that the rebuilt backbone makes the store's activations (--no-fidelity-check: steer
     anyway, with a warning in the log)."""
+    trust_remote_code: bool = False
+    """Run the modeling code an hf: model ships (a remote-code VLM's tower, for --steer vlm); the store never records
+    it, so serving such a model needs it again."""
     storage_options: Mapping[str, Any] = field(default_factory=dict)
     """fsspec options for reading the dataset's images."""
 
@@ -78,4 +81,4 @@ class ServeConfig:
         if threads is None:
             threads = max(1, (os.cpu_count() or 1) // (1 if self.ray else self.workers) - 1)
         return SteerOptions(self.steer_timeout, self.steer_device, self.steer_slots, self.steer_retry_after, threads,
-                            self.steer_nice, self.fidelity_check)
+                            self.steer_nice, self.fidelity_check, self.trust_remote_code)

@@ -77,6 +77,8 @@ class SteerOptions:
     fidelity_check: bool = True
     """Check, when the model loads, that the rebuilt backbone makes the store's activations (services.spliced); off:
     steer anyway (a warning is logged)."""
+    trust_remote_code: bool = False
+    """Run the modeling code an hf: model ships (a remote-code VLM's tower: actstore.extract.remote_vlm)."""
 
     def __post_init__(self) -> None:
         if not self.timeout_s > 0:
@@ -179,12 +181,13 @@ def _child_start(flags: Any, nice: int, threads: int | None, parent: int) -> Non
         torch.set_num_threads(threads)
 
 
-def _child_load(sae: str, store: str, device: str, storage_options: dict[str, Any], fidelity_check: bool,
+def _child_load(sae: str, store: str, storage_options: dict[str, Any], options: SteerOptions,
                 specs: dict[str, str], layer: str | None) -> dict[str, Any]:
     """Load the model and heads in the steering process; what GET /steer/heads shows of them."""
     from services.steer import Steerer
 
-    s = Steerer(sae, store, steer_device(device), storage_options, fidelity_check=fidelity_check, layer=layer)
+    s = Steerer(sae, store, steer_device(options.device), storage_options, fidelity_check=options.fidelity_check,
+                layer=layer, trust_remote_code=options.trust_remote_code)
     loaded = _Loaded(s, {name: s.head(spec) for name, spec in specs.items()})
     _CHILD["loaded"] = loaded
     return {"heads": [{"name": name, "kind": h.kind, "classes": h.classes} for name, h in loaded.heads.items()],
@@ -275,8 +278,8 @@ class Steering:
             self._pool = ProcessPoolExecutor(1, mp_context=self._context, initializer=_child_start,
                                              initargs=(self._flags, self.options.nice, self.options.threads,
                                                        os.getpid()))
-        return self._pool.submit(_child_load, self.sae, self.store, self.options.device, self.storage_options,
-                                 self.options.fidelity_check, self.specs, self.layer)
+        return self._pool.submit(_child_load, self.sae, self.store, self.storage_options, self.options, self.specs,
+                                 self.layer)
 
     async def _model(self, deadline: float) -> dict[str, Any]:
         """What the loaded model shows (GET /steer/heads); the first call starts the one load (a failed load is
