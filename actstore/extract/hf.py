@@ -1,7 +1,8 @@
 """transformers backbones (`hf:`): CLIP and SigLIP vision towers, DINOv2 (with and without registers), V-JEPA 2,
 and the vision tower of a vision-language model (actstore.extract.vlm_kinds.VLM_KINDS).
 
-A model is named by a hub id, a folder saved by save_pretrained, or a built-in config name (HF_CONFIGS);
+A model is named by a hub id (owner/name, or owner/name/sub/folder for one in a repo's subfolder, as a diffusion
+pipeline's image_encoder), a folder saved by save_pretrained, or a built-in config name (HF_CONFIGS);
 its layers are the encoder layers, the same tokens as `output_hidden_states=True`'s hidden_states[i + 1].
 A VLM's Backbone is its vision tower, the very module inside the whole model it keeps (`vlm`), so that an
 intervention on the tower's layers acts on the VLM's answers too (actstore.extract.vlm generates them).
@@ -29,7 +30,7 @@ from actstore.extract.vlm_kinds import VLM_KINDS, VLMKind
 if TYPE_CHECKING:
     from actstore.extract.backbones import BackboneConfig
 
-__all__ = ["HF", "HF_CONFIGS", "HF_MODEL_TYPES", "HFVisionTower", "hf_source"]
+__all__ = ["HF", "HF_CONFIGS", "HF_MODEL_TYPES", "HFVisionTower", "hf_source", "hub_repo"]
 
 
 class _HFEncoder(ViT):
@@ -178,12 +179,26 @@ HF_CONFIGS: dict[str, tuple[str, str, dict[str, Any]]] = {
 """Built-in `hf:` names: (public hub id, model type, the config fields that differ from the config class's defaults).
 Random weights need no download; pretrained "hub" loads the hub id (its own config, processor and weights)."""
 
-_HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
+_HUB_PART = re.compile(r"[\w.-]+")
+
+
+def _is_hub_id(arch: str) -> bool:
+    parts = arch.split("/")
+    return (len(parts) >= 2 and not arch.startswith(".")
+            and all(_HUB_PART.fullmatch(p) and p not in (".", "..") for p in parts))
+
+
+def hub_repo(hub_id: str) -> tuple[str, str]:
+    """("owner/name", the folder inside that repo the model is in: "" for the repo's root) of a hub id
+    `owner/name[/sub/folder]` (a diffusion pipeline's `owner/name/image_encoder`)."""
+    owner, name, *sub = hub_id.split("/")
+    return f"{owner}/{name}", "/".join(sub)
 
 
 def hf_source(arch: str) -> tuple[str, str]:
-    """What `hf:<arch>` names: ("builtin", name), ("folder", absolute path) or ("hub", id), like transformers'
-    own rule (an existing folder wins over a hub id of the same spelling)."""
+    """What `hf:<arch>` names: ("builtin", name), ("folder", absolute path) or ("hub", id, with a subfolder after
+    owner/name where the model sits in one: see hub_repo), like transformers' own rule (an existing folder wins over
+    a hub id of the same spelling)."""
     path = os.path.expanduser(arch)
     if arch in HF_CONFIGS:
         return "builtin", arch
@@ -191,12 +206,34 @@ def hf_source(arch: str) -> tuple[str, str]:
         if not os.path.isfile(os.path.join(path, "config.json")):
             raise ConfigError(f"hf model folder {os.path.abspath(path)} has no config.json")
         return "folder", os.path.abspath(path)
-    if _HUB_ID.fullmatch(arch) and not arch.startswith("."):
+    if _is_hub_id(arch):
         return "hub", arch
     if "/" in arch or os.sep in arch or arch.startswith(("~", ".")):
         raise ConfigError(f"hf model folder not found: {os.path.abspath(path)}")
-    raise ConfigError(f"unknown hf model {arch!r}; use a hub id (owner/name), a folder with config.json, "
-                      f"or one of: {', '.join(HF_CONFIGS)}")
+    raise ConfigError(f"unknown hf model {arch!r}; use a hub id (owner/name or owner/name/sub/folder), a folder with "
+                      f"config.json, or one of: {', '.join(HF_CONFIGS)}")
+
+
+_OTHER_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.h5", "*.msgpack", "*.onnx", "*.fp16.*")
+"""Files of a hub subfolder not downloaded: weights in other formats than safetensors and the fp16 variants
+(pipelines often keep both beside model.safetensors; from_pretrained of a folder reads model*.safetensors first)."""
+
+
+def _hub_subfolder(hub_id: str, weights: bool) -> tuple[str, str]:
+    """(the local folder of the hub id's subfolder, the commit it came from): its files downloaded to the hub cache,
+    its safetensors weights only when `weights`, so that it loads as a folder (its processor and code included)."""
+    from huggingface_hub import snapshot_download
+
+    repo, sub = hub_repo(hub_id)
+    ignore = [f"{sub}/{p}" for p in (*_OTHER_WEIGHTS, *(() if weights else ("*.safetensors",)))]
+    try:
+        snapshot = snapshot_download(repo, allow_patterns=[f"{sub}/*"], ignore_patterns=ignore)
+    except (OSError, ValueError) as e:  # the hub unreachable, no such repo (a mistyped local folder?)
+        raise ConfigError(f"hf:{hub_id}: no such folder here, and on the hub: {' '.join(str(e).split())[:300]}") from e
+    folder = os.path.join(snapshot, *sub.split("/"))
+    if not os.path.isfile(os.path.join(folder, "config.json")):
+        raise ConfigError(f"hf:{hub_id}: the hub repo {repo} has no {sub}/config.json")
+    return folder, os.path.basename(snapshot)
 
 
 def _hf_kind(model_type: str | None, where: str) -> _HFKind:
@@ -295,6 +332,9 @@ class HF(Family):
         source, where = hf_source(cfg.arch)
         if source == "builtin" and cfg.pretrained == HUB_WEIGHTS:
             source, where = "hub", HF_CONFIGS[cfg.arch][0]
+        named, revision = where, None  # the hub id or folder the record names
+        if source == "hub" and hub_repo(where)[1]:  # a model in a repo's subfolder: loaded as a folder
+            where, revision = _hub_subfolder(where, cfg.pretrained == HUB_WEIGHTS)
         try:
             if source == "builtin":
                 _, model_type, fields = HF_CONFIGS[cfg.arch]
@@ -327,7 +367,7 @@ class HF(Family):
                 vision, kind = tower.config, _TOWER_TYPES[tower.config.model_type]
             if vlm and vlm.backbone:  # a tower of none of the kinds here (Qwen's): the VLMKind builds the Backbone
                 built = vlm.backbone(cfg, model, vlm, None if source == "builtin" else where)
-                return self._weights(built, cfg, source, where, model)
+                return self._weights(built, cfg, source, named, model, revision)
             processor, prep = _hf_processors(kind, vision, None if source == "builtin" else where, vlm, remote)
         except ConfigError:
             raise
@@ -347,12 +387,17 @@ class HF(Family):
         else:
             backbone = _HFEncoder(cfg, model, prep, attrgetter(kind.blocks)(model),
                                   frames=vision.tubelet_size if kind.video else 0, **layout)
-        return self._weights(backbone, cfg, source, where, model)
+        return self._weights(backbone, cfg, source, named, model, revision)
 
     @staticmethod
-    def _weights(backbone: Backbone, cfg: BackboneConfig, source: str, where: str, model: nn.Module) -> Backbone:
-        """`backbone`, with what "hub" weights resolved to."""
-        if cfg.pretrained == HUB_WEIGHTS:  # the hub id's weights (its revision) or the folder's own files
-            backbone.hub_weights = ({"folder": where} if source == "folder" else
-                                    {"hub_id": where, "revision": getattr(model.config, "_commit_hash", None)})
+    def _weights(backbone: Backbone, cfg: BackboneConfig, source: str, named: str, model: nn.Module,
+                 revision: str | None) -> Backbone:
+        """`backbone`, with what "hub" weights resolved to: the folder's own files, or the hub repo, the subfolder
+        in it and the commit (`revision`, else the one transformers' download records)."""
+        if cfg.pretrained == HUB_WEIGHTS and source == "folder":
+            backbone.hub_weights = {"folder": named}
+        elif cfg.pretrained == HUB_WEIGHTS:
+            repo, sub = hub_repo(named)
+            backbone.hub_weights = {"hub_id": repo, "subfolder": sub,
+                                    "revision": revision or getattr(model.config, "_commit_hash", None)}
         return backbone

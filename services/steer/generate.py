@@ -35,6 +35,7 @@ import torch
 from torch import Tensor
 
 from actstore.errors import ConfigError
+from actstore.extract.hf import hf_source, hub_repo
 from sae.edits import FeatureEdit, edited_tokens
 from services.results import PICTURE_MARK
 from services.spliced import SAEInModel
@@ -114,11 +115,15 @@ def _dtype(folder: str) -> torch.dtype:
 
 
 def _default_pipeline(m: SAEInModel) -> str:
-    """The pipeline whose folder holds the backbone's (hf:<pipeline>/image_encoder)."""
+    """The pipeline whose folder holds the backbone's (hf:<pipeline folder>/image_encoder), or the hub repo whose
+    component folder the backbone is (hf:owner/name/image_encoder: owner/name)."""
     arch = os.path.expanduser(m.backbone.cfg.arch)
     parent = os.path.dirname(os.path.abspath(arch)) if os.path.isdir(arch) else ""
     if parent and os.path.isfile(os.path.join(parent, "model_index.json")):
         return parent
+    repo, sub = hub_repo(arch) if not parent and hf_source(arch)[0] == "hub" else ("", "")
+    if sub and "/" not in sub:
+        return repo
     raise ConfigError(f"generate: {m.backbone.cfg.model} is not inside a pipeline's folder; name the pipeline: "
                       "generate:PIPELINE")
 
