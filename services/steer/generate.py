@@ -17,7 +17,8 @@ scheduler, so without edits they are the same image. Supported pipelines (diffus
                                  beside it as in h94/IP-Adapter, must be the store's backbone); image-embedding
                                  adapters only (IP-Adapter Plus reads hidden states: refused)
 
-PIPELINE is a folder or a hub id; without it, the pipeline the backbone's folder sits in. The pipeline runs in its
+PIPELINE is a folder or a hub id; without it, the pipeline the backbone sits in (the folder above a local
+`<pipeline>/image_encoder`, or the repo of a hub `owner/name/image_encoder`). The pipeline runs in its
 checkpoint's dtype (its unet's weights) on the steering device.
 """
 
