@@ -46,6 +46,19 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object | 
     return ServiceAsOneFile(config, log)
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """On an xdist worker: one torch CPU thread per worker, as many as `make test` has cores per worker. Two
+    workers with a thread team each as wide as the machine stall each other (a tiny pipeline's 2 steps: 3.5 s
+    against 0.06 s with one thread, measured on a busy 2-core machine)."""
+    workers = int(getattr(config, "workerinput", {}).get("workercount", 1))
+    if workers > 1:
+        import os
+
+        import torch
+
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """On an xdist worker: the long groups first (the controller hands groups out in this order)."""
     if hasattr(config, "workerinput"):
