@@ -12,9 +12,12 @@ import argparse
 import json
 import os
 import platform
+import socket
+import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -115,3 +118,46 @@ def outcome(ok: bool) -> str:
 def print_verdict(what: str, ok: bool, note: str = "") -> None:
     """One goal's line: what was measured against which goal, PASS or FAIL, and how far the run speaks for it."""
     print(f"verdict {what}: {outcome(ok)}{note}")
+
+
+@contextmanager
+def served(*args: str, wait_s: float = 120) -> Iterator[str]:
+    """`actstore serve ARGS --port P` in a process of its own, up (GET /healthz answers 200); yields its URL, then
+    stops it."""
+    import requests
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "actstore_cli", "serve", *args, "--port", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                if requests.get(f"{url}/healthz", timeout=5).status_code == 200:
+                    break
+            except requests.ConnectionError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"serve did not start: {proc.stderr.read().decode()[-2000:]}") from None
+                time.sleep(0.1)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+def post_ms(url: str, bodies: Iterable[dict[str, Any]], warmups: int, timeout: float = 120) -> list[float]:
+    """The latency (ms) of POSTing each body to `url` in turn, one client, the first `warmups` not kept."""
+    import requests
+
+    session, times = requests.Session(), []
+    for i, body in enumerate(bodies):
+        t0 = time.perf_counter()
+        r = session.post(url, json=body, timeout=timeout)
+        elapsed = 1e3 * (time.perf_counter() - t0)
+        r.raise_for_status()
+        if i >= warmups:
+            times.append(elapsed)
+    return times

@@ -15,29 +15,19 @@ Run: .venv/bin/python benchmarks/bench_generate.py [--quick] [--json out.json] [
 
 from __future__ import annotations
 
-import socket
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
-import requests
 import torch
 
 from actstore.testing.shapes import generate_dataset
 from actstore.testing.tiny_diffusion import write_tiny_unclip
 from services.index import IndexConfig, build_index
 from services.steer.setup import generation_store
-from _common import Parser, Run, log, machine, print_notes, print_table  # benchmarks/ is sys.path[0]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from _common import Parser, Run, log, machine, post_ms, print_notes, print_table, served  # benchmarks/ is sys.path[0]
 
 
 def pipeline_ms(folder: str, steps: int, size: int, n: int) -> list[float]:
@@ -59,39 +49,15 @@ def pipeline_ms(folder: str, steps: int, size: int, n: int) -> list[float]:
 
 
 def steer_ms(index: str, n_images: int, steps: int, size: int, n: int) -> list[float]:
-    """POST /steer latencies (ms) against a separate `actstore serve` process, n after 2 warm-ups."""
-    port = free_port()
-    cmd = [sys.executable, "-m", "actstore_cli", "serve", "--index", index, "--port", str(port), "--workers", "1",
-           "--steer", "generate", "--steer-threads", str(torch.get_num_threads()), "--steer-timeout", "600"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if requests.get(f"{url}/healthz", timeout=5).status_code == 200:
-                    break
-            except requests.ConnectionError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"serve did not start: {proc.stderr.read().decode()[-2000:]}") from None
-                time.sleep(0.1)
-        edits = [{"feature": f, "op": "add", "value": 3.0, "where": "all"} for f in range(4)]
-        rng = np.random.default_rng(0)
-        session = requests.Session()
-        times = []
-        for i in range(n + 2):  # the first request loads the model and the pipeline
-            body = {"image": int(rng.integers(n_images)), "head": "generate", "edits": edits, "steps": steps,
-                    "size": size}
-            t0 = time.perf_counter()
-            r = session.post(f"{url}/steer", json=body, timeout=600)
-            elapsed = 1e3 * (time.perf_counter() - t0)
-            r.raise_for_status()
-            if i >= 2:
-                times.append(elapsed)
-        return times
-    finally:
-        proc.terminate()
-        proc.wait(30)
+    """POST /steer latencies (ms) against a separate `actstore serve` process, n after 2 warm-ups (the first request
+    loads the model and the pipeline)."""
+    edits = [{"feature": f, "op": "add", "value": 3.0, "where": "all"} for f in range(4)]
+    rng = np.random.default_rng(0)
+    bodies = ({"image": int(rng.integers(n_images)), "head": "generate", "edits": edits, "steps": steps,
+               "size": size} for _ in range(n + 2))
+    with served("--index", index, "--workers", "1", "--steer", "generate", "--steer-threads",
+                str(torch.get_num_threads()), "--steer-timeout", "600") as url:  # as many threads as the reference's
+        return post_ms(f"{url}/steer", bodies, warmups=2, timeout=600)
 
 
 def main() -> None:

@@ -21,24 +21,19 @@ Run: .venv/bin/python benchmarks/bench_steer.py [--quick] [--json out.json] [--w
 
 from __future__ import annotations
 
-import socket
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
 import numpy as np
-import requests
 import torch
 
 from services.steer import Steerer
 from services.steer.experiment import segmentation_suppression
 from services.steer.setup import build_steering
 from actstore.testing.shapes import generate_dataset
-from _common import Parser, Run, log, machine, print_notes, print_table  # benchmarks/ is sys.path[0]
+from _common import Parser, Run, log, machine, post_ms, print_notes, print_table, served  # benchmarks/ is sys.path[0]
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -59,46 +54,16 @@ def clean_forward_ms(steerer: Steerer, n: int) -> list[float]:
     return times
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def steer_ms(index: str, seg: str, n_images: int, n: int, features: list[int]) -> list[float]:
-    """POST /steer latencies (ms) against a separate `actstore serve` process."""
-    port = free_port()
-    cmd = [sys.executable, "-m", "actstore_cli", "serve", "--index", index, "--port", str(port), "--workers", "1",
-           "--steer", f"probe:{seg}", "--steer-threads", str(torch.get_num_threads())]  # as the reference's
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if requests.get(f"{url}/healthz", timeout=5).status_code == 200:
-                    break
-            except requests.ConnectionError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"serve did not start: {proc.stderr.read().decode()[-2000:]}") from None
-                time.sleep(0.1)
-        head = f"probe:{Path(seg).name}"
-        edits = [{"feature": f, "op": "set", "value": 0.0, "where": "all"} for f in features]
-        rng = np.random.default_rng(0)
-        session = requests.Session()
-        times = []
-        for i in range(n + 5):  # the first request loads the model; 5 warm-ups
-            body = {"image": int(rng.integers(n_images)), "head": head, "edits": edits}
-            t0 = time.perf_counter()
-            r = session.post(f"{url}/steer", json=body, timeout=120)
-            elapsed = 1e3 * (time.perf_counter() - t0)
-            r.raise_for_status()
-            if i >= 5:
-                times.append(elapsed)
-        return times
-    finally:
-        proc.terminate()
-        proc.wait(30)
+    """POST /steer latencies (ms) against a separate `actstore serve` process (5 warm-ups first: the first request
+    loads the model)."""
+    head = f"probe:{Path(seg).name}"
+    edits = [{"feature": f, "op": "set", "value": 0.0, "where": "all"} for f in features]
+    rng = np.random.default_rng(0)
+    bodies = ({"image": int(rng.integers(n_images)), "head": head, "edits": edits} for _ in range(n + 5))
+    with served("--index", index, "--workers", "1", "--steer", f"probe:{seg}",
+                "--steer-threads", str(torch.get_num_threads())) as url:  # as many threads as the reference's
+        return post_ms(f"{url}/steer", bodies, warmups=5)
 
 
 def main() -> None:
@@ -151,7 +116,8 @@ def main() -> None:
         f"mean IoU drop over classes: top features {seg_drop:.3f}, random live features {rand_drop:.3f}",
         "features: a class's 8 most associated; random: 8 live features (fired on a stored patch), not the top 8",
         "latency: one client, sequential requests, after 5 warm-ups; the forward pass is timed in this process",
-        f"median of {n_requests} each; steer p50 / forward p50 = {statistics.median(steer) / statistics.median(forward):.2f}"])
+        f"median of {n_requests} each; steer p50 / forward p50 = "
+        f"{statistics.median(steer) / statistics.median(forward):.2f}"])
     run.finish({"rows": table, "latency": lat, "machine": machine()})
 
 

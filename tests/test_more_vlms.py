@@ -76,17 +76,11 @@ def test_extracted_tokens_are_the_towers_hidden_states(name: str, stores) -> Non
 
 
 def sae_on(store_dir: Path, layer: str) -> str:
-    """A random TopK SAE (d_sae 64, k 4) behind the store's normalization of `layer`, saved beside the store."""
-    from actstore.loader import Normalization
-    from sae import SAEConfig, SparseAutoencoder, checkpoint
+    """A random TopK SAE (d_sae 64, k 4) on the store's `layer`, saved beside the store (once)."""
+    from services.steer.setup import random_sae
 
     out = store_dir.parent / f"{store_dir.name}-sae-{layer}"
-    if not (out / "cfg.json").exists():
-        store = ActivationStore(str(store_dir))
-        norm = Normalization.from_stats(store.stats(layer, "patches"), layer, "patches")
-        sae = SparseAutoencoder(SAEConfig(d_in=store.layer(layer).d, d_sae=64, kind="topk", k=4, init_seed=1))
-        checkpoint.save(sae, str(out), normalization=norm, extra={"store": str(store_dir), "layer": layer})
-    return str(out)
+    return str(out) if (out / "cfg.json").exists() else random_sae(str(store_dir), layer, str(out))
 
 
 @pytest.mark.parametrize("name", list(FAMILIES))
