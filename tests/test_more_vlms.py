@@ -174,3 +174,28 @@ def test_the_service_steers_a_remote_model_only_with_the_flag(stores, tmp_path: 
                 assert len(r.json()["before"]["responses"]) == 2 and r.json()["after"] == r.json()["before"]
             else:
                 assert r.status_code >= 400 and "--trust-remote-code" in r.json()["detail"], r.text
+
+
+def test_the_remote_read_rule_follows_phi3_vision_defaults(tmp_path: Path) -> None:
+    """Phi-3.5-vision's config names its CLIP in `img_processor` without a layer_idx: its code then reads
+    hidden_states[-2] and drops CLS ("patch"), and so does the rule; LLaVA's fields come next, then the last layer."""
+    from types import SimpleNamespace
+
+    from actstore.extract.remote_vlm import remote_kind
+
+    model = transformers.CLIPVisionModel(transformers.CLIPVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2, image_size=32, patch_size=8))
+    wrapper = torch.nn.Module()
+    wrapper.vision_embed_tokens = torch.nn.Module()
+    wrapper.vision_embed_tokens.img_processor = model
+    kind, tower = remote_kind(wrapper, "phi")
+    assert tower is model and kind.tower == "vision_embed_tokens.img_processor"
+    phi35 = {"crop_size": 336, "image_dim_out": 1024, "model_name": "openai/clip-vit-large-patch14-336",
+             "name": "clip_vision_model", "num_img_tokens": 144}  # Phi-3.5-vision-instruct's config.json
+    read = kind.read(SimpleNamespace(img_processor=phi35), 24)
+    assert (read.index, read.drops_first) == (22, True)
+    read = kind.read(SimpleNamespace(img_processor={"layer_idx": 5, "type_feature": "cls_patch"}), 24)
+    assert (read.index, read.drops_first) == (4, False)
+    read = kind.read(SimpleNamespace(vision_feature_layer=-1, vision_feature_select_strategy="full"), 24)
+    assert (read.index, read.drops_first) == (23, False)
+    assert kind.read(SimpleNamespace(), 24).index == 23

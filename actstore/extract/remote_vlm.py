@@ -10,7 +10,8 @@ Their code is not ours to read, so the Backbone is found by a rule:
   line: a tower the model computes functionally (Moondream 2's vision blocks are weights its own functions apply,
   not modules it calls) could not be hooked anyway;
 - its language model reads the layer the config names: `img_processor: {"layer_idx": i, "type_feature": t}`
-  (Phi-3.5-vision's; i a hidden_states index, t "patch" drops the CLS token), else LLaVA's `vision_feature_layer` /
+  (Phi-3.5-vision's; i a hidden_states index, t "patch" drops the CLS token; -2 and "patch" where the dict leaves
+  them out, as Phi-3-vision's own code defaults them), else LLaVA's `vision_feature_layer` /
   `vision_feature_select_strategy`, else the tower's last layer;
 - prompts go through its processor (AutoProcessor, its chat template, else "{image}\\n{prompt}"), and generate takes
   input_ids, attention_mask and the Backbone's pixels; a processor whose pixels for one image have another shape
@@ -54,8 +55,8 @@ def remote_model_class(config: Any, where: str) -> Any:
 
 def _read(config: Any, n_blocks: int) -> ReadLayer:
     spec = getattr(config, "img_processor", None)
-    if isinstance(spec, dict) and "layer_idx" in spec:
-        i, feature = spec["layer_idx"], spec.get("type_feature", "patch")
+    if isinstance(spec, dict):  # Phi-3/3.5-vision: hidden_states[layer_idx], -2 and "patch" where the config is silent
+        i, feature = spec.get("layer_idx", -2), spec.get("type_feature", "patch")
         return ReadLayer(i - 1 if i >= 0 else n_blocks + i, f"img_processor layer_idx {i}", feature == "patch",
                          f"img_processor type_feature {feature!r}")
     if getattr(config, "vision_feature_layer", None) is not None:
