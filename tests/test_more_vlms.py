@@ -1,7 +1,7 @@
-"""More VLM families as `hf:` backbones: Idefics3 and PaliGemma natively, a model that ships its own modeling code
-behind trust_remote_code (actstore.extract.remote_vlm). For each: extraction through actstore.extract stores the
-vision tower's own output_hidden_states; the vlm head's answers are seeded samples, no edit gives the VLM's own, an
-edit on the layer its language model reads changes them, and a layer after that one is refused in one line."""
+"""More VLM families as `hf:` backbones: Idefics3, SmolVLM and PaliGemma natively, a model that ships its own
+modeling code behind trust_remote_code (actstore.extract.remote_vlm). For each: extraction through actstore.extract
+stores the vision tower's own output_hidden_states; the vlm head's answers are seeded samples, no edit gives the VLM's
+own, an edit on the layer its language model reads changes them, and a layer after that one is refused in one line."""
 
 from __future__ import annotations
 
@@ -21,12 +21,13 @@ from actstore.extract.vlm_kinds import read_layer
 from actstore.store import ActivationStore
 from actstore.testing.shapes import generate_dataset
 from actstore.testing.tiny_remote_vlm import write_tiny_remote_vlm
-from actstore.testing.tiny_vlm import write_tiny_idefics3, write_tiny_paligemma
+from actstore.testing.tiny_vlm import write_tiny_idefics3, write_tiny_paligemma, write_tiny_smolvlm
 
 PROMPT = "What is in the picture?"
 FAMILIES = {
     # name: (writer, the whole model's class (None: the remote code's), tower path, CLS, layer its LM reads)
     "idefics3": (write_tiny_idefics3, transformers.Idefics3ForConditionalGeneration, "model.vision_model", False, "2"),
+    "smolvlm": (write_tiny_smolvlm, transformers.SmolVLMForConditionalGeneration, "model.vision_model", False, "2"),
     "paligemma": (write_tiny_paligemma, transformers.PaliGemmaForConditionalGeneration, "model.vision_tower", False,
                   "2"),
     "remote": (write_tiny_remote_vlm, None, "img_processor", True, "1"),

@@ -1,5 +1,5 @@
-"""Tiny VLMs with random weights (LLaVA, Idefics3, PaliGemma), saved as folders that `hf:<folder>` loads, built
-without any download.
+"""Tiny VLMs with random weights (LLaVA, Idefics3, SmolVLM, PaliGemma), saved as folders that `hf:<folder>` loads,
+built without any download.
 
 The tokenizer is byte-level with no merges (every byte one token, any prompt encodes), built with `tokenizers`
 over the 256 byte symbols, as tests/test_evaluate.py builds its tiny CLIP's; its answers are random bytes, but
@@ -17,7 +17,7 @@ from typing import Any
 from actstore.errors import ConfigError
 
 __all__ = ["CHAT_TEMPLATE", "IDEFICS3_TEMPLATE", "tiny_config", "tiny_tokenizer", "write_tiny_idefics3",
-           "write_tiny_llava", "write_tiny_paligemma"]
+           "write_tiny_llava", "write_tiny_paligemma", "write_tiny_smolvlm"]
 
 CHAT_TEMPLATE = (
     "{% for message in messages %}{% if message['role'] == 'user' %}USER: {% else %}ASSISTANT: {% endif %}"
@@ -114,20 +114,37 @@ def write_tiny_llava(folder: str, seed: int = 0, *, vision: str = "clip") -> str
     return _save(folder, seed, transformers.LlavaForConditionalGeneration, config, processor)
 
 
+def _write_idefics3_like(folder: str, seed: int, family: str, **parts: Any) -> str:
+    """Save a tiny `family` model (Idefics3 or SmolVLM: the same tower, connector and processor under their own
+    classes; `parts`: the processor's other parts) with Idefics3's chat template."""
+    import transformers
+
+    def cls(suffix: str) -> Any:
+        return getattr(transformers, f"{family}{suffix}")
+
+    tokenizer = tiny_tokenizer(_IDEFICS3_SPECIAL)
+    image_processor = cls("ImageProcessor")(do_image_splitting=False, size={"longest_edge": _IMAGE},
+                                            max_image_size={"longest_edge": _IMAGE}, do_pad=False)
+    processor = cls("Processor")(image_processor=image_processor, tokenizer=tokenizer, image_seq_len=4,
+                                 chat_template=IDEFICS3_TEMPLATE, **parts)
+    config = cls("Config")(vision_config=_TOWER, text_config=_text("llama", len(tokenizer)), scale_factor=2,
+                           image_token_id=tokenizer.convert_tokens_to_ids("<image>"))
+    return _save(folder, seed, cls("ForConditionalGeneration"), config, processor)
+
+
 def write_tiny_idefics3(folder: str, seed: int = 0) -> str:
     """Save a tiny Idefics3 (its SigLIP-like tower, a pixel-shuffle connector of scale 2: 4 image tokens, a 1-layer
     Llama, Idefics3's chat template) to `folder`, its weights drawn as `hf:` draws random ones with init_seed
     `seed`; returns its absolute path. Its image processor splits nothing (one global image of 32 px)."""
+    return _write_idefics3_like(folder, seed, "Idefics3")
+
+
+def write_tiny_smolvlm(folder: str, seed: int = 0) -> str:
+    """Save a tiny SmolVLM, built as write_tiny_idefics3's Idefics3 (SmolVLM's processor also takes a video
+    processor, unused here; it needs the `num2words` package)."""
     import transformers
 
-    tokenizer = tiny_tokenizer(_IDEFICS3_SPECIAL)
-    image_processor = transformers.Idefics3ImageProcessor(do_image_splitting=False, size={"longest_edge": _IMAGE},
-                                                          max_image_size={"longest_edge": _IMAGE}, do_pad=False)
-    processor = transformers.Idefics3Processor(image_processor=image_processor, tokenizer=tokenizer, image_seq_len=4,
-                                               chat_template=IDEFICS3_TEMPLATE)
-    config = transformers.Idefics3Config(vision_config=_TOWER, text_config=_text("llama", len(tokenizer)),
-                                         scale_factor=2, image_token_id=tokenizer.convert_tokens_to_ids("<image>"))
-    return _save(folder, seed, transformers.Idefics3ForConditionalGeneration, config, processor)
+    return _write_idefics3_like(folder, seed, "SmolVLM", video_processor=transformers.SmolVLMVideoProcessor())
 
 
 def write_tiny_paligemma(folder: str, seed: int = 0) -> str:
