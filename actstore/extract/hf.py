@@ -371,7 +371,8 @@ class HF(Family):
             processor, prep = _hf_processors(kind, vision, None if source == "builtin" else where, vlm, remote)
         except ConfigError:
             raise
-        except (OSError, ValueError) as e:  # the hub unreachable, a repo or file missing, a bad config
+        except (OSError, ValueError, ImportError) as e:  # the hub unreachable, a file missing, a bad config, a
+            # processor's package not installed (SmolVLM's num2words)
             raise ConfigError(f"{cfg.model}: {' '.join(str(e).split())[:300]}") from e
         if kind.fixed_size and prep.image_size != (getattr(vision, kind.fixed_size),) * 2:
             raise ConfigError(f"{cfg.model}: its processor makes {prep.image_size} images, the model takes "
