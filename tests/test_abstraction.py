@@ -103,3 +103,32 @@ def test_bad_hierarchies_are_one_line(tmp_path: Path) -> None:
         Hierarchy.from_parents(PARENTS).index(["zebra"])
     with pytest.raises(ConfigError, match="min_share"):
         feature_levels(np.zeros((1, 1), int), Hierarchy.from_parents(PARENTS), 0)
+
+
+def test_an_index_placed_in_a_shape_hierarchy(tmp_path: Path) -> None:
+    """The planted shapes index (red, stripes, random features over six shape classes) against a two-family shape
+    tree: the levels equal feature_levels on labels read with plain zarr and pyarrow; the profile counts them."""
+    import json
+
+    import pyarrow.parquet as pq
+    import zarr
+
+    from planted_shapes import write_planted_shapes
+    from services.abstraction import depth_counts, index_levels
+
+    planted = write_planted_shapes(str(tmp_path / "planted"), n_images=96, k=8)
+    tree = {"circle": "round", "hexagon": "round", "cross": "angular", "square": "angular", "star": "angular",
+            "triangle": "angular", "round": "shape", "angular": "shape"}
+    h = Hierarchy.from_parents(tree)
+    names = json.loads((Path(planted.index) / "index.json").read_text())["class_names"]
+    labels = pq.read_table(Path(planted.index) / "images.parquet").column("label").to_numpy()
+    top = np.asarray(zarr.open_array(str(Path(planted.index) / "arrays" / "top_images"), mode="r"))[:, :6]
+    expected = feature_levels(np.where(top >= 0, h.index(names)[labels[np.maximum(top, 0)]], -1), h, 0.6)
+    levels = index_levels(planted.index, h, min_share=0.6, k=6)
+    assert np.array_equal(levels.node, expected.node) and np.array_equal(levels.share, expected.share)
+    red = planted.features["red"]
+    assert levels.n[red] == 6 and levels.node[red] >= 0  # a live feature is placed somewhere in the tree
+    counts = depth_counts(levels, h)
+    assert counts.sum() == (levels.depth >= 0).sum() and len(counts) == 3
+    with pytest.raises(ConfigError, match="no node 'circle'"):
+        index_levels(planted.index, Hierarchy.from_parents({"dog": "animal"}))
