@@ -25,7 +25,7 @@ from typing import Any
 from torch import nn
 
 from actstore.errors import ConfigError
-from actstore.extract.vlm_kinds import ReadLayer, VLMKind
+from actstore.extract.vlm_kinds import ReadLayer, VLMKind, hidden_state_block, llava_read
 
 __all__ = ["REMOTE_CLASSES", "TOWER_CLASSES", "needs_remote_code", "remote_kind", "remote_model_class"]
 
@@ -57,12 +57,10 @@ def _read(config: Any, n_blocks: int) -> ReadLayer:
     spec = getattr(config, "img_processor", None)
     if isinstance(spec, dict):  # Phi-3/3.5-vision: hidden_states[layer_idx], -2 and "patch" where the config is silent
         i, feature = spec.get("layer_idx", -2), spec.get("type_feature", "patch")
-        return ReadLayer(i - 1 if i >= 0 else n_blocks + i, f"img_processor layer_idx {i}", feature == "patch",
+        return ReadLayer(hidden_state_block(i, n_blocks), f"img_processor layer_idx {i}", feature == "patch",
                          f"img_processor type_feature {feature!r}")
     if getattr(config, "vision_feature_layer", None) is not None:
-        i, strategy = config.vision_feature_layer, getattr(config, "vision_feature_select_strategy", "full")
-        return ReadLayer(i - 1 if i >= 0 else n_blocks + i, f"vision_feature_layer {i}", strategy == "default",
-                         f"vision_feature_select_strategy {strategy!r}")
+        return llava_read(config, n_blocks)
     return ReadLayer(n_blocks - 1, "no layer named in its config: the tower's last")
 
 

@@ -17,7 +17,8 @@ from torch import Tensor
 
 from actstore.errors import ConfigError
 
-__all__ = ["FALLBACK_PROMPT", "VLM_KINDS", "ReadLayer", "VLMKind", "generate_inputs", "read_layer"]
+__all__ = ["FALLBACK_PROMPT", "VLM_KINDS", "ReadLayer", "VLMKind", "generate_inputs", "hidden_state_block",
+           "llava_read", "read_layer"]
 
 FALLBACK_PROMPT = "USER: {image}\n{prompt} ASSISTANT:"
 """llava-1.5's conversation format, for a processor without a chat template ({image}: its image token)."""
@@ -37,17 +38,17 @@ class ReadLayer:
     """What says so."""
 
 
-def _hidden_state_blocks(spec: int | list[int] | tuple[int, ...], n_blocks: int) -> int:
+def hidden_state_block(spec: int | list[int] | tuple[int, ...], n_blocks: int) -> int:
     """The last block that hidden_states[i] (i in `spec`) is the output of: hidden_states[i] is block i - 1's output
     (0: the embeddings, -1), negative i counts from the end."""
     return max(i - 1 if i >= 0 else n_blocks + i for i in (spec if isinstance(spec, (list, tuple)) else [spec]))
 
 
-def _llava_read(config: Any, n_blocks: int) -> ReadLayer:
+def llava_read(config: Any, n_blocks: int) -> ReadLayer:
     """LLaVA reads hidden_states[vision_feature_layer] (a list: several, concatenated) and, with
     vision_feature_select_strategy "default", drops their first token (CLIP's CLS)."""
     spec, strategy = config.vision_feature_layer, getattr(config, "vision_feature_select_strategy", "full")
-    return ReadLayer(_hidden_state_blocks(spec, n_blocks), f"vision_feature_layer {spec}", strategy == "default",
+    return ReadLayer(hidden_state_block(spec, n_blocks), f"vision_feature_layer {spec}", strategy == "default",
                      f"vision_feature_select_strategy {strategy!r}")
 
 
@@ -131,7 +132,7 @@ def _qwen(model_class: str, tower: str) -> VLMKind:
 
 VLM_KINDS: dict[str, VLMKind] = {
     "llava": VLMKind("LlavaForConditionalGeneration", "model.vision_tower",
-                     ("clip_vision_model", "siglip_vision_model"), _llava_read),
+                     ("clip_vision_model", "siglip_vision_model"), llava_read),
     **{name: VLMKind(cls, "model.vision_model", (f"{name}_vision",), _last_read,
                      "User:{image}{prompt}<end_of_utterance>\nAssistant:", image_axis=True,
                      single_image=_square_idefics3)
