@@ -23,7 +23,8 @@ from sae.model import SparseAutoencoder
 from sae.train import TrainConfig, train
 from services.compare import CompareConfig, read_comparison, read_table, run_compare
 from services.compare.match import Scan, assign, jaccard
-from services.compare.run import _open_side, _plan
+from services.compare.run import pair_plan
+from services.compare.sides import open_side
 from services.compare.stream import MaxDiff, PairStats
 from services.index import IndexConfig, build_index
 
@@ -310,9 +311,9 @@ def test_a_small_budget_tiles_the_matrix_and_changes_nothing(planted, tmp_path):
     write_planted_pair(str(tmp_path / "a"), str(tmp_path / "b"), n_images=240, n_shared=N_SHARED, n_private=N_PRIVATE)
     a, b = f"{root / 'run-a' / 's'}@{tmp_path / 'a'}", f"{root / 'run-b' / 's'}@{tmp_path / 'b'}"
     cfg = CompareConfig(a=a, b=b, out=str(tmp_path / "one"))
-    sides = [_open_side(spec, name, cfg, torch.device("cpu")) for spec, name in ((a, "a"), (b, "b"))]
+    sides = [open_side(spec, name, cfg, torch.device("cpu")) for spec, name in ((a, "a"), (b, "b"))]
     gb = next(g for g in np.geomspace(1e-4, 1e-2, 200)
-              if _fits(cfg, sides, g) and -(-32 // _plan(replace(cfg, memory_gb=g), *sides).tile) in (3, 4))
+              if _fits(cfg, sides, g) and -(-32 // pair_plan(replace(cfg, memory_gb=g), *sides).tile) in (3, 4))
     one = run_compare(cfg, progress=False)
     tiled = run_compare(replace(cfg, out=str(tmp_path / "tiled"), memory_gb=gb), progress=False)
     assert one["plan"]["passes"] == 2 and tiled["plan"]["passes"] in (4, 5)
@@ -330,7 +331,7 @@ def test_a_small_budget_tiles_the_matrix_and_changes_nothing(planted, tmp_path):
 
 def _fits(cfg: CompareConfig, sides: list, gb: float) -> bool:
     try:
-        _plan(replace(cfg, memory_gb=gb), *sides)
+        pair_plan(replace(cfg, memory_gb=gb), *sides)
     except ConfigError:
         return False
     return True

@@ -8,6 +8,7 @@ naive compression). These arrays have the same shape of trouble.
 
 from __future__ import annotations
 
+from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -54,40 +55,47 @@ def write_synthetic_store(url: str, n_images: int = 512, grid: tuple[int, int] =
 def write_planted_pair(url_a: str, url_b: str, n_images: int = 1200, grid: tuple[int, int] = (2, 2),
                        d: tuple[int, int] = (24, 32), n_shared: int = 6, n_private: int = 4, p_fire: float = 0.15,
                        noise: float = 0.02, seed: int = 0) -> dict[str, np.ndarray]:
-    """Two single-layer stores (layer "0", patch tokens only) over the same images, for testing the comparison.
+    """Two single-layer stores (layer "0", patch tokens only) over the same images, for testing the comparison:
+    `n_shared` concepts in both, `n_private` of each store's own (write_planted_models). Returns the dictionaries
+    ({"a": (n_shared + n_private, d_a), "b": ...}, shared atoms first) and the concept strengths per image."""
+    concepts = [("a", "b")] * n_shared + [("a",)] * n_private + [("b",)] * n_private
+    return write_planted_models({"a": url_a, "b": url_b}, concepts, n_images=n_images, grid=grid,
+                                d={"a": d[0], "b": d[1]}, p_fire=p_fire, noise=noise, seed=seed)
 
-    Each store's patches are sums of atoms of its own dictionary (orthonormal rows, sizes d[0] and d[1]):
-    `n_shared` concepts fire on the same images, at the same patch and strength, in both stores; each store
-    also has `n_private` concepts of its own that fire independently. Returns the dictionaries
-    ({"a": (n_shared + n_private, d_a), "b": ...}, shared atoms first) and the concept strengths per image.
-    """
+
+def write_planted_models(urls: Mapping[str, str], concepts: Sequence[Collection[str]], n_images: int = 1200,
+                         grid: tuple[int, int] = (2, 2), d: Mapping[str, int] | int = 24, p_fire: float = 0.15,
+                         noise: float = 0.02, seed: int = 0) -> dict[str, np.ndarray]:
+    """Single-layer stores (layer "0", patch tokens only), one per model of `urls`, over the same images, for
+    testing comparisons: concept c fires on the same images, at the same patch and strength, in every model that
+    `concepts[c]` names, and is absent from the others. Each model's patches are sums of atoms of its own
+    dictionary (orthonormal rows, one per concept it has, width d[model]) plus Gaussian noise.
+
+    Returns per model its dictionary ({model: (its concepts, d)}, in concept order) and its concepts' strengths
+    per image ({"strength_<model>": (n_images, its concepts)})."""
     rng = np.random.default_rng(seed)
     n_patches = grid[0] * grid[1]
-
-    def concepts(n: int) -> tuple[np.ndarray, np.ndarray]:
-        strength = np.where(rng.random((n_images, n)) < p_fire, rng.uniform(1, 3, (n_images, n)), 0.0)
-        return strength.astype(np.float32), rng.integers(0, n_patches, (n_images, n))
-
-    shared = concepts(n_shared)
+    strength = np.where(rng.random((n_images, len(concepts))) < p_fire,
+                        rng.uniform(1, 3, (n_images, len(concepts))), 0.0).astype(np.float32)
+    where = rng.integers(0, n_patches, (n_images, len(concepts)))
+    uris = [f"synthetic://planted-{seed}/{i}" for i in range(n_images)]
     out: dict[str, np.ndarray] = {}
-    for name, url, width in (("a", url_a, d[0]), ("b", url_b, d[1])):
-        atoms = np.linalg.qr(rng.standard_normal((width, n_shared + n_private)))[0].T.astype(np.float32)
-        private = concepts(n_private)
-        strength = np.concatenate([shared[0], private[0]], axis=1)
-        where = np.concatenate([shared[1], private[1]], axis=1)
-        placed = np.zeros((n_images, n_patches, n_shared + n_private), np.float32)
-        np.put_along_axis(placed, where[:, None, :], strength[:, None, :], axis=1)  # one patch per concept
+    for name, url in urls.items():
+        width = d if isinstance(d, int) else d[name]
+        mine = [c for c, models in enumerate(concepts) if name in models]
+        atoms = np.linalg.qr(rng.standard_normal((width, len(mine))))[0].T.astype(np.float32)
+        placed = np.zeros((n_images, n_patches, len(mine)), np.float32)
+        np.put_along_axis(placed, where[:, None, mine], strength[:, None, mine], axis=1)  # one patch per concept
         acts = placed @ atoms + noise * rng.standard_normal((n_images, n_patches, width)).astype(np.float32)
         spec = StoreSpec(n_images=n_images, layers=(LayerSpec("0", width, TokenLayout(cls=False, grid=grid), 0),),
                          backbone={"family": "synthetic", "name": f"planted-{name}", "n_blocks": 1},
                          dataset={"source": "synthetic", "fingerprint": f"planted-{seed}"},
                          images_per_shard=min(256, n_images), dtype="float32")
         writer = StoreWriter.create(url, spec, overwrite=True)
-        uris = [f"synthetic://planted-{seed}/{i}" for i in range(n_images)]
         for k in range(spec.n_units):
             start, stop = spec.unit_range(k)
             writer.write_unit(k, {"0": acts[start:stop]}, images={"uri": uris[start:stop]})
         writer.finalize()
         out[name] = atoms
-        out[f"strength_{name}"] = strength
+        out[f"strength_{name}"] = strength[:, mine]
     return out

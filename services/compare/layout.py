@@ -10,6 +10,14 @@ Light on purpose (the standard library and pyarrow only): the service imports it
     matches_b.parquet     the same from B's side: feature_b, best_a, <similarity>, mutual, jaccard_topk, max_diff
     assignment.parquet    a one-to-one pairing maximizing the summed similarity: feature_a, feature_b, <similarity>
 
+A comparison of several sides (`actstore compare --side ...`, services.compare.many) is a folder of its own format:
+
+    summary.json          format actstore-compare-set, the sides, the matrix across them, each side's features by
+                          the set of models where they have a partner (their group), examples of each group
+    pairs/I-J/            the comparison of sides I and J (numbered from 1), a two-sided comparison folder as above
+    shared.parquet        one row per live feature of every side: side, feature, fired, group, n_models, and per
+                          side K partner_K (its best match there; -1 on its own side) and sim_K
+
 <similarity> is the column `pearson` (the correlation of the two features' activations, `by: activations`)
 or `cosine` (of their decoder directions, `by: decoder`): `similarity_column(summary)` names it.
 """
@@ -23,11 +31,13 @@ from typing import Any
 from actstore.errors import CorruptDataError, StoreFormatError, StoreNotFoundError
 from actstore.store import normalize_url
 
-__all__ = ["ASSIGNMENT", "FORMAT", "FORMAT_VERSION", "MATCHES", "SIMILARITY", "SUMMARY", "read_comparison", "read_table",
-           "similarity_column"]
+__all__ = ["ASSIGNMENT", "FORMAT", "FORMAT_VERSION", "MATCHES", "PAIRS", "SET_FORMAT", "SHARED", "SIMILARITY",
+           "SUMMARY", "is_comparison_set", "read_comparison", "read_table", "similarity_column"]
 
 FORMAT, FORMAT_VERSION = "actstore-compare", 1
-SUMMARY, ASSIGNMENT = "summary.json", "assignment.parquet"
+SET_FORMAT = "actstore-compare-set"
+"""The format of a comparison of several sides (same version numbering as FORMAT)."""
+SUMMARY, ASSIGNMENT, SHARED, PAIRS = "summary.json", "assignment.parquet", "shared.parquet", "pairs"
 MATCHES = {"a": "matches_a.parquet", "b": "matches_b.parquet"}
 """The matches table of each side."""
 SIMILARITY = {"activations": "pearson", "decoder": "cosine"}
@@ -39,8 +49,9 @@ def similarity_column(summary: dict[str, Any]) -> str:
     return SIMILARITY[summary.get("by", "activations")]
 
 
-def read_comparison(path: str | Path) -> dict[str, Any]:
-    """summary.json of the comparison at `path`, checked for format and version."""
+def read_comparison(path: str | Path, form: str = FORMAT) -> dict[str, Any]:
+    """summary.json of the comparison at `path`, checked for format (`form`: FORMAT for two sides, SET_FORMAT for
+    several) and version."""
     p = Path(normalize_url(str(path))) / SUMMARY
     try:
         summary = json.loads(p.read_text())
@@ -48,9 +59,19 @@ def read_comparison(path: str | Path) -> dict[str, Any]:
         raise StoreNotFoundError(f"{p.parent}: not a comparison (no {SUMMARY}; run `actstore compare`)") from None
     except json.JSONDecodeError as e:
         raise CorruptDataError(f"{p}: not JSON ({e})", key=SUMMARY) from None
-    if not isinstance(summary, dict) or summary.get("format") != FORMAT or summary.get("format_version") != FORMAT_VERSION:
-        raise StoreFormatError(f"{p.parent}: not an {FORMAT} v{FORMAT_VERSION} comparison")
+    if not isinstance(summary, dict) or summary.get("format") != form or summary.get("format_version") != FORMAT_VERSION:
+        raise StoreFormatError(f"{p.parent}: not an {form} v{FORMAT_VERSION} comparison"
+                               + (f" (a comparison of several sides: its pairs are under {PAIRS}/)"
+                                  if isinstance(summary, dict) and summary.get("format") == SET_FORMAT else ""))
     return summary
+
+
+def is_comparison_set(path: str | Path) -> bool:
+    """Whether the comparison at `path` is one of several sides (its summary.json says SET_FORMAT)."""
+    try:
+        return json.loads((Path(normalize_url(str(path))) / SUMMARY).read_text()).get("format") == SET_FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def read_table(path: str | Path, name: str) -> Any:

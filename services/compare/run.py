@@ -1,7 +1,8 @@
-"""`actstore compare`: match the features of two SAEs whose stores hold the same images.
+"""`actstore compare`: match the features of SAEs whose stores hold the same images: two (--a, --b), or every
+pair of several (--side, services.compare.many).
 
-Each side is an index folder (its index.json names the store, the SAE and the layer) or SAE_DIR@STORE_URL.
-Two ordered passes read both stores in lockstep, block by block:
+Each side is an index folder (its index.json names the store, the SAE and the layer) or SAE_DIR@STORE_URL
+(services.compare.sides). Two ordered passes read the stores in lockstep, block by block:
 
     1. every image (or patch) through both SAEs: per-feature sums, top-k rows, and the cross products
        of the two sides' activations (services.compare.stream.PairStats), so the Pearson correlation of
@@ -28,22 +29,19 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
-from tqdm.auto import tqdm
 
 from actstore.budget import MemoryBudget
-from actstore.config import check_at_least, public_config, redact
+from actstore.config import check_at_least, public_config
 from actstore.errors import ConfigError
 from actstore.outputs import marked_by, staged_folder
-from actstore.store import ActivationStore, LayerSpec, is_local, normalize_url, ok_mask
-from sae import SparseAutoencoder, TokenEncoder, positive_entries
-from sae.checkpoint import load_on_store
+from actstore.store import is_local
 from services.compare.layout import ASSIGNMENT, FORMAT, FORMAT_VERSION, MATCHES, SIMILARITY, SUMMARY
 from services.compare.match import COLUMN_BLOCK, Matches, Scan, assign, distribution, jaccard
+from services.compare.sides import Side, check_pair, common_images, open_side, side_rows
 from services.compare.stream import MaxDiff, PairStats
-from services.index.layout import META as INDEX_META
-from services.index.layout import read_index_meta
 
-__all__ = ["BY", "GEMM_ROWS", "LEVELS", "CompareConfig", "Plan", "Result", "match_rows", "plan", "run_compare"]
+__all__ = ["BY", "GEMM_ROWS", "LEVELS", "CompareConfig", "Matched", "Plan", "Result", "compare_pair", "decoder_cosine",
+           "live_scan", "match_rows", "pair_plan", "pair_stats", "plan", "run_compare", "write_pair"]
 
 BY = ("activations", "decoder")
 LEVELS = ("image", "patch")
@@ -55,12 +53,22 @@ TOP_MATCHES = 10
 class CompareConfig:
     """What `actstore compare` matches, and how."""
 
-    a: str
-    """Side A: an index folder (from `actstore index`), or SAE_DIR@STORE_URL."""
-    b: str
-    """Side B, over the same images as A (same image URIs in the same order)."""
     out: str
-    """Local folder for the comparison (summary.json, matches_a/b.parquet, assignment.parquet)."""
+    """Local folder for the comparison (summary.json, matches_a/b.parquet, assignment.parquet; with --side, each
+    pair's comparison under pairs/ and shared.parquet)."""
+    a: str | None = None
+    """Side A: an index folder (from `actstore index`), or SAE_DIR@STORE_URL."""
+    b: str | None = None
+    """Side B, over the same images as A (same image URIs in the same order)."""
+    side: tuple[str, ...] = ()
+    """Instead of --a/--b: every side of a comparison of several models (two or more, each an index folder or
+    SAE_DIR@STORE_URL, all over the same images), e.g. --side clip-index --side siglip-index --side dino-index:
+    every pair matched, a matrix of them, and which models share each feature."""
+    name: tuple[str, ...] = ()
+    """With --side: each side's name in the tables and the report, in order (default: its backbone's name)."""
+    threshold: float = 0.7
+    """With --side: a feature has a partner in another model when its best match there is above this; the models
+    where it has one are the feature's group ("shared by all", "by CLIP and SigLIP only", "unique")."""
     by: str = field(default="activations", metadata={"choices": BY})
     """activations: Pearson correlation of the features' activations over the images; decoder: cosine of the
     decoder directions (two SAEs of the same layer of the same model, e.g. two seeds or widths)."""
@@ -94,128 +102,25 @@ class CompareConfig:
             raise ConfigError(f"compare: level must be one of {', '.join(LEVELS)}, got {self.level!r}")
         if not is_local(self.out):
             raise ConfigError(f"compare: out must be a local folder, got {self.out}")
+        if self.side and (self.a or self.b):
+            raise ConfigError("compare: give the sides as --a and --b, or as --side (two or more), not both")
+        if not self.side and not (self.a and self.b):
+            raise ConfigError("compare: needs --a and --b, or two or more --side")
+        if self.side and len(self.side) < 2:
+            raise ConfigError(f"compare: --side needs two or more sides, got {len(self.side)}")
+        if self.name and len(self.name) != len(self.side):
+            raise ConfigError(f"compare: --name names each --side, in order: {len(self.name)} names for "
+                              f"{len(self.side)} sides")
+        if len(set(self.name)) != len(self.name) or not all(n.strip() for n in self.name):
+            raise ConfigError(f"compare: --name takes distinct, non-empty names, got {list(self.name)}")
+        if not -1 <= self.threshold < 1:
+            raise ConfigError(f"compare: threshold must lie in [-1, 1), got {self.threshold}")
 
 
-# the two sides -----------------------------------------------------------------------------------
+# the matching ------------------------------------------------------------------------------------
 
-@dataclass(frozen=True)
-class _Side:
-    """One side opened: its store, its tokens through its SAE (TokenEncoder), and where they came from."""
-
-    source: str
-    index: str | None
-    sae_url: str
-    encoder: TokenEncoder
-    """On the layer the SAE was trained on: its patches (image value = max over patches) or its CLS / pooled token."""
-    store: ActivationStore
-
-    @property
-    def sae(self) -> SparseAutoencoder:
-        return self.encoder.sae
-
-    @property
-    def spec(self) -> LayerSpec:
-        return self.encoder.spec
-
-    @property
-    def tokens(self) -> str:
-        return self.encoder.tokens
-
-    def rows(self, x: torch.Tensor, level: str, device: torch.device) -> torch.Tensor:
-        """A block's activations (n_img, T, d) -> dense latents: (n_img, F) at image level, (n_img * P, F)
-        at patch level."""
-        rows, feats, vals = positive_entries(self.encoder.block(x))
-        d_sae = self.sae.cfg.d_sae
-        n_rows = x.shape[0] * self.encoder.per_image
-        if level == "image" and self.tokens == "patches":
-            rows, n_rows = rows // self.spec.tokens.n_patches, x.shape[0]
-        dense = torch.zeros(n_rows * d_sae, device=device)
-        return dense.scatter_reduce_(0, rows * d_sae + feats, vals, reduce="amax").view(n_rows, d_sae)
-
-    def describe(self, fired: torch.Tensor) -> dict[str, Any]:
-        backbone = self.store.attrs.get("backbone", {})
-        live = int((fired > 0).sum())
-        return {"source": redact(self.source), "index": self.index, "sae": redact(self.sae_url),
-                "store": redact(self.store.url), "layer": self.spec.name, "tokens": self.tokens,
-                "d_sae": self.sae.cfg.d_sae, "backbone": {k: backbone.get(k) for k in ("family", "name")},
-                "live": live, "dead": self.sae.cfg.d_sae - live}
-
-
-def _open_side(spec: str, name: str, cfg: CompareConfig, device: torch.device) -> _Side:
-    """An index folder, or SAE_DIR@STORE_URL."""
-    index = Path(normalize_url(spec)) if is_local(spec) else None
-    if index is not None and (index / INDEX_META).is_file():
-        meta = read_index_meta(index)
-        sae_url, store_url, layer = meta["sae"], meta["store"], meta["layer"]
-        index_path: str | None = str(index.resolve())
-    elif "@" in spec:
-        sae_url, store_url = spec.rsplit("@", 1)
-        layer, index_path = None, None
-    else:
-        raise ConfigError(f"compare: {name}={spec!r} is neither an index folder (no {INDEX_META}) nor SAE_DIR@STORE_URL")
-    store = ActivationStore(store_url, cfg.storage_options)
-    sae, norm, layer_spec = load_on_store(sae_url, store, layer, device, cfg.storage_options)
-    cls = norm is not None and norm.tokens == "cls" or layer_spec.tokens.n_patches == 0
-    return _Side(spec, index_path, sae_url, TokenEncoder(sae, norm, layer_spec, "cls" if cls else "patches"), store)
-
-
-def _common_images(a: _Side, b: _Side) -> np.ndarray:
-    """The images both sides may use (ok in both); refuses stores over different images, naming the first."""
-    ta, tb = a.store.images(), b.store.images()
-    ua, ub = ta.column("uri").to_pylist(), tb.column("uri").to_pylist()
-    if ua != ub:
-        i = next((i for i, (x, y) in enumerate(zip(ua, ub)) if x != y), min(len(ua), len(ub)))
-        what = (f"image {i} is {ua[i]!r} in A and {ub[i]!r} in B" if i < min(len(ua), len(ub)) else
-                f"A has {len(ua)} images, B has {len(ub)}")
-        raise ConfigError(f"compare: A and B are not over the same images: {what}")
-    return ok_mask(ta) & ok_mask(tb)
-
-
-def _check_pair(cfg: CompareConfig, a: _Side, b: _Side) -> None:
-    if cfg.level == "patch":
-        for side, name in ((a, "A"), (b, "B")):
-            if side.tokens != "patches":
-                raise ConfigError(f"compare: --level patch needs patch SAEs; {name} ({side.sae_url}) reads the "
-                                  "CLS / pooled token")
-        if a.spec.tokens.grid != b.spec.tokens.grid:
-            raise ConfigError(f"compare: --level patch needs the same patch grid; A's layer {a.spec.name} is "
-                              f"{'x'.join(map(str, a.spec.tokens.grid))}, B's layer {b.spec.name} is "
-                              f"{'x'.join(map(str, b.spec.tokens.grid))}")
-    if cfg.by == "decoder":
-        ka, kb = (s.store.attrs.get("backbone", {}) for s in (a, b))
-        model = ("family", "name", "checkpoint", "init_seed")
-        if [ka.get(k) for k in model] != [kb.get(k) for k in model] or a.spec.name != b.spec.name:
-            raise ConfigError(f"compare: --by decoder needs SAEs of the same layer of the same model; A is layer "
-                              f"{a.spec.name} of {ka.get('family')}:{ka.get('name')}, B is layer {b.spec.name} of "
-                              f"{kb.get('family')}:{kb.get('name')}")
-
-
-# the passes --------------------------------------------------------------------------------------
-
-def _rows(a: _Side, b: _Side, ok: np.ndarray, cfg: CompareConfig, images_per_block: int, device: torch.device,
-          desc: str, progress: bool):
-    """Both sides' dense latents for the same rows, block by block: (xa, xb, row ids). Rejected images
-    (in either store) are left out; patch-level row ids are image * n_patches + patch."""
-    ok_t = torch.from_numpy(ok)
-    bar = tqdm(total=len(ok), desc=desc, unit="image", unit_scale=True, disable=not progress)
-    with torch.inference_mode():
-        for (start, xa), (_, xb) in zip(a.store.blocks(a.spec.name, images_per_block, whole_chunks=True),
-                                        b.store.blocks(b.spec.name, images_per_block, whole_chunks=True)):
-            n_img = xa.shape[0]
-            keep = ok_t[start:start + n_img]
-            images = torch.arange(start, start + n_img)
-            ra, rb = a.rows(xa, cfg.level, device), b.rows(xb, cfg.level, device)
-            if cfg.level == "patch":
-                p = a.spec.tokens.n_patches
-                keep = keep.repeat_interleave(p)
-                images = (images.unsqueeze(1) * p + torch.arange(p)).reshape(-1)
-            keep = keep.to(device)
-            yield ra[keep], rb[keep], images.to(device)[keep]
-            bar.update(n_img)
-    bar.close()
-
-
-def _decoder_cosine(wa: torch.Tensor, wb: torch.Tensor) -> torch.Tensor:
+def decoder_cosine(wa: torch.Tensor, wb: torch.Tensor) -> torch.Tensor:
+    """(F_a, F_b) cosines of two decoders' directions."""
     wa = torch.nn.functional.normalize(wa.detach().float(), dim=1)
     wb = torch.nn.functional.normalize(wb.detach().float(), dim=1)
     return wa @ wb.T
@@ -281,16 +186,14 @@ def match_rows(rows: Rows, n_a: int, n_b: int, *, k: int, candidates: int, plan:
     further tile of Pearson), the assignment, then the max_diff pass. This is all of the comparison but reading
     stores and encoding (benchmarks/bench_compare.py runs it on in-memory rows)."""
     tiles = [slice(s, min(n_a, s + plan.tile)) for s in range(0, n_a, plan.tile)] or [slice(0, 0)]
-    stats = PairStats(n_a, n_b, k, cross=decoders is None, rows_per_update=plan.rows_per_update, device=device,
-                      tile=tiles[0])
+    stats = pair_stats(n_a, n_b, k, plan, device, decoders is None, tiles[0])
     for xa, xb, ids in rows("compare" if len(tiles) == 1 else f"compare, tile 1/{len(tiles)}"):
         stats.update(xa, xb, ids)
     stats.finish()
-    live_a, live_b = (s.fired.gt(0).nonzero().squeeze(1) for s in (stats.a, stats.b))
-    scan = Scan(live_a, live_b, n_a, n_b, candidates)
+    scan = live_scan(stats, candidates)
     for t, tile in enumerate(tiles):
         if decoders is not None:
-            scan.add(tile.start, _decoder_cosine(decoders[0][tile], decoders[1]))
+            scan.add(tile.start, decoder_cosine(decoders[0][tile], decoders[1]))
             continue
         if t:
             stats.next_tile(tile)
@@ -298,22 +201,55 @@ def match_rows(rows: Rows, n_a: int, n_b: int, *, k: int, candidates: int, plan:
                 stats.update(xa, xb, ids)
             stats.finish()
         scan.add(tile.start, stats.pearson())
-    m = scan.matches()
-    pairs = assign(scan.edges(), live_a, n_a, n_b)
+    matched = Matched.of(stats, scan)
     del scan
-    (mean_a, std_a, _), (mean_b, std_b, _) = stats.a.moments(stats.n), stats.b.moments(stats.n)
-    diff = MaxDiff(torch.cat([m.live_a, m.best_a]), torch.cat([m.best_b, m.live_b]), mean_a, std_a, mean_b, std_b)
     for xa, xb, _ in rows("max_diff"):
-        diff.update(xa.to(device), xb.to(device))
-    max_diff_a, max_diff_b = diff.value[:live_a.numel()], diff.value[live_a.numel():]
-    top_a, top_b = stats.a.top.sets(), stats.b.top.sets()
-    column = SIMILARITY["activations" if decoders is None else "decoder"]
-    tables = {"a": _matches_table("a", m.live_a, m.best_b, m.sim_a, m.mutual_a,
-                                  jaccard(top_a[m.live_a], top_b[m.best_b]), max_diff_a, column),
-              "b": _matches_table("b", m.live_b, m.best_a, m.sim_b, m.mutual_b,
-                                  jaccard(top_b[m.live_b], top_a[m.best_a]), max_diff_b, column)}
-    pairs = pairs.rename_columns(["feature_a", "feature_b", column])
-    return Result(stats, m, pairs, max_diff_a, tables)
+        matched.diff.update(xa.to(device), xb.to(device))
+    return matched.result(SIMILARITY["activations" if decoders is None else "decoder"])
+
+
+def pair_stats(n_a: int, n_b: int, k: int, plan: Plan, device: torch.device, cross: bool,
+               tile: slice | None = None) -> PairStats:
+    """The first pass's accumulator of a pair, sized by the plan."""
+    return PairStats(n_a, n_b, k, cross=cross, rows_per_update=plan.rows_per_update, device=device, tile=tile)
+
+
+def live_scan(stats: PairStats, candidates: int) -> Scan:
+    """After the first pass: the scan of the similarity matrix over the features that fired on both sides."""
+    live_a, live_b = (s.fired.gt(0).nonzero().squeeze(1) for s in (stats.a, stats.b))
+    return Scan(live_a, live_b, stats.a.shift.numel(), stats.b.shift.numel(), candidates)
+
+
+@dataclass(frozen=True)
+class Matched:
+    """A pair after its similarity scan: best partners, the assignment, and the max_diff pass still to run
+    (`diff.update` on the same rows), then `result`."""
+
+    stats: PairStats
+    matches: Matches
+    pairs: pa.Table
+    diff: MaxDiff
+
+    @classmethod
+    def of(cls, stats: PairStats, scan: Scan) -> Matched:
+        m = scan.matches()
+        pairs = assign(scan.edges(), scan.live_a, scan.dead_a.numel(), scan.dead_b.numel())
+        (mean_a, std_a, _), (mean_b, std_b, _) = stats.a.moments(stats.n), stats.b.moments(stats.n)
+        diff = MaxDiff(torch.cat([m.live_a, m.best_a]), torch.cat([m.best_b, m.live_b]), mean_a, std_a, mean_b,
+                       std_b)
+        return cls(stats, m, pairs, diff)
+
+    def result(self, column: str) -> Result:
+        """The pair's tables, once the max_diff pass is done; `column` names the similarity."""
+        m, n_live = self.matches, self.matches.live_a.numel()
+        max_diff_a, max_diff_b = self.diff.value[:n_live], self.diff.value[n_live:]
+        top_a, top_b = self.stats.a.top.sets(), self.stats.b.top.sets()
+        tables = {"a": _matches_table("a", m.live_a, m.best_b, m.sim_a, m.mutual_a,
+                                      jaccard(top_a[m.live_a], top_b[m.best_b]), max_diff_a, column),
+                  "b": _matches_table("b", m.live_b, m.best_a, m.sim_b, m.mutual_b,
+                                      jaccard(top_b[m.live_b], top_a[m.best_a]), max_diff_b, column)}
+        return Result(self.stats, m, self.pairs.rename_columns(["feature_a", "feature_b", column]), max_diff_a,
+                      tables)
 
 
 def _matches_table(side: str, live: torch.Tensor, best: torch.Tensor, sim: torch.Tensor, mutual: torch.Tensor,
@@ -339,32 +275,49 @@ def _top_matches(r: Result, n_images: int, cfg: CompareConfig) -> list[dict[str,
 
 
 def run_compare(cfg: CompareConfig, progress: bool = True) -> dict[str, Any]:
-    """Run both passes and write the comparison folder; returns its summary (also in summary.json)."""
+    """Run the passes and write the comparison folder; returns its summary (also in summary.json). With
+    cfg.side, every pair of the sides (services.compare.many)."""
     with staged_folder(cfg.out, "a comparison", marked_by(SUMMARY), cfg.overwrite) as tmp:
-        summary = _compare(cfg, tmp, progress)
+        if cfg.side:
+            from services.compare.many import compare_many
+
+            return compare_many(cfg, tmp, progress)
+        device = torch.device(cfg.device)
+        a, b = open_side(str(cfg.a), "a", cfg, device), open_side(str(cfg.b), "b", cfg, device)
+        ok = common_images([a, b], ("A", "B"))
+        check_pair(cfg, a, b)
+        pl = pair_plan(cfg, a, b)
+        summary = write_pair(cfg, a, b, compare_pair(cfg, a, b, ok, pl, progress), ok, pl, tmp)
+        for s in (a, b):
+            s.store.close()
     return summary
 
 
-def _plan(cfg: CompareConfig, a: _Side, b: _Side) -> Plan:
-    """The comparison's blocks and tiles, from the budget and both sides' widths."""
+def compare_pair(cfg: CompareConfig, a: Side, b: Side, ok: np.ndarray, pl: Plan, progress: bool,
+                 desc: str = "") -> Result:
+    """Both sides' rows (the images `ok`) through match_rows, as `pl` plans them; `desc` prefixes the progress."""
+    device = torch.device(cfg.device)
+    return match_rows(lambda what: ((x[0], x[1], ids) for x, ids in side_rows(
+        [a, b], ok, cfg.level, pl.images_per_block, device, desc + what, progress)), a.sae.cfg.d_sae, b.sae.cfg.d_sae,
+        k=cfg.k, candidates=cfg.candidates, plan=pl, device=device,
+        decoders=(a.sae.W_dec, b.sae.W_dec) if cfg.by == "decoder" else None)
+
+
+def pair_plan(cfg: CompareConfig, a: Side, b: Side, memory_gb: float | None = None) -> Plan:
+    """The comparison's blocks and tiles, from the budget (cfg's, or `memory_gb`) and both sides' widths."""
     per_image = [s.encoder.per_image for s in (a, b)]
-    return plan(a.sae.cfg.d_sae, b.sae.cfg.d_sae, k=cfg.k, candidates=cfg.candidates, memory_gb=cfg.memory_gb,
+    return plan(a.sae.cfg.d_sae, b.sae.cfg.d_sae, k=cfg.k, candidates=cfg.candidates,
+                memory_gb=cfg.memory_gb if memory_gb is None else memory_gb,
                 weights=a.encoder.weight_bytes() + b.encoder.weight_bytes(),
                 image_bytes=sum(n * s.encoder.token_bytes() for n, s in zip(per_image, (a, b))),
                 rows_per_image=max(per_image) if cfg.level == "patch" else 1,
                 most_images=min(a.encoder.most_images(), b.encoder.most_images()))
 
 
-def _compare(cfg: CompareConfig, tmp: Path, progress: bool) -> dict[str, Any]:
-    """Both passes, writing the comparison into the folder `tmp`; returns the summary."""
-    device = torch.device(cfg.device)
-    a, b = _open_side(cfg.a, "a", cfg, device), _open_side(cfg.b, "b", cfg, device)
-    ok = _common_images(a, b)
-    _check_pair(cfg, a, b)
-    pl = _plan(cfg, a, b)
-    r = match_rows(lambda desc: _rows(a, b, ok, cfg, pl.images_per_block, device, desc, progress), a.sae.cfg.d_sae,
-                   b.sae.cfg.d_sae, k=cfg.k, candidates=cfg.candidates, plan=pl, device=device,
-                   decoders=(a.sae.W_dec, b.sae.W_dec) if cfg.by == "decoder" else None)
+def write_pair(cfg: CompareConfig, a: Side, b: Side, r: Result, ok: np.ndarray, pl: Plan, folder: Path
+               ) -> dict[str, Any]:
+    """A pair's comparison folder (its tables, then summary.json); returns the summary. `cfg` is the pair's
+    (its a and b are the sides' sources)."""
     n_images = int(ok.sum())
     assigned = r.pairs.column(2).to_numpy()
     summary = {
@@ -377,10 +330,9 @@ def _compare(cfg: CompareConfig, tmp: Path, progress: bool) -> dict[str, Any]:
         "assignment": {"pairs": int(assigned.size), "mean": float(assigned.mean()) if assigned.size else None},
         "top_matches": _top_matches(r, n_images, cfg),
     }
+    folder.mkdir(parents=True, exist_ok=True)
     for side, table in r.tables.items():
-        pq.write_table(table, tmp / MATCHES[side])
-    pq.write_table(r.pairs, tmp / ASSIGNMENT)
-    (tmp / SUMMARY).write_text(json.dumps(summary, indent=1))
-    for s in (a, b):
-        s.store.close()
+        pq.write_table(table, folder / MATCHES[side])
+    pq.write_table(r.pairs, folder / ASSIGNMENT)
+    (folder / SUMMARY).write_text(json.dumps(summary, indent=1))
     return summary

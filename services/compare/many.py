@@ -1,0 +1,217 @@
+"""`actstore compare --side S1 --side S2 --side S3 ...`: several SAEs over the same images (CLIP, SigLIP, DINOv2,
+V-JEPA, ...), every pair matched exactly as the two-sided comparison matches it, then summed up across the models:
+what they share and what is unique to each.
+
+    matrix      per ordered pair (row model, column model): the mean best similarity of the row model's live
+                features in the column model, the share of them with a partner above 0.5 / 0.7 / 0.9 there, and
+                per pair the mutual best matches
+    groups      per feature, the models where its best match is above `threshold`, with its own: "shared by all",
+                "CLIP+SigLIP", "unique"; counted per model, a few examples of each kept for the report
+
+When every pair's whole similarity matrix fits the budget (split evenly between the pairs), the stores are read
+together, block by block, once for every pair's statistics and once more for max_diff: two passes whatever the number
+of sides. Otherwise the pairs run one after another, each planned as the two-sided comparison plans it (tiles
+included). Either way each pair's numbers are those of `actstore compare --a I --b J` over the images every side
+may use (an image rejected in any store is left out of every pair). Memory: each pair's (F_i, F_j) matrix or its
+tiles, and per side a few numbers per feature; never images x features.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from actstore.budget import default_memory_gb
+from actstore.config import public_config
+from actstore.errors import ConfigError
+from services.compare.layout import FORMAT_VERSION, PAIRS, SET_FORMAT, SHARED, SIMILARITY, SUMMARY
+from services.compare.run import (CompareConfig, Matched, Plan, Result, compare_pair, decoder_cosine, live_scan,
+                                  pair_plan, pair_stats, write_pair)
+from services.compare.sides import Side, check_pair, common_images, open_side, side_rows
+
+__all__ = ["THRESHOLDS", "compare_many", "side_names"]
+
+THRESHOLDS = ("0.5", "0.7", "0.9")
+"""The matrix's shares of features with a partner above these."""
+EXAMPLES = 4
+"""Example features kept per side and group."""
+
+Pair = tuple[int, int]
+
+
+def side_names(cfg: CompareConfig, sides: list[Side]) -> list[str]:
+    """cfg.name, or each side's backbone name (with its layer, then its number, where that is not enough)."""
+    if cfg.name:
+        return list(cfg.name)
+    names = [str(s.store.attrs.get("backbone", {}).get("name") or f"side {i + 1}") for i, s in enumerate(sides)]
+    if len(set(names)) < len(names):
+        names = [f"{n}@{s.spec.name}" for n, s in zip(names, sides)]
+    if len(set(names)) < len(names):
+        names = [f"{n}#{i + 1}" for i, n in enumerate(names)]
+    return names
+
+
+def _joint_plans(cfg: CompareConfig, sides: list[Side], pairs: list[Pair]) -> dict[Pair, Plan] | None:
+    """Each pair's plan within an even share of the budget, when every pair's matrix fits whole there (one pass
+    for all of them); None otherwise."""
+    share = (cfg.memory_gb or default_memory_gb()) / len(pairs)
+    try:
+        plans = {p: pair_plan(cfg, sides[p[0]], sides[p[1]], share) for p in pairs}
+    except ConfigError:
+        return None
+    if any(pl.tile < sides[i].sae.cfg.d_sae for (i, _), pl in plans.items()):
+        return None
+    block = min(pl.images_per_block for pl in plans.values())
+    return {p: replace(pl, images_per_block=block) for p, pl in plans.items()}
+
+
+def _joint(cfg: CompareConfig, sides: list[Side], plans: dict[Pair, Plan], ok: np.ndarray, progress: bool
+           ) -> dict[Pair, Result]:
+    """Every pair from the same two passes over all the stores."""
+    device, cross = torch.device(cfg.device), cfg.by == "activations"
+    block = next(iter(plans.values())).images_per_block
+
+    def rows(desc: str):
+        return side_rows(sides, ok, cfg.level, block, device, desc, progress)
+
+    stats = {(i, j): pair_stats(sides[i].sae.cfg.d_sae, sides[j].sae.cfg.d_sae, cfg.k, pl, device, cross)
+             for (i, j), pl in plans.items()}
+    for xs, ids in rows(f"compare, {len(stats)} pairs"):
+        for (i, j), s in stats.items():
+            s.update(xs[i], xs[j], ids)
+    matched: dict[Pair, Matched] = {}
+    for (i, j), s in stats.items():
+        s.finish()
+        scan = live_scan(s, cfg.candidates)
+        scan.add(0, s.pearson() if cross else decoder_cosine(sides[i].sae.W_dec, sides[j].sae.W_dec))
+        matched[(i, j)] = Matched.of(s, scan)
+    del stats
+    for xs, _ in rows("max_diff"):
+        for (i, j), m in matched.items():
+            m.diff.update(xs[i], xs[j])
+    return {p: m.result(SIMILARITY[cfg.by]) for p, m in matched.items()}
+
+
+def compare_many(cfg: CompareConfig, tmp: Path, progress: bool) -> dict[str, Any]:
+    """Every pair of cfg.side, written into the folder `tmp` (see the module docstring); returns the summary."""
+    device = torch.device(cfg.device)
+    sides = [open_side(spec, f"side {i + 1}", cfg, device) for i, spec in enumerate(cfg.side)]
+    names = side_names(cfg, sides)
+    ok = common_images(sides, names)
+    pairs = list(itertools.combinations(range(len(sides)), 2))
+    for i, j in pairs:
+        check_pair(cfg, sides[i], sides[j], (names[i], names[j]))
+    plans = _joint_plans(cfg, sides, pairs)
+    joint = plans is not None
+    if plans is not None:
+        results = _joint(cfg, sides, plans, ok, progress)
+    else:
+        plans = {(i, j): pair_plan(cfg, sides[i], sides[j]) for i, j in pairs}
+        results = {(i, j): compare_pair(cfg, sides[i], sides[j], ok, plans[(i, j)], progress,
+                                        f"{names[i]} x {names[j]}: ") for i, j in pairs}
+    summaries = {}
+    for (i, j), r in results.items():
+        folder = f"{PAIRS}/{i + 1}-{j + 1}"
+        pair_cfg = replace(cfg, a=cfg.side[i], b=cfg.side[j], side=(), name=(), out=str(Path(cfg.out) / folder))
+        summaries[(i, j)] = write_pair(pair_cfg, sides[i], sides[j], r, ok, plans[(i, j)], tmp / folder)
+    table, groups, examples = _shared(results, names, cfg.threshold)
+    pq.write_table(table, tmp / SHARED)
+    summary = {
+        "format": SET_FORMAT, "format_version": FORMAT_VERSION, "config": public_config(cfg),
+        "by": cfg.by, "level": cfg.level, "threshold": cfg.threshold, "n_images": int(ok.sum()),
+        "names": names,
+        "sides": [{"name": names[i], **side.describe(_fired(results, i))} for i, side in enumerate(sides)],
+        "joint": joint, "passes": 2 if joint else sum(s["plan"]["passes"] for s in summaries.values()),
+        "pairs": [{"a": i, "b": j, "folder": f"{PAIRS}/{i + 1}-{j + 1}", "mutual": s["mutual"],
+                   "assignment": s["assignment"], "plan": s["plan"]} for (i, j), s in summaries.items()],
+        "matrix": _matrix(summaries, len(sides)), "groups": groups, "examples": examples,
+    }
+    (tmp / SUMMARY).write_text(json.dumps(summary, indent=1))
+    for s in sides:
+        s.store.close()
+    return summary
+
+
+def _fired(results: dict[Pair, Result], side: int) -> torch.Tensor:
+    """Rows each feature of `side` fired on (the same in every pair it is in: the same rows)."""
+    for (i, j), r in results.items():
+        if side in (i, j):
+            return (r.stats.a if side == i else r.stats.b).fired
+    raise ValueError(f"side {side} is in no pair")
+
+
+def _matrix(summaries: dict[Pair, dict[str, Any]], n: int) -> dict[str, Any]:
+    """Row model r, column model c: the mean best similarity of r's live features in c, the share of them with
+    a partner above each of THRESHOLDS in c; mutual best matches per pair (symmetric). None on the diagonal."""
+    mean: list[list[float | None]] = [[None] * n for _ in range(n)]
+    above: dict[str, list[list[float | None]]] = {t: [[None] * n for _ in range(n)] for t in THRESHOLDS}
+    mutual: list[list[int | None]] = [[None] * n for _ in range(n)]
+    for (i, j), s in summaries.items():
+        for r, c, side in ((i, j, "a"), (j, i, "b")):
+            best = s["best"][side]
+            mean[r][c] = best["mean"]
+            for t in THRESHOLDS:
+                above[t][r][c] = best["above"][t] / best["n"] if best["n"] else None
+        mutual[i][j] = mutual[j][i] = s["mutual"]
+    return {"mean_best": mean, "above": above, "mutual": mutual}
+
+
+def _partners(results: dict[Pair, Result], n: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per side i: (partner (n, d_sae_i) int64, similarity (n, d_sae_i) float32) of each of its features in each
+    side (-1 and NaN on its own side and for dead features)."""
+    out: list[tuple[np.ndarray, np.ndarray]] = [(np.zeros((0, 0), np.int64), np.zeros((0, 0), np.float32))] * n
+    for side in range(n):
+        d = _fired(results, side).numel()
+        out[side] = (np.full((n, d), -1, np.int64), np.full((n, d), np.nan, np.float32))
+    for (i, j), r in results.items():
+        for me, other, table in ((i, j, r.tables["a"]), (j, i, r.tables["b"])):
+            feature, best, sim = (table.column(c).to_numpy() for c in range(3))
+            out[me][0][other, feature] = best
+            out[me][1][other, feature] = sim
+    return out
+
+
+def _shared(results: dict[Pair, Result], names: list[str], threshold: float
+            ) -> tuple[pa.Table, list[list[dict[str, Any]]], list[dict[str, Any]]]:
+    """shared.parquet; each side's groups (the models joined by "+", how many, its features; most first);
+    examples of each group: shared ones by their weakest partner's similarity, unique ones by how often they fire."""
+    n = len(names)
+    parts, groups, examples = [], [], []
+    for side, (partner, sim) in enumerate(_partners(results, n)):
+        fired = _fired(results, side).cpu().numpy()
+        live = np.flatnonzero(fired > 0)
+        member = sim[:, live] > threshold  # NaN (own side) is False
+        member[side] = True
+        label = np.array(["+".join(names[k] for k in np.flatnonzero(col)) for col in member.T], dtype=object)
+        count = member.sum(0)
+        labels, first, counts = np.unique(label, return_index=True, return_counts=True)
+        groups.append([{"group": str(labels[g]), "n_models": int(count[first[g]]), "features": int(counts[g])}
+                       for g in np.argsort(-counts, kind="stable")])
+        weakest = np.where(member, sim[:, live], np.inf)
+        weakest[side] = np.inf
+        key = np.where(count > 1, weakest.min(0), fired[live].astype(np.float64))
+        for g in labels:
+            at = np.flatnonzero(label == g)
+            for pos in at[np.argsort(-key[at], kind="stable")][:EXAMPLES]:
+                f = int(live[pos])
+                examples.append({"side": side, "feature": f, "group": str(g), "n_models": int(count[pos]),
+                                 "fired": int(fired[f]),
+                                 "partners": [{"side": int(k), "feature": int(partner[k, f]),
+                                               "similarity": float(sim[k, f])}
+                                              for k in np.flatnonzero(member[:, pos]) if k != side]})
+        columns: dict[str, Any] = {"side": pa.array([names[side]] * live.size, pa.string()),
+                                   "feature": live.astype(np.int32), "fired": fired[live].astype(np.int64),
+                                   "group": pa.array(label.tolist(), pa.string()), "n_models": count.astype(np.int8)}
+        for k in range(n):
+            columns[f"partner_{k + 1}"] = partner[k, live].astype(np.int32)
+            columns[f"sim_{k + 1}"] = sim[k, live]
+        parts.append(pa.table(columns))
+    return pa.concat_tables(parts), groups, examples

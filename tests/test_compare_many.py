@@ -1,0 +1,181 @@
+"""Comparing several models at once (`actstore compare --side ...`): every pair equals today's two-sided comparison
+of it, the matrix equals the pairwise summaries, and planted shared/partly shared/unique concepts land in their
+groups; one pass for all pairs where the budget allows, pair by pair (same numbers) where it does not."""
+
+from __future__ import annotations
+
+import itertools
+import json
+from dataclasses import replace
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from actstore.errors import ConfigError
+from actstore.store import ActivationStore
+from actstore.testing.synthetic import write_planted_models
+from actstore_cli import main
+from sae import checkpoint
+from sae.config import SAEConfig
+from sae.model import SparseAutoencoder
+from services.compare import CompareConfig, read_comparison, read_table, run_compare
+from services.compare.run import pair_plan
+from services.compare.sides import open_side
+
+MODELS = ("clip", "siglip", "dino", "vjepa")
+CONCEPTS = [MODELS, MODELS, ("clip", "siglip"), ("dino", "vjepa"), ("clip",), ("siglip",), ("dino",), ("vjepa",)]
+"""Two concepts in every model, one in the language-vision pair only, one in the vision-only pair only, and one of
+each model's own."""
+DEAD = 3
+"""Dead features appended to each planted SAE."""
+
+
+def planted_sae(url: str, atoms: np.ndarray, store: str) -> None:
+    """A relu SAE reading each planted atom (encoder = decoder = the atom, a margin of 5 noise std), then DEAD dead
+    features."""
+    d_sae, d = atoms.shape[0] + DEAD, atoms.shape[1]
+    rng = np.random.default_rng(d_sae)
+    w = np.concatenate([atoms, np.linalg.qr(rng.standard_normal((d, DEAD)))[0].T]).astype(np.float32)
+    bias = np.concatenate([np.full(atoms.shape[0], -0.1), np.full(DEAD, -10.0)]).astype(np.float32)
+    sae = SparseAutoencoder(SAEConfig(d_in=d, d_sae=d_sae, kind="relu"))
+    with torch.no_grad():
+        sae.W_enc.copy_(torch.from_numpy(w))
+        sae.W_dec.copy_(torch.from_numpy(w))
+        sae.b_enc.copy_(torch.from_numpy(bias))
+    checkpoint.save(sae, url, extra=checkpoint.origin(ActivationStore(store), "0"))
+
+
+@pytest.fixture(scope="module")
+def four(tmp_path_factory):
+    """Four planted models over the same 600 images, each with its SAE: the sides SAE_DIR@STORE, in MODELS order."""
+    root = tmp_path_factory.mktemp("four")
+    atoms = write_planted_models({m: str(root / m) for m in MODELS}, CONCEPTS, n_images=600,
+                                 d={"clip": 24, "siglip": 20, "dino": 16, "vjepa": 24})
+    for m in MODELS:
+        planted_sae(str(root / f"sae-{m}"), atoms[m], str(root / m))
+    return root, [f"{root / f'sae-{m}'}@{root / m}" for m in MODELS]
+
+
+def concept_feature(model: str) -> dict[int, int]:
+    """{concept: the planted SAE's feature reading it} for a model (its concepts in order)."""
+    return {c: i for i, c in enumerate(c for c, members in enumerate(CONCEPTS) if model in members)}
+
+
+def test_every_pair_equals_the_two_sided_comparison(four, tmp_path, capsys):
+    root, sides = four
+    out = tmp_path / "set"
+    argv = ["compare", "--out", str(out), "--threshold", "0.7", "-q"]
+    for side, name in zip(sides, MODELS):
+        argv += ["--side", side, "--name", name]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    summary = read_comparison(out, "actstore-compare-set")
+    assert summary["names"] == list(MODELS) and summary["joint"] and summary["passes"] == 2
+    assert [(p["a"], p["b"]) for p in summary["pairs"]] == list(itertools.combinations(range(4), 2))
+    for p in summary["pairs"]:
+        alone = tmp_path / f"pair-{p['a']}-{p['b']}"
+        ref = run_compare(CompareConfig(a=sides[p["a"]], b=sides[p["b"]], out=str(alone)), progress=False)
+        mine = read_comparison(out / p["folder"])
+        for key in ("best", "mutual", "assignment", "n_images", "n_rows", "top_matches", "a", "b"):
+            assert json.dumps(mine[key], sort_keys=True) == json.dumps(ref[key], sort_keys=True), (p, key)
+        for name in ("matches_a.parquet", "matches_b.parquet", "assignment.parquet"):
+            assert read_table(out / p["folder"], name).equals(read_table(alone, name)), (p, name)
+        # the matrix holds the pair's numbers, both ways
+        m = summary["matrix"]
+        assert m["mean_best"][p["a"]][p["b"]] == ref["best"]["a"]["mean"]
+        assert m["mean_best"][p["b"]][p["a"]] == ref["best"]["b"]["mean"]
+        assert m["mutual"][p["a"]][p["b"]] == m["mutual"][p["b"]][p["a"]] == ref["mutual"]
+        for t in ("0.5", "0.7", "0.9"):
+            assert m["above"][t][p["b"]][p["a"]] == ref["best"]["b"]["above"][t] / ref["best"]["b"]["n"]
+    assert all(summary["matrix"]["mean_best"][i][i] is None for i in range(4))
+    assert "mean best pearson" in printed and "shared by all" in printed and "pairs in 2 passes" in printed
+
+
+def test_planted_concepts_land_in_their_groups(four, tmp_path):
+    """Each planted feature's group is the set of models its concept was planted in; shared.parquet's partners are
+    the planted features of the other models."""
+    _, sides = four
+    summary = run_compare(CompareConfig(out=str(tmp_path / "set"), side=tuple(sides), name=MODELS), progress=False)
+    table = pq.read_table(tmp_path / "set" / "shared.parquet").to_pandas()
+    for k, model in enumerate(MODELS):
+        mine = table[table.side == model].set_index("feature")
+        assert sorted(mine.index) == sorted(concept_feature(model).values())  # dead features are left out
+        for c, f in concept_feature(model).items():
+            row = mine.loc[f]
+            assert row.group == "+".join(m for m in MODELS if m in CONCEPTS[c]), (model, c)
+            assert row.n_models == len(CONCEPTS[c])
+            for j, other in enumerate(MODELS):
+                if other == model:
+                    assert row[f"partner_{j + 1}"] == -1 and np.isnan(row[f"sim_{j + 1}"])
+                elif other in CONCEPTS[c]:
+                    assert row[f"partner_{j + 1}"] == concept_feature(other)[c] and row[f"sim_{j + 1}"] > 0.95
+                else:
+                    assert row[f"sim_{j + 1}"] < 0.5
+        groups = {g["group"]: g["features"] for g in summary["groups"][k]}
+        assert groups["+".join(MODELS)] == 2 and groups[model] == 1
+        assert groups["clip+siglip" if model in ("clip", "siglip") else "dino+vjepa"] == 1
+    shared_all = [e for e in summary["examples"] if e["n_models"] == 4]
+    assert shared_all and all(len(e["partners"]) == 3 for e in shared_all)
+
+
+def _mode(cfg: CompareConfig, sides: list, gb: float) -> str:
+    """How a comparison of `sides` runs in gb: "joint" (every pair's whole matrix in gb / pairs), "apart" (pair by
+    pair) or "refused"."""
+    pairs = list(itertools.combinations(sides, 2))
+    try:
+        for a, b in pairs:
+            pair_plan(cfg, a, b, gb)
+    except ConfigError:
+        return "refused"
+    try:
+        whole = all(pair_plan(cfg, a, b, gb / len(pairs)).tile == a.sae.cfg.d_sae for a, b in pairs)
+    except ConfigError:
+        whole = False
+    return "joint" if whole else "apart"
+
+
+def test_a_budget_too_small_for_one_pass_goes_pair_by_pair(four, tmp_path):
+    _, sides = four
+    cfg = CompareConfig(out=str(tmp_path / "joint"), side=tuple(sides[:3]))
+    opened = [open_side(s, f"side {i}", cfg, torch.device("cpu")) for i, s in enumerate(cfg.side)]
+    gb = next(g for g in np.geomspace(1e-4, 1e-1, 300) if _mode(cfg, opened, g) == "apart")
+    joint = run_compare(cfg, progress=False)
+    apart = run_compare(replace(cfg, out=str(tmp_path / "apart"), memory_gb=float(gb)), progress=False)
+    assert joint["joint"] and not apart["joint"] and apart["passes"] >= 6
+    for p in joint["pairs"]:
+        for name in ("matches_a.parquet", "matches_b.parquet", "assignment.parquet"):
+            x, y = (read_table(tmp_path / d / p["folder"], name).to_pandas() for d in ("joint", "apart"))
+            for col in x.columns:  # other staging and tiles: float32 sums round differently
+                np.testing.assert_allclose(x[col].to_numpy(), y[col].to_numpy(), rtol=1e-4, atol=1e-5)
+    assert [g["features"] for g in joint["groups"][0]] == [g["features"] for g in apart["groups"][0]]
+
+
+def test_refusals_are_one_line_and_touch_nothing(four, tmp_path):
+    root, sides = four
+    with pytest.raises(ConfigError, match="needs two or more sides"):
+        CompareConfig(out=str(tmp_path / "x"), side=(sides[0],))
+    with pytest.raises(ConfigError, match="not both"):
+        CompareConfig(out=str(tmp_path / "x"), a=sides[0], b=sides[1], side=tuple(sides))
+    with pytest.raises(ConfigError, match="2 names for 3 sides"):
+        CompareConfig(out=str(tmp_path / "x"), side=tuple(sides[:3]), name=("a", "b"))
+    other = tmp_path / "other"
+    write_planted_models({"x": str(other / "x")}, CONCEPTS, n_images=40, seed=3)
+    planted_sae(str(other / "sae"), np.eye(24, dtype=np.float32)[:2], str(other / "x"))
+    with pytest.raises(ConfigError, match=r"clip and odd are not over the same images: image 0 is "):
+        run_compare(CompareConfig(out=str(tmp_path / "x"), side=(sides[0], sides[1], f"{other / 'sae'}@{other / 'x'}"),
+                                  name=("clip", "siglip", "odd")), progress=False)
+    assert not (tmp_path / "x").exists()
+    mine = tmp_path / "notes"
+    mine.mkdir()
+    (mine / "keep.txt").write_text("keep me")
+    assert main(["compare", "--out", str(mine), "--side", sides[0], "--side", sides[1], "-q"]) == 1
+    assert [p.name for p in mine.iterdir()] == ["keep.txt"]
+    # a set is replaced only when asked, and the pair reader says what it is
+    run_compare(CompareConfig(out=str(tmp_path / "set"), side=tuple(sides[:2])), progress=False)
+    with pytest.raises(ConfigError, match="already there"):
+        run_compare(CompareConfig(out=str(tmp_path / "set"), side=tuple(sides[:2])), progress=False)
+    with pytest.raises(Exception, match="its pairs are under pairs/"):
+        read_comparison(tmp_path / "set")
+    assert (root / "clip").is_dir()
