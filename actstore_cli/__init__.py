@@ -12,6 +12,8 @@
     export            actstore_cli.export    an SAE written in another library's layout (SAELens)
     probe             actstore_cli.probe     a linear probe on a layer's tokens (image or patch labels), held-out
                                              metrics
+    taskfit           actstore_cli.taskfit   which models' SAE features fit a labelled task (1-D, k-sparse, dense
+                                             probes), ranked against the dense probe
     report            actstore_cli.report    an HTML page on a training run, an index or a comparison (matplotlib)
     demo              actstore_cli.demo      all of the above on generated images
 
@@ -30,9 +32,10 @@ from collections.abc import Sequence
 
 from actstore.errors import user_error
 from actstore_cli import (atlas, compare, demo, evaluate, explain, export, extract, probe, report, serve, steer,
-                          store, train)
+                          store, taskfit, train)
 
-GROUPS = (store, extract, train, evaluate, steer, serve, compare, atlas, explain, probe, report, export, demo)
+GROUPS = (store, extract, train, evaluate, steer, serve, compare, atlas, explain, probe, taskfit, report, export,
+          demo)
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
