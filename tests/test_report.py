@@ -199,6 +199,41 @@ def test_comparison_report(compare_dir, index_dir, atlas_index_dir, tmp_path):
     screenshot(tmp_path, out, "comparison")
 
 
+def test_comparison_of_several_models_report(index_dir, atlas_index_dir, tmp_path):
+    """Three sides (the third a copy of the first): the matrix figure holds the summary's matrix (1.0 between the
+    copies), the groups figure the counts of shared.parquet, and each example shows its top images in every model
+    that shares it, as the indexes list them."""
+    from services.compare import CompareConfig, run_compare
+
+    sides = (str(index_dir), str(atlas_index_dir), str(index_dir))
+    summary = run_compare(CompareConfig(out=str(tmp_path / "set"), side=sides, name=("A", "B", "A2"), k=8,
+                                        threshold=0.5), progress=False)
+    assert summary["matrix"]["mean_best"][0][2] == pytest.approx(1.0, abs=1e-5)
+    out = tmp_path / "set.html"
+    page = report(tmp_path / "set", out, features=6, images=2)
+    (matrix,) = plots(page, "matrix")
+    assert values(matrix)["mean best Pearson correlation"] == summary["matrix"]["mean_best"]
+    shared = pq.read_table(tmp_path / "set" / "shared.parquet").to_pandas()
+    (groups,) = plots(page, "groups")
+    counts = shared.groupby(["side", "n_models"]).size()
+    assert values(groups)["by_models"] == [[int(counts.get((name, m), 0)) for m in (1, 2, 3)] for name in
+                                           ("A", "B", "A2")]
+    assert counts.get(("A", 1), 0) == 0  # every live feature of A has its copy in A2
+    tops = {0: open_array(index_dir, "top_images"), 1: open_array(atlas_index_dir, "top_images")}
+    tops[2] = tops[0]
+    examples = page.find_all("div", "pair")
+    assert examples
+    for pair in examples:
+        for column in pair.find_all("div", "side"):
+            side = int(column.attrs["data-side"])
+            fid = int(column.find_all("figure", "tile")[0].attrs["data-feature"]) if column.find_all(
+                "figure", "tile") else None
+            if fid is not None:
+                assert [int(f.attrs["data-image"]) for f in column.find_all("figure", "tile")] == \
+                    tops[side][fid][tops[side][fid] >= 0][:2].tolist()
+    screenshot(tmp_path, out, "comparison-set")
+
+
 def test_a_side_without_index_says_so(compare_dir, tmp_path):
     """B given as SAE_DIR@STORE (summary: "index": null): no images on that side, a note instead."""
     copy = shutil.copytree(compare_dir, tmp_path / "cmp")

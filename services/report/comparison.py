@@ -1,5 +1,8 @@
 """The report of a comparison folder (services.compare): how well each side's features are matched on the other
-side, and the top matches with both features' top images side by side (from each side's index, when it has one)."""
+side, and the top matches with both features' top images side by side (from each side's index, when it has one).
+
+A comparison of several sides gets the matrix across the models, each model's features by how many models share
+them, and examples of each group with the feature's top images in every model that has it."""
 
 from __future__ import annotations
 
@@ -8,11 +11,12 @@ from typing import Any
 
 from actstore.errors import ActstoreError
 from services.api.reader import IndexReader
-from services.compare.layout import MATCHES, read_comparison, read_table, similarity_column
+from services.compare.layout import (MATCHES, SET_FORMAT, is_comparison_set, read_comparison, read_table,
+                                     similarity_column)
 from services.report.config import ReportConfig
 from services.report.index import feature_section
 from services.report.page import Page
-from services.report.plots import similarity_plot
+from services.report.plots import groups_plot, matrix_plot, similarity_plot
 
 __all__ = ["comparison_report"]
 
@@ -41,6 +45,8 @@ def _open_index(s: dict[str, Any]) -> IndexReader | str:
 
 
 def comparison_report(cfg: ReportConfig, path: Path, config: dict[str, Any]) -> Page:
+    if is_comparison_set(path):
+        return _set_report(cfg, path, config)
     summary = read_comparison(path)
     sides = {side: summary[side] for side in SIDES}
     measure = _MEASURE.get(summary.get("by"), summary.get("by"))
@@ -86,6 +92,70 @@ def comparison_report(cfg: ReportConfig, path: Path, config: dict[str, Any]) -> 
                 feature_section(page, reader, fid, cfg.images, label=f"{side.upper()} ", level=4)
             else:
                 page.heading(f"{side.upper()} feature #{fid}", level=4, feature=fid)
+                page.text(reader, note=True)
+            page.raw("</div>")
+        page.raw("</div>")
+    return page
+
+
+def _set_report(cfg: ReportConfig, path: Path, config: dict[str, Any]) -> Page:
+    """Several models: the matrix, the groups, and examples of each group with their top images."""
+    summary = read_comparison(path, SET_FORMAT)
+    names, sides, n = summary["names"], summary["sides"], len(summary["names"])
+    measure, threshold = _MEASURE.get(summary.get("by"), summary.get("by")), summary["threshold"]
+    facts: list[tuple[str, Any]] = [("comparison", path)]
+    for name, s in zip(names, sides):
+        bb = s.get("backbone") or {}
+        facts.append((name, f"{bb.get('family')}:{bb.get('name')} layer {s.get('layer')}: {s.get('live')} live of "
+                            f"{s.get('d_sae')} features; {s.get('sae')} on {s.get('store')}"))
+    facts += [("similarity", f"{measure} at {summary.get('level')} level over {summary.get('n_images')} images"),
+              ("partner", f"a best match above {threshold:g} in another model"),
+              ("pairs", f"{len(summary['pairs'])}, in {summary['passes']} passes over the stores; each pair's "
+                        "comparison is under pairs/ (`actstore report` draws one)")]
+    page = Page(f"Comparison of {n} models: {path.name}", "comparison", facts, config)
+    matrix = summary["matrix"]
+    page.heading("Across the models")
+    above = f"{threshold:g}" if f"{threshold:g}" in matrix["above"] else "0.7"
+    png, size, values = matrix_plot({f"mean best {measure}": matrix["mean_best"],
+                                     f"share with a partner above {above}": matrix["above"][above]}, names, "{:.2f}",
+                                    "Each model's live features (rows) matched in every other model (columns)")
+    page.plot("matrix", png, size, f"row model's features by their best {measure} in the column model", values)
+    rows = zip(names, matrix["mean_best"])
+    page.table(["features of", *(f"in {m}" for m in names)],
+               [[name, *("-" if v is None else f"{v:.3f}" for v in row)] for name, row in rows], table="mean-best")
+    page.table(["pair", "mutual best matches", "one-to-one pairs", "mean similarity of the pairs"],
+               [[f"{names[p['a']]} - {names[p['b']]}", p["mutual"], p["assignment"]["pairs"],
+                 _num(p["assignment"]["mean"])] for p in summary["pairs"]], table="pairs")
+
+    page.heading("What the models share")
+    png, size, values = groups_plot(summary["groups"], names, f"Live features by the models where they have a "
+                                                              f"partner above {threshold:g}")
+    page.plot("groups", png, size, "each model's live features by how many models share them", values)
+    labels = list(dict.fromkeys(g["group"] for model in summary["groups"] for g in model))
+    counts = [{g["group"]: g["features"] for g in model} for model in summary["groups"]]
+    page.table(["models sharing the feature", *names],
+               [[label, *(c.get(label, "") for c in counts)] for label in labels], table="groups")
+
+    page.heading(f"Examples of each group, top {cfg.images} images in each model")
+    readers = {i: _open_index(s) for i, s in enumerate(sides)}
+    per_group: dict[tuple[int, str], int] = {}
+    for e in summary["examples"]:
+        key = (e["side"], e["group"])
+        if per_group.setdefault(key, 0) >= max(1, cfg.features // max(1, len(labels))):
+            continue
+        per_group[key] += 1
+        who = "shared by all" if e["n_models"] == n else "unique" if e["n_models"] == 1 else f"shared by {e['group']}"
+        page.heading(f"{names[e['side']]} #{e['feature']}: {who}", level=3)
+        page.raw('<div class="pair">')
+        for side, fid, sim in [(e["side"], e["feature"], None),
+                               *((p["side"], p["feature"], p["similarity"]) for p in e["partners"])]:
+            page.raw(f'<div class="side" data-side="{side}">')
+            label = f"{names[side]} " + ("" if sim is None else f"({measure} {sim:.3f}) ")
+            reader = readers[side]
+            if isinstance(reader, IndexReader):
+                feature_section(page, reader, fid, cfg.images, label=label, level=4)
+            else:
+                page.heading(f"{label}feature #{fid}", level=4, feature=fid)
                 page.text(reader, note=True)
             page.raw("</div>")
         page.raw("</div>")

@@ -12,8 +12,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import LogFormatter
 
-__all__ = ["CURVES", "SCORE_BINS", "Plot", "curves_plot", "density_plot", "paired_plot", "population_plot",
-           "scores_plot", "similarity_plot"]
+__all__ = ["CURVES", "SCORE_BINS", "Plot", "curves_plot", "density_plot", "groups_plot", "matrix_plot", "paired_plot",
+           "population_plot", "scores_plot", "similarity_plot"]
 
 DPI = 100
 LIVE, DEAD = "#3b6fb6", "#999999"
@@ -166,3 +166,49 @@ def paired_plot(pairs: Mapping[str, tuple[np.ndarray, np.ndarray]], labels: Mapp
     fig.suptitle(title)
     png, size = _png(fig)
     return png, size, values
+
+
+def matrix_plot(matrices: Mapping[str, Sequence[Sequence[float | None]]], names: Sequence[str], fmt: str,
+                title: str) -> Plot:
+    """One heatmap per matrix (row model by column model), each cell written in; None (the diagonal) blank."""
+    n = len(names)
+    fig = _figure(min(16.0, 1.0 + (1.2 + 0.7 * n) * len(matrices)), 1.6 + 0.6 * n)
+    values: dict[str, Any] = {"names": list(names)}
+    for ax, (label, rows) in zip(fig.subplots(1, len(matrices), squeeze=False)[0], matrices.items()):
+        grid = np.array([[np.nan if v is None else v for v in row] for row in rows], float)
+        ax.imshow(grid, vmin=0, vmax=1, cmap="Blues")
+        for (r, c), v in np.ndenumerate(grid):
+            if np.isfinite(v):
+                ax.text(c, r, fmt.format(v), ha="center", va="center", fontsize=8,
+                        color="white" if v > 0.6 else "black")
+        ax.set_xticks(range(n), names, rotation=30, ha="right")
+        ax.set_yticks(range(n), names)
+        ax.set(title=label, xlabel="in this model", ylabel="features of this model")
+        values[label] = [[None if not np.isfinite(v) else float(v) for v in row] for row in grid]
+    fig.suptitle(title)
+    png, size = _png(fig)
+    return png, size, values
+
+
+def groups_plot(groups: Sequence[Sequence[Mapping[str, Any]]], names: Sequence[str], title: str) -> Plot:
+    """Per model, its live features stacked by how many models share them (its own included): unique at the left,
+    shared by all at the right."""
+    n = len(names)
+    fig = _figure(9, 1.4 + 0.5 * n)
+    ax = fig.subplots()
+    counts = np.zeros((n, n), int)  # model, n_models - 1
+    for i, model_groups in enumerate(groups):
+        for g in model_groups:
+            counts[i, g["n_models"] - 1] += g["features"]
+    left = np.zeros(n)
+    colours = [f"C{m}" for m in range(n)]
+    for m in range(n):
+        label = "unique" if m == 0 else "shared by all" if m == n - 1 else f"shared by {m + 1} models"
+        ax.barh(range(n), counts[:, m], left=left, color=colours[m], label=label)
+        left += counts[:, m]
+    ax.set_yticks(range(n), names)
+    ax.invert_yaxis()
+    ax.set(title=title, xlabel="live features")
+    ax.legend(fontsize=8, loc="lower right")
+    png, size = _png(fig)
+    return png, size, {"names": list(names), "by_models": counts.tolist()}
