@@ -9,6 +9,7 @@
     atlas             actstore_cli.atlas     a 2-D map of an indexed SAE's features (UMAP, PCA), kept in its index
     explain           actstore_cli.explain   an indexed SAE's features in words (vocabulary, a VLM), scored
     compare           actstore_cli.compare   the features of two SAEs over the same images, matched
+    abstraction       actstore_cli.abstraction  each SAE's features placed in a label hierarchy, models side by side
     export            actstore_cli.export    an SAE written in another library's layout (SAELens)
     probe             actstore_cli.probe     a linear probe on a layer's tokens (image or patch labels), held-out
                                              metrics
@@ -31,11 +32,11 @@ import sys
 from collections.abc import Sequence
 
 from actstore.errors import user_error
-from actstore_cli import (atlas, compare, demo, evaluate, explain, export, extract, probe, report, serve, steer,
-                          store, taskfit, train)
+from actstore_cli import (abstraction, atlas, compare, demo, evaluate, explain, export, extract, probe, report, serve,
+                          steer, store, taskfit, train)
 
-GROUPS = (store, extract, train, evaluate, steer, serve, compare, atlas, explain, probe, taskfit, report, export,
-          demo)
+GROUPS = (store, extract, train, evaluate, steer, serve, compare, abstraction, atlas, explain, probe, taskfit, report,
+          export, demo)
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:

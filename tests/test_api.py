@@ -201,14 +201,14 @@ def test_openapi_schema_documents_every_route(api_url):
     schema = get(f"{api_url}/openapi.json").json()
     assert set(schema["paths"]) == {"/healthz", "/features", "/features/{fid}", "/features/{fid}/matches",
                                     "/images/{iid}", "/images/{iid}/features", "/stats/density-histogram", "/atlas",
-                                    "/steer", "/steer/heads", "/images/{iid}/patches/{patch}"}
+                                    "/abstraction", "/steer", "/steer/heads", "/images/{iid}/patches/{patch}"}
     assert schema["paths"]["/features/{fid}"]["get"]["responses"]["200"]["content"]["application/json"]["schema"]
 
 
 def test_fuzz_no_server_errors(api_url):
     """Schema-driven requests for every operation (schemathesis, valid and invalid data): no 5xx, and
     every response is one the schema documents. (schemathesis' pytest plugin does not load on pytest 9.)"""
-    assert fuzz(api_url, max_examples=40) == 11
+    assert fuzz(api_url, max_examples=40) == 12
 
 
 def fuzz(url: str, max_examples: int, paths: tuple[str, ...] | None = None, excluded: tuple = ()) -> int:

@@ -10,6 +10,8 @@
     GET /images/{id}/features       the image's strongest features
     GET /stats/density-histogram    log10 firing frequency across features
     GET /atlas                      UMAP and PCA of the decoder directions (from `actstore atlas`)
+    GET /abstraction                the features per depth of a label hierarchy (from `actstore abstraction`;
+                                    each feature's level is in /features/{id})
     POST /steer, GET /steer/heads   features edited inside the model, before and after (with --steer; `steering`)
     GET /images/{id}/patches/{p}    the SAE's features at a patch (with --steer)
     GET /healthz                    liveness, the index's shape, the steering model's state

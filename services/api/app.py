@@ -19,7 +19,7 @@ from services.api.deps import BearerAuth, secured
 from services.api.errors import add_error_handlers
 from services.api.matches import MatchReader
 from services.api.reader import IndexReader
-from services.api.routes import atlas, features, images, stats, steer
+from services.api.routes import abstraction, atlas, features, images, stats, steer
 from services.api.steering import BodyLimit, SteerOptions, Steering
 
 __all__ = ["STATIC", "TOKEN_ENV", "create_app"]
@@ -58,7 +58,7 @@ def create_app(index: str | Path, token: str | None = None, storage_options: dic
         _docs_behind(app, token)
     api = secured(token)
     for router in (stats.health_router(), features.router(**api), images.router(**api), stats.router(**api),
-                   atlas.router(**api), steer.router(**api)):
+                   atlas.router(**api), abstraction.router(**api), steer.router(**api)):
         # the routes themselves, not include_router: FastAPI matches each included router as one more
         # layer on every request (~5 us here, where a feature lookup takes ~90 us)
         app.router.routes.extend(router.routes)

@@ -11,7 +11,8 @@ from the file the runner hands over (one for all its workers), else from the ind
 made from its images.parquet as it is now; else (an index written without one, or an images.parquet edited since)
 it is read from images.parquet into this process (Arrow columns, not Python lists).
 The explanations (`actstore explain`'s explanations.parquet), when the index has them, are read at start-up too;
-services.api.explanations holds them and searches them.
+services.api.explanations holds them and searches them. So is the abstraction profile (`actstore abstraction`'s
+abstraction.parquet and .json: each feature's level in a label hierarchy, services.abstraction.layout).
 Failures raise the project's error family (actstore.errors); services.api.errors turns them into HTTP.
 """
 
@@ -33,6 +34,7 @@ import pyarrow.parquet as pq
 from actstore.errors import AccessDeniedError, NotFoundError
 from actstore.extract import decode_image
 from actstore.extract.sources import ImageRef, read_bytes
+from services.abstraction import read_abstraction
 from services.api.explanations import Explanations
 from services.api.geometry import model_view
 from services.index.atlas import read_atlas
@@ -74,6 +76,7 @@ class IndexReader:
         atlas = read_atlas(self.path, self.n_features)  # from `actstore atlas`, when it was run
         self.atlas: bytes | None = None if atlas is None else orjson.dumps(  # GET /atlas's body, made once
             {**atlas, "explanation": self.explanations.listed_of(np.arange(self.n_features))})
+        self.abstraction = read_abstraction(self.path, self.n_features)  # from `actstore abstraction`, when run
         self._thumbs: OrderedDict[tuple[int, int], bytes] = OrderedDict()
         self._lock = Lock()
 
@@ -117,13 +120,15 @@ class IndexReader:
                 for j, (i, e) in enumerate(zip(ids.tolist(), self.explanations.listed_of(ids)))]
 
     def feature(self, fid: int, k: int | None) -> dict[str, Any]:
-        """A feature's stats, its top images (at most k) with their heatmaps, its value bands, its explanations."""
+        """A feature's stats, its top images (at most k) with their heatmaps, its value bands, its explanations, its
+        level in a label hierarchy (None: the index has no abstraction profile)."""
         self.check_feature(fid)
         f = self.features
         return {**self.feature_stats(np.array([fid]))[0], "n_patches_fired": int(f["n_patches_fired"][fid]),
                 "n_images_fired": int(f["n_images_fired"][fid]), "grid": self.meta["grid"],
                 "top_images": self.top_images(fid, k), "bands": self.bands(fid),
-                "explanations": self.explanations.of(fid)}
+                "explanations": self.explanations.of(fid),
+                "level": None if self.abstraction is None else self.abstraction.level(fid)}
 
     def top_images(self, fid: int, k: int | None) -> list[dict[str, Any]]:
         """A feature's top images (at most k, strongest first), each with the feature's value at every patch."""

@@ -10,10 +10,10 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-__all__ = ["Atlas", "Band", "BandExample", "EditIn", "Error", "Explanation", "Feature", "FeatureMatches",
-           "FeaturePage", "FeatureSummary", "Health", "Histogram", "ImageFeature", "ImageFeatures", "ListedFeature",
-           "Match", "OtherSAE", "PatchFeatures", "Prediction", "SearchMatch", "SteerHeads", "SteerRequest",
-           "SteerResult", "TopImage"]
+__all__ = ["AbstractionProfile", "Atlas", "Band", "BandExample", "EditIn", "Error", "Explanation", "Feature",
+           "FeatureMatches", "FeaturePage", "FeatureSummary", "Health", "Histogram", "ImageFeature", "ImageFeatures",
+           "Level", "ListedFeature", "Match", "OtherSAE", "PatchFeatures", "Prediction", "Profile", "SearchMatch",
+           "SteerHeads", "SteerRequest", "SteerResult", "TopImage"]
 
 
 class FeatureSummary(BaseModel):
@@ -73,6 +73,18 @@ class Band(BaseModel):
     examples: list[BandExample]
 
 
+class Level(BaseModel):
+    """Where a feature sits in the label hierarchy of `actstore abstraction` (services.abstraction): the deepest node
+    holding at least min_share of its n labelled top images; node, depth and share null when none does."""
+    node: str | None
+    depth: int | None
+    depth_name: str | None
+    """The label column of that depth (a hierarchy from label columns); null for a parents table."""
+    share: float | None
+    n: int
+    min_share: float
+
+
 class Feature(FeatureSummary):
     n_patches_fired: int
     n_images_fired: int
@@ -81,6 +93,38 @@ class Feature(FeatureSummary):
     bands: list[Band]
     explanations: list[Explanation]
     """One per explainer ("vlm" first, then "vocabulary"); empty when the index has none for it."""
+    level: Level | None = None
+    """Null when the index has no abstraction profile."""
+
+
+class Profile(BaseModel):
+    """Features per depth of the hierarchy (counts, and their share of the placed ones), their mean depth, and the
+    features left out: unplaced (no node holds min_share of their top images) and no_images (dead)."""
+    features: int
+    placed: int
+    unplaced: int
+    no_images: int
+    counts: list[int]
+    share: list[float]
+    mean_depth: float | None
+
+
+class AbstractionProfile(BaseModel):
+    """abstraction.json as `actstore abstraction` wrote it into the index (services.abstraction.layout)."""
+    format: str
+    format_version: int
+    index: str
+    store: str
+    sae: str
+    layer: str | int
+    backbone: dict[str, Any]
+    hierarchy: dict[str, Any]
+    """source ("parents": its file, or "columns": the label columns), nodes, depth."""
+    depth_names: list[str] | None
+    min_share: float
+    k: int
+    profile: Profile
+    config: dict[str, Any]
 
 
 class FeaturePage(BaseModel):

@@ -15,6 +15,7 @@ import numpy as np
 from PIL import Image
 
 from actstore.errors import AccessDeniedError, NotFoundError
+from services.abstraction import level_line
 from services.api.reader import IndexReader
 from services.report.config import ReportConfig
 from services.report.page import Page, Tile, tiles
@@ -58,11 +59,13 @@ def feature_tiles(reader: IndexReader, fid: int, n: int, size: int = TILE) -> li
 
 
 def feature_section(page: Page, reader: IndexReader, fid: int, n: int, label: str = "", level: int = 3) -> None:
-    """One feature: its statistics and its top images."""
+    """One feature: its statistics, its level when the index has an abstraction profile, and its top images."""
     f = reader.features
     page.heading(f"{label}feature #{fid}", level=level, feature=fid)
     page.text(f"fires on {f['freq_patches'][fid]:.3%} of patches and {f['freq_images'][fid]:.2%} of images; "
               f"max activation {f['max_act'][fid]:.3g}, mean when firing {f['mean_act'][fid]:.3g}")
+    if reader.abstraction is not None:  # from `actstore abstraction`
+        page.text(level_line(reader.abstraction.level(fid)))
     page.raw(tiles(feature_tiles(reader, fid, n), feature=fid))
 
 

@@ -405,6 +405,17 @@ function statsTable(f) {
   return el("dl", { id: "stats" }, ...rows.flatMap(([k, v]) => [el("dt", {}, k), el("dd", {}, v)]));
 }
 
+// Where the feature sits in the label hierarchy of `actstore abstraction` (services.abstraction.level_line's words);
+// nothing when the index has no abstraction profile.
+function levelLine(f) {
+  const l = f.level;
+  if (!l) return [];
+  const text = l.node === null
+    ? (l.n ? `none (no node holds ${l.min_share} of its ${l.n} labelled top images)` : "none (no labelled top images)")
+    : `${l.node} (depth ${l.depth}${l.depth_name ? ` ${l.depth_name}` : ""}, share ${l.share.toFixed(2)} of ${l.n} top images)`;
+  return [el("p", { id: "level", dataset: { node: l.node ?? "", depth: l.depth ?? "" } }, el("b", {}, "level: "), text)];
+}
+
 // A top image with its heatmap over it: `grid` and `maxAct` are those of the feature (and index) it belongs to.
 function imageFigure(top, { grid, maxAct, size = TOP_SIZE, cls = "top-image", other = false }) {
   const img = el("img", { alt: `image ${top.image}`, width: size, height: size });
@@ -494,6 +505,7 @@ async function showFeature(id) {
     $("#feature").replaceChildren(
       el("h2", {}, `Feature #${f.id}`),
       statsTable(f),
+      ...levelLine(f),
       ...explanationsSection(f),
       el("h3", {}, `Top images (${f.top_images.length})`, el("small", {}, " hover an image to hide its heatmap")),
       tops.length ? el("div", { id: "top-images" }, ...tops.map((t) => t.fig))

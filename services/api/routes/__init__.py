@@ -1,4 +1,4 @@
-"""One APIRouter per resource: `features`, `images`, `stats` (with /healthz), `atlas`.
+"""One APIRouter per resource: `features`, `images`, `stats` (with /healthz), `atlas`, `abstraction`.
 
 Each module has verb_noun handlers and a `router(**options)` that lays them out; create_app builds the
 routers per app, since the token decides their dependencies. Handlers return orjson bytes
