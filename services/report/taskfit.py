@@ -53,7 +53,7 @@ def taskfit_plot(summary: dict[str, Any]) -> tuple[bytes, tuple[int, int], dict[
         curve.axhline(m["dense"]["accuracy"], color=colour, ls="--", lw=1)
     curve.set_xscale("log", base=2)
     curve.set_xticks(ks, [str(k) for k in ks])
-    curve.set(title="k-sparse probes (dashed: dense probe)", xlabel="features per class (k)",
+    curve.set(title="k-sparse probes (dashed: dense)", xlabel="features per class (k)",
               ylabel="held-out accuracy", ylim=(0, 1.02))
     curve.legend(fontsize=8)
     x = np.arange(len(models))
@@ -61,7 +61,7 @@ def taskfit_plot(summary: dict[str, Any]) -> tuple[bytes, tuple[int, int], dict[
         got = [m["one_d"][key] if m["one_d"][key] is not None else np.nan for m in models]
         bars.bar(x + offset, got, width=0.4, color=colours, alpha=1.0 if key == "mean_auroc" else 0.5, label=label)
     bars.set_xticks(x, [m["name"] for m in models], rotation=20, ha="right", fontsize=8)
-    bars.set(title="best single feature per class (mean; solid AUROC, light AP)", ylabel="held-out", ylim=(0, 1.02))
+    bars.set(title="best feature: AUROC (solid), AP (light)", ylabel="held-out", ylim=(0, 1.02))
     for m, colour in zip(models, colours):
         score = m["ksparse"][str(score_k)]["accuracy"]
         scatter.scatter([score], [m["dense"]["accuracy"]], color=colour, s=40)
