@@ -1,6 +1,11 @@
 """Feature levels in a label hierarchy: on planted features (one leaf, one family, anything) they sit at the planted
 level, and every level equals a brute-force count over all nodes; hierarchies from parents, a table and label
-columns agree, and bad ones are refused in one line."""
+columns agree, and bad ones are refused in one line.
+
+Then `actstore abstraction` on two planted models over the shapes images (a feature per shape; a feature per family
+of shapes): placed at the planted depths from a parents CSV and from the store's label columns, its files equal to
+feature_levels on labels read with plain zarr and pyarrow, its refusals one line that touch nothing, the level and
+the profile served over real HTTP and shown by the dashboard, the report rendered by Chromium."""
 
 from __future__ import annotations
 
@@ -448,6 +453,7 @@ def test_the_report_puts_the_models_side_by_side(models, tmp_path, capsys) -> No
                       and h.attrs.get("data-depth") == str(depth)]
         assert heading.all_text() == f"depth {depth}: {len(models[name].features)} features, 2 shown"
         assert all(level_line(a.level(fid)) in texts for fid in shown)
+        assert [h.attrs["data-depth"] for h in page.find_all("h3") if h.attrs.get("data-model") == name] == [str(depth)]
     assert "level: circle (depth 2, share 1.00 of 8 top images)" in texts
     assert "level: angular (depth 1, share 1.00 of 8 top images)" in texts
     assert len(page.find_all("div", "tiles")) == 4  # two models x 2 examples at their one populated depth
@@ -462,3 +468,34 @@ def test_the_report_puts_the_models_side_by_side(models, tmp_path, capsys) -> No
     assert np.unique((rgb[..., 0] << 16) | (rgb[..., 1] << 8) | rgb[..., 2]).size > 500, "rendered nearly blank"
     # the report is ours: replaced with --overwrite only
     assert main(args) == 1 and "already there; pass --overwrite" in capsys.readouterr().err
+    # the index report shows each feature's level too
+    from services.report import ReportConfig, write_report
+
+    write_report(ReportConfig(str(idx["family"]), str(tmp_path / "index.html"), features=2, images=2), progress=False)
+    texts = [p.all_text() for p in DOM((tmp_path / "index.html").read_text()).root.find_all("p")]
+    assert "level: round (depth 1, share 1.00 of 8 top images)" in texts
+    assert "level: angular (depth 1, share 1.00 of 8 top images)" in texts
+
+
+def test_every_option_is_a_flag_with_its_docstring() -> None:
+    import dataclasses
+
+    from actstore_cli import build_parser
+    from actstore_cli.args import field_docs
+    from services.abstraction import AbstractionConfig
+
+    sub = next(a for a in build_parser("abstraction")._actions if a.dest == "command")
+    actions = {a.dest: a for a in sub.choices["abstraction"]._actions}
+    for f in dataclasses.fields(AbstractionConfig):
+        action = actions[f.name]
+        assert action.option_strings == ["--" + f.name.replace("_", "-")] and action.default is None
+        assert action.help.startswith(field_docs(AbstractionConfig)[f.name])
+    cfg = AbstractionConfig(index=("a",), columns=("kingdom,family", "species"))
+    assert cfg.columns == ("kingdom", "family", "species") and cfg.index == ("a",)
+    for bad, message in (({"columns": ("a", "a")}, "distinct"), ({"parents": "t.csv", "min_share": 0}, "min_share"),
+                         ({"parents": "t.csv", "k": 0}, "k must be >= 1"),
+                         ({"parents": "t.csv", "images": 0}, "images"),
+                         ({"index": ("a", "./a"), "parents": "t.csv"}, "named twice"),
+                         ({"index": ("s3://b/i",), "parents": "t.csv"}, "local folder")):
+        with pytest.raises(ConfigError, match=message):
+            AbstractionConfig(**{"index": ("a",), **bad})

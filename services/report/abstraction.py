@@ -84,10 +84,12 @@ def abstraction_report(indexes: Mapping[str, str], examples_per_depth: int, imag
               "(deeper: more specific)", values)
     page.table(header, rows, table="profile")
     for name, a in profiles.items():
-        page.heading(f"{name}: example features by depth", model=name)
+        page.heading(f"{name}: example features by depth (the depths where it has some)", model=name)
         for d, label in enumerate(depths):
-            chosen = examples(a.depth, a.share, a.n, d, examples_per_depth)
             placed = int((a.depth == d).sum())
+            if not placed:
+                continue
+            chosen = examples(a.depth, a.share, a.n, d, examples_per_depth)
             page.heading(f"{label}: {placed} features, {chosen.size} shown", level=3, model=name, depth=d)
             for fid in chosen.tolist():
                 feature_section(page, readers[name], fid, images, label=f"{name} ", level=4)
