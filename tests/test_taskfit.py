@@ -27,6 +27,7 @@ from actstore_cli import main
 from sae import checkpoint
 from sae.config import SAEConfig
 from sae.model import SparseAutoencoder
+from services.index import IndexConfig, build_index
 from services.probe import ProbeConfig, split_rows
 from services.taskfit import TaskfitConfig, read_table, read_taskfit, run_taskfit
 from services.taskfit.measure import auroc, average_precision
@@ -232,8 +233,10 @@ def test_refusals_are_one_line_and_touch_nothing(planted, tmp_path, capsys):
 
 def test_the_command_line_prints_the_table_and_replaces_only_its_own_output(planted, tmp_path, capsys):
     root, models, summary = planted
-    out = tmp_path / "cli"
-    argv = ["taskfit", *(a for m in models[:2] for a in ("--model", m)), "--out", str(out), "--k", "1", "--k", "4",
+    out, index = tmp_path / "cli", tmp_path / "index-present"
+    sae_dir, store = models[0].rsplit("@", 1)
+    build_index(IndexConfig(store, sae_dir, str(index), k=4), progress=False)  # model 1 as an index folder
+    argv = ["taskfit", "--model", str(index), "--model", models[1], "--out", str(out), "--k", "1", "--k", "4",
             "--score-k", "4", "-q"]
     assert main(argv) == 0
     printed = capsys.readouterr().out

@@ -149,8 +149,9 @@ def _check_same_task(tasks: list[Task]) -> None:
                 j = int(np.flatnonzero(a != b)[0])
                 raise ConfigError(f"taskfit: model 1 and model {i} differ in their {what} (first at image {j}: "
                                   f"{a[j]} and {b[j]}); their stores reject or label different images")
-    if tasks[0].names != tasks[-1].names:
-        raise ConfigError("taskfit: the models' stores name the classes differently")
+        if t.names != tasks[0].names:
+            raise ConfigError(f"taskfit: model 1 and model {i} name the classes differently "
+                              f"({', '.join(tasks[0].names)} and {', '.join(t.names)})")
 
 
 @dataclass(frozen=True)
