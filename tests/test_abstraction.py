@@ -353,6 +353,11 @@ def test_refusals_are_one_line_and_touch_nothing(models, tmp_path, capsys) -> No
     foreign_report.write_text("my notes")
     refused([*tree, "--report", str(foreign_report), "--overwrite"], "is not an actstore report")
     assert foreign_report.read_text() == "my notes"
+    meta = idx["family"] / "index.json"  # the second index names a class the table lacks: the first gets nothing
+    original = meta.read_text()
+    meta.write_text(original.replace('"circle"', '"zebra"'))
+    refused(tree, "no node 'zebra'")
+    meta.write_text(original)
 
     assert main(["abstraction", "--index", str(idx["leaf"]), str(idx["family"]), *tree, "-q"]) == 0
     capsys.readouterr()

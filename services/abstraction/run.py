@@ -9,8 +9,9 @@ The hierarchy comes from one of two sources:
                column_nodes); the depth names are the columns
 
 Each index gets abstraction.parquet (feature, node, depth, share, n) and then abstraction.json (the hierarchy's
-source, min_share, k, the profile: services.abstraction.layout). Every index is checked before any is written; an
-existing pair is replaced only when it is ours and overwrite was asked; nothing else in the index is touched.
+source, min_share, k, the profile: services.abstraction.layout). Every index is checked and placed before any is
+written; an existing pair is replaced only when it is ours and overwrite was asked; nothing else in the index is
+touched.
 Memory: each index's (features x k) top images and one node per image, and the (nodes x depth) ancestor table;
 never images x features.
 """
@@ -144,12 +145,13 @@ def _write(root: Path, levels: Levels, hierarchy: Hierarchy, info: dict[str, Any
 
 
 def run_abstraction(cfg: AbstractionConfig, progress: bool = True) -> dict[str, dict[str, Any]]:
-    """Place every index's features and write its profile; returns {index: its abstraction.json content}."""
+    """Place every index's features, then write each index's profile (so bad input anywhere writes nothing);
+    returns {index: its abstraction.json content}."""
     roots = check_outputs(cfg)
     table = Hierarchy.from_table(cfg.parents) if cfg.parents else None
     source = ({"source": "parents", "file": str(Path(cfg.parents).resolve())} if cfg.parents
               else {"source": "columns", "columns": list(cfg.columns or ())})
-    out = {}
+    placed = []
     for root in tqdm(roots, desc="abstraction", unit="index", disable=not progress):
         meta = read_index_meta(root)
         hierarchy, nodes = _hierarchy_nodes(cfg, root, meta, table)
@@ -165,7 +167,8 @@ def run_abstraction(cfg: AbstractionConfig, progress: bool = True) -> dict[str, 
                               "depth": int(hierarchy.depths.max(initial=0)) + 1},
                 "depth_names": list(cfg.columns or ()) or None, "min_share": cfg.min_share, "k": k,
                 "profile": profile(levels, hierarchy, held), "config": public_config(cfg)}
-        _write(root, levels, hierarchy, info)
         log.info("%s: %s of %s features placed", root, info["profile"]["placed"], levels.node.size)
-        out[str(root)] = info
-    return out
+        placed.append((root, levels, hierarchy, info))
+    for root, levels, hierarchy, info in placed:
+        _write(root, levels, hierarchy, info)
+    return {str(root): info for root, _, _, info in placed}
