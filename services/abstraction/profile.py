@@ -58,12 +58,17 @@ def column_nodes(images: pa.Table, columns: Sequence[str]) -> tuple[Hierarchy, n
         values.append(names)
     table = np.stack(codes, 1) if codes else np.zeros((images.num_rows, 0), np.int64)
     table[np.logical_or.accumulate(table < 0, axis=1)] = -1  # below the first empty value: nothing
-    distinct, which = np.unique(table, axis=0, return_inverse=True)
-    paths = [[values[j][c] for j, c in enumerate(row) if c >= 0] for row in distinct.tolist()]
+    which = np.zeros(images.num_rows, np.int64)  # each image's distinct row of codes, one column at a time
+    for j, names in enumerate(values):  # (rows so far) x (values + 1) < images x values: no int64 overflow
+        which = np.unique(which * (len(names) + 1) + table[:, j] + 1, return_inverse=True)[1].reshape(-1)
+    first = np.unique(which, return_index=True)[1]
+    paths = [[values[j][c] for j, c in enumerate(row) if c >= 0] for row in table[first].tolist()]
     hierarchy = Hierarchy.from_columns(paths, columns)
-    ends = np.array([hierarchy.index([f"{columns[len(p) - 1]}:{p[-1]}"])[0] if p else -1 for p in paths], np.int64)
+    labelled = [i for i, p in enumerate(paths) if p]
+    ends = np.full(len(paths), -1, np.int64)
+    ends[labelled] = hierarchy.index([f"{columns[len(paths[i]) - 1]}:{paths[i][-1]}" for i in labelled])
     ok = np.asarray(images.column("status").to_pylist()) == "ok"
-    return hierarchy, np.where(ok, ends[which.reshape(-1)], -1)
+    return hierarchy, np.where(ok, ends[which], -1)
 
 
 def index_levels(index: str, hierarchy: Hierarchy, min_share: float = 0.5, k: int | None = None,
