@@ -24,7 +24,7 @@ from test_browser import ARTIFACTS, DOM, chromium
 from actstore.errors import ConfigError
 from actstore.store import ActivationStore, LayerSpec, StoreSpec, StoreWriter, TokenLayout
 from actstore_cli import main
-from sae import checkpoint
+from sae import Normalization, checkpoint
 from sae.config import SAEConfig
 from sae.model import SparseAutoencoder
 from services.index import IndexConfig, build_index
@@ -48,10 +48,11 @@ def labels() -> np.ndarray:
     return np.random.default_rng(7).integers(0, C, N)
 
 
-def write_model(root: Path, kind: str, seed: int, uris: list[str] | None = None) -> str:
+def write_model(root: Path, kind: str, seed: int, uris: list[str] | None = None, cls: bool = False) -> str:
     """A one-layer store (patch tokens only) of planted atoms plus noise, and a relu SAE whose features are the atoms
     (encoder row = decoder row); returns SAE_DIR@STORE_URL. Feature c (< C) fires at one random patch of the images
-    of class c (kind "present"; "partly": classes 0 and 1 only), or of random images (kind "absent")."""
+    of class c (kind "present"; "partly": classes 0 and 1 only), or of random images (kind "absent"). With `cls`, the
+    layer has a CLS token in front, the atoms sit there, the patches hold decoys, and the SAE reads the CLS token."""
     rng = np.random.default_rng(seed)
     y = labels()
     atoms = np.linalg.qr(rng.standard_normal((D, D_SAE)))[0].T.astype(np.float32)  # (D_SAE, D) orthonormal rows
@@ -64,9 +65,11 @@ def write_model(root: Path, kind: str, seed: int, uris: list[str] | None = None)
     strength[:, C:2 * C] = (rng.random((N, C)) < 0.3) * rng.uniform(1, 3, (N, C))
     placed = np.zeros((N, GRID[0] * GRID[1], D_SAE), np.float32)
     np.put_along_axis(placed, rng.integers(0, placed.shape[1], (N, 1, D_SAE)), strength[:, None, :], axis=1)
+    if cls:  # the patches hold decoys: feature j + 1 where feature j belongs (the next class's feature)
+        placed = np.concatenate([strength[:, None, :], np.roll(placed, 1, axis=2)], axis=1)
     acts = placed @ atoms + NOISE * rng.standard_normal((*placed.shape[:2], D)).astype(np.float32)
     store = str(root / f"store-{kind}")
-    spec = StoreSpec(n_images=N, layers=(LayerSpec("0", D, TokenLayout(cls=False, grid=GRID), 0),),
+    spec = StoreSpec(n_images=N, layers=(LayerSpec("0", D, TokenLayout(cls=cls, grid=GRID), 0),),
                      backbone={"family": "synthetic", "name": f"planted-{kind}", "n_blocks": 1},
                      dataset={"source": "synthetic", "fingerprint": "task", "class_names": [f"c{k}" for k in range(C)]},
                      images_per_shard=128, dtype="float32")
@@ -81,7 +84,9 @@ def write_model(root: Path, kind: str, seed: int, uris: list[str] | None = None)
         sae.W_enc.copy_(torch.from_numpy(atoms))
         sae.W_dec.copy_(torch.from_numpy(atoms))
         sae.b_enc.fill_(BIAS)
-    checkpoint.save(sae, str(root / f"sae-{kind}"), extra=checkpoint.origin(ActivationStore(store), "0"))
+    tokens = "cls" if cls else "patches"
+    checkpoint.save(sae, str(root / f"sae-{kind}"), normalization=Normalization("0", tokens, torch.zeros(D), 1.0),
+                    extra=checkpoint.origin(ActivationStore(store), "0", tokens))
     return f"{root / f'sae-{kind}'}@{store}"
 
 
@@ -99,11 +104,11 @@ def planted(tmp_path_factory) -> tuple[Path, list[str], dict]:
     return root, models, summary
 
 
-def numpy_values(spec: str) -> np.ndarray:
-    """(images, features) each image's largest SAE code over its patches: the store read with plain zarr, the SAE's
-    saved weights applied in numpy (relu((x - b_dec) W_enc^T + b_enc))."""
+def numpy_values(spec: str, tokens: slice = slice(None)) -> np.ndarray:
+    """(images, features) each image's largest SAE code over its `tokens`: the store read with plain zarr, the SAE's
+    saved weights applied in numpy (relu((x - b_dec) W_enc^T + b_enc); its normalization is the identity)."""
     sae_dir, store = spec.rsplit("@", 1)
-    x = zarr.open_group(store, mode="r")["layers/0/acts"][:].astype(np.float64)
+    x = zarr.open_group(store, mode="r")["layers/0/acts"][:, tokens].astype(np.float64)
     w = {k: v.astype(np.float64) for k, v in load_file(f"{sae_dir}/sae.safetensors").items()}
     codes = np.maximum((x - w["b_dec"]) @ w["W_enc"].T + w["b_enc"], 0)
     return codes.max(1)
@@ -278,3 +283,23 @@ def test_the_report_renders_in_chromium(planted, tmp_path):
     chromium(tmp_path, html.as_uri(), f"--screenshot={shot}", "--window-size=1400,1600")
     ARTIFACTS.mkdir(exist_ok=True)
     shutil.copyfile(shot, ARTIFACTS / "report-taskfit.png")
+
+
+def test_an_sae_on_the_cls_token_reads_that_token_and_one_model_has_no_correlation(tmp_path):
+    """An SAE trained on the CLS token: an image's value is its code there, not the max over the patches (which hold
+    the next class's feature); with one model no rank correlation is computed."""
+    spec = write_model(tmp_path, "present", 5, cls=True)
+    summary = run_taskfit(TaskfitConfig(model=(spec,), out=str(tmp_path / "out"), k=(1, 2), score_k=2, steps=30),
+                          progress=False)
+    m = summary["models"][0]
+    assert m["tokens"] == "cls" and m["dense"]["pool"] == "cls"
+    v, y = numpy_values(spec, slice(0, 1)), labels()
+    test = split_rows(y[:, None], ProbeConfig(store="unused", task="cls", out="unused"))[1][:, 0]
+    for r in read_table(tmp_path / "out", "classes.parquet").to_pylist():
+        assert r["feature"] == r["class"]
+        assert r["auroc"] == pytest.approx(roc_auc_score(y[test] == r["class"], v[test, r["class"]]), abs=1e-9)
+    assert m["one_d"]["mean_auroc"] == 1.0 and m["ksparse"]["1"]["accuracy"] == 1.0
+    patches = numpy_values(spec, slice(1, None))  # what the max over the patches would have given: the decoys
+    assert roc_auc_score(y[test] == 0, patches[test, 0]) < 0.9
+    assert all(c["rho"] is None and c["n"] == 1 and "no rank correlation can be computed" in c["note"]
+               for c in summary["correlations"])
