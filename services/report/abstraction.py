@@ -1,19 +1,16 @@
 """The report of abstraction profiles (`actstore abstraction --report PATH.html`): models side by side.
 
-The profile figure (per depth of the hierarchy, one bar per model: the share of its placed features there), the
-table `actstore abstraction` prints, and for each model a few example features per depth with their level and top
-images (services.report.index.feature_section, which shows the level of an index that has one).
+The profile figure (plots.profile_plot: per depth of the hierarchy, one bar per model, the share of its placed
+features there), the table `actstore abstraction` prints, and for each model a few example features per depth with
+their level and top images (services.report.index.feature_section, which shows the level of an index that has one).
 """
 
 from __future__ import annotations
 
-import io
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 
 from actstore.config import public_config
 from actstore.errors import ConfigError
@@ -21,31 +18,9 @@ from services.abstraction import Abstraction, AbstractionConfig, profile_table
 from services.api.reader import IndexReader
 from services.report.index import feature_section
 from services.report.page import Page, write_page
-from services.report.plots import DPI, Plot
+from services.report.plots import profile_plot
 
-__all__ = ["abstraction_report", "examples", "profile_plot", "write_abstraction_report"]
-
-
-def profile_plot(shares: Mapping[str, Sequence[float]], depths: Sequence[str], title: str) -> Plot:
-    """Models side by side: per depth (a group), one bar per model, the share of its placed features at that depth
-    (each model's bars sum to 1). Drawn as services.report.plots draws its figures (Agg canvas, no pyplot)."""
-    fig = Figure(figsize=(max(6.4, 1.2 + 0.5 * len(depths) * max(len(shares), 1)), 3.8), dpi=DPI,
-                 layout="constrained")
-    ax = fig.subplots()
-    width = 0.8 / max(len(shares), 1)
-    x = np.arange(len(depths))
-    for j, (model, share) in enumerate(shares.items()):
-        padded = np.zeros(len(depths))
-        padded[:len(share)] = share
-        ax.bar(x - 0.4 + width * (j + 0.5), padded, width=width, label=model)
-    ax.set_xticks(x, depths)
-    ax.set(title=title, xlabel="depth in the hierarchy (0: its roots)", ylabel="share of placed features", ylim=(0, 1))
-    ax.legend(fontsize=8, title="model")
-    buf, canvas = io.BytesIO(), FigureCanvasAgg(fig)
-    canvas.print_png(buf)
-    w, h = canvas.get_width_height()
-    return buf.getvalue(), (int(w), int(h)), {"depths": list(depths),
-                                              "share": {m: list(map(float, s)) for m, s in shares.items()}}
+__all__ = ["abstraction_report", "examples", "write_abstraction_report"]
 
 
 def examples(depth: np.ndarray, share: np.ndarray, n: np.ndarray, at: int, count: int) -> np.ndarray:

@@ -13,7 +13,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import LogFormatter
 
 __all__ = ["CURVES", "SCORE_BINS", "Plot", "curves_plot", "density_plot", "groups_plot", "matrix_plot", "paired_plot",
-           "population_plot", "scores_plot", "similarity_plot"]
+           "population_plot", "profile_plot", "scores_plot", "similarity_plot"]
 
 DPI = 100
 LIVE, DEAD = "#3b6fb6", "#999999"
@@ -212,3 +212,21 @@ def groups_plot(groups: Sequence[Sequence[Mapping[str, Any]]], names: Sequence[s
     ax.legend(fontsize=8, loc="lower right")
     png, size = _png(fig)
     return png, size, {"names": list(names), "by_models": counts.tolist()}
+
+
+def profile_plot(shares: Mapping[str, Sequence[float]], depths: Sequence[str], title: str) -> Plot:
+    """Models side by side: per depth (a group), one bar per model, the share of its placed features at that depth
+    (each model's bars sum to 1)."""
+    fig = _figure(max(6.4, 1.2 + 0.5 * len(depths) * max(len(shares), 1)), 3.8)
+    ax = fig.subplots()
+    width = 0.8 / max(len(shares), 1)
+    x = np.arange(len(depths))
+    for j, (model, share) in enumerate(shares.items()):
+        padded = np.zeros(len(depths))
+        padded[:len(share)] = share
+        ax.bar(x - 0.4 + width * (j + 0.5), padded, width=width, label=model)
+    ax.set_xticks(x, depths)
+    ax.set(title=title, xlabel="depth in the hierarchy (0: its roots)", ylabel="share of placed features", ylim=(0, 1))
+    ax.legend(fontsize=8, title="model")
+    png, size = _png(fig)
+    return png, size, {"depths": list(depths), "share": {m: list(map(float, s)) for m, s in shares.items()}}
