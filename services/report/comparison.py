@@ -86,16 +86,20 @@ def comparison_report(cfg: ReportConfig, path: Path, config: dict[str, Any]) -> 
                      f"largest standardized difference {m['max_diff']:.3g}", level=3)
         page.raw('<div class="pair">')
         for side in SIDES:
-            fid, reader = m[f"feature_{side}"], readers[side]
-            page.raw(f'<div class="side" data-side="{side}">')
-            if isinstance(reader, IndexReader):
-                feature_section(page, reader, fid, cfg.images, label=f"{side.upper()} ", level=4)
-            else:
-                page.heading(f"{side.upper()} feature #{fid}", level=4, feature=fid)
-                page.text(reader, note=True)
-            page.raw("</div>")
+            _side_column(page, side, readers[side], m[f"feature_{side}"], f"{side.upper()} ", cfg.images)
         page.raw("</div>")
     return page
+
+
+def _side_column(page: Page, side: str | int, reader: IndexReader | str, fid: int, label: str, images: int) -> None:
+    """One side's feature in a row of sides: its top images from the side's index, or why there are none."""
+    page.raw(f'<div class="side" data-side="{side}">')
+    if isinstance(reader, IndexReader):
+        feature_section(page, reader, fid, images, label=label, level=4)
+    else:
+        page.heading(f"{label}feature #{fid}", level=4, feature=fid)
+        page.text(reader, note=True)
+    page.raw("</div>")
 
 
 def _set_report(cfg: ReportConfig, path: Path, config: dict[str, Any]) -> Page:
@@ -149,14 +153,7 @@ def _set_report(cfg: ReportConfig, path: Path, config: dict[str, Any]) -> Page:
         page.raw('<div class="pair">')
         for side, fid, sim in [(e["side"], e["feature"], None),
                                *((p["side"], p["feature"], p["similarity"]) for p in e["partners"])]:
-            page.raw(f'<div class="side" data-side="{side}">')
             label = f"{names[side]} " + ("" if sim is None else f"({measure} {sim:.3f}) ")
-            reader = readers[side]
-            if isinstance(reader, IndexReader):
-                feature_section(page, reader, fid, cfg.images, label=label, level=4)
-            else:
-                page.heading(f"{label}feature #{fid}", level=4, feature=fid)
-                page.text(reader, note=True)
-            page.raw("</div>")
+            _side_column(page, side, readers[side], fid, label, cfg.images)
         page.raw("</div>")
     return page
