@@ -13,7 +13,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import LogFormatter
 
 __all__ = ["CURVES", "SCORE_BINS", "Plot", "curves_plot", "density_plot", "groups_plot", "matrix_plot", "paired_plot",
-           "population_plot", "profile_plot", "scores_plot", "similarity_plot"]
+           "population_plot", "profile_plot", "scores_plot", "similarity_plot", "taskfit_plot"]
 
 DPI = 100
 LIVE, DEAD = "#3b6fb6", "#999999"
@@ -230,3 +230,41 @@ def profile_plot(shares: Mapping[str, Sequence[float]], depths: Sequence[str], t
     ax.legend(fontsize=8, title="model")
     png, size = _png(fig)
     return png, size, {"depths": list(depths), "share": {m: list(map(float, s)) for m, s in shares.items()}}
+
+
+def taskfit_plot(summary: Mapping[str, Any]) -> Plot:
+    """Three panels: each model's k-sparse accuracy against k (its dense accuracy dashed, same colour); its best
+    1-D probes' mean AUROC and AP; the k-sparse accuracy at score_k against the dense accuracy, a point per model."""
+    models, ks, score_k = summary["models"], summary["k"], summary["score_k"]
+    fig = _figure(13, 4.2)
+    curve, bars, scatter = fig.subplots(1, 3)
+    colours = [f"C{i % 10}" for i in range(len(models))]
+    values: dict[str, Any] = {"k": ks, "models": [m["name"] for m in models], "ksparse": {}, "dense": {},
+                              "auroc": {}, "ap": {}}
+    for m, colour in zip(models, colours):
+        acc = [m["ksparse"][str(k)]["accuracy"] for k in ks]
+        values["ksparse"][m["name"]], values["dense"][m["name"]] = acc, m["dense"]["accuracy"]
+        values["auroc"][m["name"]], values["ap"][m["name"]] = m["one_d"]["mean_auroc"], m["one_d"]["mean_ap"]
+        curve.plot(ks, acc, marker="o", color=colour, label=m["name"])
+        curve.axhline(m["dense"]["accuracy"], color=colour, ls="--", lw=1)
+    curve.set_xscale("log", base=2)
+    curve.set_xticks(ks, [str(k) for k in ks])
+    curve.set(title="k-sparse probes (dashed: dense)", xlabel="features per class (k)",
+              ylabel="held-out accuracy", ylim=(0, 1.02))
+    curve.legend(fontsize=8)
+    x = np.arange(len(models))
+    for offset, key, label in ((-0.2, "mean_auroc", "AUROC"), (0.2, "mean_ap", "AP")):
+        got = [m["one_d"][key] if m["one_d"][key] is not None else np.nan for m in models]
+        bars.bar(x + offset, got, width=0.4, color=colours, alpha=1.0 if key == "mean_auroc" else 0.5, label=label)
+    bars.set_xticks(x, [m["name"] for m in models], rotation=20, ha="right", fontsize=8)
+    bars.set(title="best feature: AUROC (solid), AP (light)", ylabel="held-out", ylim=(0, 1.02))
+    for m, colour in zip(models, colours):
+        score = m["ksparse"][str(score_k)]["accuracy"]
+        scatter.scatter([score], [m["dense"]["accuracy"]], color=colour, s=40)
+        scatter.annotate(m["name"], (score, m["dense"]["accuracy"]), fontsize=8, xytext=(4, 4),
+                         textcoords="offset points")
+    scatter.plot([0, 1], [0, 1], color="#444444", ls=":", lw=1)
+    scatter.set(title=f"k-sparse (k={score_k}) against dense", xlabel=f"k-sparse accuracy, k={score_k}",
+                ylabel="dense probe accuracy", xlim=(0, 1.02), ylim=(0, 1.02), aspect="equal")
+    png, size = _png(fig)
+    return png, size, values

@@ -5,19 +5,17 @@ caveat, and per model each class's best single feature."""
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 
 from services.report.config import ReportConfig
 from services.report.page import Page
+from services.report.plots import taskfit_plot
 from services.taskfit.layout import CLASSES, read_table, read_taskfit
 
-__all__ = ["scores_table", "taskfit_page", "taskfit_plot", "taskfit_report"]
+__all__ = ["scores_table", "taskfit_page", "taskfit_report"]
 
 
 def _num(value: float | None, digits: int = 3) -> str:
@@ -34,47 +32,6 @@ def scores_table(summary: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
              *(_num(m["ksparse"][str(k)]["accuracy"]) for k in ks), _num(m["dense"]["accuracy"]),
              _num(m["dense"]["chance"])] for m in summary["models"]]
     return header, rows
-
-
-def taskfit_plot(summary: dict[str, Any]) -> tuple[bytes, tuple[int, int], dict[str, Any]]:
-    """Three panels: each model's k-sparse accuracy against k (its dense accuracy dashed, same colour); its best
-    1-D probes' mean AUROC and AP; the k-sparse accuracy at score_k against the dense accuracy, a point per model."""
-    models, ks, score_k = summary["models"], summary["k"], summary["score_k"]
-    fig = Figure(figsize=(13, 4.2), dpi=100, layout="constrained")
-    curve, bars, scatter = fig.subplots(1, 3)
-    colours = [f"C{i % 10}" for i in range(len(models))]
-    values: dict[str, Any] = {"k": ks, "models": [m["name"] for m in models], "ksparse": {}, "dense": {},
-                              "auroc": {}, "ap": {}}
-    for m, colour in zip(models, colours):
-        acc = [m["ksparse"][str(k)]["accuracy"] for k in ks]
-        values["ksparse"][m["name"]], values["dense"][m["name"]] = acc, m["dense"]["accuracy"]
-        values["auroc"][m["name"]], values["ap"][m["name"]] = m["one_d"]["mean_auroc"], m["one_d"]["mean_ap"]
-        curve.plot(ks, acc, marker="o", color=colour, label=m["name"])
-        curve.axhline(m["dense"]["accuracy"], color=colour, ls="--", lw=1)
-    curve.set_xscale("log", base=2)
-    curve.set_xticks(ks, [str(k) for k in ks])
-    curve.set(title="k-sparse probes (dashed: dense)", xlabel="features per class (k)",
-              ylabel="held-out accuracy", ylim=(0, 1.02))
-    curve.legend(fontsize=8)
-    x = np.arange(len(models))
-    for offset, key, label in ((-0.2, "mean_auroc", "AUROC"), (0.2, "mean_ap", "AP")):
-        got = [m["one_d"][key] if m["one_d"][key] is not None else np.nan for m in models]
-        bars.bar(x + offset, got, width=0.4, color=colours, alpha=1.0 if key == "mean_auroc" else 0.5, label=label)
-    bars.set_xticks(x, [m["name"] for m in models], rotation=20, ha="right", fontsize=8)
-    bars.set(title="best feature: AUROC (solid), AP (light)", ylabel="held-out", ylim=(0, 1.02))
-    for m, colour in zip(models, colours):
-        score = m["ksparse"][str(score_k)]["accuracy"]
-        scatter.scatter([score], [m["dense"]["accuracy"]], color=colour, s=40)
-        scatter.annotate(m["name"], (score, m["dense"]["accuracy"]), fontsize=8, xytext=(4, 4),
-                         textcoords="offset points")
-    scatter.plot([0, 1], [0, 1], color="#444444", ls=":", lw=1)
-    scatter.set(title=f"k-sparse (k={score_k}) against dense", xlabel=f"k-sparse accuracy, k={score_k}",
-                ylabel="dense probe accuracy", xlim=(0, 1.02), ylim=(0, 1.02), aspect="equal")
-    buf = io.BytesIO()
-    canvas = FigureCanvasAgg(fig)
-    canvas.print_png(buf)
-    w, h = canvas.get_width_height()
-    return buf.getvalue(), (int(w), int(h)), values
 
 
 def taskfit_page(path: Path, name: str, config: dict[str, Any]) -> Page:
