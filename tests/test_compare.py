@@ -311,7 +311,7 @@ def test_a_small_budget_tiles_the_matrix_and_changes_nothing(planted, tmp_path):
     write_planted_pair(str(tmp_path / "a"), str(tmp_path / "b"), n_images=240, n_shared=N_SHARED, n_private=N_PRIVATE)
     a, b = f"{root / 'run-a' / 's'}@{tmp_path / 'a'}", f"{root / 'run-b' / 's'}@{tmp_path / 'b'}"
     cfg = CompareConfig(a=a, b=b, out=str(tmp_path / "one"))
-    sides = [open_side(spec, name, cfg, torch.device("cpu")) for spec, name in ((a, "a"), (b, "b"))]
+    sides = [open_side(spec, name, {}, torch.device("cpu")) for spec, name in ((a, "a"), (b, "b"))]
     gb = next(g for g in np.geomspace(1e-4, 1e-2, 200)
               if _fits(cfg, sides, g) and -(-32 // pair_plan(replace(cfg, memory_gb=g), *sides).tile) in (3, 4))
     one = run_compare(cfg, progress=False)

@@ -139,7 +139,7 @@ def _mode(cfg: CompareConfig, sides: list, gb: float) -> str:
 def test_a_budget_too_small_for_one_pass_goes_pair_by_pair(four, tmp_path):
     _, sides = four
     cfg = CompareConfig(out=str(tmp_path / "joint"), side=tuple(sides[:3]))
-    opened = [open_side(s, f"side {i}", cfg, torch.device("cpu")) for i, s in enumerate(cfg.side)]
+    opened = [open_side(s, f"side {i}", {}, torch.device("cpu")) for i, s in enumerate(cfg.side)]
     gb = next(g for g in np.geomspace(1e-4, 1e-1, 300) if _mode(cfg, opened, g) == "apart")
     joint = run_compare(cfg, progress=False)
     apart = run_compare(replace(cfg, out=str(tmp_path / "apart"), memory_gb=float(gb)), progress=False)

@@ -103,7 +103,7 @@ def _joint(cfg: CompareConfig, sides: list[Side], plans: dict[Pair, Plan], ok: n
 def compare_many(cfg: CompareConfig, tmp: Path, progress: bool) -> dict[str, Any]:
     """Every pair of cfg.side, written into the folder `tmp` (see the module docstring); returns the summary."""
     device = torch.device(cfg.device)
-    sides = [open_side(spec, f"side {i + 1}", cfg, device) for i, spec in enumerate(cfg.side)]
+    sides = [open_side(spec, f"side {i + 1}", cfg.storage_options, device) for i, spec in enumerate(cfg.side)]
     names = side_names(cfg, sides)
     ok = common_images(sides, names)
     pairs = list(itertools.combinations(range(len(sides)), 2))

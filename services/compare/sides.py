@@ -1,5 +1,6 @@
-"""The sides of a comparison: each an SAE on its store (an index folder or SAE_DIR@STORE_URL), checked to be over
-the same images, and their dense latents read block by block in lockstep (every side's block of the same images).
+"""The sides of a comparison (and the models of `actstore taskfit`): each an SAE on its store (an index folder or
+SAE_DIR@STORE_URL), checked to be over the same images, and their dense latents read block by block in lockstep
+(every side's block of the same images).
 
 A side's value of a feature on an image is its largest over the image's patches, or its value on the CLS / pooled
 token for an SAE trained on those (a ResNet's attnpool layer has only that token); at patch level every patch is a
@@ -26,7 +27,7 @@ from services.index.layout import META as INDEX_META
 from services.index.layout import read_index_meta
 
 if TYPE_CHECKING:
-    from services.compare.run import CompareConfig
+    from services.compare.run import CompareConfig  # check_pair reads its level and by
 
 __all__ = ["Side", "check_pair", "common_images", "open_side", "side_rows"]
 
@@ -65,17 +66,23 @@ class Side:
         dense = torch.zeros(n_rows * d_sae, device=device)
         return dense.scatter_reduce_(0, rows * d_sae + feats, vals, reduce="amax").view(n_rows, d_sae)
 
-    def describe(self, fired: torch.Tensor) -> dict[str, Any]:
+    def describe(self, fired: torch.Tensor | None = None) -> dict[str, Any]:
+        """Where the side comes from (credentials redacted); with `fired` (rows per feature), its live and dead
+        counts."""
         backbone = self.store.attrs.get("backbone", {})
-        live = int((fired > 0).sum())
-        return {"source": redact(self.source), "index": self.index, "sae": redact(self.sae_url),
-                "store": redact(self.store.url), "layer": self.spec.name, "tokens": self.tokens,
-                "d_sae": self.sae.cfg.d_sae, "backbone": {k: backbone.get(k) for k in ("family", "name")},
-                "live": live, "dead": self.sae.cfg.d_sae - live}
+        out = {"source": redact(self.source), "index": self.index, "sae": redact(self.sae_url),
+               "store": redact(self.store.url), "layer": self.spec.name, "tokens": self.tokens,
+               "d_sae": self.sae.cfg.d_sae, "backbone": {k: backbone.get(k) for k in ("family", "name")}}
+        if fired is not None:
+            live = int((fired > 0).sum())
+            out.update(live=live, dead=self.sae.cfg.d_sae - live)
+        return out
 
 
-def open_side(spec: str, name: str, cfg: CompareConfig, device: torch.device) -> Side:
-    """An index folder, or SAE_DIR@STORE_URL; `name` says which side it is in errors."""
+def open_side(spec: str, name: str, storage_options: dict[str, Any], device: torch.device,
+              command: str = "compare") -> Side:
+    """An index folder, or SAE_DIR@STORE_URL; `name` says which side it is (and `command` which command asks) in
+    errors."""
     index = Path(normalize_url(spec)) if is_local(spec) else None
     if index is not None and (index / INDEX_META).is_file():
         meta = read_index_meta(index)
@@ -85,15 +92,15 @@ def open_side(spec: str, name: str, cfg: CompareConfig, device: torch.device) ->
         sae_url, store_url = spec.rsplit("@", 1)
         layer, index_path = None, None
     else:
-        raise ConfigError(f"compare: {name}={spec!r} is neither an index folder (no {INDEX_META}) nor "
+        raise ConfigError(f"{command}: {name} ({redact(spec)}) is neither an index folder (no {INDEX_META}) nor "
                           "SAE_DIR@STORE_URL")
-    store = ActivationStore(store_url, cfg.storage_options)
-    sae, norm, layer_spec = load_on_store(sae_url, store, layer, device, cfg.storage_options)
+    store = ActivationStore(store_url, storage_options)
+    sae, norm, layer_spec = load_on_store(sae_url, store, layer, device, storage_options)
     cls = norm is not None and norm.tokens == "cls" or layer_spec.tokens.n_patches == 0
     return Side(spec, index_path, sae_url, TokenEncoder(sae, norm, layer_spec, "cls" if cls else "patches"), store)
 
 
-def common_images(sides: Sequence[Side], names: Sequence[str]) -> np.ndarray:
+def common_images(sides: Sequence[Side], names: Sequence[str], command: str = "compare") -> np.ndarray:
     """The images every side may use (ok in all); refuses stores over different images, naming the first
     difference with the first side."""
     tables = [s.store.images() for s in sides]
@@ -105,7 +112,7 @@ def common_images(sides: Sequence[Side], names: Sequence[str]) -> np.ndarray:
             shorter = min(len(first), len(other))
             what = (f"image {i} is {first[i]!r} in {names[0]} and {other[i]!r} in {name}" if i < shorter
                     else f"{names[0]} has {len(first)} images, {name} has {len(other)}")
-            raise ConfigError(f"compare: {names[0]} and {name} are not over the same images: {what}")
+            raise ConfigError(f"{command}: {names[0]} and {name} are not over the same images: {what}")
     ok = ok_mask(tables[0])
     for table in tables[1:]:
         ok &= ok_mask(table)
