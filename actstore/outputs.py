@@ -11,11 +11,15 @@ is unique to the run (`.<name>.tmp-<pid>-<random>`), so two runs writing the sam
 other's work; a failed run removes its own temporary folder only; a finished one is renamed into place, and
 an old output of ours is moved aside and removed only when overwrite was asked (checked again at that
 moment: another run may have finished first). A reader never sees half an output.
+
+`read_marker` reads back the JSON file a folder output of ours is marked by (index.json, summary.json, ...), checked
+for its format and version.
 """
 
 from __future__ import annotations
 
 import errno
+import json
 import os
 import shutil
 import uuid
@@ -27,10 +31,10 @@ from typing import Any
 import fsspec
 
 from actstore.config import redact
-from actstore.errors import ConfigError
+from actstore.errors import ConfigError, CorruptDataError, StoreFormatError, StoreNotFoundError
 from actstore.store import normalize_url
 
-__all__ = ["Recognizer", "check_output", "marked_by", "staged_folder"]
+__all__ = ["Recognizer", "check_output", "marked_by", "read_marker", "staged_folder"]
 
 Recognizer = Callable[[fsspec.AbstractFileSystem, str], bool]
 """Whether the existing, non-empty path on the filesystem is an output of the kind asked for."""
@@ -43,6 +47,22 @@ _SWAP_TRIES = 8
 def marked_by(name: str) -> Recognizer:
     """A folder that holds the file `name` (the file a command writes last, e.g. index.json)."""
     return lambda fs, path: fs.isfile(f"{path.rstrip('/')}/{name}")
+
+
+def read_marker(folder: str | Path, name: str, form: str, version: int, what: str, command: str) -> dict[str, Any]:
+    """The JSON file `name` of a local folder output of ours, checked to be `form` at `version`. A folder without it
+    is "not `what`" with the command that makes one; unreadable JSON names the file; another format or version says
+    what it is not ("not an actstore-index v1 index": the last word of `what`)."""
+    p = Path(normalize_url(str(folder))) / name
+    try:
+        data = json.loads(p.read_text())
+    except (FileNotFoundError, NotADirectoryError):
+        raise StoreNotFoundError(f"{p.parent}: not {what} (no {name}; run `actstore {command}`)") from None
+    except json.JSONDecodeError as e:
+        raise CorruptDataError(f"{p}: not JSON ({e})", key=name) from None
+    if not isinstance(data, dict) or data.get("format") != form or data.get("format_version") != version:
+        raise StoreFormatError(f"{p.parent}: not an {form} v{version} {what.split()[-1]}")
+    return data
 
 
 def check_output(url: str | Path, what: str, ours: Recognizer, overwrite: bool,

@@ -28,7 +28,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from actstore.errors import CorruptDataError, StoreFormatError, StoreNotFoundError
+from actstore.errors import CorruptDataError, StoreFormatError
+from actstore.outputs import read_marker
 from actstore.store import normalize_url
 
 __all__ = ["ASSIGNMENT", "FORMAT", "FORMAT_VERSION", "MATCHES", "PAIRS", "SET_FORMAT", "SHARED", "SIMILARITY",
@@ -52,18 +53,12 @@ def similarity_column(summary: dict[str, Any]) -> str:
 def read_comparison(path: str | Path, form: str = FORMAT) -> dict[str, Any]:
     """summary.json of the comparison at `path`, checked for format (`form`: FORMAT for two sides, SET_FORMAT for
     several) and version."""
-    p = Path(normalize_url(str(path))) / SUMMARY
     try:
-        summary = json.loads(p.read_text())
-    except (FileNotFoundError, NotADirectoryError):
-        raise StoreNotFoundError(f"{p.parent}: not a comparison (no {SUMMARY}; run `actstore compare`)") from None
-    except json.JSONDecodeError as e:
-        raise CorruptDataError(f"{p}: not JSON ({e})", key=SUMMARY) from None
-    if not isinstance(summary, dict) or summary.get("format") != form or summary.get("format_version") != FORMAT_VERSION:
-        raise StoreFormatError(f"{p.parent}: not an {form} v{FORMAT_VERSION} comparison"
-                               + (f" (a comparison of several sides: its pairs are under {PAIRS}/)"
-                                  if isinstance(summary, dict) and summary.get("format") == SET_FORMAT else ""))
-    return summary
+        return read_marker(path, SUMMARY, form, FORMAT_VERSION, "a comparison", "compare")
+    except StoreFormatError as e:
+        if form == FORMAT and is_comparison_set(path):
+            raise StoreFormatError(f"{e} (a comparison of several sides: its pairs are under {PAIRS}/)") from None
+        raise
 
 
 def is_comparison_set(path: str | Path) -> bool:

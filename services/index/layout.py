@@ -25,8 +25,9 @@ import numpy as np
 import pyarrow as pa
 from pyarrow import ipc
 
-from actstore.errors import CorruptDataError, StoreFormatError, StoreNotFoundError
+from actstore.errors import CorruptDataError
 from actstore.extract.sources import image_file
+from actstore.outputs import read_marker
 from actstore.store import normalize_url
 
 __all__ = ["ARRAYS", "FEATURES", "FORMAT", "FORMAT_VERSION", "IMAGES", "IMAGE_TABLE", "META", "check_index",
@@ -48,16 +49,7 @@ _LEADING = {"top_images": ("d_sae", "k"), "top_values": ("d_sae", "k"), "heatmap
 
 def read_index_meta(path: str | Path) -> dict[str, Any]:
     """index.json of the index at `path`, checked for format and version."""
-    p = Path(normalize_url(str(path))) / META
-    try:
-        meta = json.loads(p.read_text())
-    except FileNotFoundError:
-        raise StoreNotFoundError(f"{p.parent}: not a feature index (no {META}; run `actstore index`)") from None
-    except json.JSONDecodeError as e:
-        raise CorruptDataError(f"{p}: not JSON ({e})", key=META) from None
-    if meta.get("format") != FORMAT or meta.get("format_version") != FORMAT_VERSION:
-        raise StoreFormatError(f"{p.parent}: not an {FORMAT} v{FORMAT_VERSION} index")
-    return meta
+    return read_marker(path, META, FORMAT, FORMAT_VERSION, "a feature index", "index")
 
 
 def check_index(path: str | Path, meta: dict[str, Any]) -> dict[str, np.ndarray]:

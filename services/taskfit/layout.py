@@ -12,15 +12,11 @@ Light on purpose (pyarrow and the standard library): the report reads a taskfit 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
-import pyarrow as pa
-import pyarrow.parquet as pq
-
-from actstore.errors import StoreFormatError, StoreNotFoundError
-from actstore.store import normalize_url
+from actstore.outputs import read_marker
+from services.compare.layout import read_table
 
 __all__ = ["CLASSES", "FORMAT", "FORMAT_VERSION", "KSPARSE", "PROBES", "REPORT", "SUMMARY", "read_table",
            "read_taskfit"]
@@ -32,16 +28,4 @@ PROBES, REPORT = "probes", "report.html"
 
 def read_taskfit(path: str | Path) -> dict[str, Any]:
     """taskfit.json of the folder at `path`, checked for format and version."""
-    p = Path(normalize_url(str(path))) / SUMMARY
-    try:
-        summary = json.loads(p.read_text())
-    except FileNotFoundError:
-        raise StoreNotFoundError(f"{p.parent}: not a taskfit folder (no {SUMMARY}; run `actstore taskfit`)") from None
-    if summary.get("format") != FORMAT or summary.get("format_version") != FORMAT_VERSION:
-        raise StoreFormatError(f"{p.parent}: not an {FORMAT} v{FORMAT_VERSION} folder")
-    return summary
-
-
-def read_table(path: str | Path, name: str) -> pa.Table:
-    """One of the folder's tables (CLASSES, KSPARSE)."""
-    return pq.read_table(Path(normalize_url(str(path))) / name)
+    return read_marker(path, SUMMARY, FORMAT, FORMAT_VERSION, "a taskfit folder", "taskfit")
