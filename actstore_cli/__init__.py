@@ -8,14 +8,16 @@
     index, serve      actstore_cli.serve     an SAE's features indexed over a store, served over HTTP
     atlas             actstore_cli.atlas     a 2-D map of an indexed SAE's features (UMAP, PCA), kept in its index
     explain           actstore_cli.explain   an indexed SAE's features in words (vocabulary, a VLM), scored
-    compare           actstore_cli.compare   the features of two SAEs over the same images, matched
+    compare           actstore_cli.compare   the features of two SAEs (or every pair of several) over the same
+                                             images, matched; what several models share
     abstraction       actstore_cli.abstraction  each SAE's features placed in a label hierarchy, models side by side
     export            actstore_cli.export    an SAE written in another library's layout (SAELens)
     probe             actstore_cli.probe     a linear probe on a layer's tokens (image or patch labels), held-out
                                              metrics
     taskfit           actstore_cli.taskfit   which models' SAE features fit a labelled task (1-D, k-sparse, dense
                                              probes), ranked against the dense probe
-    report            actstore_cli.report    an HTML page on a training run, an index or a comparison (matplotlib)
+    report            actstore_cli.report    an HTML page on a training run, an index, a comparison or a taskfit
+                                             folder (matplotlib)
     demo              actstore_cli.demo      all of the above on generated images
 
 Flags, help texts and defaults come from the stages' config dataclasses (actstore_cli.args). Errors of the

@@ -1,4 +1,5 @@
-"""`actstore report PATH --out FILE.html`: one self-contained HTML page on a training run, an index or a comparison."""
+"""`actstore report PATH --out FILE.html`: one self-contained HTML page on a training run, an index, a comparison or
+a taskfit folder."""
 
 from __future__ import annotations
 
@@ -35,5 +36,5 @@ def _configure(parser: argparse.ArgumentParser) -> Command:
 
 
 def register(sub: Any, chosen: str | None) -> None:
-    add_command(sub, "report", "Write an HTML report (figures and images inline) on a training run, a feature index "
-                "or a comparison.", _configure, chosen)
+    add_command(sub, "report", "Write an HTML report (figures and images inline) on a training run, a feature index, "
+                "a comparison or a taskfit folder.", _configure, chosen)

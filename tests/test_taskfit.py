@@ -283,6 +283,11 @@ def test_the_report_renders_in_chromium(planted, tmp_path):
     chromium(tmp_path, html.as_uri(), f"--screenshot={shot}", "--window-size=1400,1600")
     ARTIFACTS.mkdir(exist_ok=True)
     shutil.copyfile(shot, ARTIFACTS / "report-taskfit.png")
+    # `actstore report` on the folder draws the same page
+    assert main(["report", str(root / "out"), "--out", str(tmp_path / "again.html"), "-q"]) == 0
+    again = DOM((tmp_path / "again.html").read_text()).root
+    (table,) = [t for t in again.find_all("table") if t.attrs.get("data-table") == "scores"]
+    assert [r.find_all("td")[0].all_text() for r in table.find_all("tr")[1:]] == [m["name"] for m in summary["models"]]
 
 
 def test_an_sae_on_the_cls_token_reads_that_token_and_one_model_has_no_correlation(tmp_path):

@@ -20,9 +20,11 @@ SAE_FILES = ("cfg.json", "sae.safetensors")
 
 KINDS = {"training": "a training run (train_config.json) or one SAE of it (cfg.json + sae.safetensors)",
          "index": "a feature index (index.json)",
-         "comparison": "a comparison (summary.json)"}
+         "comparison": "a comparison (summary.json)",
+         "taskfit": "a taskfit folder (taskfit.json)"}
 """What each kind of report reads, as the error for anything else says."""
-_MARKS = (("training", RUN_CONFIG), ("index", "index.json"), ("comparison", "summary.json"))
+_MARKS = (("training", RUN_CONFIG), ("index", "index.json"), ("comparison", "summary.json"),
+          ("taskfit", "taskfit.json"))
 
 
 def is_sae_folder(fs: fsspec.AbstractFileSystem, root: str) -> bool:
@@ -59,9 +61,13 @@ def write_report(cfg: ReportConfig, progress: bool = True) -> str:
         from services.report.index import index_report
 
         page = index_report(cfg, Path(normalize_url(cfg.path)).resolve(), config)
-    else:
+    elif kind == "comparison":
         from services.report.comparison import comparison_report
 
         page = comparison_report(cfg, Path(normalize_url(cfg.path)).resolve(), config)
+    else:
+        from services.report.taskfit import taskfit_report
+
+        page = taskfit_report(cfg, Path(normalize_url(cfg.path)).resolve(), config)
     write_page(page, cfg.out, cfg.overwrite, opts)
     return cfg.out

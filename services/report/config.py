@@ -15,7 +15,8 @@ class ReportConfig:
     """One report: what PATH is decides what it shows (a training run, a feature index, a comparison)."""
 
     path: str
-    """A training run folder (or one SAE folder of it), a feature index folder, or a comparison folder."""
+    """A training run folder (or one SAE folder of it), a feature index folder, a comparison folder, or a taskfit
+    folder."""
     out: str
     """The HTML file to write: one self-contained page (images inline) that opens from disk."""
     tokens: int = 65536
