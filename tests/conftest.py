@@ -205,7 +205,8 @@ def compare_dir(index_dir, atlas_index_dir, tmp_path_factory):
     from services.compare import CompareConfig, run_compare
 
     out = tmp_path_factory.mktemp("compare") / "ab"
-    run_compare(CompareConfig(a=str(index_dir), b=str(atlas_index_dir), out=str(out), k=8, min_images=2), progress=False)
+    run_compare(CompareConfig(a=str(index_dir), b=str(atlas_index_dir), out=str(out), k=8, min_images=2),
+                progress=False)
     return out
 
 

@@ -283,7 +283,7 @@ def run_compare(cfg: CompareConfig, progress: bool = True) -> dict[str, Any]:
 
             return compare_many(cfg, tmp, progress)
         device = torch.device(cfg.device)
-        a, b = open_side(str(cfg.a), "a", cfg.storage_options, device), open_side(str(cfg.b), "b", cfg.storage_options, device)
+        a, b = (open_side(str(spec), name, cfg.storage_options, device) for spec, name in ((cfg.a, "a"), (cfg.b, "b")))
         ok = common_images([a, b], ("A", "B"))
         check_pair(cfg, a, b)
         pl = pair_plan(cfg, a, b)

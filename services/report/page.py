@@ -45,7 +45,8 @@ figure.tile img { display: block; }
 .note { color: #8a4b00; background: #fff6e0; padding: 6px 10px; border-radius: 4px; }
 table { border-collapse: collapse; margin: 8px 0; } td, th { border-bottom: 1px solid #ddd; padding: 3px 10px; text-align: right; }
 th { background: #f4f4f4; }
-.pair { display: grid; grid-template-columns: repeat(auto-fit, minmax(320px, 1fr)); gap: 16px; border-top: 1px solid #ddd; padding-top: 6px; }
+.pair { display: grid; grid-template-columns: repeat(auto-fit, minmax(320px, 1fr)); gap: 16px;
+        border-top: 1px solid #ddd; padding-top: 6px; }
 pre { background: #f6f6f6; padding: 8px; overflow-x: auto; font-size: 12px; }
 """
 
