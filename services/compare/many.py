@@ -61,10 +61,13 @@ def side_names(cfg: CompareConfig, sides: list[Side]) -> list[str]:
 
 def _joint_plans(cfg: CompareConfig, sides: list[Side], pairs: list[Pair]) -> dict[Pair, Plan] | None:
     """Each pair's plan within an even share of the budget, when every pair's matrix fits whole there (one pass
-    for all of them); None otherwise."""
+    for all of them); None otherwise. A pair stages as many rows per update as it would alone, so that its sums are
+    added in the same order and its tables are those of its own comparison, bit for bit."""
     share = (cfg.memory_gb or default_memory_gb()) / len(pairs)
     try:
-        plans = {p: pair_plan(cfg, sides[p[0]], sides[p[1]], share) for p in pairs}
+        plans = {p: pair_plan(cfg, sides[p[0]], sides[p[1]], share,
+                              rows_per_update=pair_plan(cfg, sides[p[0]], sides[p[1]]).rows_per_update)
+                 for p in pairs}
     except ConfigError:
         return None
     if any(pl.tile < sides[i].sae.cfg.d_sae for (i, _), pl in plans.items()):

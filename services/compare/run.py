@@ -155,16 +155,22 @@ class Plan:
 
 
 def plan(n_a: int, n_b: int, *, k: int, candidates: int, memory_gb: float | None, weights: int = 0,
-         image_bytes: int = 0, rows_per_image: int = 1, most_images: int | None = None) -> Plan:
+         image_bytes: int = 0, rows_per_image: int = 1, most_images: int | None = None,
+         rows_per_update: int | None = None) -> Plan:
     """The blocks of a comparison of n_a x n_b features within the budget: fixed are both SAEs' `weights`, the
     per-feature statistics, top rows and candidates; then a quarter of the rest stages rows for the GEMM (up to
-    GEMM_ROWS), a third of what remains encodes images (`image_bytes` each through both SAEs, giving
+    GEMM_ROWS; exactly `rows_per_update` where the caller fixes it, since the staged rows set the order in which the
+    sums are added), a third of what remains encodes images (`image_bytes` each through both SAEs, giving
     `rows_per_image` dense rows; at most `most_images`, what is worth encoding at once) and the rest holds the
     similarity matrix's tile."""
     budget, width = MemoryBudget.of(memory_gb), n_a + n_b
     fixed = weights + width * (40 + 24 * k + 84 * candidates)
     row = 6 * width  # the staged float32 row and its masks
-    rows = budget.rows("compare", fixed=fixed, per_row=row, row="staged row", at_most=GEMM_ROWS, share=1 / 4)
+    if rows_per_update is None:
+        rows = budget.rows("compare", fixed=fixed, per_row=row, row="staged row", at_most=GEMM_ROWS, share=1 / 4)
+    else:
+        rows = rows_per_update
+        budget.rows("compare", fixed=fixed, per_row=rows * row, row=f"{rows} staged rows")
     fixed += rows * row
     image = image_bytes + rows_per_image * 16 * width  # encoding, its dense rows, the max_diff pass's
     images = budget.rows("compare", fixed=fixed, per_row=image, row="image", share=1 / 3,
@@ -303,15 +309,17 @@ def compare_pair(cfg: CompareConfig, a: Side, b: Side, ok: np.ndarray, pl: Plan,
         decoders=(a.sae.W_dec, b.sae.W_dec) if cfg.by == "decoder" else None)
 
 
-def pair_plan(cfg: CompareConfig, a: Side, b: Side, memory_gb: float | None = None) -> Plan:
-    """The comparison's blocks and tiles, from the budget (cfg's, or `memory_gb`) and both sides' widths."""
+def pair_plan(cfg: CompareConfig, a: Side, b: Side, memory_gb: float | None = None,
+              rows_per_update: int | None = None) -> Plan:
+    """The comparison's blocks and tiles, from the budget (cfg's, or `memory_gb`) and both sides' widths (the staged
+    rows fixed where `rows_per_update` is given)."""
     per_image = [s.encoder.per_image for s in (a, b)]
     return plan(a.sae.cfg.d_sae, b.sae.cfg.d_sae, k=cfg.k, candidates=cfg.candidates,
                 memory_gb=cfg.memory_gb if memory_gb is None else memory_gb,
                 weights=a.encoder.weight_bytes() + b.encoder.weight_bytes(),
                 image_bytes=sum(n * s.encoder.token_bytes() for n, s in zip(per_image, (a, b))),
                 rows_per_image=max(per_image) if cfg.level == "patch" else 1,
-                most_images=min(a.encoder.most_images(), b.encoder.most_images()))
+                most_images=min(a.encoder.most_images(), b.encoder.most_images()), rows_per_update=rows_per_update)
 
 
 def write_pair(cfg: CompareConfig, a: Side, b: Side, r: Result, ok: np.ndarray, pl: Plan, folder: Path
