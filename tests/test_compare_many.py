@@ -21,6 +21,7 @@ from sae import checkpoint
 from sae.config import SAEConfig
 from sae.model import SparseAutoencoder
 from services.compare import CompareConfig, read_comparison, read_table, run_compare
+from services.compare.many import joint_plans
 from services.compare.run import GEMM_ROWS, pair_plan
 from services.compare.sides import open_side
 
@@ -120,28 +121,36 @@ def test_planted_concepts_land_in_their_groups(four, tmp_path):
     assert shared_all and all(len(e["partners"]) == 3 for e in shared_all)
 
 
+def assert_close_tables(x_dir, y_dir) -> None:
+    """Two comparisons of one pair with other staging or tiles: float32 sums round differently, so the numbers agree
+    to rounding and the assignment's order (by similarity) may swap near ties: it is compared by feature."""
+    for name, key in (("matches_a.parquet", "feature_a"), ("matches_b.parquet", "feature_b"),
+                      ("assignment.parquet", "feature_a")):
+        x, y = (read_table(d, name).to_pandas().sort_values(key).reset_index(drop=True) for d in (x_dir, y_dir))
+        for col in x.columns:
+            np.testing.assert_allclose(x[col].to_numpy(), y[col].to_numpy(), rtol=1e-4, atol=1e-5, err_msg=name)
+
+
 def _mode(cfg: CompareConfig, sides: list, gb: float) -> str:
-    """How a comparison of `sides` runs in gb: "joint" (every pair's whole matrix in gb / pairs), "apart" (pair by
-    pair) or "refused"."""
-    pairs = list(itertools.combinations(sides, 2))
+    """How a comparison of `sides` runs in gb: "whole" (every pair's whole matrix in its share, two passes),
+    "tiled" (all the pairs together, tile by tile), "apart" (pair by pair) or "refused"."""
+    cfg, pairs = replace(cfg, memory_gb=float(gb)), list(itertools.combinations(range(len(sides)), 2))
     try:
-        for a, b in pairs:
-            pair_plan(cfg, a, b, gb)
+        for i, j in pairs:
+            pair_plan(cfg, sides[i], sides[j])
     except ConfigError:
         return "refused"
-    try:  # each pair stages the rows it would stage alone
-        whole = all(pair_plan(cfg, a, b, gb / len(pairs), pair_plan(cfg, a, b, gb).rows_per_update).tile
-                    == a.sae.cfg.d_sae for a, b in pairs)
-    except ConfigError:
-        whole = False
-    return "joint" if whole else "apart"
+    plans = joint_plans(cfg, sides, pairs)
+    if plans is None:
+        return "apart"
+    return "whole" if all(pl.tile >= sides[i].sae.cfg.d_sae for (i, _), pl in plans.items()) else "tiled"
 
 
 def test_a_tight_joint_budget_still_adds_every_sum_in_the_pairs_own_order(tmp_path):
-    """At the smallest budget that reads the stores together, a pair's share of it would stage fewer rows than the
-    pair alone stages; over more rows than either stages (each image's 4 patches), float32 sums staged
-    differently round differently (near-tied assignments flip). Each pair stages its own comparison's rows, so its
-    tables are equal bit for bit."""
+    """At the smallest budget where every pair's whole matrix and its own staging fit its share, the share would
+    give it fewer staged rows than the pair alone stages; over more rows than either stages (each image's 4
+    patches), float32 sums staged differently round differently (near-tied assignments flip). Each pair stages its
+    own comparison's rows, so its tables are equal bit for bit."""
     models, n = MODELS[:3], GEMM_ROWS // 4 + 300
     atoms = write_planted_models({m: str(tmp_path / m) for m in models}, CONCEPTS, n_images=n, d=16, seed=5)
     sides = []
@@ -150,9 +159,17 @@ def test_a_tight_joint_budget_still_adds_every_sum_in_the_pairs_own_order(tmp_pa
         sides.append(f"{tmp_path / f'sae-{m}'}@{tmp_path / m}")
     cfg = CompareConfig(out=str(tmp_path / "set"), side=tuple(sides), level="patch")
     opened = [open_side(s, f"side {i}", {}, torch.device("cpu")) for i, s in enumerate(sides)]
-    gb = float(next(g for g in np.geomspace(1e-3, 1, 300) if _mode(cfg, opened, g) == "joint"))
-    own = {(i, j): pair_plan(cfg, opened[i], opened[j], gb).rows_per_update
-           for i, j in itertools.combinations(range(3), 2)}
+    pairs = list(itertools.combinations(range(3), 2))
+
+    def own_rows(g: float) -> dict:
+        return {(i, j): pair_plan(cfg, opened[i], opened[j], g).rows_per_update for i, j in pairs}
+
+    def staged(g: float) -> dict:
+        return {p: pl.rows_per_update for p, pl in joint_plans(replace(cfg, memory_gb=g), opened, pairs).items()}
+
+    gb = float(next(g for g in np.geomspace(1e-3, 1, 300) if _mode(cfg, opened, g) == "whole"
+                    and staged(g) == own_rows(g)))
+    own = own_rows(gb)
     assert pair_plan(cfg, opened[0], opened[1], gb / 3).rows_per_update < own[(0, 1)] < 4 * n  # several updates
     summary = run_compare(replace(cfg, memory_gb=gb), progress=False)
     assert summary["joint"] and all(p["plan"]["rows_per_update"] == own[(p["a"], p["b"])] for p in summary["pairs"])
@@ -164,6 +181,28 @@ def test_a_tight_joint_budget_still_adds_every_sum_in_the_pairs_own_order(tmp_pa
             assert read_table(tmp_path / "set" / p["folder"], name).equals(read_table(alone, name)), (p, name)
 
 
+def test_a_budget_for_part_of_each_matrix_reads_every_pair_tile_by_tile(four, tmp_path):
+    """Where a pair's share holds only part of its matrix, the pairs are still read together: one pass per tile of
+    the tightest pair (the first also gathers the statistics), then max_diff, fewer store reads than pair by pair; each
+    pair's tables are its own comparison's up to float32 rounding, its best partners and the groups exactly."""
+    _, sides = four
+    cfg = CompareConfig(out=str(tmp_path / "tiled"), side=tuple(sides), name=MODELS)
+    opened = [open_side(s, f"side {i}", {}, torch.device("cpu")) for i, s in enumerate(sides)]
+    gb = float(max(g for g in np.geomspace(1e-4, 1e-2, 200) if _mode(cfg, opened, g) == "tiled"))  # fewest tiles
+    tiled = run_compare(replace(cfg, memory_gb=gb), progress=False)
+    tiles = max(-(-opened[p["a"]].sae.cfg.d_sae // p["plan"]["tile"]) for p in tiled["pairs"])
+    assert tiled["joint"] and tiles >= 2 and tiled["passes"] == tiles + 1
+    apart_passes = 0
+    for p in tiled["pairs"]:
+        alone = tmp_path / f"pair-{p['a']}-{p['b']}"
+        apart_passes += run_compare(CompareConfig(a=sides[p["a"]], b=sides[p["b"]], out=str(alone), memory_gb=gb),
+                                    progress=False)["plan"]["passes"]
+        assert_close_tables(tmp_path / "tiled" / p["folder"], alone)
+    assert tiled["passes"] * len(sides) < 2 * apart_passes  # store reads: every store a pass, two a pair's pass
+    whole = run_compare(replace(cfg, out=str(tmp_path / "whole")), progress=False)
+    assert whole["passes"] == 2 and whole["groups"] == tiled["groups"]
+
+
 def test_a_budget_too_small_for_one_pass_goes_pair_by_pair(four, tmp_path):
     _, sides = four
     cfg = CompareConfig(out=str(tmp_path / "joint"), side=tuple(sides[:3]))
@@ -173,10 +212,7 @@ def test_a_budget_too_small_for_one_pass_goes_pair_by_pair(four, tmp_path):
     apart = run_compare(replace(cfg, out=str(tmp_path / "apart"), memory_gb=float(gb)), progress=False)
     assert joint["joint"] and not apart["joint"] and apart["passes"] >= 6
     for p in joint["pairs"]:
-        for name in ("matches_a.parquet", "matches_b.parquet", "assignment.parquet"):
-            x, y = (read_table(tmp_path / d / p["folder"], name).to_pandas() for d in ("joint", "apart"))
-            for col in x.columns:  # other staging and tiles: float32 sums round differently
-                np.testing.assert_allclose(x[col].to_numpy(), y[col].to_numpy(), rtol=1e-4, atol=1e-5)
+        assert_close_tables(tmp_path / "joint" / p["folder"], tmp_path / "apart" / p["folder"])
     assert [g["features"] for g in joint["groups"][0]] == [g["features"] for g in apart["groups"][0]]
 
 

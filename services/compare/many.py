@@ -8,12 +8,16 @@ what they share and what is unique to each.
     groups      per feature, the models where its best match is above `threshold`, with its own: "shared by all",
                 "CLIP+SigLIP", "unique"; counted per model, a few examples of each kept for the report
 
-When every pair's whole similarity matrix fits the budget (split evenly between the pairs), the stores are read
-together, block by block, once for every pair's statistics and once more for max_diff: two passes whatever the number
-of sides. Otherwise the pairs run one after another, each planned as the two-sided comparison plans it (tiles
-included). Either way each pair's numbers are those of `actstore compare --a I --b J` over the images every side
-may use (an image rejected in any store is left out of every pair). Memory: each pair's (F_i, F_j) matrix or its
-tiles, and per side a few numbers per feature; never images x features.
+The budget is split evenly between the pairs, and every pair's similarity matrix is cut into as many tiles (T) as
+the tightest pair needs in its share: the stores are read together, block by block, once per tile for every pair
+(the first pass also gathers every pair's statistics) and once more for max_diff: T + 1 passes whatever the number
+of sides, two when every matrix fits whole. Where that reads and encodes the stores more often than the pairs one
+after another would (every pass reads every store; a pair's passes read two), or a share holds not even one row,
+the pairs run one after another, each planned as the two-sided comparison plans it.
+Either way each pair's numbers are those of `actstore compare --a I --b J` over the images every side may use (an
+image rejected in any store is left out of every pair): bit for bit where its tiles are the same, else up to float32
+rounding. Memory: each pair's (F_i, F_j) matrix or its tile, and per side a few numbers per feature; never images x
+features.
 """
 
 from __future__ import annotations
@@ -37,7 +41,7 @@ from services.compare.run import (CompareConfig, Matched, Plan, Result, compare_
                                   pair_plan, pair_stats, write_pair)
 from services.compare.sides import Side, check_pair, common_images, open_side, side_rows
 
-__all__ = ["THRESHOLDS", "compare_many", "side_names"]
+__all__ = ["THRESHOLDS", "compare_many", "joint_plans", "side_names"]
 
 THRESHOLDS = ("0.5", "0.7", "0.9")
 """The matrix's shares of features with a partner above these."""
@@ -59,43 +63,79 @@ def side_names(cfg: CompareConfig, sides: list[Side]) -> list[str]:
     return names
 
 
-def _joint_plans(cfg: CompareConfig, sides: list[Side], pairs: list[Pair]) -> dict[Pair, Plan] | None:
-    """Each pair's plan within an even share of the budget, when every pair's matrix fits whole there (one pass
-    for all of them); None otherwise. A pair stages as many rows per update as it would alone, so that its sums are
-    added in the same order and its tables are those of its own comparison, bit for bit."""
+def joint_plans(cfg: CompareConfig, sides: list[Side], pairs: list[Pair]) -> dict[Pair, Plan] | None:
+    """Each pair's plan within an even share of the budget, every pair's matrix in as many tiles as the tightest
+    pair needs (T), when reading all the stores together in T + 1 passes reads and encodes no more than the pairs one
+    after another; None otherwise. Unless it costs more tiles, each pair stages as many rows per update as it would
+    alone, so that its sums are added in the same order (with the same tiles, its tables are those of its own
+    comparison, bit for bit); else fewer (the same numbers up to float32 rounding)."""
     share = (cfg.memory_gb or default_memory_gb()) / len(pairs)
+    cross, width = cfg.by == "activations", {p: sides[p[0]].sae.cfg.d_sae for p in pairs}
+
+    def passes(plans: dict[Pair, Plan]) -> int:
+        """A pair's passes over the stores under its plan, the most of them."""
+        return max((-(-width[p] // pl.tile) if cross else 1) + 1 for p, pl in plans.items())
+
     try:
-        plans = {p: pair_plan(cfg, sides[p[0]], sides[p[1]], share,
-                              rows_per_update=pair_plan(cfg, sides[p[0]], sides[p[1]]).rows_per_update)
-                 for p in pairs}
+        alone = {p: pair_plan(cfg, sides[p[0]], sides[p[1]]) for p in pairs}
     except ConfigError:
         return None
-    if any(pl.tile < sides[i].sae.cfg.d_sae for (i, _), pl in plans.items()):
+    options = []
+    for own_rows in (True, False):
+        try:
+            options.append({p: pair_plan(cfg, sides[p[0]], sides[p[1]], share,
+                                         rows_per_update=alone[p].rows_per_update if own_rows else None)
+                            for p in pairs})
+        except ConfigError:
+            continue
+    if not options:
+        return None
+    plans = min(options, key=passes)  # the pairs' own staging where it costs no more tiles
+    tiles = passes(plans) - 1
+    # each pass reads and encodes every store: together, (T + 1) x sides; one after another, 2 per pass of a pair
+    if (tiles + 1) * len(sides) > sum(2 * passes({p: pl}) for p, pl in alone.items()):
         return None
     block = min(pl.images_per_block for pl in plans.values())
-    return {p: replace(pl, images_per_block=block) for p, pl in plans.items()}
+    return {p: replace(pl, images_per_block=block, tile=max(1, -(-width[p] // tiles)) if tiles > 1 else pl.tile)
+            for p, pl in plans.items()}
 
 
 def _joint(cfg: CompareConfig, sides: list[Side], plans: dict[Pair, Plan], ok: np.ndarray, progress: bool
            ) -> dict[Pair, Result]:
-    """Every pair from the same two passes over all the stores."""
+    """Every pair from the same passes over all the stores: one per tile of the pairs' matrices (the first also
+    gathers every pair's statistics), then one for max_diff."""
     device, cross = torch.device(cfg.device), cfg.by == "activations"
     block = next(iter(plans.values())).images_per_block
+    tiles = {(i, j): [slice(s, min(sides[i].sae.cfg.d_sae, s + pl.tile))
+                      for s in range(0, sides[i].sae.cfg.d_sae, pl.tile)] or [slice(0, 0)]
+             for (i, j), pl in plans.items()}
+    n_passes = max(len(t) for t in tiles.values()) if cross else 1
 
     def rows(desc: str):
         return side_rows(sides, ok, cfg.level, block, device, desc, progress)
 
-    stats = {(i, j): pair_stats(sides[i].sae.cfg.d_sae, sides[j].sae.cfg.d_sae, cfg.k, pl, device, cross)
-             for (i, j), pl in plans.items()}
-    for xs, ids in rows(f"compare, {len(stats)} pairs"):
-        for (i, j), s in stats.items():
-            s.update(xs[i], xs[j], ids)
-    matched: dict[Pair, Matched] = {}
-    for (i, j), s in stats.items():
-        s.finish()
-        scan = live_scan(s, cfg.candidates)
-        scan.add(0, s.pearson() if cross else decoder_cosine(sides[i].sae.W_dec, sides[j].sae.W_dec))
-        matched[(i, j)] = Matched.of(s, scan)
+    stats = {(i, j): pair_stats(sides[i].sae.cfg.d_sae, sides[j].sae.cfg.d_sae, cfg.k, pl, device, cross,
+                                tiles[(i, j)][0]) for (i, j), pl in plans.items()}
+    scans = {}
+    for t in range(n_passes):
+        now = {p: s for p, s in stats.items() if t < len(tiles[p])}  # the pairs with a tile left
+        if t:
+            for p, s in now.items():
+                s.next_tile(tiles[p][t])
+        tile_note = f", tile {t + 1}/{n_passes}" if n_passes > 1 else ""
+        for xs, ids in rows(f"compare, {len(now)} pairs{tile_note}"):
+            for (i, j), s in now.items():
+                s.update(xs[i], xs[j], ids)
+        for (i, j), s in now.items():
+            s.finish()
+            if not t:
+                scans[(i, j)] = live_scan(s, cfg.candidates)
+            if cross:
+                scans[(i, j)].add(tiles[(i, j)][t].start, s.pearson())
+            else:
+                for tile in tiles[(i, j)]:
+                    scans[(i, j)].add(tile.start, decoder_cosine(sides[i].sae.W_dec[tile], sides[j].sae.W_dec))
+    matched = {p: Matched.of(s, scans.pop(p)) for p, s in stats.items()}
     del stats
     for xs, _ in rows("max_diff"):
         for (i, j), m in matched.items():
@@ -112,7 +152,7 @@ def compare_many(cfg: CompareConfig, tmp: Path, progress: bool) -> dict[str, Any
     pairs = list(itertools.combinations(range(len(sides)), 2))
     for i, j in pairs:
         check_pair(cfg, sides[i], sides[j], (names[i], names[j]))
-    plans = _joint_plans(cfg, sides, pairs)
+    plans = joint_plans(cfg, sides, pairs)
     joint = plans is not None
     if plans is not None:
         results = _joint(cfg, sides, plans, ok, progress)
@@ -132,7 +172,8 @@ def compare_many(cfg: CompareConfig, tmp: Path, progress: bool) -> dict[str, Any
         "by": cfg.by, "level": cfg.level, "threshold": cfg.threshold, "n_images": int(ok.sum()),
         "names": names,
         "sides": [{"name": names[i], **side.describe(_fired(results, i))} for i, side in enumerate(sides)],
-        "joint": joint, "passes": 2 if joint else sum(s["plan"]["passes"] for s in summaries.values()),
+        "joint": joint, "passes": (max(s["plan"]["passes"] for s in summaries.values()) if joint
+                                   else sum(s["plan"]["passes"] for s in summaries.values())),
         "pairs": [{"a": i, "b": j, "folder": f"{PAIRS}/{i + 1}-{j + 1}", "mutual": s["mutual"],
                    "assignment": s["assignment"], "plan": s["plan"]} for (i, j), s in summaries.items()],
         "matrix": _matrix(summaries, len(sides)), "groups": groups, "examples": examples,
