@@ -48,9 +48,10 @@ def print_set_summary(summary: dict[str, Any]) -> None:
         print(f"\n{title}:\n{'':<{width}}" + "".join(f"{n:>{width}}" for n in names))
         for name, row in zip(names, rows):
             print(f"{name:<{width}}" + "".join(f"{'-' if v is None else fmt.format(v):>{width}}" for v in row))
-    print(f"\n{summary['n_images']} images ({summary['level']} level), {len(summary['pairs'])} pairs in "
+    pairs = summary["pairs"]
+    print(f"\n{summary['n_images']} images ({summary['level']} level), {len(pairs)} pair{'s' * (len(pairs) > 1)} in "
           f"{summary['passes']} passes over the stores; mutual best matches per pair: "
-          + ", ".join(f"{names[p['a']]}-{names[p['b']]} {p['mutual']}" for p in summary["pairs"]))
+          + ", ".join(f"{names[p['a']]} x {names[p['b']]} {p['mutual']}" for p in pairs))
     n = len(names)
     print(f"\nfeatures by the models where they have a partner above {threshold:g} (their own included):")
     for name, groups in zip(names, summary["groups"]):
