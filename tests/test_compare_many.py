@@ -243,3 +243,19 @@ def test_refusals_are_one_line_and_touch_nothing(four, tmp_path):
     with pytest.raises(Exception, match="its pairs are under pairs/"):
         read_comparison(tmp_path / "set")
     assert (root / "clip").is_dir()
+
+
+def test_credentials_stay_out_of_every_file_of_the_set(four, tmp_path):
+    """storage_options reach every side's store and SAE, but no file of the set (its pairs' folders included), nor
+    the summary it returns."""
+    _, sides = four
+    secret, key = "s3cr3t-5e7c0ffee", "AKIA-5e7c0ffee"
+    summary = run_compare(CompareConfig(out=str(tmp_path / "set"), side=tuple(sides[:3]),
+                                        storage_options={"key": key, "secret": secret}), progress=False)
+    assert summary["config"]["storage_options"] == {"key": "<redacted>", "secret": "<redacted>"}
+    files = [p for p in (tmp_path / "set").rglob("*") if p.is_file()]
+    assert len(files) > 3 * 4
+    for path in files:
+        data = path.read_bytes()
+        assert secret.encode() not in data and key.encode() not in data, path
+    assert secret not in json.dumps(summary) and key not in json.dumps(summary)
