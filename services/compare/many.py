@@ -36,10 +36,9 @@ import torch
 from actstore.budget import default_memory_gb
 from actstore.config import public_config
 from actstore.errors import ConfigError
-from services.compare.layout import FORMAT_VERSION, PAIRS, SET_FORMAT, SHARED, SIMILARITY, SUMMARY
-from services.compare.run import (CompareConfig, Matched, Plan, Result, compare_pair, decoder_cosine, live_scan,
-                                  pair_plan, pair_stats, write_pair)
-from services.compare.sides import Side, check_pair, common_images, open_side, side_rows
+from services.compare.layout import FORMAT_VERSION, PAIRS, SET_FORMAT, SHARED, SUMMARY
+from services.compare.run import CompareConfig, Pair, Plan, Result, compare_pair, match_many, pair_plan, write_pair
+from services.compare.sides import Side, check_pair, common_images, open_side
 
 __all__ = ["THRESHOLDS", "compare_many", "joint_plans", "side_names"]
 
@@ -48,7 +47,6 @@ THRESHOLDS = ("0.5", "0.7", "0.9")
 EXAMPLES = 4
 """Example features kept per side and group."""
 
-Pair = tuple[int, int]
 
 
 def side_names(cfg: CompareConfig, sides: list[Side]) -> list[str]:
@@ -100,49 +98,6 @@ def joint_plans(cfg: CompareConfig, sides: list[Side], pairs: list[Pair]) -> dic
             for p, pl in plans.items()}
 
 
-def _joint(cfg: CompareConfig, sides: list[Side], plans: dict[Pair, Plan], ok: np.ndarray, progress: bool
-           ) -> dict[Pair, Result]:
-    """Every pair from the same passes over all the stores: one per tile of the pairs' matrices (the first also
-    gathers every pair's statistics), then one for max_diff."""
-    device, cross = torch.device(cfg.device), cfg.by == "activations"
-    block = next(iter(plans.values())).images_per_block
-    tiles = {(i, j): [slice(s, min(sides[i].sae.cfg.d_sae, s + pl.tile))
-                      for s in range(0, sides[i].sae.cfg.d_sae, pl.tile)] or [slice(0, 0)]
-             for (i, j), pl in plans.items()}
-    n_passes = max(len(t) for t in tiles.values()) if cross else 1
-
-    def rows(desc: str):
-        return side_rows(sides, ok, cfg.level, block, device, desc, progress)
-
-    stats = {(i, j): pair_stats(sides[i].sae.cfg.d_sae, sides[j].sae.cfg.d_sae, cfg.k, pl, device, cross,
-                                tiles[(i, j)][0]) for (i, j), pl in plans.items()}
-    scans = {}
-    for t in range(n_passes):
-        now = {p: s for p, s in stats.items() if t < len(tiles[p])}  # the pairs with a tile left
-        if t:
-            for p, s in now.items():
-                s.next_tile(tiles[p][t])
-        tile_note = f", tile {t + 1}/{n_passes}" if n_passes > 1 else ""
-        for xs, ids in rows(f"compare, {len(now)} pairs{tile_note}"):
-            for (i, j), s in now.items():
-                s.update(xs[i], xs[j], ids)
-        for (i, j), s in now.items():
-            s.finish()
-            if not t:
-                scans[(i, j)] = live_scan(s, cfg.candidates)
-            if cross:
-                scans[(i, j)].add(tiles[(i, j)][t].start, s.pearson())
-            else:
-                for tile in tiles[(i, j)]:
-                    scans[(i, j)].add(tile.start, decoder_cosine(sides[i].sae.W_dec[tile], sides[j].sae.W_dec))
-    matched = {p: Matched.of(s, scans.pop(p)) for p, s in stats.items()}
-    del stats
-    for xs, _ in rows("max_diff"):
-        for (i, j), m in matched.items():
-            m.diff.update(xs[i], xs[j])
-    return {p: m.result(SIMILARITY[cfg.by]) for p, m in matched.items()}
-
-
 def compare_many(cfg: CompareConfig, tmp: Path, progress: bool) -> dict[str, Any]:
     """Every pair of cfg.side, written into the folder `tmp` (see the module docstring); returns the summary."""
     device = torch.device(cfg.device)
@@ -155,7 +110,7 @@ def compare_many(cfg: CompareConfig, tmp: Path, progress: bool) -> dict[str, Any
     plans = joint_plans(cfg, sides, pairs)
     joint = plans is not None
     if plans is not None:
-        results = _joint(cfg, sides, plans, ok, progress)
+        results = match_many(cfg, sides, plans, ok, progress)
     else:
         plans = {(i, j): pair_plan(cfg, sides[i], sides[j]) for i, j in pairs}
         results = {(i, j): compare_pair(cfg, sides[i], sides[j], ok, plans[(i, j)], progress,

@@ -20,7 +20,7 @@ e.g. two seeds); pass 1 still runs for liveness, top-k overlap and max_diff.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,8 +40,8 @@ from services.compare.match import COLUMN_BLOCK, Matches, Scan, assign, distribu
 from services.compare.sides import Side, check_pair, common_images, open_side, side_rows
 from services.compare.stream import MaxDiff, PairStats
 
-__all__ = ["BY", "GEMM_ROWS", "LEVELS", "CompareConfig", "Matched", "Plan", "Result", "compare_pair", "decoder_cosine",
-           "live_scan", "match_rows", "pair_plan", "pair_stats", "plan", "run_compare", "write_pair"]
+__all__ = ["BY", "GEMM_ROWS", "LEVELS", "CompareConfig", "Pair", "Plan", "Result", "compare_pair", "match_many",
+           "match_pairs", "match_rows", "pair_plan", "plan", "run_compare", "write_pair"]
 
 BY = ("activations", "decoder")
 LEVELS = ("image", "patch")
@@ -184,34 +184,57 @@ def plan(n_a: int, n_b: int, *, k: int, candidates: int, memory_gb: float | None
 Rows = Callable[[str], Iterable[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]]
 """rows(description) -> the blocks (xa (n, F_a), xb (n, F_b), row ids) of one pass over the rows, in order."""
 
+SideRows = Callable[[str], Iterable[tuple[Sequence[torch.Tensor], torch.Tensor]]]
+"""rows(description) -> the blocks ([x_i (n, F_i) for every side], row ids) of one pass over the rows, in order."""
+
+Pair = tuple[int, int]
+
 
 def match_rows(rows: Rows, n_a: int, n_b: int, *, k: int, candidates: int, plan: Plan, device: torch.device,
                decoders: tuple[torch.Tensor, torch.Tensor] | None = None) -> Result:
-    """The comparison of two feature sets from their rows: the statistics pass, similarity (Pearson, or the
-    cosine of `decoders` when given) tile by tile into best partners and candidates (a pass over the rows per
-    further tile of Pearson), the assignment, then the max_diff pass. This is all of the comparison but reading
-    stores and encoding (benchmarks/bench_compare.py runs it on in-memory rows)."""
-    tiles = [slice(s, min(n_a, s + plan.tile)) for s in range(0, n_a, plan.tile)] or [slice(0, 0)]
-    stats = pair_stats(n_a, n_b, k, plan, device, decoders is None, tiles[0])
-    for xa, xb, ids in rows("compare" if len(tiles) == 1 else f"compare, tile 1/{len(tiles)}"):
-        stats.update(xa, xb, ids)
-    stats.finish()
-    scan = live_scan(stats, candidates)
-    for t, tile in enumerate(tiles):
-        if decoders is not None:
-            scan.add(tile.start, decoder_cosine(decoders[0][tile], decoders[1]))
-            continue
-        if t:
-            stats.next_tile(tile)
-            for xa, xb, ids in rows(f"compare, tile {t + 1}/{len(tiles)}"):
-                stats.update(xa, xb, ids)
-            stats.finish()
-        scan.add(tile.start, stats.pearson())
-    matched = Matched.of(stats, scan)
-    del scan
-    for xa, xb, _ in rows("max_diff"):
-        matched.diff.update(xa.to(device), xb.to(device))
-    return matched.result(SIMILARITY["activations" if decoders is None else "decoder"])
+    """The comparison of two feature sets from their rows (match_pairs for the one pair). This is all of the
+    comparison but reading stores and encoding (benchmarks/bench_compare.py runs it on in-memory rows)."""
+    return match_pairs(lambda desc: (((xa, xb), ids) for xa, xb, ids in rows(desc)), [n_a, n_b], {(0, 1): plan},
+                       k=k, candidates=candidates, device=device, decoders=decoders)[(0, 1)]
+
+
+def match_pairs(rows: SideRows, widths: Sequence[int], plans: dict[Pair, Plan], *, k: int, candidates: int,
+                device: torch.device, decoders: Sequence[torch.Tensor] | None = None) -> dict[Pair, Result]:
+    """The comparisons of pairs (i, j) of feature sets from the same rows of every side: the statistics pass,
+    similarity (Pearson, or the cosine of the sides' `decoders` when given) tile by tile into best partners and
+    candidates (a further pass over the rows per further tile of Pearson, every pair with a tile left reading it),
+    the assignments, then the max_diff pass. A pair's tiles and staging are its plan's."""
+    cross = decoders is None
+    tiles = {(i, j): [slice(s, min(widths[i], s + pl.tile)) for s in range(0, widths[i], pl.tile)] or [slice(0, 0)]
+             for (i, j), pl in plans.items()}
+    n_passes = max(len(t) for t in tiles.values()) if cross else 1
+    stats = {(i, j): pair_stats(widths[i], widths[j], k, pl, device, cross, tiles[(i, j)][0])
+             for (i, j), pl in plans.items()}
+    scans: dict[Pair, Scan] = {}
+    for t in range(n_passes):
+        now = {p: st for p, st in stats.items() if t < len(tiles[p])}  # the pairs with a tile left
+        for p, st in now.items():
+            if t:
+                st.next_tile(tiles[p][t])
+        what = f", {len(now)} pairs" if len(plans) > 1 else ""
+        for xs, ids in rows("compare" + what + (f", tile {t + 1}/{n_passes}" if n_passes > 1 else "")):
+            for (i, j), st in now.items():
+                st.update(xs[i], xs[j], ids)
+        for (i, j), st in now.items():
+            st.finish()
+            if not t:
+                scans[(i, j)] = live_scan(st, candidates)
+            if cross:
+                scans[(i, j)].add(tiles[(i, j)][t].start, st.pearson())
+                continue
+            for tile in tiles[(i, j)]:
+                scans[(i, j)].add(tile.start, decoder_cosine(decoders[i][tile], decoders[j]))
+    matched = {p: Matched.of(st, scans.pop(p)) for p, st in stats.items()}
+    del stats
+    for xs, _ in rows("max_diff"):
+        for (i, j), m in matched.items():
+            m.diff.update(xs[i].to(device), xs[j].to(device))
+    return {p: m.result(SIMILARITY["activations" if cross else "decoder"]) for p, m in matched.items()}
 
 
 def pair_stats(n_a: int, n_b: int, k: int, plan: Plan, device: torch.device, cross: bool,
@@ -301,12 +324,19 @@ def run_compare(cfg: CompareConfig, progress: bool = True) -> dict[str, Any]:
 
 def compare_pair(cfg: CompareConfig, a: Side, b: Side, ok: np.ndarray, pl: Plan, progress: bool,
                  desc: str = "") -> Result:
-    """Both sides' rows (the images `ok`) through match_rows, as `pl` plans them; `desc` prefixes the progress."""
+    """Both sides' rows (the images `ok`) through match_pairs, as `pl` plans them; `desc` prefixes the progress."""
+    return match_many(cfg, [a, b], {(0, 1): pl}, ok, progress, desc)[(0, 1)]
+
+
+def match_many(cfg: CompareConfig, sides: Sequence[Side], plans: dict[Pair, Plan], ok: np.ndarray, progress: bool,
+               desc: str = "") -> dict[Pair, Result]:
+    """The pairs of `sides` that `plans` names, from the same passes over all their stores (the images `ok`, in
+    the smallest of the plans' blocks); `desc` prefixes the progress."""
     device = torch.device(cfg.device)
-    return match_rows(lambda what: ((x[0], x[1], ids) for x, ids in side_rows(
-        [a, b], ok, cfg.level, pl.images_per_block, device, desc + what, progress)), a.sae.cfg.d_sae, b.sae.cfg.d_sae,
-        k=cfg.k, candidates=cfg.candidates, plan=pl, device=device,
-        decoders=(a.sae.W_dec, b.sae.W_dec) if cfg.by == "decoder" else None)
+    block = min(pl.images_per_block for pl in plans.values())
+    return match_pairs(lambda what: side_rows(sides, ok, cfg.level, block, device, desc + what, progress),
+                       [s.sae.cfg.d_sae for s in sides], plans, k=cfg.k, candidates=cfg.candidates, device=device,
+                       decoders=[s.sae.W_dec for s in sides] if cfg.by == "decoder" else None)
 
 
 def pair_plan(cfg: CompareConfig, a: Side, b: Side, memory_gb: float | None = None,
